@@ -1,0 +1,28 @@
+# fusionpipe: `make test` on a fresh machine builds the venv, installs, runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+RECIPE ?= stages/ablation.yaml
+# CPU build of torch; GPU users install their own torch into the venv first (the pin-free
+# requirement in pyproject.toml accepts it): `make venv TORCH=` skips the pin.
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv test demo ablation bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/extract.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,298 @@
+"""STAGE 1: run one frozen upstream once over a manifest and cache ALL its hidden layers.
+
+    manifest -> header check -> frame counts -> layout (store order) -> batch plan
+             -> [audio thread] load -> [main] upstream.forward -> [writer thread] whole chunks
+
+The batch plan is a pure function of the manifest and the budget, so a rerun after a crash
+forms exactly the same batches and writes byte-identical chunks; it only recomputes the
+batches that touch a chunk not yet on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import audio
+from .errors import FusionpipeError
+from .manifest import Manifest
+from .store import DEFAULT_CODEC, FeatureStore, Layout
+from .upstreams import Upstream, load_upstream
+
+WHISPER_WINDOW = 30.0  # seconds: Whisper's encoder always sees a full window
+
+
+def store_url(cache: str | Path, manifest_name: str, model: str) -> str:
+    """cache/<manifest>/<upstream>.zarr; HF ids and directories become a single path component."""
+    p = Path(model)
+    leaf = p.name if p.is_dir() else model.replace("/", "--")
+    return f"{str(cache).rstrip('/')}/{manifest_name}/{leaf}.zarr"
+
+
+@dataclass
+class Plan:
+    """Store order and batches of one (manifest, upstream) pair."""
+
+    rows: list[int]           # manifest rows in store order (longest first)
+    layout: Layout
+    batches: list[list[int]]  # positions in store order
+    skipped: dict[str, str]   # id -> reason, for rows left out before extraction
+
+
+def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: bool = False,
+         check_audio: bool = True) -> Plan:
+    """Check every row's header, count its frames, sort longest first, cut batches under the budget.
+
+    The budget counts padded audio: a batch of b utterances costs b x (longest), Whisper
+    utterances cost whole 30 s windows.
+    """
+    good, frames, skipped = [], [], {}
+    with ThreadPoolExecutor(8) as pool:  # header reads are I/O bound
+        errors = list(pool.map(lambda r: _header_error(manifest, r, check_audio), range(len(manifest))))
+    for row, err in enumerate(errors):
+        n = 0
+        if err is None:
+            n = upstream.num_frames(audio.target_num_samples(manifest[row]))
+            if n == 0:
+                err = audio.BadAudio(
+                    f"{manifest.where(row)}: {manifest[row].num_samples} samples is shorter than one frame "
+                    f"of {upstream.name}; remove the row"
+                )
+        if err is not None:
+            if not skip_bad:
+                raise FusionpipeError(f"{err} (or pass --skip-bad to record it and go on)")
+            skipped[manifest[row].id] = str(err)
+            continue
+        good.append(row)
+        frames.append(n)
+    order = sorted(range(len(good)), key=lambda i: (-frames[i], manifest[good[i]].id))
+    rows = [good[i] for i in order]
+    layout = Layout([manifest[r].id for r in rows], np.array([frames[i] for i in order], dtype=np.int64))
+
+    def cost(row: int) -> float:
+        seconds = audio.target_num_samples(manifest[row]) / audio.SAMPLE_RATE
+        return math.ceil(seconds / WHISPER_WINDOW) * WHISPER_WINDOW if upstream.family == "whisper" else seconds
+
+    batches, current = [], []
+    for pos, row in enumerate(rows):
+        longest = cost(rows[current[0]]) if current else cost(row)  # sorted: the first is the longest
+        if current and (len(current) + 1) * longest > max_seconds:
+            batches.append(current)
+            current = []
+        current.append(pos)
+    if current:
+        batches.append(current)
+    return Plan(rows, layout, batches, skipped)
+
+
+def _header_error(manifest: Manifest, row: int, check_audio: bool) -> Exception | None:
+    if not check_audio:
+        return None
+    try:
+        audio.check_header(manifest, row)
+    except audio.BadAudio as e:
+        return e
+    return None
+
+
+def fingerprint(manifest: Manifest, upstream: Upstream, dtype: str, codec: str) -> dict:
+    return {
+        "upstream": upstream.fingerprint(),
+        # path: where stage 2/3 find the labels again; not compared (a corpus may move)
+        "manifest": {"name": manifest.name, "sha256": manifest.content_hash(), "utterances": len(manifest),
+                     "path": str(Path(manifest.source).resolve()) if manifest.source else None},
+        "dtype": dtype,
+        "codec": codec,
+    }
+
+
+def _same_fingerprint(store: FeatureStore, fp: dict) -> list[str]:
+    """Names of the fingerprint fields that differ."""
+    a = store.attrs
+    diffs = []
+    for key in ("model_id", "revision", "num_layers", "hidden_size"):
+        if a.get("upstream", {}).get(key) != fp["upstream"].get(key):
+            diffs.append(f"upstream {key}: cached {a.get('upstream', {}).get(key)!r}, now {fp['upstream'].get(key)!r}")
+    if a.get("manifest", {}).get("sha256") != fp["manifest"]["sha256"]:
+        diffs.append(f"manifest {fp['manifest']['name']} content changed")
+    for key in ("dtype", "codec"):
+        if a.get(key) != fp[key]:
+            diffs.append(f"{key}: cached {a.get(key)!r}, now {fp[key]!r}")
+    return diffs
+
+
+@dataclass
+class Result:
+    url: str
+    seconds_audio: float
+    seconds_wall: float
+    utterances: int
+    skipped: int
+    already_complete: bool = False
+
+    def summary(self) -> str:
+        if self.already_complete:
+            return f"{self.url}: already complete, nothing to do"
+        speed = self.seconds_audio / self.seconds_wall if self.seconds_wall else float("inf")
+        return (f"{self.url}: {self.utterances} utterances, {self.seconds_audio / 3600:.2f} h audio in "
+                f"{self.seconds_wall:.1f} s ({speed:.0f}x real time), {self.skipped} skipped")
+
+
+def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cache", *, url: str | None = None,
+            device: str = "auto", dtype: str = "float16", codec: str = DEFAULT_CODEC,
+            max_seconds: float = 160.0, skip_bad: bool = False, overwrite: bool = False,
+            chunk_frames: int | None = None, progress: bool = True) -> Result:
+    """Extract every hidden layer of `model` over `manifest` into a store; resume if one is there."""
+    upstream = model if isinstance(model, Upstream) else load_upstream(model, device=device)
+    url = url or store_url(cache, manifest.name, upstream.name)
+    fp = fingerprint(manifest, upstream, dtype, codec)
+    store = None
+    if FeatureStore.exists(url) and not overwrite:
+        store = FeatureStore.open(url, mode="r+")
+        diffs = _same_fingerprint(store, fp)
+        if diffs:
+            raise FusionpipeError(
+                f"{url} holds a different extraction ({'; '.join(diffs)}); pass --overwrite to replace it "
+                "or choose another --cache"
+            )
+        if store.is_complete():
+            return Result(url, 0.0, 0.0, len(store), len(store.skipped()), already_complete=True)
+    p = plan(manifest, upstream, max_seconds, skip_bad)
+    if store is None:
+        store = FeatureStore.create(url, p.layout, num_layers=upstream.num_layers, hidden_size=upstream.hidden_size,
+                                    dtype=dtype, codec=codec, chunk_frames=chunk_frames, overwrite=overwrite,
+                                    attrs={**fp, "sample_rate": audio.SAMPLE_RATE, "skipped_before": p.skipped})
+    elif store.ids != p.layout.ids:
+        raise FusionpipeError(f"{url}: its layout differs from this manifest's plan; pass --overwrite to rebuild it")
+    t0 = time.perf_counter()
+    seconds, n_skipped = _run(manifest, upstream, store, p, skip_bad, progress)
+    return Result(url, seconds, time.perf_counter() - t0, len(store), n_skipped + len(p.skipped))
+
+
+def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, skip_bad: bool,
+         progress: bool) -> tuple[float, int]:
+    done = store.done_chunks()
+    F = store.chunk_frames
+    offsets, lengths = p.layout.offsets, p.layout.lengths
+
+    def needed(batch: list[int]) -> bool:
+        lo = offsets[batch[0]] // F
+        hi = -(-(offsets[batch[-1]] + lengths[batch[-1]]) // F)
+        return not done[lo:hi].all()
+
+    todo = [b for b in p.batches if needed(b)]
+    total_seconds = sum(manifest[p.rows[i]].duration for b in todo for i in b)
+    writer = _ChunkWriter(store, done)
+    writer.start()
+    skipped = 0
+    bar = tqdm(total=round(total_seconds, 1), unit="audio-s", unit_scale=False, disable=not progress,
+               desc=f"extract {upstream.name}", dynamic_ncols=True)
+    try:
+        with ThreadPoolExecutor(2) as io:
+            load = lambda b: [_load_or_skip(manifest, p.rows[i], skip_bad) for i in b]  # noqa: E731
+            pending = io.submit(load, todo[0]) if todo else None
+            for k, batch in enumerate(todo):
+                loaded = pending.result()
+                pending = io.submit(load, todo[k + 1]) if k + 1 < len(todo) else None
+                ok = [i for i, (w, _) in zip(batch, loaded) if w is not None]
+                feats = upstream.forward([w for w, _ in loaded if w is not None]) if ok else []
+                for i, f in zip(ok, feats):
+                    writer.put(int(offsets[i]), _to_storage(f, store.attrs["dtype"], upstream.name, p.layout.ids[i]))
+                for i, (w, reason) in zip(batch, loaded):
+                    if w is None:
+                        skipped += 1
+                        store.mark_skipped(p.layout.ids[i], reason)
+                        writer.put(int(offsets[i]), np.zeros((int(lengths[i]), store.num_layers,
+                                                                 store.hidden_size), store.attrs["dtype"]))
+                bar.update(round(sum(manifest[p.rows[i]].duration for i in batch), 1))
+    finally:
+        bar.close()
+        writer.close()
+    return total_seconds, skipped
+
+
+def _load_or_skip(manifest: Manifest, row: int, skip_bad: bool) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return audio.load(manifest, row), None
+    except audio.BadAudio as e:
+        if not skip_bad:
+            raise FusionpipeError(f"{e} (or pass --skip-bad to record it and go on)") from None
+        return None, str(e)
+
+
+def _to_storage(f: torch.Tensor, dtype: str, model: str, utt_id: str) -> np.ndarray:
+    """Cast on the device (half the bytes to move) and refuse what fp16 cannot hold."""
+    out = f.to(getattr(torch, dtype))
+    if not torch.isfinite(out).all():
+        if torch.isfinite(f).all():
+            raise FusionpipeError(
+                f"{model} on {utt_id}: activations exceed the {dtype} range (|x| max {f.abs().max().item():.3g}); "
+                "extract this model with --dtype float32"
+            )
+        raise FusionpipeError(f"{model} on {utt_id}: the upstream produced NaN/inf activations")
+    return out.cpu().numpy()
+
+
+class _ChunkWriter(threading.Thread):
+    """Assembles utterances into whole chunks and writes each missing chunk once, off the main thread.
+
+    Utterances arrive in store order per batch, so only the chunks under the current batch are
+    ever buffered: memory is flat in dataset size.
+    """
+
+    def __init__(self, store: FeatureStore, done: np.ndarray):
+        super().__init__(daemon=True)
+        self.store, self.done = store, done
+        self.F = store.chunk_frames
+        self.q: queue.Queue = queue.Queue(maxsize=8)
+        self.buffers: dict[int, tuple[np.ndarray, int]] = {}  # chunk -> (frames, filled count)
+        self.error: BaseException | None = None
+
+    def put(self, offset: int, frames: np.ndarray) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((offset, frames))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error:
+            raise self.error
+
+    def run(self) -> None:
+        try:
+            while (item := self.q.get()) is not None:
+                self._add(*item)
+        except BaseException as e:  # surfaced to the main thread by put()/close()
+            self.error = e
+            while self.q.get() is not None:  # drain so the producer never blocks
+                pass
+
+    def _add(self, offset: int, frames: np.ndarray) -> None:
+        F, total = self.F, self.store.total_frames
+        end = offset + len(frames)
+        for c in range(offset // F, -(-end // F)):
+            if self.done[c]:
+                continue
+            c0, c1 = c * F, min((c + 1) * F, total)
+            if c not in self.buffers:
+                self.buffers[c] = (np.empty((c1 - c0, *frames.shape[1:]), frames.dtype), 0)
+            buf, filled = self.buffers[c]
+            lo, hi = max(offset, c0), min(end, c1)
+            buf[lo - c0:hi - c0] = frames[lo - offset:hi - offset]
+            filled += hi - lo
+            if filled == c1 - c0:
+                self.store.write_chunk(c, buf)
+                self.done[c] = True
+                del self.buffers[c]
+            else:
+                self.buffers[c] = (buf, filled)

@@ -1,0 +1,181 @@
+"""Manifests: one row per utterance, a TSV with a header (shared by all three stages).
+
+    # root: /data/LibriSpeech
+    id	path	num_samples	sample_rate	speaker	text	label	language	split
+    103-1240-0000	train-clean-100/103/1240/103-1240-0000.flac	225360	16000	103	CHAPTER ONE ...
+
+`path` is relative to the root named on the first line, so a corpus can move: edit one
+line (or pass ``root=``). A relative root is relative to the manifest file's directory.
+
+    >>> m = read_manifest("manifests/demo-train.tsv")          # doctest: +SKIP
+    >>> m.name, len(m), m[0].id, m.audio_path(m[0])           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import FusionpipeError
+
+REQUIRED = ("id", "path", "num_samples", "sample_rate")
+OPTIONAL = ("speaker", "text", "label", "language", "split")
+COLUMNS = REQUIRED + OPTIONAL
+ROOT_PREFIX = "# root:"
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One manifest row.
+
+    >>> Utterance("u1", "a/u1.flac", 16000, 16000, speaker="s1").duration
+    1.0
+    """
+
+    id: str
+    path: str
+    num_samples: int
+    sample_rate: int
+    speaker: str | None = None
+    text: str | None = None
+    label: str | None = None
+    language: str | None = None
+    split: str | None = None
+
+    @property
+    def duration(self) -> float:
+        return self.num_samples / self.sample_rate
+
+
+@dataclass
+class Manifest:
+    """A named list of utterances whose paths are relative to ``root``."""
+
+    name: str
+    root: Path
+    utterances: list[Utterance]
+    source: Path | None = None  # the TSV it was read from, for error messages
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __iter__(self) -> Iterator[Utterance]:
+        return iter(self.utterances)
+
+    def __getitem__(self, i: int) -> Utterance:
+        return self.utterances[i]
+
+    def audio_path(self, utt: Utterance) -> Path:
+        return self.root / utt.path
+
+    def by_id(self) -> dict[str, Utterance]:
+        return {u.id: u for u in self.utterances}
+
+    @property
+    def duration(self) -> float:
+        return sum(u.duration for u in self.utterances)
+
+    def content_hash(self) -> str:
+        """sha256 of the rows (not the root): moving a corpus keeps its caches valid."""
+        h = hashlib.sha256()
+        for u in self.utterances:
+            h.update("\t".join(_cells(u)).encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def where(self, row: int) -> str:
+        """'manifests/x.tsv row 12 (id u1)': the place to point at in an error."""
+        src = self.source or self.name
+        return f"{src} row {row + 1} (id {self.utterances[row].id})"
+
+
+def _cells(u: Utterance) -> list[str]:
+    return ["" if v is None else str(v) for v in dataclasses.astuple(u)]
+
+
+def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Manifest:
+    """Read a manifest TSV; every malformed row is an error naming the file and the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FusionpipeError(
+            f"manifest {path} does not exist; make one with `fusionpipe manifest folder DIR` "
+            "or `fusionpipe manifest librispeech DIR`"
+        )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    declared_root = None
+    if lines and lines[0].startswith(ROOT_PREFIX):
+        declared_root = lines.pop(0)[len(ROOT_PREFIX):].strip()
+        first_data_line = 3
+    else:
+        first_data_line = 2
+    if not lines:
+        raise FusionpipeError(f"manifest {path} is empty: it needs a header line with {', '.join(REQUIRED)}")
+    header = lines[0].split("\t")
+    missing = [c for c in REQUIRED if c not in header]
+    unknown = [c for c in header if c not in COLUMNS]
+    if missing or unknown:
+        raise FusionpipeError(
+            f"manifest {path} header {header}: missing columns {missing}, unknown columns {unknown}; "
+            f"columns are {list(REQUIRED)} and optionally {list(OPTIONAL)}"
+        )
+    rows, seen = [], {}
+    for n, line in enumerate(lines[1:], start=first_data_line):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        where = f"{path} line {n}"
+        if len(cells) != len(header):
+            raise FusionpipeError(f"{where}: {len(cells)} fields, header has {len(header)} (tabs inside a text?)")
+        rec = dict(zip(header, cells))
+        try:
+            num_samples, sample_rate = int(rec["num_samples"]), int(rec["sample_rate"])
+        except ValueError:
+            raise FusionpipeError(
+                f"{where}: num_samples={rec['num_samples']!r} and sample_rate={rec['sample_rate']!r} must be integers"
+            ) from None
+        if not rec["id"] or not rec["path"] or num_samples < 0 or sample_rate <= 0:
+            raise FusionpipeError(f"{where}: needs a non-empty id and path, num_samples >= 0 and sample_rate > 0")
+        if rec["id"] in seen:
+            raise FusionpipeError(f"{where}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
+        seen[rec["id"]] = n
+        opt = {c: (rec.get(c) or None) for c in OPTIONAL}
+        rows.append(Utterance(rec["id"], rec["path"], num_samples, sample_rate, **opt))
+    if root is None:
+        root = declared_root if declared_root is not None else "."
+    root = Path(root)
+    if not root.is_absolute():
+        root = (path.parent / root).resolve()
+    return Manifest(name=path.stem, root=root, utterances=rows, source=path)
+
+
+def write_manifest(manifest: Manifest, path: str | os.PathLike, root: str | None = None) -> Path:
+    """Write ``manifest`` as TSV (atomically). Only the optional columns that hold a value are written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    used = [c for c in OPTIONAL if any(getattr(u, c) is not None for u in manifest)]
+    columns = list(REQUIRED) + used
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{ROOT_PREFIX} {root if root is not None else manifest.root}\n")
+        f.write("\t".join(columns) + "\n")
+        for u in manifest:
+            cells = ["" if getattr(u, c) is None else str(getattr(u, c)) for c in columns]
+            if any("\t" in c or "\n" in c for c in cells):
+                raise FusionpipeError(f"utterance {u.id}: a field contains a tab or newline, which TSV cannot hold")
+            f.write("\t".join(cells) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+BUNDLED = ("demo-train", "demo-dev", "demo-test")
+
+
+def bundled_manifests() -> list[Manifest]:
+    """The demo corpus shipped inside the package (train, dev, test), or [] if it is absent."""
+    corpus = Path(__file__).parent / "corpus"
+    paths = [corpus / f"{name}.tsv" for name in BUNDLED]
+    return [read_manifest(p) for p in paths] if all(p.is_file() for p in paths) else []

@@ -1,0 +1,1 @@
+"""Corpus importers: one module per corpus, each turning a directory tree into a Manifest."""
