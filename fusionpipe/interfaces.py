@@ -1,0 +1,288 @@
+"""Stage 3: the fusion interface, the trained part that reads every layer of the merged upstreams.
+
+    >>> import torch
+    >>> from fusionpipe.interfaces import Fusion
+    >>> fusion = Fusion(dims=[768, 768], num_layers=13, merge="add", interface="hconv")
+    >>> stacks = [torch.randn(2, 13, 50, 768), torch.randn(2, 13, 50, 768)]
+    >>> fusion(stacks, lengths=torch.tensor([50, 31])).shape
+    torch.Size([2, 50, 768])
+
+Input convention: a list of N per-upstream stacks, each (B, L, T, D_i), already aligned by
+stage 2 to a common number of layers L and frames T, plus ``lengths`` (B,) long, the valid
+frames of each utterance. Every interface works frame by frame, so padded frames never
+change valid ones; `Fusion` returns zeros at padded frames.
+
+`Fusion` = merge front (the paper's add / concat, trained) + ONE interface over the layer
+axis (`HConv`, `WeightedSum`, `LastLayer`, `SingleLayer`), or the GumD baseline
+(`GumbelSelect`), which does its own merging. Choices the paper leaves open are written
+where they are made: add with unequal hidden sizes (`Merge`), HConv with fewer layers than
+the stride (`HConv`), the Gumbel details (`GumbelSelect`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INTERFACES = ("hconv", "weighted-sum", "gumbel", "last-layer", "single-layer")
+MERGES = ("add", "concat")
+
+
+def frame_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) valid lengths -> (B, max_len) bool, True on valid frames."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    # Parameter-free, over D, separately for every layer and frame (s3prl's `normalize`).
+    return F.layer_norm(x, x.shape[-1:])
+
+
+class HConv(nn.Module):
+    """Hierarchical convolution over the layer axis (SSL_Interface hconvInterface.py).
+
+    Every frame's L x D stack is a length-L sequence with D channels. n_convs =
+    floor(log L / log stride) strided Conv1d (kernel 5, stride 3, padding 2), each followed by
+    ReLU, shrink it to L_final positions; the last conv has D // L_final output channels, and
+    the result is flattened channel-major (c * L_final + l):
+    out_dim = (D // L_final) * L_final. 13 x 768: 13->5->2, out 768, 4,424,832 parameters;
+    25 x 1024 -> 1023; 33 x 1280 -> 1280; 7 x 512 -> 510.
+
+    Fewer layers than the stride (L = 1 or 2), where the reference refuses: one conv all the
+    same, L_final = 1 and out_dim = D. Only valid frames are convolved (padded frames come
+    out as zeros), so memory grows with sum(lengths), not B * T.
+    """
+
+    def __init__(self, num_layers: int, dim: int, kernel_size: int = 5, stride: int = 3,
+                 normalize: bool = False):
+        super().__init__()
+        n_convs = 0
+        while stride ** (n_convs + 1) <= num_layers:  # floor(log L / log stride), no float error
+            n_convs += 1
+        self.layer_lengths = [num_layers]
+        convs = []
+        for i in range(max(n_convs, 1)):
+            length = (self.layer_lengths[-1] + 2 * (kernel_size // 2) - kernel_size) // stride + 1
+            self.layer_lengths.append(length)
+            out_channels = dim // length if i == max(n_convs, 1) - 1 else dim
+            if out_channels < 1:
+                raise ValueError(f"HConv: dim {dim} is smaller than the final layer length {length}")
+            convs += [nn.Conv1d(dim, out_channels, kernel_size, stride, padding=kernel_size // 2),
+                      nn.ReLU()]
+        self.convs = nn.Sequential(*convs)
+        self.num_layers, self.dim, self.normalize = num_layers, dim, normalize
+        self.out_dim = out_channels * self.layer_lengths[-1]
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, T, D = x.shape
+        if self.normalize:
+            x = _layer_norm(x)
+        x = x.permute(0, 2, 3, 1)  # (B, L, T, D) -> (B, T, D, L)
+        mask = frame_mask(lengths, T) if lengths is not None else x.new_ones(B, T, dtype=torch.bool)
+        y = self.convs(x[mask]).flatten(1)  # (N_valid, D, L) -> (N_valid, D // L', L') -> (N_valid, out)
+        out = y.new_zeros(B, T, self.out_dim)
+        out[mask] = y
+        return out
+
+
+class WeightedSum(nn.Module):
+    """s3prl Featurizer: softmax(weights) over layers, weights initialised to zero (= the mean).
+
+    ``normalize``: parameter-free layer norm over D of each layer before weighting.
+    """
+
+    def __init__(self, num_layers: int, dim: int, normalize: bool = False):
+        super().__init__()
+        self.weights = nn.Parameter(torch.zeros(num_layers))
+        self.normalize, self.out_dim = normalize, dim
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if self.normalize:
+            x = _layer_norm(x)
+        return torch.einsum("l,bltd->btd", F.softmax(self.weights, dim=0), x)  # (B, L, T, D) -> (B, T, D)
+
+
+class SingleLayer(nn.Module):
+    """One fixed layer of the stack (negative indices count from the last)."""
+
+    def __init__(self, num_layers: int, dim: int, layer: int):
+        super().__init__()
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(f"single-layer: layer={layer} is outside the {num_layers} layers "
+                             f"(0 .. {num_layers - 1}, or negative from the last)")
+        self.layer, self.out_dim = layer, dim
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return x[:, self.layer]  # (B, L, T, D) -> (B, T, D)
+
+
+class LastLayer(SingleLayer):
+    """The last layer of the stack: the usual "use the top of the model" baseline."""
+
+    def __init__(self, num_layers: int, dim: int):
+        super().__init__(num_layers, dim, layer=-1)
+
+
+def _to_common(dims: list[int]) -> tuple[int, nn.ModuleList | None]:
+    # Hidden sizes differ (e.g. 1024 + 1280): the paper does not say what to do. We map EVERY
+    # upstream with its own learned Linear(D_i -> max D_i), so no upstream is privileged.
+    common = max(dims)
+    if len(set(dims)) == 1:
+        return common, None
+    return common, nn.ModuleList(nn.Linear(d, common) for d in dims)
+
+
+class Merge(nn.Module):
+    """The paper's merges of N aligned stacks (B, L, T, D_i) -> (B, L, T, out_dim).
+
+    add: element-wise sum; equal sizes add no parameters, unequal sizes first go through a
+      learned per-upstream Linear(D_i -> D), D = max D_i (our choice; the paper only fuses
+      equal sizes).
+    concat ("CHConv"): concat on features -> sum D_i, then, if ``project`` (default),
+      Linear(sum D_i -> D), D = max D_i; without it the interface sees sum D_i.
+    One upstream: the identity, whatever the merge (layer-only fusion).
+    """
+
+    def __init__(self, dims: list[int], merge: str, project: bool = True):
+        super().__init__()
+        if merge not in MERGES:
+            raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
+        self.merge, self.projections, self.projection = merge, None, None
+        if len(dims) == 1:
+            self.out_dim = dims[0]
+        elif merge == "add":
+            self.out_dim, self.projections = _to_common(dims)
+        elif project:
+            self.out_dim, self.projection = max(dims), nn.Linear(sum(dims), max(dims))
+        else:
+            self.out_dim = sum(dims)
+
+    def forward(self, stacks: list[torch.Tensor]) -> torch.Tensor:
+        if len(stacks) == 1:
+            return stacks[0]
+        if self.merge == "add":
+            if self.projections is not None:
+                stacks = [p(x) for p, x in zip(self.projections, stacks)]
+            return torch.stack(stacks).sum(0)
+        x = torch.cat(stacks, dim=-1)  # (B, L, T, sum D_i)
+        return x if self.projection is None else self.projection(x)
+
+
+class GumbelSelect(nn.Module):
+    """The paper's GumD baseline: dimension-wise Gumbel-softmax selection across upstreams.
+
+    Per upstream a `WeightedSum` over its layers -> (B, T, D_i), mapped to D = max D_i by a
+    per-upstream Linear when sizes differ (as in `Merge`). Selection logits (N, D) start at
+    zero. Training: a relaxed (soft) Gumbel-softmax sample over the N upstreams for every
+    dimension, one sample per forward pass shared by the batch and its frames, at
+    temperature ``tau``; the trainer anneals tau geometrically from ``tau_start`` to
+    ``tau_end`` with `set_progress` (our choices: the paper gives no schedule). Eval: hard,
+    argmax of the logits, no noise, so each dimension comes from exactly one upstream.
+    merge "add": the selected streams are summed -> (B, T, D), then Linear(D -> D).
+    merge "concat": the N masked streams are concatenated -> (B, T, N * D), then
+      Linear(N * D -> D) (the paper's "concat + projection" instead of time interleaving).
+    """
+
+    def __init__(self, dims: list[int], num_layers: int, merge: str = "add",
+                 normalize: bool = False, tau_start: float = 1.0, tau_end: float = 0.1):
+        super().__init__()
+        if merge not in MERGES:
+            raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
+        self.sums = nn.ModuleList(WeightedSum(num_layers, d, normalize) for d in dims)
+        self.out_dim, self.projections = _to_common(dims)
+        self.logits = nn.Parameter(torch.zeros(len(dims), self.out_dim))
+        n_in = self.out_dim * (len(dims) if merge == "concat" else 1)
+        self.projection = nn.Linear(n_in, self.out_dim)
+        self.merge, self.tau_start, self.tau_end = merge, tau_start, tau_end
+        self.register_buffer("tau", torch.tensor(float(tau_start)))
+
+    def set_progress(self, fraction: float) -> None:
+        """Anneal the temperature: fraction of training done, 0 -> tau_start, 1 -> tau_end."""
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        self.tau.fill_(self.tau_start * (self.tau_end / self.tau_start) ** fraction)
+
+    def selection(self) -> torch.Tensor:
+        """(N, D) weights of each upstream per dimension; they sum to 1 over N."""
+        if self.training:
+            return F.gumbel_softmax(self.logits, tau=float(self.tau), hard=False, dim=0)
+        picked = self.logits.argmax(dim=0)
+        return F.one_hot(picked, len(self.sums)).T.to(self.logits.dtype)
+
+    def forward(self, stacks: list[torch.Tensor], lengths: torch.Tensor | None = None) -> torch.Tensor:
+        streams = [ws(x) for ws, x in zip(self.sums, stacks)]  # N x (B, T, D_i)
+        if self.projections is not None:
+            streams = [p(s) for p, s in zip(self.projections, streams)]
+        picked = torch.stack(streams) * self.selection()[:, None, None, :]  # (N, B, T, D)
+        merged = picked.sum(0) if self.merge == "add" else torch.cat(list(picked), dim=-1)
+        return self.projection(merged)
+
+
+_OPTIONS = {
+    "hconv": {"kernel_size", "stride", "normalize"},
+    "weighted-sum": {"normalize"},
+    "gumbel": {"normalize", "tau_start", "tau_end"},
+    "last-layer": set(),
+    "single-layer": {"layer"},
+}
+
+
+class Fusion(nn.Module):
+    """Merge front + ONE interface: N stacks (B, L, T, D_i) + lengths (B,) -> (B, T, out_dim).
+
+    ``dims``: hidden size D_i of each upstream, in the order of the stacks; ``num_layers``:
+    the common L after alignment; ``merge``: "add" or "concat" (`Merge`); ``interface``:
+    one of `INTERFACES`. Options: ``project`` (concat projection, default True; not for
+    gumbel), ``normalize`` (hconv, weighted-sum, gumbel), ``kernel_size`` and ``stride``
+    (hconv), ``layer`` (single-layer, required), ``tau_start`` and ``tau_end`` (gumbel).
+    Call `set_progress` every step; it only matters for gumbel.
+    """
+
+    def __init__(self, dims: list[int], num_layers: int, merge: str = "add",
+                 interface: str = "hconv", **opts):
+        super().__init__()
+        if interface not in INTERFACES:
+            raise ValueError(f"unknown interface {interface!r}; choose one of {', '.join(INTERFACES)}")
+        if merge not in MERGES:
+            raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
+        allowed = _OPTIONS[interface] | (set() if interface == "gumbel" else {"project"})
+        if set(opts) - allowed:
+            raise ValueError(f"interface {interface!r} takes no option(s) {sorted(set(opts) - allowed)}; "
+                             f"it takes {sorted(allowed) or 'none'}")
+        if interface == "single-layer" and "layer" not in opts:
+            raise ValueError("interface 'single-layer' needs layer=k (which layer to use)")
+        self.dims, self.num_layers = list(dims), num_layers
+        self.merge_name, self.interface_name = merge, interface
+        if interface == "gumbel":
+            self.front = None
+            self.interface = GumbelSelect(self.dims, num_layers, merge, **opts)
+        else:
+            self.front = Merge(self.dims, merge, project=opts.pop("project", True))
+            cls = {"hconv": HConv, "weighted-sum": WeightedSum, "last-layer": LastLayer,
+                   "single-layer": SingleLayer}[interface]
+            self.interface = cls(num_layers, self.front.out_dim, **opts)
+        self.out_dim = self.interface.out_dim
+
+    def set_progress(self, fraction: float) -> None:
+        """Tell the interface how far training is (0..1): anneals the Gumbel temperature."""
+        if isinstance(self.interface, GumbelSelect):
+            self.interface.set_progress(fraction)
+
+    def forward(self, stacks: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        self._check(stacks)
+        if self.front is None:
+            out = self.interface(stacks, lengths)
+        else:
+            out = self.interface(self.front(stacks), lengths)
+        return out * frame_mask(lengths, out.shape[1])[..., None].to(out.dtype)
+
+    def _check(self, stacks: list[torch.Tensor]) -> None:
+        if len(stacks) != len(self.dims):
+            raise ValueError(f"Fusion was built for {len(self.dims)} upstreams, got {len(stacks)} stacks")
+        B, _, T, _ = stacks[0].shape
+        for i, x in enumerate(stacks):
+            if x.dim() != 4 or x.shape[0] != B or x.shape[1] != self.num_layers or x.shape[2] != T \
+                    or x.shape[3] != self.dims[i]:
+                raise ValueError(f"stack {i} has shape {tuple(x.shape)}; expected (B={B}, "
+                                 f"L={self.num_layers}, T={T}, D={self.dims[i]}) as the others, "
+                                 "aligned by stage 2")

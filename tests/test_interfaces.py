@@ -1,0 +1,224 @@
+"""Specification of the fusion interfaces and merges (fusionpipe.interfaces)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusionpipe.heads import ClassifierHead
+from fusionpipe.interfaces import (INTERFACES, Fusion, GumbelSelect, HConv, LastLayer, SingleLayer,
+                                   WeightedSum)
+
+OPTS = {"single-layer": {"layer": 2}}
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture
+def stacks():
+    torch.manual_seed(0)
+    return [torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 8)]
+
+
+def test_hconv_13x768_is_the_reference_13_5_2_with_4424832_parameters():
+    hconv = HConv(13, 768)
+    assert hconv.layer_lengths == [13, 5, 2]
+    assert hconv.out_dim == 768
+    assert n_params(hconv) == 4_424_832
+
+
+@pytest.mark.parametrize("layers, dim, lengths, out_dim", [
+    (25, 1024, [25, 9, 3], 1023),
+    (33, 1280, [33, 11, 4, 2], 1280),
+    (7, 512, [7, 3], 510),
+])
+def test_hconv_layer_lengths_and_out_dims_match_the_method_table(layers, dim, lengths, out_dim):
+    hconv = HConv(layers, dim)
+    assert hconv.layer_lengths == lengths
+    assert hconv.out_dim == out_dim
+
+
+def test_hconv_number_of_convs_is_floor_log_layers_over_log_stride():
+    for layers in range(3, 100):
+        assert len(HConv(layers, 16).layer_lengths) - 1 == math.floor(math.log(layers) / math.log(3))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_hconv_with_fewer_layers_than_the_stride_uses_one_conv_and_keeps_dim(layers):
+    hconv = HConv(layers, 16)
+    assert hconv.layer_lengths == [layers, 1]
+    assert hconv(torch.randn(2, layers, 4, 16)).shape == (2, 4, 16)
+
+
+def test_hconv_flattens_each_frame_channel_major_like_the_reference():
+    torch.manual_seed(0)
+    hconv = HConv(13, 16)
+    x = torch.randn(1, 13, 3, 16)
+    frame = x[0, :, 1, :].T[None]  # (1, D, L): one frame's layers as a sequence
+    expected = hconv.convs(frame).reshape(1, -1)  # index c * L_final + l
+    assert torch.allclose(hconv(x)[0, 1], expected[0], atol=1e-6)
+
+
+def test_hconv_normalize_is_a_parameter_free_layer_norm_per_layer():
+    torch.manual_seed(0)
+    plain, normed = HConv(7, 16), HConv(7, 16, normalize=True)
+    normed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 7, 3, 16) * 5 + 2
+    assert n_params(plain) == n_params(normed)
+    assert torch.allclose(normed(x), plain(F.layer_norm(x, (16,))), atol=1e-5)
+
+
+def test_weighted_sum_starts_as_the_mean_over_layers():
+    x = torch.randn(2, 5, 3, 8)
+    assert torch.allclose(WeightedSum(5, 8)(x), x.mean(1), atol=1e-6)
+
+
+def test_weighted_sum_normalize_layer_norms_each_layer_before_weighting():
+    x = torch.randn(2, 5, 3, 8) * 3 + 1
+    expected = F.layer_norm(x, (8,)).mean(1)
+    assert torch.allclose(WeightedSum(5, 8, normalize=True)(x), expected, atol=1e-5)
+
+
+def test_last_and_single_layer_pick_one_layer():
+    x = torch.randn(2, 5, 3, 8)
+    assert torch.equal(LastLayer(5, 8)(x), x[:, 4])
+    assert torch.equal(SingleLayer(5, 8, layer=1)(x), x[:, 1])
+    with pytest.raises(ValueError, match="layer=5"):
+        SingleLayer(5, 8, layer=5)
+
+
+def test_add_of_equal_dims_adds_no_parameters(stacks):
+    fusion = Fusion([8, 8], 5, merge="add", interface="weighted-sum")
+    assert n_params(fusion) == 5
+    lengths = torch.tensor([6, 6])
+    assert torch.allclose(fusion(stacks, lengths), (stacks[0] + stacks[1]).mean(1), atol=1e-6)
+
+
+def test_add_of_unequal_dims_projects_every_upstream_to_the_largest():
+    fusion = Fusion([8, 12], 5, merge="add", interface="last-layer")
+    p0, p1 = fusion.front.projections
+    assert (p0.in_features, p0.out_features, p1.in_features, p1.out_features) == (8, 12, 12, 12)
+    a, b = torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 12)
+    out = fusion([a, b], torch.tensor([6, 6]))
+    assert out.shape == (2, 6, 12)
+    assert torch.allclose(out, p0(a[:, -1]) + p1(b[:, -1]), atol=1e-6)
+
+
+def test_concat_projects_the_concatenated_features_to_the_largest_dim():
+    fusion = Fusion([8, 12], 5, merge="concat", interface="weighted-sum")
+    assert (fusion.front.projection.in_features, fusion.front.projection.out_features) == (20, 12)
+    out = fusion([torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 12)], torch.tensor([6, 4]))
+    assert out.shape == (2, 6, 12)
+
+
+def test_concat_without_projection_feeds_the_sum_of_dims_to_the_interface():
+    fusion = Fusion([8, 12], 7, merge="concat", interface="hconv", project=False)
+    assert fusion.front.projection is None
+    assert fusion.interface.dim == 20
+    assert fusion([torch.randn(1, 7, 3, 8), torch.randn(1, 7, 3, 12)], torch.tensor([3])).shape == (1, 3, 18)
+
+
+@pytest.mark.parametrize("merge", ["add", "concat"])
+def test_one_upstream_is_passed_through_unmerged(merge):
+    fusion = Fusion([8], 5, merge=merge, interface="last-layer")
+    x = torch.randn(2, 5, 3, 8)
+    assert n_params(fusion) == 0
+    assert torch.equal(fusion([x], torch.tensor([3, 3])), x[:, -1])
+
+
+def test_gumbel_at_eval_takes_each_dimension_from_exactly_one_upstream(stacks):
+    torch.manual_seed(0)
+    gumbel = GumbelSelect([8, 8], 5, merge="add")
+    gumbel.logits.data.normal_()
+    gumbel.eval()
+    selection = gumbel.selection()
+    assert set(selection.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(selection.sum(0), torch.ones(8))
+    streams = torch.stack([ws(x) for ws, x in zip(gumbel.sums, stacks)])
+    picked = torch.where(selection[0].bool(), streams[0], streams[1])
+    assert torch.allclose(gumbel(stacks), gumbel.projection(picked), atol=1e-6)
+
+
+def test_gumbel_in_training_mixes_upstreams_softly():
+    gumbel = GumbelSelect([8, 8], 5)
+    selection = gumbel.selection()
+    assert torch.allclose(selection.sum(0), torch.ones(8))
+    assert ((selection > 0) & (selection < 1)).any()
+
+
+def test_gumbel_temperature_anneals_from_1_to_0_1_through_fusion():
+    fusion = Fusion([8, 8], 5, merge="add", interface="gumbel")
+    assert float(fusion.interface.tau) == pytest.approx(1.0)
+    fusion.set_progress(0.5)
+    assert float(fusion.interface.tau) == pytest.approx(math.sqrt(0.1))
+    fusion.set_progress(1.0)
+    assert float(fusion.interface.tau) == pytest.approx(0.1)
+
+
+def test_gumbel_concat_projects_the_n_masked_streams(stacks):
+    fusion = Fusion([8, 12], 5, merge="concat", interface="gumbel")
+    assert fusion.interface.projection.in_features == 2 * 12
+    out = fusion([stacks[0], torch.randn(2, 5, 6, 12)], torch.tensor([6, 2]))
+    assert out.shape == (2, 6, 12)
+
+
+@pytest.mark.parametrize("interface", INTERFACES)
+@pytest.mark.parametrize("merge", ["add", "concat"])
+def test_padded_frames_do_not_change_valid_frames_and_come_out_zero(stacks, interface, merge):
+    torch.manual_seed(0)
+    fusion = Fusion([8, 8], 5, merge=merge, interface=interface, **OPTS.get(interface, {})).eval()
+    lengths = torch.tensor([6, 3])
+    changed = [x.clone() for x in stacks]
+    for x in changed:
+        x[1, :, 3:] = 100.0
+    out, out_changed = fusion(stacks, lengths), fusion(changed, lengths)
+    assert torch.allclose(out, out_changed, atol=1e-5)
+    assert torch.count_nonzero(out[1, 3:]) == 0
+
+
+def test_unknown_interface_is_a_value_error_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="hconv, weighted-sum, gumbel, last-layer, single-layer"):
+        Fusion([8], 5, merge="add", interface="attention")
+
+
+def test_unknown_merge_is_a_value_error():
+    with pytest.raises(ValueError, match="add, concat"):
+        Fusion([8], 5, merge="interleave", interface="hconv")
+
+
+def test_an_option_the_interface_does_not_take_is_a_value_error():
+    with pytest.raises(ValueError, match="stride"):
+        Fusion([8], 5, merge="add", interface="weighted-sum", stride=2)
+
+
+def test_a_stack_of_the_wrong_shape_is_a_value_error(stacks):
+    fusion = Fusion([8, 8], 5, merge="add", interface="hconv")
+    with pytest.raises(ValueError, match="stack 1"):
+        fusion([stacks[0], torch.randn(2, 4, 6, 8)], torch.tensor([6, 6]))
+
+
+def test_fusion_hconv_and_classifier_learn_to_separate_two_classes():
+    torch.manual_seed(0)
+
+    def batch(n):
+        labels = torch.randint(0, 2, (n,))
+        a, b = torch.randn(n, 7, 10, 8), torch.randn(n, 7, 10, 8)
+        a[:, 3, :, :2] += (2 * labels - 1)[:, None, None].float()  # the class lives in layer 3 of one model
+        return [a, b], torch.full((n,), 10), labels
+
+    fusion = Fusion([8, 8], 7, merge="concat", interface="hconv")
+    head = ClassifierHead(fusion.out_dim, 2, proj=16)
+    optimiser = torch.optim.Adam([*fusion.parameters(), *head.parameters()], lr=3e-3)
+    stacks, lengths, labels = batch(64)
+    for _ in range(40):
+        loss = F.cross_entropy(head(fusion(stacks, lengths), lengths).output, labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    stacks, lengths, labels = batch(200)
+    with torch.no_grad():
+        predicted = head(fusion(stacks, lengths), lengths).output.argmax(-1)
+    assert (predicted == labels).float().mean() > 0.8

@@ -1,0 +1,176 @@
+"""Specification of labels, losses and metrics per task (fusionpipe.tasks)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fusionpipe.tasks import (TASKS, CharVocab, accuracy, build_task, cer, cer_per_language, eer,
+                              greedy_ctc_decode, macro_f1, read_trials, task_from_dict, wer)
+
+SMALL_SIZES = {
+    "asr": {"proj": 8, "hidden": 8},
+    "multilingual": {"proj": 20, "d_model": 16, "heads": 2, "ffn": 32, "layers": 1},
+    "classify": {"proj": 8},
+    "verify": {"embed_dim": 12, "proj": 10, "tdnn": 10, "last": 14},
+}
+
+
+@pytest.fixture
+def vocab():
+    return CharVocab.from_texts(["AB BA", "B"])  # tokens: <blank> A B |
+
+
+@pytest.fixture
+def feats():
+    torch.manual_seed(0)
+    return torch.randn(2, 20, 6), torch.tensor([20, 16])
+
+
+def test_vocab_has_blank_first_then_sorted_characters_with_the_word_separator(vocab):
+    assert vocab.tokens == ["<blank>", "A", "B", "|"]
+
+
+def test_vocab_encode_decode_round_trip(vocab):
+    assert vocab.encode("AB  B") == [1, 2, 3, 2]
+    assert vocab.decode(vocab.encode("AB  B")) == "AB B"
+
+
+def test_vocab_save_load_is_a_json_list(vocab, tmp_path):
+    vocab.save(tmp_path / "vocab.json")
+    assert json.loads((tmp_path / "vocab.json").read_text()) == vocab.tokens
+    assert CharVocab.load(tmp_path / "vocab.json") == vocab
+
+
+def test_vocab_unknown_characters_raise_unless_skipped(vocab):
+    with pytest.raises(ValueError, match="'C'"):
+        vocab.encode("ABC")
+    assert vocab.encode("ABC", unknown="skip") == [1, 2]
+
+
+def test_greedy_ctc_decode_collapses_repeats_drops_blanks_and_stops_at_length(vocab):
+    frames = [[1, 1, 0, 1, 2, 3, 2, 2, 1], [2, 0, 2, 3, 3, 1, 0, 0, 2]]  # best token per frame
+    log_probs = torch.full((2, 9, 4), -10.0)
+    for b, row in enumerate(frames):
+        log_probs[b, torch.arange(9), torch.tensor(row)] = 0.0
+    assert greedy_ctc_decode(log_probs, torch.tensor([9, 7]), vocab) == ["AAB BA", "BB A"]
+
+
+def test_wer_and_cer_on_a_known_pair():
+    assert wer(["a b c", "d e"], ["a x c", "d"]) == pytest.approx(2 / 5)
+    assert cer(["abc"], ["abd"]) == pytest.approx(1 / 3)
+
+
+def test_cer_per_language_scores_each_language_on_its_own():
+    result = cer_per_language(["abc", "xy", "abcd"], ["abd", "xy", "abcd"], ["eng", "fra", "eng"])
+    assert result == {"eng": pytest.approx(1 / 7), "fra": 0.0}
+
+
+def test_accuracy_and_macro_f1():
+    refs, preds = ["a", "a", "b", "b"], ["a", "b", "b", "b"]
+    assert accuracy(refs, preds) == 0.75
+    assert macro_f1(refs, preds) == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_eer_of_separable_scores_is_zero():
+    assert eer([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 0.0
+
+
+def test_eer_where_miss_and_false_alarm_meet_at_a_threshold():
+    assert eer([0.1, 0.2, 0.6, 0.5, 0.7, 0.9], [0, 0, 0, 1, 1, 1]) == pytest.approx(1 / 3)
+
+
+def test_eer_interpolates_between_roc_points():
+    # Misses stay 1/3 while false alarms jump 0 -> 1/2: the curves cross at 1/3.
+    assert eer([0.2, 0.6, 0.4, 0.8, 0.9], [0, 0, 1, 1, 1]) == pytest.approx(1 / 3)
+
+
+def test_eer_needs_both_kinds_of_trial():
+    with pytest.raises(ValueError, match="both"):
+        eer([0.1, 0.2], [1, 1])
+
+
+def test_unknown_task_is_a_value_error_naming_the_tasks():
+    with pytest.raises(ValueError, match="asr, classify, verify, multilingual"):
+        build_task("diarize", {})
+
+
+def test_a_missing_manifest_column_is_named():
+    with pytest.raises(ValueError, match="'label'"):
+        build_task("classify", {"text": ["a"]})
+
+
+def test_an_utterance_without_the_needed_value_is_named():
+    with pytest.raises(ValueError, match="'text' on every utterance; 1 have none"):
+        build_task("asr", {"text": ["AB", None]})
+
+
+@pytest.mark.parametrize("name", ["asr", "multilingual"])
+def test_ctc_tasks_give_a_differentiable_loss_and_text_predictions(name, feats):
+    x, lengths = feats
+    task = build_task(name, {"text": ["AB BA", "B"]})
+    head = task.build_head(6, **SMALL_SIZES[name])
+    loss = task.loss(head, x, lengths, {"text": ["AB", "BA B"]})
+    loss.backward()
+    assert loss.dim() == 0 and math.isfinite(loss.item())
+    predictions = task.predict(head, x, lengths)
+    assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+
+
+def test_asr_metrics_are_wer_and_cer():
+    task = build_task("asr", {"text": ["AB BA"]})
+    assert task.metrics(["AB B"], {"text": ["AB BA"]}) == {"wer": 0.5, "cer": pytest.approx(1 / 5)}
+
+
+def test_multilingual_metrics_add_a_cer_per_language():
+    task = build_task("multilingual", {"text": ["AB"]})
+    metrics = task.metrics(["AB", "A"], {"text": ["AB", "AB"], "language": ["eng", "deu"]})
+    assert metrics == {"cer": 0.25, "cer/deu": 0.5, "cer/eng": 0.0}
+
+
+def test_classify_classes_are_the_sorted_train_labels():
+    assert build_task("classify", {"label": ["sad", "ang", "sad", "neu"]}).classes == ["ang", "neu", "sad"]
+
+
+def test_classify_loss_prediction_and_unknown_label(feats):
+    x, lengths = feats
+    task = build_task("classify", {"label": ["ang", "sad"]})
+    head = task.build_head(6, **SMALL_SIZES["classify"])
+    assert math.isfinite(task.loss(head, x, lengths, {"label": ["sad", "ang"]}).item())
+    assert set(task.predict(head, x, lengths)) <= {"ang", "sad"}
+    with pytest.raises(ValueError, match="hap"):
+        task.loss(head, x, lengths, {"label": ["hap", "ang"]})
+
+
+def test_verify_trains_on_speakers_and_predicts_unit_embeddings(feats):
+    x, lengths = feats
+    task = build_task("verify", {"speaker": ["s2", "s1", "s2"]})
+    assert task.speakers == ["s1", "s2"]
+    head = task.build_head(6, **SMALL_SIZES["verify"])
+    assert math.isfinite(task.loss(head, x, lengths, {"speaker": ["s1", "s2"]}).item())
+    embeddings = task.predict(head, x, lengths)
+    assert [e.shape for e in embeddings] == [(12,), (12,)]
+    assert np.allclose([np.linalg.norm(e) for e in embeddings], 1.0, atol=1e-5)
+
+
+def test_verify_metrics_score_the_trials_by_cosine():
+    trials = [("a1", "a2", 1), ("a1", "b1", 0), ("b1", "b2", 1), ("a2", "b2", 0)]
+    task = build_task("verify", {"speaker": ["a", "b"]}, trials=trials)
+    preds = [np.array([1.0, 0.1]), np.array([2.0, 0.0]), np.array([0.0, 1.0]), np.array([0.1, 3.0])]
+    assert task.metrics(preds, {"id": ["a1", "a2", "b1", "b2"]}) == {"eer": 0.0}
+    with pytest.raises(ValueError, match="b2"):
+        task.metrics(preds[:3], {"id": ["a1", "a2", "b1"]})
+
+
+def test_read_trials_takes_voxceleb_label_enroll_test_lines(tmp_path):
+    (tmp_path / "trials.txt").write_text("1 id1/a.wav id1/b.wav\n0 id1/a.wav id2/c.wav\n")
+    assert read_trials(tmp_path / "trials.txt") == [("id1/a.wav", "id1/b.wav", 1), ("id1/a.wav", "id2/c.wav", 0)]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_a_task_is_rebuilt_from_its_dict(name):
+    train = {"text": ["AB BA"], "label": ["x", "y"], "speaker": ["s1", "s2"]}
+    task = build_task(name, train)
+    assert task_from_dict(json.loads(json.dumps(task.to_dict()))) == task
