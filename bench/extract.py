@@ -1,0 +1,125 @@
+"""Stage 1 benchmark: does writing overlap compute, and what does each codec cost?
+
+    python bench/extract.py                       # base-size random-weight WavLM, ~3 min of the demo corpus, CPU
+    python bench/extract.py --kind whisper --device cuda --seconds 600
+    python bench/extract.py --model /path/to/real_whisper_base   # real activations (shared/tools/real_whisper_base.py)
+
+Prints, measured side by side in one run:
+  extract / bare   wall time of `extract()` over the batches of its plan divided by the bare
+                   upstream forward (+ device->host copy) over the same batches, audio preloaded
+  codecs           bytes per audio-second and write MB/s for each codec on the same features
+  peak RSS         of this process
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fusionpipe import audio  # noqa: E402
+from fusionpipe.extract import extract, plan  # noqa: E402
+from fusionpipe.manifest import Manifest, bundled_manifests  # noqa: E402
+from fusionpipe.store import CODECS, FeatureStore  # noqa: E402
+from fusionpipe.upstreams import load_upstream, make_local_model  # noqa: E402
+
+
+def corpus(seconds: float) -> Manifest:
+    rows, total = [], 0.0
+    for m in bundled_manifests():
+        for u in m:
+            if total >= seconds:
+                break
+            rows.append(u)
+            total += u.duration
+    m0 = bundled_manifests()[0]
+    return Manifest(f"bench-{int(seconds)}s", m0.root, rows)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kind", default="wavlm", help="family of the random-weight model (make_local_model)")
+    ap.add_argument("--size", default="base")
+    ap.add_argument("--model", help="use this alias/directory instead of a random-weight model")
+    ap.add_argument("--seconds", type=float, default=180.0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-seconds", type=float, default=160.0)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="fp-bench-"))
+    model = args.model or str(make_local_model(args.kind, tmp / f"{args.kind}-{args.size}", size=args.size))
+    upstream = load_upstream(model, device=args.device)
+    m = corpus(args.seconds)
+    print(f"upstream {upstream.name} L={upstream.num_layers} D={upstream.hidden_size} on {upstream.device}; "
+          f"{len(m)} utterances, {m.duration:.0f} s audio; torch threads {torch.get_num_threads()}")
+
+    p = plan(m, upstream, args.max_seconds)
+    waves = {i: audio.load(m, r) for i, r in enumerate(p.rows)}
+    upstream.forward([waves[0]])  # warm-up (kernels, allocator)
+    sync(upstream.device)
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for b in p.batches:
+            for f in upstream.forward([waves[i] for i in b]):
+                f.to(torch.float16).cpu()
+        sync(upstream.device)
+        return time.perf_counter() - t0
+
+    def full(codec: str) -> tuple[float, str]:
+        t0 = time.perf_counter()
+        r = extract(m, upstream, url=str(tmp / f"store-{codec}-{time.time_ns()}.zarr"), codec=codec,
+                    max_seconds=args.max_seconds, progress=False)
+        return time.perf_counter() - t0, r.url
+
+    # alternate the two measurements so drift on a noisy machine hits both alike
+    t_bare1, (t_full1, url) = bare(), full("zstd")
+    t_bare2, (t_full2, _) = bare(), full("zstd")
+    t_bare, t_full = min(t_bare1, t_bare2), min(t_full1, t_full2)
+    print(f"\nbare forward {t_bare:.2f} s ({m.duration / t_bare:.0f}x real time), "
+          f"extract {t_full:.2f} s ({m.duration / t_full:.0f}x real time)")
+    print(f"extract / bare = {t_full / t_bare:.3f}   (goal <= 1.1; includes audio decode and header checks)")
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS after extraction {peak:.0f} MB (model, preloaded audio, batch buffers)")
+
+    feats = FeatureStore.open(url).hidden[:]
+    raw = feats.nbytes
+    print(f"\n{'codec':<24} {'bytes/audio-s':>14} {'ratio':>6} {'write MB/s':>11} {'read MB/s':>10}")
+    for codec in CODECS:
+        store = FeatureStore.open(url)
+        dst = FeatureStore.create(tmp / f"codec-{codec}.zarr",
+                                  _layout(store), num_layers=store.num_layers, hidden_size=store.hidden_size,
+                                  codec=codec, attrs={"upstream": store.attrs["upstream"]})
+        t0 = time.perf_counter()
+        dst.hidden[:] = feats
+        t_w = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dst.hidden[:]
+        t_r = time.perf_counter() - t0
+        size = dst.size_on_disk()
+        print(f"{codec:<24} {size / m.duration:>14,.0f} {raw / size:>6.2f} {raw / t_w / 1e6:>11.0f} "
+              f"{raw / t_r / 1e6:>10.0f}")
+
+
+def _layout(store: FeatureStore):
+    from fusionpipe.store import Layout
+
+    return Layout(store.ids, store.lengths)
+
+
+if __name__ == "__main__":
+    main()
