@@ -57,6 +57,43 @@ def manifest_folder(root: Path, name: Optional[str] = typer.Option(None, help="m
     typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
 
 
+@manifest_app.command("voxceleb")
+def manifest_voxceleb(root: Path, trials: Optional[Path] = typer.Option(None, help="official list, e.g. veri_test2.txt"),
+                      out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
+    """VoxCeleb1 wav tree -> voxceleb1-dev.tsv, voxceleb1-test.tsv (speaker) and voxceleb1-trials.txt."""
+    from .manifest import write_manifest
+    from .recipes.voxceleb import import_voxceleb, write_trials
+
+    manifests = import_voxceleb(root, trials)
+    for m in manifests.values():
+        typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
+    if trials is not None:
+        typer.echo(f"{write_trials(trials, out / 'voxceleb1-trials.txt', manifests['voxceleb1-test'])}: trial list")
+
+
+@manifest_app.command("iemocap")
+def manifest_iemocap(root: Path, dev_ratio: float = typer.Option(0.2, help="dev share of the training sessions"),
+                     out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
+    """IEMOCAP -> iemocap.tsv (4 classes, speaker, session) and iemocap-fold{1..5}-{train,dev,test}.tsv."""
+    from .manifest import write_manifest
+    from .recipes.iemocap import iemocap_folds, import_iemocap
+
+    m = import_iemocap(root)
+    for x in [m, *iemocap_folds(m, dev_ratio).values()]:
+        typer.echo(f"{write_manifest(x, out / f'{x.name}.tsv')}: {len(x)} utterances, {x.duration / 3600:.2f} h")
+
+
+@manifest_app.command("mlsuperb")
+def manifest_mlsuperb(root: Path, duration: str = typer.Option("1h", help="training set: 1h or 10min"),
+                      out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
+    """ML-SUPERB data -> mlsuperb-multi-<duration>-* and mlsuperb-mono-<lang>-<duration>-* (text, language)."""
+    from .manifest import write_manifest
+    from .recipes.mlsuperb import import_mlsuperb
+
+    for m in import_mlsuperb(root, duration).values():
+        typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
+
+
 # ---- stage 1 --------------------------------------------------------------------------------
 @app.command()
 def models():
@@ -126,6 +163,143 @@ def verify(store: Path):
     if faults:
         raise typer.Exit(1)
     typer.echo(f"{store}: ok")
+
+
+# ---- stage 2 --------------------------------------------------------------------------------
+@app.command()
+def fuse(
+    stores: List[str] = typer.Option(..., help="feature store (repeatable, or a comma list)"),
+    merge: Optional[str] = typer.Option(None, help="add or concat (default: no merge, per-store stacks)"),
+    align_time: str = typer.Option("max", help="common T per utterance: max (upsample) or min"),
+    align_layers: str = typer.Option("interpolate", help="interpolate (to the largest L) or none (equal L)"),
+    skip_missing: bool = typer.Option(False, help="leave out utterances not usable in every store"),
+    describe: bool = typer.Option(False, help="print the view: stores, target L and T, merge, bytes per batch"),
+    write: Optional[Path] = typer.Option(None, help="materialise the merged view as a feature store here"),
+    codec: str = typer.Option("zstd", help="codec of the --write store"),
+    overwrite: bool = typer.Option(False, help="replace an existing --write store"),
+):
+    """STAGE 2: align stores of one manifest to a common L and T and merge them (lazily; --write materialises)."""
+    from .fuse import open_fused
+
+    urls = [s.strip() for value in stores for s in value.split(",") if s.strip()]
+    view = open_fused(urls, merge=merge, align_time=align_time, align_layers=align_layers, skip_missing=skip_missing)
+    if describe or write is None:
+        typer.echo(json.dumps(view.describe(), indent=2))
+    if write is not None:
+        out = view.write(write, codec=codec, overwrite=overwrite)
+        typer.echo(f"{out.url}: {len(out)} utterances, {out.total_frames} frames, L={out.num_layers} "
+                   f"D={out.hidden_size} ({out.attrs['upstream']['name']})")
+
+
+def _list(values: Optional[List[str]]) -> List[str]:
+    """Repeatable options that also take comma lists: --fusion hconv,weighted-sum."""
+    return [x.strip() for v in values or [] for x in str(v).split(",") if x.strip()]
+
+
+def _options(pairs: Optional[List[str]]) -> dict:
+    """--head hidden=64 --head layers=1 -> {"hidden": 64, "layers": 1} (ints, floats, booleans parsed)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise FusionpipeError(f"option {pair!r}: expected key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+# ---- stage 3 --------------------------------------------------------------------------------
+@app.command()
+def train(
+    stores: Optional[List[str]] = typer.Option(None, help="train stores (repeat or comma list; default: demo cache)"),
+    dev_stores: Optional[List[str]] = typer.Option(None, help="dev stores, same upstreams, in the same order"),
+    task: Optional[str] = typer.Option(None, help="asr, classify, verify, multilingual (default: from the manifest)"),
+    fusion: List[str] = typer.Option(["hconv"], help="interfaces: hconv, weighted-sum, gumbel, last-layer, single-layer"),
+    merge: List[str] = typer.Option(["concat"], help="add, concat (lists: every fusion x merge trains in one pass)"),
+    out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<task>-<upstreams>)"),
+    cache: Path = typer.Option(Path("cache"), help="store root, for the default stores"),
+    steps: Optional[int] = typer.Option(None), eval_every: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None), optimizer: Optional[str] = typer.Option(None, help="adam or adamw"),
+    max_frames: Optional[int] = typer.Option(None, help="padded frames per batch"),
+    grad_clip: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    specaugment: Optional[bool] = typer.Option(None, "--specaugment/--no-specaugment"),
+    head: Optional[List[str]] = typer.Option(None, help="head size, key=value (repeatable), e.g. hidden=64"),
+    interface: Optional[List[str]] = typer.Option(None, help="interface option key=value, e.g. normalize=true"),
+    trials: Optional[str] = typer.Option(None, help="verify: trial list over the dev utterances"),
+    device: str = typer.Option("auto"), num_workers: int = typer.Option(0),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+):
+    """STAGE 3: train the fusion interface + task head from the cache; every fusion x merge in one pass."""
+    from .store import FeatureStore
+    from .train import DEMO, TrainConfig, default_task, demo_stores, train as run
+    from .data import _recorded_manifest  # noqa: F401  (the manifest a store was extracted from)
+    from .fuse import open_fused
+
+    given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
+                 grad_clip=grad_clip, seed=seed, specaugment=specaugment, head=_options(head) or None,
+                 interface=_options(interface) or None, trials=trials)
+    given = {k: v for k, v in given.items() if v is not None}
+    train_stores, dev = _list(stores), _list(dev_stores)
+    preset = {}
+    if not train_stores:
+        train_stores, found_dev = demo_stores(cache)
+        dev = dev or found_dev
+        preset = DEMO
+    manifest = _recorded_manifest(open_fused(train_stores))
+    task = task or default_task(manifest)
+    names = "+".join(FeatureStore.open(s).attrs["upstream"]["name"] for s in train_stores)
+    cfg = TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion), merge=_list(merge),
+                      out=str(out or Path("runs") / f"{task}-{names}"), device=device, num_workers=num_workers,
+                      **{**preset, **given})
+    _say(f"train {task} on {manifest.name} ({len(manifest)} utterances) with {names}; dev: {len(dev)} store(s); "
+         f"variants {', '.join(f + '-' + m for f, m in cfg.variants())}; {cfg.steps} steps; head {cfg.head or 'SUPERB'}"
+         f" -> {cfg.out}")
+    for name, res in run(cfg, resume=resume).items():
+        typer.echo(f"{name}: {json.dumps(res.get('dev', {}))} params={res['trainable_params']}")
+
+
+@app.command()
+def evaluate(
+    run: Path,
+    manifest: Optional[Path] = typer.Option(None, help="evaluate on the caches of this manifest (default: demo-test)"),
+    stores: Optional[List[str]] = typer.Option(None, help="or name the stores directly"),
+    cache: Path = typer.Option(Path("cache"), help="store root, where the manifest's caches are"),
+    trials: Optional[str] = typer.Option(None, help="verify: trial list"),
+    device: str = typer.Option("auto"),
+):
+    """Metrics of a run's best checkpoints on any cached manifest; JSON beside the run + one line each."""
+    from .extract import store_url
+    from .manifest import bundled_manifests, read_manifest
+    from .train import TrainConfig, evaluate as run_eval
+
+    cfg = TrainConfig.load(run / "config.json") if (run / "config.json").exists() else None
+    if cfg is None:
+        raise FusionpipeError(f"{run} is not a training run (no config.json)")
+    eval_stores = _list(stores)
+    if not eval_stores:
+        m = read_manifest(manifest) if manifest else bundled_manifests()[-1]
+        eval_stores = [store_url(cache, m.name, Path(s).stem) for s in cfg.stores]
+        missing = [s for s in eval_stores if not Path(s).exists()]
+        if missing:
+            raise FusionpipeError(f"{m.name} is not cached for this run's upstreams ({', '.join(missing)}); "
+                                  f"run `fusionpipe extract --manifest {manifest or m.name} --model ...` first")
+    results = run_eval(run, eval_stores, trials=trials or cfg.trials, device=device)
+    label = Path(eval_stores[0]).parent.name
+    (run / f"eval-{label}.json").write_text(json.dumps(results, indent=2))
+    for name, metrics in results.items():
+        typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+# ---- all stages -------------------------------------------------------------------------------
+@app.command()
+def ablate(recipe: Path, dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, run nothing"),
+           quiet: bool = typer.Option(False, help="no progress bars")):
+    """Run a stages/ recipe: extract missing caches, train each upstream set's variants in one pass, report."""
+    from .ablation import load_recipe, run_recipe
+
+    run_recipe(load_recipe(recipe), dry_run=dry_run, progress=not quiet, echo=typer.echo)
 
 
 def main() -> None:
