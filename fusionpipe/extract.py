@@ -194,8 +194,9 @@ def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, s
     writer = _ChunkWriter(store, done)
     writer.start()
     skipped = 0
-    bar = tqdm(total=round(total_seconds, 1), unit="audio-s", unit_scale=False, disable=not progress,
-               desc=f"extract {upstream.name}", dynamic_ncols=True)
+    bar = tqdm(total=total_seconds, disable=not progress, desc=f"extract {upstream.name}", dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} audio-s "
+                          "[{elapsed}<{remaining}, {rate:.1f} audio-s/s]")
     try:
         with ThreadPoolExecutor(2) as io:
             load = lambda b: [_load_or_skip(manifest, p.rows[i], skip_bad) for i in b]  # noqa: E731
@@ -213,7 +214,7 @@ def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, s
                         store.mark_skipped(p.layout.ids[i], reason)
                         writer.put(int(offsets[i]), np.zeros((int(lengths[i]), store.num_layers,
                                                                  store.hidden_size), store.attrs["dtype"]))
-                bar.update(round(sum(manifest[p.rows[i]].duration for i in batch), 1))
+                bar.update(sum(manifest[p.rows[i]].duration for i in batch))
     finally:
         bar.close()
         writer.close()

@@ -30,8 +30,10 @@ def _plain_forward(upstream, wave):
             hs = model.encoder(feats, output_hidden_states=True).hidden_states
             return torch.stack(hs, 2)[0, :upstream.num_frames(len(wave))]
         x = fe(wave, sampling_rate=16000, return_tensors="pt").input_values
-        hs = model(x, output_hidden_states=True).hidden_states
-        return torch.stack(hs, 2)[0]
+        out = model(x, output_hidden_states=True)
+        # the last layer is the encoder output: with the final layer norm of stable-layer-norm models
+        # (transformers 5 records hidden_states[-1] before it; s3prl and the paper use the normalised one)
+        return torch.stack([*out.hidden_states[:-1], out.last_hidden_state], 2)[0]
 
 
 @pytest.mark.parametrize("model", ["toy-wavlm", "toy-hubert", "toy-whisper"])
