@@ -1,0 +1,416 @@
+"""STAGE 1: the frozen upstreams, waveforms in, every hidden layer out as (T, L, D) per utterance.
+
+    >>> up = load_upstream("toy-wavlm", device="cpu")
+    >>> [h.shape for h in up.forward([np.zeros(16000, np.float32)])]
+    [torch.Size([49, 4, 32])]
+
+Models load through plain transformers ``from_pretrained`` (registry alias, HF id or a local directory);
+``forward`` only adds what caching needs: batches whose results do not depend on the other utterances in
+the batch, Whisper's 30 s windows, and all hidden states stacked frames-major.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (AutoConfig, AutoFeatureExtractor, AutoModel, Data2VecAudioConfig, HubertConfig,
+                          Wav2Vec2Config, Wav2Vec2FeatureExtractor, WavLMConfig, WhisperConfig,
+                          WhisperFeatureExtractor)
+from transformers.utils.hub import cached_file, extract_commit_hash
+
+from . import __version__
+from .errors import FusionpipeError
+
+SAMPLE_RATE = 16000
+_FAMILIES = {"hubert": "ssl", "wavlm": "ssl", "data2vec-audio": "ssl", "wav2vec2": "ssl", "whisper": "whisper"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One registry row: what `fusionpipe models` prints. num_layers counts hidden states (blocks + 1)."""
+
+    alias: str
+    hf_id: str
+    num_layers: int
+    hidden_size: int
+    frame_rate: float
+    family: str
+
+
+# kind: (transformer blocks, hidden size) of the tiny random models; L = blocks + 1 differs between toys
+_TINY = {"wavlm": (3, 32), "hubert": (2, 48), "whisper": (2, 40), "data2vec": (4, 24), "wav2vec2": (1, 16)}
+_TOYS = ("wavlm", "hubert", "whisper", "data2vec")
+
+
+def _row(alias: str, hf_id: str, num_layers: int, hidden_size: int, family: str = "ssl") -> UpstreamSpec:
+    return UpstreamSpec(alias, hf_id, num_layers, hidden_size, 50.0, family)
+
+
+UPSTREAMS: dict[str, UpstreamSpec] = {s.alias: s for s in [
+    _row("hubert-base", "facebook/hubert-base-ls960", 13, 768),
+    _row("hubert-large", "facebook/hubert-large-ll60k", 25, 1024),
+    _row("wavlm-base-plus", "microsoft/wavlm-base-plus", 13, 768),
+    _row("wavlm-large", "microsoft/wavlm-large", 25, 1024),
+    _row("data2vec-base", "facebook/data2vec-audio-base", 13, 768),
+    _row("data2vec-large", "facebook/data2vec-audio-large", 25, 1024),
+    _row("wav2vec2-base", "facebook/wav2vec2-base", 13, 768),
+    _row("whisper-base", "openai/whisper-base", 7, 512, "whisper"),
+    _row("whisper-small", "openai/whisper-small", 13, 768, "whisper"),
+    _row("whisper-small.en", "openai/whisper-small.en", 13, 768, "whisper"),
+    _row("whisper-medium", "openai/whisper-medium", 25, 1024, "whisper"),
+    _row("whisper-large-v3", "openai/whisper-large-v3", 33, 1280, "whisper"),
+    *(_row(f"toy-{k}", f"toy:{k}", _TINY[k][0] + 1, _TINY[k][1], "whisper" if k == "whisper" else "ssl")
+      for k in _TOYS),
+]}
+
+
+def list_upstreams() -> list[UpstreamSpec]:
+    return list(UPSTREAMS.values())
+
+
+# ---- random-weight models that look exactly like hub checkpoints ----------------------------------------
+def _config(kind: str, size: str):
+    """The family's real config class. Conv strides/kernels, mel bins and the 1500 encoder positions are left
+    at their real values so that frame arithmetic is the real models'; only L and D shrink for "tiny"."""
+    if kind == "whisper":
+        blocks, d, heads = (12, 768, 12) if size == "base" else (*_TINY[kind], 4)  # base: whisper-small's encoder
+        # only the encoder is ever used, so the decoder is one small block
+        return WhisperConfig(d_model=d, encoder_layers=blocks, encoder_attention_heads=heads,
+                             encoder_ffn_dim=4 * d, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=4 * d,
+                             num_mel_bins=80, max_source_positions=1500)
+    cls = {"wavlm": WavLMConfig, "hubert": HubertConfig, "data2vec": Data2VecAudioConfig,
+           "wav2vec2": Wav2Vec2Config}[kind]
+    if size == "base":
+        return cls()
+    blocks, d = _TINY[kind]
+    # data2vec-audio stacks num_conv_pos_embeddings conv layers; the others use it as one conv's kernel size
+    extra = dict(num_conv_pos_embeddings=2) if kind == "data2vec" else dict(num_conv_pos_embeddings=16)
+    if kind == "hubert":  # like the large models: layer-norm convs, pre-LN blocks, final layer norm
+        extra.update(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
+    return cls(hidden_size=d, num_hidden_layers=blocks, num_attention_heads=4, intermediate_size=2 * d,
+               conv_dim=(32,) * 7, num_conv_pos_embedding_groups=4, **extra)
+
+
+def _ssl_feature_extractor(config) -> Wav2Vec2FeatureExtractor:
+    """What fairseq pretraining did: the layer-norm-conv models (large, data2vec) normalised each waveform and
+    take padded batches with a mask; the group-norm-conv base models did neither."""
+    layer_norm = getattr(config, "feat_extract_norm", "layer") == "layer"
+    return Wav2Vec2FeatureExtractor(do_normalize=layer_norm, return_attention_mask=layer_norm)
+
+
+def make_local_model(kind: str, out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Save a random-weight model and its feature extractor into out_dir, laid out like a hub checkpoint.
+
+        >>> up = load_upstream(str(make_local_model("hubert", "/tmp/my-hubert")))  # doctest: +SKIP
+
+    kind: wavlm, hubert, data2vec, wav2vec2 or whisper. size "tiny" is a few small blocks (CPU tests),
+    "base" the family's base-size config (benchmarks). The same seed gives the same weight bytes.
+    The tiny wavlm and wav2vec2 use group-norm convs like wavlm-base-plus / wav2vec2-base, the tiny hubert
+    layer-norm convs with stable layer norm like the large models.
+    """
+    if kind not in _TINY or size not in ("tiny", "base"):
+        raise FusionpipeError(f"make_local_model: kind must be one of {', '.join(_TINY)} and size tiny or base, "
+                              f"got kind={kind!r} size={size!r}")
+    config = _config(kind, size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModel.from_config(config)
+    feature_extractor = WhisperFeatureExtractor(feature_size=80) if kind == "whisper" else \
+        _ssl_feature_extractor(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    feature_extractor.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---- the upstream ----------------------------------------------------------------------------------------
+class _MaskedGroupNorm(nn.Module):
+    """GroupNorm whose statistics cover each utterance's real frames only.
+
+    GroupNorm in the first conv layer (hubert-base, wavlm-base-plus, wav2vec2-base) normalises every channel over
+    the whole time axis: over a zero-padded batch, every frame of the shorter utterances would change. The convs
+    have no padding, so once these statistics are right, real output frames depend on real samples only and the
+    whole conv stack runs batched.
+    """
+
+    def __init__(self, norm: nn.GroupNorm, lengths: torch.Tensor):
+        super().__init__()
+        self.norm, self.lengths = norm, lengths  # lengths: (B,) real frames at this layer
+
+    def forward(self, x):  # (B, C, T) -> (B, C, T), float32 like GroupNorm under autocast
+        B, C, T = x.shape
+        groups = x.float().view(B, self.norm.num_groups, -1, T)  # (B, G, C/G, T)
+        mask = (torch.arange(T, device=x.device) < self.lengths[:, None])[:, None, None]  # (B, 1, 1, T)
+        count = self.lengths.view(B, 1, 1, 1) * groups.shape[2]
+        mean = (groups * mask).sum((2, 3), keepdim=True) / count
+        var = ((groups - mean) * mask).square().sum((2, 3), keepdim=True) / count
+        y = ((groups - mean) * torch.rsqrt(var + self.norm.eps)).view(B, C, T)
+        return y * self.norm.weight[:, None] + self.norm.bias[:, None]
+
+
+class _PerUtterancePosConv(nn.Module):
+    """Runs data2vec-audio's positional embedding on each utterance's real frames and zero-pads the outputs.
+
+    It is a stack of convs with layer norm in between: padded frames stop being zero after the first conv, and
+    the next ones would leak them into the last real frames (about 0.9 s). The single-conv positional embedding
+    of the other models sees zeroed padding, as a lone utterance sees the conv's zero padding: no change there.
+    """
+
+    def __init__(self, module: nn.Module, lengths: list[int]):
+        super().__init__()
+        self.module, self.lengths = module, lengths
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D)
+        return torch.cat([F.pad(self.module(x[b:b + 1, :n]), (0, 0, 0, x.shape[1] - n))
+                          for b, n in enumerate(self.lengths)])
+
+
+@contextmanager
+def _swapped(parent: nn.Module, attr: str, replacement: nn.Module):
+    original = getattr(parent, attr)
+    setattr(parent, attr, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)
+
+
+class Upstream:
+    """A frozen upstream in eval mode. forward(waves) -> one (T_i, L, D) tensor per wave, T_i == num_frames.
+
+    An utterance's features never depend on the other utterances of its batch: each equals the single-utterance
+    forward of plain transformers (feature extractor on that utterance alone, then the model).
+    """
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, name: str, model_id: str, revision: str, model: nn.Module, feature_extractor,
+                 device: torch.device):
+        config = model.config
+        self.name, self.model_id, self.revision = name, model_id, revision
+        self.model, self.feature_extractor, self.device = model, feature_extractor, device
+        self.family = _FAMILIES[config.model_type]
+        self.hidden_size = config.hidden_size
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        if self.family == "whisper":
+            self.num_layers = config.encoder_layers + 1
+            hop = feature_extractor.hop_length * model.conv1.stride[0] * model.conv2.stride[0]  # samples per frame
+            self.frame_rate = SAMPLE_RATE / hop
+        else:
+            self.num_layers = config.num_hidden_layers + 1
+            self.frame_rate = SAMPLE_RATE / math.prod(config.conv_stride)
+        self._group_norm = getattr(config, "feat_extract_norm", "layer") == "group"
+
+    def __repr__(self):
+        return f"Upstream({self.name!r}, L={self.num_layers}, D={self.hidden_size}, device={self.device})"
+
+    def fingerprint(self) -> dict:
+        return {"name": self.name, "model_id": self.model_id, "revision": self.revision, "family": self.family,
+                "num_layers": self.num_layers, "hidden_size": self.hidden_size, "frame_rate": self.frame_rate,
+                "fusionpipe_version": __version__}
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames forward() returns for num_samples 16 kHz samples (0 when too short for the convs)."""
+        if self.family == "whisper":
+            full, rest = divmod(num_samples, self.feature_extractor.n_samples)
+            return full * self._window_frames(self.feature_extractor.n_samples) + self._window_frames(rest)
+        return max(0, int(self.model._get_feat_extract_output_lengths(torch.tensor(num_samples))))
+
+    def _window_frames(self, num_samples: int) -> int:
+        # the frames whose centre lies in the audio: ceil(n / hop) mel frames, as the feature extractor's
+        # attention mask counts them, then the encoder's stride-2 conv
+        mel = -(-num_samples // self.feature_extractor.hop_length)
+        return int(self.model._get_feat_extract_output_lengths(torch.tensor(mel)))
+
+    def forward(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
+        """waves: mono 16 kHz 1-D float arrays of any lengths -> [(T_i, L, D)] on self.device, in self.dtype."""
+        waves = [np.asarray(w, dtype=np.float32) for w in waves]
+        if any(w.ndim != 1 for w in waves):
+            raise FusionpipeError(f"{self.name}: forward expects mono 1-D waveforms, got shapes "
+                                  f"{[w.shape for w in waves]}")
+        on_gpu = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=on_gpu):
+            return self._forward_whisper(waves) if self.family == "whisper" else self._forward_ssl(waves)
+
+    def _hidden_states(self, out) -> torch.Tensor:  # L x (B, T, D) -> (B, T, L, D)
+        # transformers 5 records the last block's output BEFORE the final layer norm of stable-layer-norm models
+        # (the large HuBERT/WavLM/wav2vec2); s3prl and transformers 4 take the normalised encoder output.
+        # Under autocast the layer norms return float32 and the blocks float16: one dtype for the cache.
+        return torch.stack([h.to(self.dtype) for h in (*out.hidden_states[:-1], out.last_hidden_state)], dim=2)
+
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros(0, self.num_layers, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    def _forward_ssl(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
+        frames = [self.num_frames(len(w)) for w in waves]
+        keep = [i for i, t in enumerate(frames) if t > 0]  # shorter than one conv receptive field: no frames
+        out = [self._empty() for _ in waves]
+        if not keep:
+            return out
+        # the feature extractor normalises over the whole input, so it sees one utterance at a time
+        inputs = [self.feature_extractor(waves[i], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values[0]
+                  for i in keep]
+        lengths = [len(x) for x in inputs]
+        input_values = torch.zeros(len(inputs), max(lengths))  # (B, S)
+        attention_mask = torch.zeros(len(inputs), max(lengths), dtype=torch.long)
+        for b, x in enumerate(inputs):
+            input_values[b, :len(x)], attention_mask[b, :len(x)] = x, 1
+        with ExitStack() as stack:
+            if self._group_norm:
+                first = self.model.feature_extractor.conv_layers[0]
+                conv_frames = [(n - first.conv.kernel_size[0]) // first.conv.stride[0] + 1 for n in lengths]
+                stack.enter_context(_swapped(first, "layer_norm", _MaskedGroupNorm(
+                    first.layer_norm, torch.tensor(conv_frames, device=self.device))))
+            if self.model.config.model_type == "data2vec-audio":
+                encoder = self.model.encoder
+                stack.enter_context(_swapped(encoder, "pos_conv_embed", _PerUtterancePosConv(
+                    encoder.pos_conv_embed, [frames[i] for i in keep])))
+            result = self.model(input_values.to(self.device), attention_mask=attention_mask.to(self.device),
+                                output_hidden_states=True)
+        hidden = self._hidden_states(result)  # (B, T, L, D)
+        for b, i in enumerate(keep):
+            out[i] = hidden[b, :frames[i]]
+        return out
+
+    def _forward_whisper(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
+        """Whisper's encoder only accepts full 30 s windows (3000 mel frames): every window is padded to 30 s by
+        the feature extractor, all windows of the batch run together, and each is cut back to its real frames."""
+        window = self.feature_extractor.n_samples
+        pieces = [(i, w[s:s + window]) for i, w in enumerate(waves) for s in range(0, len(w), window)]
+        out = [[] for _ in waves]
+        if pieces:
+            mel = torch.cat([self.feature_extractor(p, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+                             for _, p in pieces])  # (W, n_mels, 3000)
+            hidden = self._hidden_states(self.model(mel.to(self.device), output_hidden_states=True))  # (W, 1500, L, D)
+            for (i, p), h in zip(pieces, hidden):
+                out[i].append(h[:self._window_frames(len(p))])
+        return [torch.cat(hs) if hs else self._empty() for hs in out]
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+def _toy_dir(spec: UpstreamSpec) -> Path:
+    """Toys are built once into $FUSIONPIPE_HOME/toy/<alias>, then load like any user directory. Built in a
+    temporary directory and renamed, so a crash or a concurrent build never leaves a half-written model."""
+    home = Path(os.environ.get("FUSIONPIPE_HOME") or Path.home() / ".cache" / "fusionpipe").expanduser()
+    target = home / "toy" / spec.alias
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.alias}.", dir=target.parent))
+        make_local_model(spec.hf_id.removeprefix("toy:"), tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp)
+            if not target.is_dir():
+                raise
+    return target.resolve()
+
+
+def _resolve(name: str) -> str:
+    """Registry alias, then an existing directory, then an HF hub id (owner/name)."""
+    if name in UPSTREAMS:
+        spec = UPSTREAMS[name]
+        return str(_toy_dir(spec)) if spec.hf_id.startswith("toy:") else spec.hf_id
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if _HUB_ID.fullmatch(name):
+        return name
+    if os.sep in name or name.startswith((".", "~")):
+        raise FusionpipeError(f"upstream directory {name} does not exist; pass a save_pretrained() directory, "
+                              f"an HF id (owner/name) or an alias (`fusionpipe models`)")
+    close = difflib.get_close_matches(name, UPSTREAMS, n=1)
+    raise FusionpipeError(f"unknown upstream {name!r}: not a registry alias, a directory or an HF id (owner/name)."
+                          f"{f' Did you mean {close[0]!r}?' if close else ''} Known aliases: {', '.join(UPSTREAMS)}. "
+                          f"Run `fusionpipe models` to list them.")
+
+
+def _label(name: str, model_id: str) -> str:
+    return name if name == model_id else f"{name} ({model_id})"
+
+
+def _from_pretrained(auto_cls, name: str, model_id: str, **kwargs):
+    try:
+        return auto_cls.from_pretrained(model_id, **kwargs)
+    except Exception as e:  # OSError, JSON, safetensors and config errors all mean: not a usable checkpoint
+        details = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.path.isdir(model_id):
+            raise FusionpipeError(f"could not load upstream {_label(name, model_id)} ({details}); the directory must "
+                                  f"hold a save_pretrained() model: config.json, the weights, preprocessor_config.json"
+                                  ) from e
+        raise FusionpipeError(f"could not load {model_id} from the hub or the local cache ({details}); check the "
+                              f"network / HF_HUB_OFFLINE, or pass a local directory") from e
+
+
+def _revision(model_id: str) -> str:
+    """The hub commit of a hub id; a directory has none, so the sha256 of its weight files names its content."""
+    if os.path.isdir(model_id):
+        return _weights_sha256(Path(model_id))
+    config_file = cached_file(model_id, "config.json")  # from the cache: from_pretrained has just fetched it
+    return extract_commit_hash(config_file, None) or _weights_sha256(Path(config_file).parent)
+
+
+def _weights_sha256(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin")):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise FusionpipeError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise FusionpipeError(f"device {device!r} asked for but CUDA is not available; use --device cpu or auto")
+    return d
+
+
+def load_upstream(name: str, device: str = "auto") -> Upstream:
+    """Load an upstream by registry alias, toy alias, HF hub id or local save_pretrained() directory.
+
+        >>> load_upstream("wavlm-base-plus")  # doctest: +SKIP
+        Upstream('wavlm-base-plus', L=13, D=768, device=cuda)
+
+    Always in eval mode: in train mode layerdrop skips blocks and the number of hidden states changes.
+    """
+    model_id = _resolve(name)
+    config = _from_pretrained(AutoConfig, name, model_id)
+    if config.model_type not in _FAMILIES or getattr(config, "add_adapter", False):
+        raise FusionpipeError(f"upstream {_label(name, model_id)} is a {config.model_type!r} model"
+                              f"{' with an adapter' if getattr(config, 'add_adapter', False) else ''}; supported: "
+                              f"{', '.join(_FAMILIES)} (without adapter)")
+    model = _from_pretrained(AutoModel, name, model_id, dtype=torch.float32)
+    try:
+        feature_extractor = AutoFeatureExtractor.from_pretrained(model_id)
+    except OSError:  # pretraining-only checkpoints (e.g. facebook/hubert-large-ll60k) ship no preprocessor config
+        if _FAMILIES[config.model_type] == "whisper":
+            raise FusionpipeError(f"{_label(name, model_id)} has no preprocessor_config.json, which Whisper's "
+                                  f"mel front end needs; copy it from the matching openai/whisper-* repository")
+        feature_extractor = _ssl_feature_extractor(config)
+        warnings.warn(f"{_label(name, model_id)} has no preprocessor_config.json: using {feature_extractor!r}")
+    if _FAMILIES[config.model_type] == "whisper":
+        model = model.get_encoder()
+    device = _device(device)
+    model.eval().requires_grad_(False).to(device)
+    return Upstream(name, model_id, _revision(model_id), model, feature_extractor, device)
