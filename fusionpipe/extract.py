@@ -28,9 +28,6 @@ from .manifest import Manifest
 from .store import DEFAULT_CODEC, FeatureStore, Layout
 from .upstreams import Upstream, load_upstream
 
-WHISPER_WINDOW = 30.0  # seconds: Whisper's encoder always sees a full window
-
-
 def store_url(cache: str | Path, manifest_name: str, model: str) -> str:
     """cache/<manifest>/<upstream>.zarr; HF ids and directories become a single path component."""
     p = Path(model)
@@ -53,7 +50,7 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
     """Check every row's header, count its frames, sort longest first, cut batches under the budget.
 
     The budget counts padded audio: a batch of b utterances costs b x (longest), Whisper
-    utterances cost whole 30 s windows.
+    utterances cost whole windows (30 s for the real models).
     """
     good, frames, skipped = [], [], {}
     with ThreadPoolExecutor(8) as pool:  # header reads are I/O bound
@@ -80,7 +77,8 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
 
     def cost(row: int) -> float:
         seconds = audio.target_num_samples(manifest[row]) / audio.SAMPLE_RATE
-        return math.ceil(seconds / WHISPER_WINDOW) * WHISPER_WINDOW if upstream.family == "whisper" else seconds
+        window = upstream.window_seconds
+        return math.ceil(seconds / window) * window if window else seconds
 
     batches, current = [], []
     for pos, row in enumerate(rows):

@@ -84,15 +84,20 @@ def list_upstreams() -> list[UpstreamSpec]:
 
 
 # ---- random-weight models that look exactly like hub checkpoints ----------------------------------------
+# Seconds per Whisper window. The tiny model keeps Whisper's windowing but with 4 s windows: the demo corpus
+# (1-4 s utterances) would otherwise spend 90% of its compute on the padding of 30 s windows.
+_WHISPER_WINDOW = {"tiny": 4, "base": 30}
+
+
 def _config(kind: str, size: str):
-    """The family's real config class. Conv strides/kernels, mel bins and the 1500 encoder positions are left
-    at their real values so that frame arithmetic is the real models'; only L and D shrink for "tiny"."""
+    """The family's real config class. Conv strides/kernels and mel bins are left at their real values so that
+    frame arithmetic is the real models'; for "tiny" L and D shrink and Whisper's window is 4 s, not 30 s."""
     if kind == "whisper":
         blocks, d, heads = (12, 768, 12) if size == "base" else (*_TINY[kind], 4)  # base: whisper-small's encoder
         # only the encoder is ever used, so the decoder is one small block
         return WhisperConfig(d_model=d, encoder_layers=blocks, encoder_attention_heads=heads,
                              encoder_ffn_dim=4 * d, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=4 * d,
-                             num_mel_bins=80, max_source_positions=1500)
+                             num_mel_bins=80, max_source_positions=_WHISPER_WINDOW[size] * 50)
     cls = {"wavlm": WavLMConfig, "hubert": HubertConfig, "data2vec": Data2VecAudioConfig,
            "wav2vec2": Wav2Vec2Config}[kind]
     if size == "base":
@@ -130,8 +135,8 @@ def make_local_model(kind: str, out_dir: str | Path, size: str = "tiny", seed: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModel.from_config(config)
-    feature_extractor = WhisperFeatureExtractor(feature_size=80) if kind == "whisper" else \
-        _ssl_feature_extractor(config)
+    feature_extractor = (WhisperFeatureExtractor(feature_size=80, chunk_length=_WHISPER_WINDOW[size])
+                         if kind == "whisper" else _ssl_feature_extractor(config))
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     feature_extractor.save_pretrained(out_dir)
@@ -224,6 +229,11 @@ class Upstream:
                 "num_layers": self.num_layers, "hidden_size": self.hidden_size, "frame_rate": self.frame_rate,
                 "fusionpipe_version": __version__}
 
+    @property
+    def window_seconds(self) -> float | None:
+        """Whisper's fixed input window (every window costs the same compute); None for the SSL models."""
+        return self.feature_extractor.n_samples / SAMPLE_RATE if self.family == "whisper" else None
+
     def num_frames(self, num_samples: int) -> int:
         """Frames forward() returns for num_samples 16 kHz samples (0 when too short for the convs)."""
         if self.family == "whisper":
@@ -288,8 +298,8 @@ class Upstream:
         return out
 
     def _forward_whisper(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
-        """Whisper's encoder only accepts full 30 s windows (3000 mel frames): every window is padded to 30 s by
-        the feature extractor, all windows of the batch run together, and each is cut back to its real frames."""
+        """Whisper's encoder only accepts full windows (30 s = 3000 mel frames for the real models): every window
+        is padded by the feature extractor, all windows of the batch run together, each is cut to its real frames."""
         window = self.feature_extractor.n_samples
         pieces = [(i, w[s:s + window]) for i, w in enumerate(waves) for s in range(0, len(w), window)]
         out = [[] for _ in waves]
@@ -303,11 +313,14 @@ class Upstream:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
+TOY_VERSION = 2  # bump when a toy config changes, so no stale toy is loaded from an old cache
+
+
 def _toy_dir(spec: UpstreamSpec) -> Path:
-    """Toys are built once into $FUSIONPIPE_HOME/toy/<alias>, then load like any user directory. Built in a
+    """Toys are built once into $FUSIONPIPE_HOME/toy/<alias>-v<TOY_VERSION>, then load like any user directory. Built in a
     temporary directory and renamed, so a crash or a concurrent build never leaves a half-written model."""
     home = Path(os.environ.get("FUSIONPIPE_HOME") or Path.home() / ".cache" / "fusionpipe").expanduser()
-    target = home / "toy" / spec.alias
+    target = home / "toy" / f"{spec.alias}-v{TOY_VERSION}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{spec.alias}.", dir=target.parent))
