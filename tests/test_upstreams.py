@@ -11,7 +11,7 @@ import torch
 from transformers import AutoFeatureExtractor, AutoModel, BertConfig
 
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.upstreams import UPSTREAMS, list_upstreams, load_upstream, make_local_model
+from fusionpipe.upstreams import TOY_VERSION, UPSTREAMS, list_upstreams, load_upstream, make_local_model
 
 SSL_TOYS = ["toy-wavlm", "toy-hubert", "toy-data2vec"]
 
@@ -188,7 +188,7 @@ def test_same_seed_gives_the_same_revision_and_another_seed_another(tmp_path):
 
 def test_toy_alias_is_built_once_under_fusionpipe_home(toy):
     up = toy("toy-wavlm")
-    built = os.path.join(os.environ["FUSIONPIPE_HOME"], "toy", "toy-wavlm")
+    built = os.path.join(os.environ["FUSIONPIPE_HOME"], "toy", f"toy-wavlm-v{TOY_VERSION}")
     assert up.model_id == os.path.realpath(built)
     mtime = os.stat(os.path.join(built, "model.safetensors")).st_mtime_ns
     again = load_upstream("toy-wavlm", device="cpu")
