@@ -14,6 +14,7 @@ Prints, measured side by side in one run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import sys
 import tempfile
@@ -33,15 +34,14 @@ from fusionpipe.upstreams import load_upstream, make_local_model  # noqa: E402
 
 
 def corpus(seconds: float) -> Manifest:
+    """`seconds` of the bundled corpus, cycled through again (with new ids) when it has less."""
+    pool = [u for m in bundled_manifests() for u in m]
     rows, total = [], 0.0
-    for m in bundled_manifests():
-        for u in m:
-            if total >= seconds:
-                break
-            rows.append(u)
-            total += u.duration
-    m0 = bundled_manifests()[0]
-    return Manifest(f"bench-{int(seconds)}s", m0.root, rows)
+    while total < seconds:
+        u = pool[len(rows) % len(pool)]
+        rows.append(dataclasses.replace(u, id=f"{u.id}-{len(rows) // len(pool)}"))
+        total += u.duration
+    return Manifest(f"bench-{int(seconds)}s", bundled_manifests()[0].root, rows)
 
 
 def sync(device) -> None:
