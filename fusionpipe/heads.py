@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fusionpipe.interfaces import frame_mask
 
@@ -54,6 +53,39 @@ def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5) -
     return torch.cat([mean, var.clamp(min=eps).sqrt()], dim=-1)
 
 
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse each sequence of (B, T, D) within its own length; padding stays at the end."""
+    t = torch.arange(x.shape[1], device=x.device)[None, :]  # (1, T)
+    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # (B, T)
+    return x.gather(1, index[..., None].expand_as(x))
+
+
+class BiLSTM(nn.Module):
+    """Bidirectional LSTM over padded batches, exact on valid frames without packing.
+
+    The forward direction never sees the padding before a valid frame; the backward direction
+    runs on each sequence reversed within its length, so its padding also comes last. Packed
+    sequences give the same numbers but their CPU backward pass slices the packed data once per
+    time step (15x slower here on a 2-core CPU: measured 19 s vs 1.2 s for a 22 x 179 batch).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        dims = [in_dim] + [2 * hidden] * (layers - 1)
+        self.forward_lstms = nn.ModuleList(nn.LSTM(d, hidden, batch_first=True) for d in dims)
+        self.backward_lstms = nn.ModuleList(nn.LSTM(d, hidden, batch_first=True) for d in dims)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, 2H)
+        lengths = lengths.to(x.device)
+        for i, (fw, bw) in enumerate(zip(self.forward_lstms, self.backward_lstms)):
+            if i:
+                x = self.dropout(x)  # between layers, as nn.LSTM(dropout=...)
+            back = reverse_padded(bw(reverse_padded(x, lengths))[0], lengths)
+            x = torch.cat([fw(x)[0], back], dim=-1)
+        return x * frame_mask(lengths, x.shape[1])[..., None].to(x.dtype)
+
+
 class CTCHead(nn.Module):
     """SUPERB ASR: Linear(D -> proj), BiLSTM (hidden per direction; dropout after every layer),
     Linear -> CTC log-probs (B, T, V), blank = 0. Returns (log_probs, lengths)."""
@@ -64,15 +96,13 @@ class CTCHead(nn.Module):
                  layers: int = 2, dropout: float = 0.2):
         super().__init__()
         self.proj = nn.Linear(in_dim, proj)
-        self.lstm = nn.LSTM(proj, hidden, num_layers=layers, bidirectional=True, batch_first=True,
-                            dropout=dropout if layers > 1 else 0.0)
+        self.lstm = BiLSTM(proj, hidden, layers, dropout)
         self.dropout = nn.Dropout(dropout)  # s3prl drops out after the last layer as well
         self.out = nn.Linear(2 * hidden, vocab_size)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> HeadOutput:
         _check_min_frames(self, lengths)
-        packed = pack_padded_sequence(self.proj(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
-        h, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
+        h = self.lstm(self.proj(x), lengths)
         return HeadOutput(self.out(self.dropout(h)).log_softmax(-1), lengths)  # (B, T, V)
 
 

@@ -43,8 +43,9 @@ def test_ctc_head_valid_frames_ignore_padding(feats):
 
 def test_ctc_head_superb_defaults():
     head = CTCHead(768, vocab_size=30)
-    assert (head.proj.out_features, head.lstm.hidden_size, head.lstm.num_layers) == (1024, 1024, 2)
-    assert head.lstm.bidirectional and head.lstm.dropout == 0.2 and head.out.in_features == 2048
+    lstm = head.lstm
+    assert (head.proj.out_features, lstm.forward_lstms[0].hidden_size, len(lstm.forward_lstms)) == (1024, 1024, 2)
+    assert len(lstm.backward_lstms) == 2 and lstm.dropout.p == 0.2 and head.out.in_features == 2048
 
 
 def test_classifier_head_returns_logits_and_no_lengths(feats):
@@ -124,3 +125,22 @@ def test_transformer_ctc_head_valid_frames_ignore_padding(feats):
 
 def test_conv2d_subsampling2_flattens_channels_times_reduced_features_like_espnet():
     assert Conv2dSubsampling2(80, 256).out.in_features == 256 * 37
+
+
+def test_bilstm_equals_packed_bidirectional_lstm_on_valid_frames():
+    """The unpacked BiLSTM computes exactly what nn.LSTM(bidirectional) computes on packed sequences."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from fusionpipe.heads import BiLSTM
+
+    torch.manual_seed(0)
+    ours = BiLSTM(6, 5, layers=2, dropout=0.0)
+    ref = torch.nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True)
+    for layer in range(2):
+        for direction, lstm in (("", ours.forward_lstms[layer]), ("_reverse", ours.backward_lstms[layer])):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(lstm, f"{name}_l0").data.copy_(getattr(ref, f"{name}_l{layer}{direction}"))
+    x, lengths = torch.randn(3, 9, 6), torch.tensor([9, 4, 7])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    expected, _ = pad_packed_sequence(ref(packed)[0], batch_first=True, total_length=9)
+    torch.testing.assert_close(ours(x, lengths), expected)
