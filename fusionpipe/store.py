@@ -32,6 +32,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
 
 from . import __version__
@@ -84,7 +85,9 @@ class FeatureStore:
     def __init__(self, group: zarr.Group, url: str):
         self.group = group
         self.url = url
-        self.hidden: zarr.Array = group["hidden"]
+        # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a skipped
+        # utterance) would never be written and its chunk never counted as done
+        self.hidden: zarr.Array = group["hidden"].with_config({"write_empty_chunks": True})
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.ids: list[str] = [str(i) for i in group["index/ids"][:]] if len(self) else []
         self.offsets: np.ndarray = group["index/offsets"][:]
@@ -217,6 +220,13 @@ class FeatureStore:
         sync(self.group.store.set(_key(self.group, f"skipped/{self.position[utt_id]}.json"), buf))
 
     # ---- reading -------------------------------------------------------------------------
+    def read_range(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Frames [lo, hi) of `hidden` (all layers), decoded into `out` when given (no extra copy)."""
+        if out is None:
+            return self.hidden[lo:hi]
+        self.hidden.get_basic_selection((slice(lo, hi),), out=NDBuffer.from_numpy_array(out))
+        return out
+
     def read(self, utt_id: str) -> np.ndarray:
         """(T, L, D) frames of one utterance, in the storage dtype."""
         i = self.position.get(utt_id)

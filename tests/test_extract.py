@@ -204,3 +204,13 @@ def test_verify_reports_a_corrupted_chunk(speech_manifest, tmp_path):
     chunk.write_bytes(b"garbage")
     faults = verify(FeatureStore.open(r.url))
     assert faults and "chunk 1" in faults[0]
+
+
+def test_an_all_zero_chunk_still_counts_as_done_after_reopening(tmp_path):
+    """A skipped utterance's frames are zeros: that chunk must be written, or the store never completes."""
+    from fusionpipe.store import Layout
+
+    FeatureStore.create(tmp_path / "z.zarr", Layout(["a"], np.array([10])), num_layers=2, hidden_size=3)
+    store = FeatureStore.open(tmp_path / "z.zarr", mode="r+")
+    store.write_chunk(0, np.zeros((10, 2, 3), np.float16))
+    assert FeatureStore.open(tmp_path / "z.zarr").is_complete()

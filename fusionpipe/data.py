@@ -1,0 +1,266 @@
+"""Torch Dataset and DataLoader over a fused view: what stage 3 reads.
+
+    >>> loader = make_loader(["cache/demo-train/toy-wavlm.zarr", "cache/demo-train/toy-whisper.zarr"],
+    ...                      max_frames=4000, shuffle=True)                      # doctest: +SKIP
+    >>> batch = next(iter(loader))                                               # doctest: +SKIP
+    >>> [s.shape for s in batch["stacks"]], batch["lengths"][:2]                 # doctest: +SKIP
+    ([torch.Size([29, 4, 138, 32]), torch.Size([29, 4, 138, 40])], tensor([138, 137]))
+
+A batch is a dict:
+    ids      list[str] (B)
+    stacks   list[FloatTensor (B, L, T, D_i)], one per store: aligned to the common (L, T) but NOT
+             merged (stage 3 merges with learned projections), zero past each length
+    lengths  LongTensor (B,): frames of each utterance at the common T
+    rows     list[Utterance] (B): the manifest rows (text, label, speaker, language), joined by id
+
+Reading order. Every store keeps its utterances longest first, so neighbours in a store are
+neighbours in length. BucketBatchSampler cuts batches out of that order: each batch is a length
+bucket for free and one contiguous read per store, so each chunk is decoded about once. It
+shuffles by moving the cut points (a random phase each epoch) and the order of the batches, the
+fixed-sorted-batches scheme of ESPnet's samplers. Shuffling utterances across the corpus would
+decode about one extra chunk per utterance (1.3x the bytes for 12 s utterances at the 4 MB chunk,
+about 3x for 2 s ones).
+
+Threads before processes. With num_workers=0 the next `prefetch` batches are built by a thread of
+the trainer's process (Zarr's decoding and torch's copies release the GIL), into recycled buffers.
+Worker processes must hand every batch over in fresh shared memory, whose page faults cost as much
+as decoding the batch (bench/fuse.py): use them when one process cannot keep up. Zarr 3 runs an
+asyncio event loop in a thread, so opened stores never cross a fork: the dataset pickles only its
+ViewSpec (store URLs, options, ids), each worker reopens the stores on first use, and workers
+start with "spawn".
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from .errors import FusionpipeError
+from .fuse import FusedView, ViewSpec, open_fused
+from .manifest import Manifest, Utterance, read_manifest
+
+
+class PaddedItems(list):
+    """What FusedDataset.__getitems__ returns: the items of one batch (id, [(L, T, D_i) views]),
+    already laid out in the padded batch tensors that `collate` hands on without a copy."""
+
+    def __init__(self, ids: list[str], stacks: list[torch.Tensor], lengths: torch.Tensor,
+                 rows: list[Utterance] | None):
+        super().__init__((u, [s[b, :, :int(lengths[b])] for s in stacks]) for b, u in enumerate(ids))
+        self.ids, self.stacks, self.lengths, self.rows = ids, stacks, lengths, rows
+
+
+class FusedDataset(Dataset):
+    """Item i -> (id, [FloatTensor (L, T, D_i)] per store, aligned, unmerged).
+
+    Holds a ViewSpec and opens the stores lazily in whichever process reads.
+    """
+
+    def __init__(self, view: FusedView | ViewSpec, rows: list[Utterance] | None = None):
+        self.spec = view.spec if isinstance(view, FusedView) else view
+        self._view = view if isinstance(view, FusedView) else None
+        self.rows = rows  # manifest rows in dataset order, or None
+        if rows is not None and len(rows) != len(self.spec.ids):
+            raise ValueError(f"{len(rows)} rows for {len(self.spec.ids)} utterances")
+
+    def __getstate__(self):
+        return {**self.__dict__, "_view": None}
+
+    @property
+    def view(self) -> FusedView:
+        if self._view is None:
+            self._view = FusedView.from_spec(self.spec)
+        return self._view
+
+    def __len__(self) -> int:
+        return len(self.spec.ids)
+
+    def __getitem__(self, i: int) -> tuple[str, list[torch.Tensor]]:
+        return self.spec.ids[i], [s[0] for s in self.view.read_batch([i])]
+
+    def __getitems__(self, indices: list[int]) -> PaddedItems:
+        # in a worker the batch is built straight in shared memory: no copy on its way to the trainer
+        stacks = self.view.read_batch(indices, shared=get_worker_info() is not None)
+        lengths = torch.from_numpy(self.view.lengths[np.asarray(indices, dtype=np.int64)])
+        rows = [self.rows[i] for i in indices] if self.rows is not None else None
+        return PaddedItems([self.spec.ids[i] for i in indices], stacks, lengths, rows)
+
+
+def collate(items: list[tuple[str, list[torch.Tensor]]], rows: dict[str, Utterance] | None = None) -> dict:
+    """Items -> the batch dict (module docstring). Rows come with PaddedItems, else from ``rows`` by id."""
+    if isinstance(items, PaddedItems):
+        ids, stacks, lengths, got = items.ids, items.stacks, items.lengths, items.rows
+    else:
+        ids = [u for u, _ in items]
+        lengths = torch.tensor([s[0].shape[1] for _, s in items], dtype=torch.long)
+        T = int(lengths.max()) if len(items) else 0
+        stacks = []
+        for k in range(len(items[0][1]) if items else 0):
+            L, _, D = items[0][1][k].shape
+            out = torch.zeros(len(items), L, T, D)  # (B, L, T, D_i)
+            for b, (_, s) in enumerate(items):
+                out[b, :, :s[k].shape[1]] = s[k]
+            stacks.append(out)
+        got = None
+    if got is None:
+        got = [rows[u] for u in ids] if rows is not None else [None] * len(ids)
+    return {"ids": ids, "stacks": stacks, "lengths": lengths, "rows": got}
+
+
+class BucketBatchSampler(Sampler):
+    """Batches of consecutive utterances of `order` whose padded size (count x longest) stays within max_frames.
+
+    ``order`` defaults to longest first; make_loader passes the stores' order (also longest first).
+    Unshuffled, the batches are cut once and come in that order. Shuffled, each epoch cuts at a
+    random phase and shuffles the batches, from (seed, epoch) only: set_epoch(e) before each epoch.
+    Every utterance comes exactly once per epoch (with drop_last, but for the part-filled batches at
+    the two ends of the cut). An utterance longer than max_frames forms a batch of its own.
+    ``skip`` (settable) starts the epoch after that many batches, to resume inside an epoch.
+    """
+
+    def __init__(self, lengths, max_frames: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                 order=None):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if max_frames <= 0:
+            raise FusionpipeError(f"max_frames must be positive, got {max_frames}")
+        self.order = np.argsort(-self.lengths, kind="stable") if order is None else np.asarray(order, dtype=np.int64)
+        if sorted(self.order.tolist()) != list(range(len(self.lengths))):
+            raise ValueError("order must be a permutation of range(len(lengths))")
+        self.max_frames, self.shuffle, self.seed, self.drop_last = max_frames, shuffle, seed, drop_last
+        self.epoch, self.skip = 0, 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+        too_long = int((self.lengths > max_frames).sum())
+        if too_long:
+            warnings.warn(f"{too_long} utterance(s) are longer than max_frames={max_frames} (longest "
+                          f"{int(self.lengths.max())} frames); each forms a batch of its own", stacklevel=2)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches, in the order they come (skip not applied)."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        budget = rng.uniform(0, self.max_frames) if self.shuffle else self.max_frames  # the random phase
+        out, full, current, longest = [], [], [], 0
+        for i in self.order.tolist():
+            n = int(self.lengths[i])
+            if current and (len(current) + 1) * max(longest, n) > budget:
+                out.append(current)
+                full.append(budget == self.max_frames)
+                current, longest, budget = [], 0, self.max_frames
+            current.append(i)
+            longest = max(longest, n)
+        if current:
+            out.append(current)
+            full.append(False)
+        if self.drop_last:
+            out = [b for b, f in zip(out, full) if f]
+        if self.shuffle:
+            out = [out[j] for j in rng.permutation(len(out))]
+        self._cache = (self.epoch, out)
+        return out
+
+    def __iter__(self):
+        yield from self.batches()[self.skip:]
+
+    def __len__(self) -> int:
+        return max(len(self.batches()) - self.skip, 0)
+
+
+class FusedLoader(DataLoader):
+    """A DataLoader whose single-process iteration builds the next `prefetch` batches in a thread."""
+
+    def __init__(self, *args, prefetch: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefetch = prefetch
+
+    def __iter__(self):
+        batches = super().__iter__()
+        return batches if self.num_workers > 0 or self.prefetch <= 0 else _in_thread(batches, self.prefetch)
+
+
+def _in_thread(batches, depth: int):
+    """Yield from iterator `batches`, consumed `depth` items ahead by a daemon thread."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for b in batches:
+                if not put(b):
+                    return
+            put(done)
+        except BaseException as e:  # raised in the consumer
+            put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="fusionpipe-loader")
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None = None, max_frames: int = 8000,
+                shuffle: bool = False, seed: int = 0, num_workers: int = 0, align_time: str = "max",
+                align_layers: str = "interpolate", ids: list[str] | None = None, *, skip_missing: bool = False,
+                drop_last: bool = False, pin_memory: bool = False, prefetch: int = 2) -> DataLoader:
+    """A DataLoader of batch dicts over the stores fused (aligned, unmerged).
+
+    ``manifest`` (labels, and the default utterance order) defaults to the TSV the stores recorded;
+    ``ids`` restricts to a subset; ``max_frames`` bounds batch size x longest T (target frames).
+    ``prefetch``: batches built ahead by a thread when num_workers=0 (0: none, read on demand).
+    Call ``loader.batch_sampler.set_epoch(e)`` each epoch when shuffling.
+    """
+    if manifest is not None and not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest)
+    if ids is None and manifest is not None:
+        ids = [u.id for u in manifest]
+    view = open_fused(stores, None, align_time, align_layers, skip_missing=skip_missing, ids=ids)
+    by_id = (manifest or _recorded_manifest(view)).by_id()
+    lacking = [u for u in view.ids if u not in by_id]
+    if lacking:
+        first = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
+        raise FusionpipeError(f"{len(lacking)} utterance(s) of the stores have no manifest row ({first}); "
+                              "pass the manifest they were extracted from")
+    dataset = FusedDataset(view, [by_id[u] for u in view.ids])
+    sampler = BucketBatchSampler(view.lengths, max_frames, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                 order=view.store_order())
+    return FusedLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                       multiprocessing_context="spawn" if num_workers else None,
+                       persistent_workers=num_workers > 0, pin_memory=pin_memory, prefetch=prefetch)
+
+
+def _recorded_manifest(view: FusedView) -> Manifest:
+    mf = view.stores[0].attrs.get("manifest") or {}
+    path = mf.get("path")
+    if not path or not Path(path).is_file():
+        raise FusionpipeError(f"{view.stores[0].url} was extracted from manifest {mf.get('name')} at {path}, which is "
+                              "not there any more; pass manifest=PATH.tsv (the labels come from it)")
+    m = read_manifest(path)
+    if m.content_hash() != mf.get("sha256"):
+        raise FusionpipeError(f"manifest {path} changed since {view.stores[0].url} was extracted; re-extract, or pass "
+                              "manifest=PATH.tsv explicitly to use its labels anyway")
+    return m
