@@ -141,7 +141,8 @@ class Result:
         if self.already_complete:
             return f"{self.url}: already complete, nothing to do"
         speed = self.seconds_audio / self.seconds_wall if self.seconds_wall else float("inf")
-        return (f"{self.url}: {self.utterances} utterances, {self.seconds_audio / 3600:.2f} h audio in "
+        audio_s = f"{self.seconds_audio / 3600:.2f} h" if self.seconds_audio >= 3600 else f"{self.seconds_audio:.0f} s"
+        return (f"{self.url}: {self.utterances} utterances, {audio_s} audio in "
                 f"{self.seconds_wall:.1f} s ({speed:.0f}x real time), {self.skipped} skipped")
 
 
@@ -193,8 +194,8 @@ def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, s
     writer.start()
     skipped = 0
     bar = tqdm(total=total_seconds, disable=not progress, desc=f"extract {upstream.name}", dynamic_ncols=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} audio-s "
-                          "[{elapsed}<{remaining}, {rate:.1f} audio-s/s]")
+               unit="audio-s", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} audio-s "
+                                          "[{elapsed}<{remaining}, {rate_fmt}]")
     try:
         with ThreadPoolExecutor(2) as io:
             load = lambda b: [_load_or_skip(manifest, p.rows[i], skip_bad) for i in b]  # noqa: E731
