@@ -22,24 +22,23 @@ decode about one extra chunk per utterance (1.3x the bytes for 12 s utterances a
 about 3x for 2 s ones).
 
 Threads before processes. With num_workers=0 the next `prefetch` batches are built by a thread of
-the trainer's process (Zarr's decoding and torch's copies release the GIL), into recycled buffers.
-Worker processes must hand every batch over in fresh shared memory, whose page faults cost as much
-as decoding the batch (bench/fuse.py): use them when one process cannot keep up. Zarr 3 runs an
-asyncio event loop in a thread, so opened stores never cross a fork: the dataset pickles only its
-ViewSpec (store URLs, options, ids), each worker reopens the stores on first use, and workers
-start with "spawn".
+the trainer's process (Zarr's decoding and torch's copies release the GIL). Worker processes hand
+every batch over through shared memory, one more copy of it (bench/fuse.py): use them when one
+process cannot keep up. Zarr 3 runs an asyncio event loop in a thread, so opened stores never
+cross a fork: the dataset pickles only its ViewSpec (store URLs, options, ids), each worker
+reopens the stores on first use, and workers start with "spawn".
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import FusionpipeError
 from .fuse import FusedView, ViewSpec, open_fused
@@ -85,8 +84,7 @@ class FusedDataset(Dataset):
         return self.spec.ids[i], [s[0] for s in self.view.read_batch([i])]
 
     def __getitems__(self, indices: list[int]) -> PaddedItems:
-        # in a worker the batch is built straight in shared memory: no copy on its way to the trainer
-        stacks = self.view.read_batch(indices, shared=get_worker_info() is not None)
+        stacks = self.view.read_batch(indices)
         lengths = torch.from_numpy(self.view.lengths[np.asarray(indices, dtype=np.int64)])
         rows = [self.rows[i] for i in indices] if self.rows is not None else None
         return PaddedItems([self.spec.ids[i] for i in indices], stacks, lengths, rows)
@@ -188,39 +186,17 @@ class FusedLoader(DataLoader):
 
 
 def _in_thread(batches, depth: int):
-    """Yield from iterator `batches`, consumed `depth` items ahead by a daemon thread."""
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
+    """Yield from iterator `batches`, built `depth` items ahead by one thread (joined when the consumer stops)."""
     done = object()
-
-    def put(item) -> bool:  # False once the consumer has gone
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce():
+    with ThreadPoolExecutor(1, thread_name_prefix="fusionpipe-loader") as pool:
+        ahead = deque(pool.submit(next, batches, done) for _ in range(depth))
         try:
-            for b in batches:
-                if not put(b):
-                    return
-            put(done)
-        except BaseException as e:  # raised in the consumer
-            put(e)
-
-    thread = threading.Thread(target=produce, daemon=True, name="fusionpipe-loader")
-    thread.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+            while (item := ahead.popleft().result()) is not done:  # re-raises a read error here
+                ahead.append(pool.submit(next, batches, done))
+                yield item
+        finally:
+            for f in ahead:
+                f.cancel()
 
 
 def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None = None, max_frames: int = 8000,

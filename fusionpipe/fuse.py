@@ -35,13 +35,12 @@ the dataset with bounded memory.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
-import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -174,10 +173,10 @@ def _missing(stores: list[FeatureStore], ids: list[str]) -> dict[str, list[tuple
 @lru_cache(maxsize=4096)
 def _lerp_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, torch.Tensor]:
     """Output k samples input position k*(n_in-1)/(n_out-1): (left index, right index, right weight,
-    the longest output run whose left indices step by one with right = left + 1, the outputs outside it).
+    a run of outputs whose inputs are two shifted slices, the outputs outside it).
 
-    The run lets neighbouring frames be read as two shifted slices instead of two gathers: the
-    whole utterance but its ends when T differs by one frame (Whisper against an SSL model).
+    The run saves two gathers: it is the whole utterance but its ends when T differs by one frame
+    (Whisper against an SSL model), the common case.
     """
     pos = np.zeros(n_out)
     if n_out > 1:
@@ -185,103 +184,52 @@ def _lerp_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torc
         pos[-1] = n_in - 1  # the last output is the last input exactly, whatever the rounding
     left = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
     right = np.minimum(left + 1, n_in - 1)
-    stepping = np.concatenate([[False], (np.diff(left) == 1) & (right[1:] == left[1:] + 1)])
-    run, start = slice(0, 0), 0
-    for k in range(n_out + 1):  # longest stretch [start, k) of stepping outputs (plus the one before it)
-        if k == n_out or not stepping[k]:
-            if k - start > run.stop - run.start and right[start] == left[start] + 1:
-                run = slice(start, k)
-            start = k
-    rest = np.setdiff1d(np.arange(n_out), np.arange(n_out)[run])
+    # left is monotone, so the outputs of one shift (left - k) are consecutive: take the most common one
+    shift = np.where(right == left + 1, left - np.arange(n_out), n_in)  # n_in: not sliceable
+    run = slice(0, 0)
+    if (shift < n_in).any():
+        values, counts = np.unique(shift[shift < n_in], return_counts=True)
+        k = np.flatnonzero(shift == values[counts.argmax()])
+        run = slice(int(k[0]), int(k[-1]) + 1)
+    rest = np.r_[0:run.start, run.stop:n_out]
     return (torch.from_numpy(left), torch.from_numpy(right), torch.from_numpy((pos - left).astype(np.float32)),
             run, torch.from_numpy(rest))
+
+
+def _lerp(f: torch.Tensor, dim: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """f (float32) resampled to n entries along `dim`, ends exact; into `out` when given."""
+    left, right, w, run, rest = _lerp_index(f.shape[dim], n)
+    shape = [1] * f.dim()
+    shape[dim] = -1
+    g = torch.empty(*f.shape[:dim], n, *f.shape[dim + 1:]) if out is None else out
+    if run.stop > run.start:
+        k, m = int(left[run.start]), run.stop - run.start
+        torch.lerp(f.narrow(dim, k, m), f.narrow(dim, k + 1, m), w[run].view(shape), out=g.narrow(dim, run.start, m))
+    if len(rest):
+        g.index_copy_(dim, rest, torch.lerp(f.index_select(dim, left[rest]), f.index_select(dim, right[rest]),
+                                            w[rest].view(shape)))
+    return g
 
 
 def _align_into(x: np.ndarray, out: torch.Tensor, accumulate: bool) -> None:
     """One utterance of one store, (T_i, L_i, D) in the storage dtype -> out (L, T, D) float32 (= or +=).
 
-    Time first, then layers; each step is lerp(left, right, w). Intermediates live in reused
-    buffers: a fresh 20 MB temporary costs more in page faults than the arithmetic on it.
+    Time first, then layers, in float32; a store already at (L, T) is only cast and transposed.
     """
-    L, T, D = out.shape
-    a = torch.from_numpy(x)  # (T_i, L_i, D)
-    Ti, Li, _ = a.shape
-    if Ti == T and Li == L:
-        (out.add_ if accumulate else out.copy_)(a.permute(1, 0, 2))  # cast + transpose in one pass
+    L, T, _ = out.shape
+    a = torch.from_numpy(x).permute(1, 0, 2)  # (T_i, L_i, D) -> (L_i, T_i, D)
+    Li, Ti, _ = a.shape
+    if (Li, Ti) == (L, T):
+        (out.add_ if accumulate else out.copy_)(a)  # cast + transpose in one pass
         return
-    f = _scratch("time", (Li, Ti, D), torch.float32)
-    f.copy_(a.permute(1, 0, 2))  # (T_i, L_i, D) -> (L_i, T_i, D) float32
+    f = torch.empty(a.shape).copy_(a)  # contiguous float32: lerp reads it in slices
+    last = None if accumulate else out  # the last step writes straight into out
     if Ti != T:
-        left, right, w, run, rest = _lerp_index(Ti, T)
-        g = out if (Li == L and not accumulate) else _scratch("timed", (Li, T, D), torch.float32)
-        if run.stop > run.start:
-            k, n = int(left[run.start]), run.stop - run.start
-            torch.lerp(f[:, k:k + n], f[:, k + 1:k + 1 + n], w[run].view(1, n, 1), out=g[:, run])
-        if len(rest):
-            g[:, rest] = torch.lerp(f.index_select(1, left[rest]), f.index_select(1, right[rest]),
-                                    w[rest].view(1, -1, 1))
-        f = g
+        f = _lerp(f, 1, T, out=last if Li == L else None)
     if Li != L:
-        left, right, w, _, _ = _lerp_index(Li, L)
-        lo = torch.index_select(f, 0, left, out=_scratch("layers", (L, T, D), torch.float32))
-        hi = torch.index_select(f, 0, right, out=_scratch("right", (L, T, D), torch.float32))
-        f = torch.lerp(lo, hi, w.view(L, 1, 1), out=lo if accumulate else out)
+        f = _lerp(f, 0, L, out=last)
     if accumulate:
         out.add_(f)
-    elif f is not out:
-        out.copy_(f)
-
-
-_local = threading.local()
-_HUGE = 2 * 2**20
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """This thread's buffer `name`, from the pool: no page faults once warm, back to the pool when the thread ends."""
-    bufs = _local.__dict__.setdefault("bufs", {})
-    nbytes = math.prod(shape) * dtype.itemsize
-    if name not in bufs or bufs[name].numel() * 4 < nbytes:
-        bufs.pop(name, None)  # idle again: the pool may hand it back bigger
-        bufs[name] = _POOL.take(-(-nbytes // 4))
-    return bufs[name].view(torch.uint8)[:nbytes].view(dtype).view(shape)
-
-
-def _hugepages(t: torch.Tensor) -> torch.Tensor:
-    """Ask Linux for 2 MB pages before first touch: a fresh 320 MB batch faults in 96 ms instead of 455 ms."""
-    n = t.untyped_storage().nbytes()
-    if _madvise is not None and n >= 2 * _HUGE:
-        start = -(-t.data_ptr() // _HUGE) * _HUGE
-        end = (t.data_ptr() + n) // _HUGE * _HUGE
-        if end > start:
-            _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE, advisory
-    return t
-
-
-def _libc_madvise():
-    try:
-        f = ctypes.CDLL(None, use_errno=True).madvise
-        f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-        return f if sys.platform.startswith("linux") else None
-    except (OSError, AttributeError):
-        return None
-
-
-_madvise = _libc_madvise()
-
-
-_readers: ThreadPoolExecutor | None = None
-
-
-def _prefetch(store: FeatureStore, lo: int, hi: int, buffer: str) -> Future:
-    """Start reading hidden[lo:hi] into the calling thread's scratch `buffer`: Zarr decodes while we align."""
-    global _readers
-    if _readers is None:
-        _readers = ThreadPoolExecutor(4, thread_name_prefix="fusionpipe-read")
-    block = _scratch(buffer, (hi - lo, store.num_layers, store.hidden_size), _TORCH[store.hidden.dtype]).numpy()
-    return _readers.submit(store.read_range, lo, hi, block)
-
-
-_TORCH = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}
 
 
 def _aligned_block(x: np.ndarray, L: int, T: int) -> np.ndarray:
@@ -291,50 +239,33 @@ def _aligned_block(x: np.ndarray, L: int, T: int) -> np.ndarray:
     return out.numpy()
 
 
-def _alloc(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """float32 batch memory: recycled from the pool, or in shared memory when it leaves a DataLoader
-    worker (torch would otherwise copy it there)."""
-    if shared:
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-        return torch.empty(0).set_(storage, 0, shape)
-    return _POOL.take(math.prod(shape)).view(shape)
+class _BatchMemory:
+    """float32 batch buffers, reused once the batch handed out of them is gone.
 
-
-class _Pool:
-    """float32 buffers of this process (batches and scratch), reused once nothing else references them.
-
-    A fresh 320 MB batch costs 300-450 ms of page faults on a 2-core box, more than decoding it;
-    a recycled one costs none. A request no idle buffer fits replaces the smallest idle one, so the
-    pool holds no more buffers than were ever busy at once, each as big as the largest request.
+    A fresh 320 MB batch costs ~170 ms of page faults on a 2-core box, as much as decoding it.
+    Every tensor (and numpy array) of a batch keeps alive the numpy view it was made from, so a
+    weak reference to that view says when its buffer is free again.
     """
 
-    def __init__(self, limit: int = 64):
-        self.limit, self.buffers, self.lock = limit, [], threading.Lock()
+    def __init__(self):
+        self.lock, self.buffers = threading.Lock(), []  # [buffer, weak reference to the view handed out]
 
-    def take(self, numel: int) -> torch.Tensor:
+    def empty(self, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
         with self.lock:
-            idle = [b for b in self.buffers if _use_count(b) == 1]
-            fits = [b for b in idle if b.numel() >= numel]
-            if fits:
-                return min(fits, key=torch.Tensor.numel)[:numel]
-            if idle:
-                smallest = min(idle, key=torch.Tensor.numel)
-                self.buffers = [b for b in self.buffers if b is not smallest]
-            buf = _hugepages(torch.empty(numel))
-            if _use_count(buf) is not None and len(self.buffers) < self.limit:
-                self.buffers.append(buf)
-            return buf[:numel]
+            for entry in self.buffers:
+                if entry[1]() is None and entry[0].size >= n:
+                    break
+            else:
+                self.buffers = [e for e in self.buffers if e[1]() is not None]  # free but too small: let go
+                entry = [np.empty(n, np.float32), None]
+                self.buffers.append(entry)
+            view = entry[0][:n]
+            entry[1] = weakref.ref(view)
+        return torch.from_numpy(view).view(shape)
 
 
-def _use_count(t: torch.Tensor) -> int | None:
-    """Tensors sharing t's memory (views, numpy arrays on it), t included; None where torch cannot say."""
-    try:
-        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1  # minus the storage object asked
-    except AttributeError:
-        return None
-
-
-_POOL = _Pool()
+_BATCHES = _BatchMemory()
 
 
 class FusedView:
@@ -399,39 +330,35 @@ class FusedView:
         chunk shared by two utterances of the batch is decoded once.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        B, L = len(indices), self.num_layers
         lengths = self.lengths[indices]
-        Tmax = int(lengths.max()) if B else 0
+        B, L, T = len(indices), self.num_layers, int(lengths.max()) if len(indices) else 0
         merge = self.merge if merged else None
-        if merge is None:
-            outs = [_alloc((B, L, Tmax, d), shared) for d in self.dims]
-            slot = lambda k, b, T: outs[k][b, :, :T]  # noqa: E731
-        else:
-            outs = [_alloc((B, L, Tmax, self.out_dim), shared)]
-            edges = np.concatenate([[0], np.cumsum(self.dims)]) if merge == "concat" else None
-            slot = (lambda k, b, T: outs[0][b, :, :T]) if merge == "add" else \
-                (lambda k, b, T: outs[0][b, :, :T, edges[k]:edges[k + 1]])  # noqa: E731
+        new = (lambda *shape: torch.empty(shape).share_memory_()) if shared else _BATCHES.empty
+        outs = [new(B, L, T, d) for d in (self.dims if merge is None else [self.out_dim])]
         for out in outs:
-            for b, T in enumerate(lengths):
-                out[b, :, T:] = 0
-        jobs = []  # (store, batch positions, first frame, end frame): one contiguous read each
+            for b, n in enumerate(lengths):
+                out[b, :, n:] = 0  # only the padding: the alignment writes everything else
+        edges = np.cumsum([0, *self.dims])
+
+        def slot(k: int, b: int) -> torch.Tensor:  # where utterance b of store k goes: (L, T_b, D_k)
+            n = int(lengths[b])
+            if merge == "concat":
+                return outs[0][b, :, :n, edges[k]:edges[k + 1]]
+            return outs[0 if merge else k][b, :, :n]
+
+        reads = []  # (store, batch positions, first frame, end frame): one contiguous read each
         for k, store in enumerate(self.stores):
             offs, frames = self._offsets[k][indices], self._frames[k][indices]
-            for run in _runs(offs, frames, store.chunk_frames):
-                jobs.append((k, run, int(offs[run].min()), int((offs[run] + frames[run]).max())))
-        fetch = lambda j: _prefetch(self.stores[jobs[j][0]], jobs[j][2], jobs[j][3], f"read{j % 2}")  # noqa: E731
-        pending = fetch(0) if jobs else None
-        try:
-            for j, (k, run, lo, _) in enumerate(jobs):
-                block = pending.result()
-                pending = fetch(j + 1) if j + 1 < len(jobs) else None  # double buffer: j+1 decodes meanwhile
-                offs, frames = self._offsets[k][indices], self._frames[k][indices]
+            reads += [(k, run, int(offs[run].min()), int((offs[run] + frames[run]).max()))
+                      for run in _runs(offs, frames, store.chunk_frames)]
+        # one thread decodes the next reads while this one aligns (Zarr's decoding releases the GIL)
+        with ThreadPoolExecutor(1, thread_name_prefix="fusionpipe-read") as pool:
+            blocks = pool.map(lambda r: self.stores[r[0]].read_range(r[2], r[3]), reads)
+            for (k, run, lo, _), block in zip(reads, blocks):  # block: (frames, L_k, D_k) storage dtype
                 for b in run:
-                    x = block[offs[b] - lo:offs[b] - lo + frames[b]]
-                    _align_into(x, slot(k, b, int(lengths[b])), accumulate=merge == "add" and k > 0)
-        finally:
-            if pending is not None:
-                pending.result()  # never leave a read writing into a buffer the next call reuses
+                    o = int(self._offsets[k][indices[b]]) - lo
+                    _align_into(block[o:o + int(self._frames[k][indices[b]])], slot(k, b),
+                                accumulate=merge == "add" and k > 0)
         return outs if merge is None else outs[0]
 
     def aligned(self, i: int) -> list[np.ndarray]:
