@@ -11,9 +11,11 @@ batches that touch a chunk not yet on disk.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,11 @@ from .errors import FusionpipeError
 from .manifest import Manifest
 from .store import DEFAULT_CODEC, FeatureStore, Layout
 from .upstreams import Upstream, load_upstream
+
+IO_THREADS = min(8, max(2, os.cpu_count() or 2))     # audio decoding
+WRITE_THREADS = min(4, max(1, (os.cpu_count() or 2) // 2))  # chunk compression + writes
+PREFETCH = 2  # batches decoded ahead of the upstream
+
 
 def store_url(cache: str | Path, manifest_name: str, model: str) -> str:
     """cache/<manifest>/<upstream>.zarr; HF ids and directories become a single path component."""
@@ -197,12 +204,16 @@ def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, s
                unit="audio-s", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} audio-s "
                                           "[{elapsed}<{remaining}, {rate_fmt}]")
     try:
-        with ThreadPoolExecutor(2) as io:
-            load = lambda b: [_load_or_skip(manifest, p.rows[i], skip_bad) for i in b]  # noqa: E731
-            pending = io.submit(load, todo[0]) if todo else None
+        # decoding FLAC is the bottleneck on a GPU: one task per utterance, PREFETCH batches ahead
+        with ThreadPoolExecutor(IO_THREADS) as io:
+            def submit(batch: list[int]) -> list:
+                return [io.submit(_load_or_skip, manifest, p.rows[i], skip_bad) for i in batch]
+
+            ahead = deque(submit(b) for b in todo[:PREFETCH])
             for k, batch in enumerate(todo):
-                loaded = pending.result()
-                pending = io.submit(load, todo[k + 1]) if k + 1 < len(todo) else None
+                loaded = [f.result() for f in ahead.popleft()]
+                if k + PREFETCH < len(todo):
+                    ahead.append(submit(todo[k + PREFETCH]))
                 ok = [i for i, (w, _) in zip(batch, loaded) if w is not None]
                 feats = upstream.forward([w for w, _ in loaded if w is not None]) if ok else []
                 for i, f in zip(ok, feats):
@@ -246,7 +257,9 @@ class _ChunkWriter(threading.Thread):
     """Assembles utterances into whole chunks and writes each missing chunk once, off the main thread.
 
     Utterances arrive in store order per batch, so only the chunks under the current batch are
-    ever buffered: memory is flat in dataset size.
+    ever buffered: memory is flat in dataset size. Finished chunks are compressed and written by
+    a few threads at once (the codecs release the GIL): one thread of zstd keeps up with a CPU
+    upstream, not with a GPU one.
     """
 
     def __init__(self, store: FeatureStore, done: np.ndarray):
@@ -256,6 +269,8 @@ class _ChunkWriter(threading.Thread):
         self.q: queue.Queue = queue.Queue(maxsize=8)
         self.buffers: dict[int, tuple[np.ndarray, int]] = {}  # chunk -> (frames, filled count)
         self.error: BaseException | None = None
+        self.pool = ThreadPoolExecutor(WRITE_THREADS)
+        self.writing: deque = deque()  # futures of chunks being written, at most 2 x WRITE_THREADS
 
     def put(self, offset: int, frames: np.ndarray) -> None:
         if self.error:
@@ -272,10 +287,14 @@ class _ChunkWriter(threading.Thread):
         try:
             while (item := self.q.get()) is not None:
                 self._add(*item)
+            while self.writing:
+                self.writing.popleft().result()
         except BaseException as e:  # surfaced to the main thread by put()/close()
             self.error = e
             while self.q.get() is not None:  # drain so the producer never blocks
                 pass
+        finally:
+            self.pool.shutdown(wait=True)
 
     def _add(self, offset: int, frames: np.ndarray) -> None:
         F, total = self.F, self.store.total_frames
@@ -291,7 +310,9 @@ class _ChunkWriter(threading.Thread):
             buf[lo - c0:hi - c0] = frames[lo - offset:hi - offset]
             filled += hi - lo
             if filled == c1 - c0:
-                self.store.write_chunk(c, buf)
+                self.writing.append(self.pool.submit(self.store.write_chunk, c, buf))
+                if len(self.writing) > 2 * WRITE_THREADS:
+                    self.writing.popleft().result()
                 self.done[c] = True
                 del self.buffers[c]
             else:
