@@ -58,7 +58,8 @@ def manifest_folder(root: Path, name: Optional[str] = typer.Option(None, help="m
 
 
 @manifest_app.command("voxceleb")
-def manifest_voxceleb(root: Path, trials: Optional[Path] = typer.Option(None, help="official list, e.g. veri_test2.txt"),
+def manifest_voxceleb(root: Path,
+                      trials: Optional[Path] = typer.Option(None, help="official list, e.g. veri_test2.txt"),
                       out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
     """VoxCeleb1 wav tree -> voxceleb1-dev.tsv, voxceleb1-test.tsv (speaker) and voxceleb1-trials.txt."""
     from .manifest import write_manifest

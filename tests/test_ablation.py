@@ -1,0 +1,229 @@
+"""Recipes (stages/*.yaml): validation that names the key, plans, end-to-end runs, incremental reruns."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_manifest
+from fusionpipe import ablation
+from fusionpipe.ablation import load_recipe, plan_recipe, run_recipe
+from fusionpipe.errors import FusionpipeError
+
+STAGES = Path(__file__).resolve().parents[1] / "stages"
+
+
+def _recipe(**changes) -> dict:
+    base = {
+        "name": "t",
+        "manifests": {"train": "demo-train", "dev": "demo-dev", "test": "demo-test"},
+        "upstreams": ["toy-wavlm", "toy-whisper"],
+        "tasks": {"asr": {"head": {"proj": 8, "hidden": 8, "layers": 1}, "steps": 4}},
+        "grid": {"upstream_sets": [["toy-wavlm"], ["toy-wavlm", "toy-whisper"]],
+                 "fusion": ["weighted-sum", "hconv"], "merge": ["add", "concat"]},
+        "train": {"lr": 1e-3, "max_frames": 400},
+    }
+    base.update(changes)
+    return base
+
+
+def _write(tmp_path, recipe: dict, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"upstream_sets": [["toy-wavlm"]], "fusion": ["weighted-sum", "hconv", "hcnv"], "merge": ["add"]}},
+     "grid.fusion[2]: unknown interface 'hcnv'; choose one of"),
+    ({"grid": {"upstream_sets": [["toy-wavlm"]], "fusion": ["hconv"], "merge": ["sum"]}},
+     "grid.merge[0]: unknown merge 'sum'"),
+    ({"grid": {"upstream_sets": [["toy-wavlm"], ["toy-wavlm", "toy-wavlmm"]], "fusion": ["hconv"], "merge": ["add"]}},
+     "grid.upstream_sets[1][1]: unknown upstream 'toy-wavlmm'"),
+    ({"grid": {"upstream_sets": [["toy-hubert"]], "fusion": ["hconv"], "merge": ["add"]}},
+     "grid.upstream_sets[0][0]: 'toy-hubert' is not in upstreams"),
+    ({"grid": {"fusion": ["hconv"], "merge": ["add"]}}, "grid.upstream_sets: missing"),
+    ({"grdi": {}}, "grdi: unknown key"),
+    ({"tasks": {"asr": {"steps": "many"}}}, "tasks.asr.steps: expected int"),
+    ({"tasks": {"asr": {"head": {"hiden": 8}}}}, "tasks.asr.head.hiden: unknown head size for task asr"),
+    ({"tasks": {"asr": {"stores": ["x.zarr"]}}}, "tasks.asr.stores: unknown key"),
+    ({"tasks": {"er": {"steps": 3}}}, "tasks.er: 'er' is not a task: add `task:`"),
+    ({"tasks": {"sv": {"task": "verify"}}}, "tasks.sv.trials.dev: missing"),
+    ({"tasks": {"sv": {"task": "verify", "trials": {"dev": "t.txt"}}}}, "tasks.sv.trials.test: missing"),
+    ({"tasks": {"asr": {"folds": [1, 2]}}}, "tasks.asr.manifests: a task with folds needs its own manifests"),
+    ({"train": {"lr": "fast"}}, "train.lr: expected float"),
+    ({"train": {"interface": {"stride": 2}}}, "train.interface.stride: interface weighted-sum"),
+    ({"manifests": {"train": "demo-train"}}, "manifests: needs dev or test"),
+    ({"extract": {"dtype": "int4"}}, "extract.dtype: unknown value 'int4'"),
+    ({"paper": {"asr": {"toy-wavlm": {"hconv-ad": 4.5}}}}, "paper.asr.toy-wavlm.hconv-ad: unknown key"),
+    ({"paper": {"asr": {"toy-wavlm": {"hconv-add": "good"}}}}, "paper.asr.toy-wavlm.hconv-add: expected float"),
+    ({"paper": {"classify": {}}}, "paper.classify: unknown key"),
+])
+def test_malformed_recipe_error_names_the_key(tmp_path, change, message):
+    path = _write(tmp_path, _recipe(**change))
+    with pytest.raises(FusionpipeError) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+
+
+def test_missing_required_key_and_bad_yaml_are_named(tmp_path):
+    r = _recipe()
+    del r["grid"]
+    with pytest.raises(FusionpipeError, match="grid: missing"):
+        load_recipe(_write(tmp_path, r))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(FusionpipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_recipe_defaults_and_yaml_exponent_without_dot(tmp_path):
+    r = _recipe(train={"lr": "1e-3"})  # YAML 1.1 reads 1e-3 as a string
+    recipe = load_recipe(_write(tmp_path, r))
+    assert recipe.tasks["asr"].settings["lr"] == 1e-3
+    assert recipe.cache == "cache" and recipe.extract["dtype"] == "float16"
+    # one upstream: merging is the identity, so only the first merge is trained
+    assert recipe.variants(["toy-wavlm"]) == [("weighted-sum", "add"), ("hconv", "add")]
+    assert len(recipe.variants(["toy-wavlm", "toy-whisper"])) == 4
+
+
+@pytest.mark.parametrize("path", sorted(STAGES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_stages_recipe_validates_and_plans(path, tmp_path, monkeypatch):
+    """Paper recipes plan on a machine without the data: the missing manifests are reported, not crashed on."""
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)  # no manifests/, cache/ or results/ here
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    recipe = load_recipe(path)
+    plan = plan_recipe(recipe)
+    assert plan.runs and plan.extractions
+    assert all(e.bytes_per_second > 0 for e in plan.extractions)
+    if path.stem.startswith("paper-"):
+        assert any("fusionpipe manifest" in p for p in plan.problems)
+        assert any("not in the local Hugging Face cache" in p for p in plan.problems)
+        with pytest.raises(FusionpipeError, match="cannot run"):
+            run_recipe(recipe, dry_run=True, echo=lambda s: None)
+    else:  # bundled corpus and toy upstreams: nothing missing
+        assert plan.problems == []
+        assert all(e.status == "missing" and e.bytes > 0 for e in plan.extractions)
+        assert all(r.status == "train" for r in plan.runs)
+
+
+def test_paper_recipes_carry_table_one_numbers():
+    recipe = load_recipe(STAGES / "paper-table1-librispeech.yaml")
+    assert recipe.paper["asr"]["wavlm-base-plus"] == {"weighted-sum-add": 5.40, "hconv-add": 4.78}
+    superb = load_recipe(STAGES / "paper-table1-superb.yaml")
+    assert superb.tasks["er"].folds == ["1", "2", "3", "4", "5"] and superb.tasks["sv"].task == "verify"
+
+
+def test_dry_run_refuses_missing_audio_and_weights(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    manifest = make_manifest(tmp_path / "c", "gone", [0.5, 0.6])
+    for wav in (tmp_path / "c" / "audio").iterdir():
+        wav.unlink()
+    (tmp_path / "c" / "audio").rmdir()
+    r = _recipe(manifests={"train": str(manifest.source), "test": str(manifest.source)},
+                upstreams=["wavlm-base-plus"],
+                grid={"upstream_sets": [["wavlm-base-plus"]], "fusion": ["hconv"], "merge": ["add"]},
+                cache=str(tmp_path / "cache"), results=str(tmp_path / "results"))
+    with pytest.raises(FusionpipeError) as e:
+        run_recipe(load_recipe(_write(tmp_path, r)), dry_run=True, echo=lambda s: None)
+    msg = str(e.value)
+    assert "audio root" in msg and "does not exist" in msg
+    assert "huggingface-cli download microsoft/wavlm-base-plus" in msg
+
+
+def test_weights_in_the_hf_cache_are_found_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--microsoft--wavlm-base-plus"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert ablation._weights_problem("wavlm-base-plus") is not None
+    for f in ("config.json", "pytorch_model.bin"):
+        (snapshot / f).write_text("{}")
+    assert ablation._weights_problem("wavlm-base-plus") is None
+    assert ablation._weights_problem("toy-wavlm") is None
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """Two variants (weighted-sum and hconv on one toy upstream), a few steps on a tiny corpus."""
+    paths = {split: make_manifest(tmp_path / "corpus", f"tiny-{split}", d, seed=s).source
+             for split, d, s in (("train", [0.9, 0.7, 1.1, 0.8, 0.6, 1.0], 0), ("dev", [0.8, 0.9], 10),
+                                 ("test", [0.7, 1.0], 20))}
+    r = {"name": "tiny", "cache": str(tmp_path / "cache"), "results": str(tmp_path / "results"),
+         "manifests": {k: str(v) for k, v in paths.items()}, "upstreams": ["toy-wavlm"],
+         "tasks": {"classify": {"head": {"proj": 8}, "steps": 4, "eval_every": 2}},
+         "grid": {"upstream_sets": [["toy-wavlm"]], "fusion": ["weighted-sum", "hconv"], "merge": ["add"]},
+         "train": {"lr": 1e-3, "max_frames": 200, "seed": 0},
+         "paper": {"classify": {"toy-wavlm": {"hconv-add": 50.0}}}}
+    return _write(tmp_path, r, "tiny.yaml")
+
+
+def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe, tmp_path, monkeypatch):
+    import matplotlib.image
+
+    from fusionpipe import train as stage3
+
+    recipe = load_recipe(tiny_recipe)
+    calls = []
+    real_train = stage3.train
+    monkeypatch.setattr(stage3, "train", lambda cfg, **kw: calls.append(cfg) or real_train(cfg, **kw))
+    run_recipe(recipe, progress=False, echo=lambda s: None)
+    assert len(calls) == 1 and sorted(calls[0].fusion) == ["hconv", "weighted-sum"]  # both variants, one pass
+
+    out = tmp_path / "results" / "tiny"
+    md = (out / "results.md").read_text()
+    assert "| toy-wavlm |" in md and "weighted-sum / add" in md and "hconv / add" in md
+    assert " (50.00)" in md  # paper value beside ours
+    assert "Computational overhead" in md
+    rows = (out / "results.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 3
+    for col in ("task", "upstreams", "fusion", "merge", "accuracy", "trainable_params", "train_seconds_per_epoch",
+                "inference_seconds", "paper"):
+        assert col in header
+    hconv = dict(zip(header, next(r for r in rows[1:] if ",hconv," in r).split(",")))
+    assert hconv["paper"] == "50" and int(hconv["trainable_params"]) > int(hconv["fusion_params"]) > 0
+    for png in ("classify-accuracy.png", "classify-loss.png"):
+        image = matplotlib.image.imread(out / png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+    run_dir = out / "runs" / "classify" / "toy-wavlm"
+    assert set(json.loads((run_dir / "test.json").read_text())) == {"weighted-sum-add", "hconv-add"}
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    stores = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+
+    plan = run_recipe(load_recipe(tiny_recipe), progress=False, echo=lambda s: None)  # nothing left to do
+    assert len(calls) == 1
+    assert all(not e.todo for e in plan.extractions) and [r.status for r in plan.runs] == ["done"]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()} == stores
+    assert (out / "results.md").read_text() == md
+
+    # a changed setting is refused, not mixed with the old run
+    changed = yaml.safe_load(tiny_recipe.read_text())
+    changed["tasks"]["classify"]["steps"] = 6
+    tiny_recipe.write_text(yaml.safe_dump(changed))
+    plan = plan_recipe(load_recipe(tiny_recipe))
+    assert plan.runs[0].status == "stale" and "steps: 4 -> 6" in plan.problems[0]
+    with pytest.raises(FusionpipeError, match="delete that directory"):
+        run_recipe(load_recipe(tiny_recipe), progress=False, echo=lambda s: None)
+
+
+def test_cli_ablate_dry_run_prints_plan(tiny_recipe):
+    from typer.testing import CliRunner
+
+    from fusionpipe.cli import app
+
+    result = CliRunner().invoke(app, ["ablate", str(tiny_recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "classify / toy-wavlm" in result.output and "extract" in result.output
