@@ -8,6 +8,7 @@ RECIPE ?= stages/ablation.yaml
 TORCH  ?= torch==2.13.0
 
 .PHONY: venv test demo ablation bench clean
+FP     := $(VENV)/bin/fusionpipe
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +22,21 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q
 
+# The whole pipeline on the bundled corpus with two toy upstreams, on a CPU, in minutes.
+demo: venv
+	$(FP) extract --model toy-wavlm,toy-whisper
+	$(FP) fuse --stores cache/demo-train/toy-wavlm.zarr,cache/demo-train/toy-whisper.zarr --merge concat --describe
+	$(FP) train --fusion hconv --merge concat --out runs/demo --resume
+	$(FP) evaluate runs/demo
+
+# A recipe's grid: extract what is missing, train every variant, write results/<name>/.
+ablation: venv
+	$(FP) ablate $(RECIPE)
+
 bench: venv
 	$(PY) bench/extract.py
+	$(PY) bench/fuse.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

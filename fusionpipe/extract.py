@@ -196,7 +196,9 @@ def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, s
         return not done[lo:hi].all()
 
     todo = [b for b in p.batches if needed(b)]
-    total_seconds = sum(manifest[p.rows[i]].duration for b in todo for i in b)
+    # per-batch sums, added up in the bar's own order, so the bar ends exactly at its total
+    batch_seconds = [sum(manifest[p.rows[i]].duration for i in b) for b in todo]
+    total_seconds = sum(batch_seconds)
     writer = _ChunkWriter(store, done)
     writer.start()
     skipped = 0
@@ -224,7 +226,7 @@ def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, s
                         store.mark_skipped(p.layout.ids[i], reason)
                         writer.put(int(offsets[i]), np.zeros((int(lengths[i]), store.num_layers,
                                                                  store.hidden_size), store.attrs["dtype"]))
-                bar.update(sum(manifest[p.rows[i]].duration for i in batch))
+                bar.update(batch_seconds[k])
     finally:
         bar.close()
         writer.close()
