@@ -184,21 +184,12 @@ class German:
         return words
 
 
-class Spanish:
-    animate = [("m", "perro"), ("m", "gato"), ("m", "niño"), ("m", "hombre"), ("m", "caballo"),
-               ("m", "pájaro"), ("m", "maestro"), ("f", "niña"), ("f", "mujer"), ("f", "vaca"),
-               ("f", "maestra"), ("f", "gallina"), ("f", "abuela")]
-    # objects are inanimate so that no personal "a" is needed
-    inanimate = [("m", "libro"), ("m", "coche"), ("m", "árbol"), ("m", "vaso"), ("m", "sombrero"),
-                 ("m", "pan"), ("f", "casa"), ("f", "mesa"), ("f", "carta"), ("f", "flor"),
-                 ("f", "ventana"), ("f", "manzana"), ("f", "silla")]
-    adjs = [("rojo", "roja"), ("pequeño", "pequeña"), ("blanco", "blanca"), ("negro", "negra"),
-            ("nuevo", "nueva"), ("viejo", "vieja"), ("grande", "grande"), ("verde", "verde"),
-            ("alto", "alta"), ("bonito", "bonita")]
-    art = {True: {"m": "el", "f": "la"}, False: {"m": "un", "f": "una"}}
-    vt = ["ve", "busca", "tiene", "compra", "mira", "encuentra", "lleva", "pinta", "quiere", "necesita"]
-    vi = ["duerme", "corre", "canta", "espera", "ríe", "nada", "salta", "camina", "baila"]
-    advs = ["hoy", "otra vez", "ahora", "despacio", "en el jardín", "por la noche", "cada día", "mañana"]
+class Romance:
+    """Spanish and French: article + noun (+ adjective agreeing in gender) [+ verb + object]."""
+
+    @classmethod
+    def objects(cls) -> list:
+        return cls.inanimate
 
     @classmethod
     def np(cls, rng: random.Random, nouns) -> list[str]:
@@ -215,13 +206,29 @@ class Spanish:
         if _maybe(rng, 0.3):
             words = subj + [rng.choice(cls.vi)]
         else:
-            words = subj + [rng.choice(cls.vt)] + cls.np(rng, cls.inanimate)
+            words = subj + [rng.choice(cls.vt)] + cls.np(rng, cls.objects())
         if _maybe(rng, 0.15):
             words += rng.choice(cls.advs).split()
         return words
 
 
-class French:
+class Spanish(Romance):
+    animate = [("m", "perro"), ("m", "gato"), ("m", "niño"), ("m", "hombre"), ("m", "caballo"),
+               ("m", "pájaro"), ("m", "maestro"), ("f", "niña"), ("f", "mujer"), ("f", "vaca"),
+               ("f", "maestra"), ("f", "gallina"), ("f", "abuela")]
+    # objects are inanimate so that no personal "a" is needed
+    inanimate = [("m", "libro"), ("m", "coche"), ("m", "árbol"), ("m", "vaso"), ("m", "sombrero"),
+                 ("m", "pan"), ("f", "casa"), ("f", "mesa"), ("f", "carta"), ("f", "flor"),
+                 ("f", "ventana"), ("f", "manzana"), ("f", "silla")]
+    adjs = [("rojo", "roja"), ("pequeño", "pequeña"), ("blanco", "blanca"), ("negro", "negra"),
+            ("nuevo", "nueva"), ("viejo", "vieja"), ("grande", "grande"), ("verde", "verde"),
+            ("alto", "alta"), ("bonito", "bonita")]
+    art = {True: {"m": "el", "f": "la"}, False: {"m": "un", "f": "una"}}
+    vt = ["ve", "busca", "tiene", "compra", "mira", "encuentra", "lleva", "pinta", "quiere", "necesita"]
+    vi = ["duerme", "corre", "canta", "espera", "ríe", "nada", "salta", "camina", "baila"]
+    advs = ["hoy", "otra vez", "ahora", "despacio", "en el jardín", "por la noche", "cada día", "mañana"]
+
+class French(Romance):
     # consonant-initial nouns only, so no elision of le/la
     animate = [("m", "chat"), ("m", "chien"), ("m", "garçon"), ("m", "cheval"), ("m", "loup"),
                ("m", "voisin"), ("m", "renard"), ("m", "père"), ("f", "fille"), ("f", "femme"),
@@ -238,24 +245,8 @@ class French:
             "souvent", "demain"]
 
     @classmethod
-    def np(cls, rng: random.Random, nouns) -> list[str]:
-        g, noun = rng.choice(nouns)
-        words = [cls.art[_maybe(rng, 0.6)][g], noun]
-        if _maybe(rng, 0.35):
-            m, f = rng.choice(cls.adjs)
-            words.append(m if g == "m" else f)
-        return words
-
-    @classmethod
-    def sentence(cls, rng: random.Random) -> list[str]:
-        subj = cls.np(rng, cls.animate)
-        if _maybe(rng, 0.3):
-            words = subj + [rng.choice(cls.vi)]
-        else:
-            words = subj + [rng.choice(cls.vt)] + cls.np(rng, cls.animate + cls.inanimate)
-        if _maybe(rng, 0.15):
-            words += rng.choice(cls.advs).split()
-        return words
+    def objects(cls) -> list:
+        return cls.animate + cls.inanimate
 
 
 GRAMMARS = {"en": English, "de": German, "es": Spanish, "fr": French}
