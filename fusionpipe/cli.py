@@ -235,7 +235,7 @@ def train(
     """STAGE 3: train the fusion interface + task head from the cache; every fusion x merge in one pass."""
     from .store import FeatureStore
     from .train import DEMO, TrainConfig, default_task, demo_stores, train as run
-    from .data import _recorded_manifest  # noqa: F401  (the manifest a store was extracted from)
+    from .data import recorded_manifest
     from .fuse import open_fused
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
@@ -248,7 +248,7 @@ def train(
         train_stores, found_dev = demo_stores(cache)
         dev = dev or found_dev
         preset = DEMO
-    manifest = _recorded_manifest(open_fused(train_stores))
+    manifest = recorded_manifest(open_fused(train_stores))
     task = task or default_task(manifest)
     names = "+".join(FeatureStore.open(s).attrs["upstream"]["name"] for s in train_stores)
     cfg = TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion), merge=_list(merge),

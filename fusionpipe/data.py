@@ -215,7 +215,7 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
     if ids is None and manifest is not None:
         ids = [u.id for u in manifest]
     view = open_fused(stores, None, align_time, align_layers, skip_missing=skip_missing, ids=ids)
-    by_id = (manifest or _recorded_manifest(view)).by_id()
+    by_id = (manifest or recorded_manifest(view)).by_id()
     lacking = [u for u in view.ids if u not in by_id]
     if lacking:
         first = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
@@ -229,7 +229,8 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
                        persistent_workers=num_workers > 0, pin_memory=pin_memory, prefetch=prefetch)
 
 
-def _recorded_manifest(view: FusedView) -> Manifest:
+def recorded_manifest(view: FusedView) -> Manifest:
+    """The manifest the view's stores were extracted from (labels live there), checked against its hash."""
     mf = view.stores[0].attrs.get("manifest") or {}
     path = mf.get("path")
     if not path or not Path(path).is_file():
