@@ -31,6 +31,7 @@ from .data import make_loader
 from .errors import FusionpipeError
 from .interfaces import Fusion
 from .tasks import build_task, read_trials, task_from_dict
+from .upstreams import resolve_device
 
 # the metric that selects the best checkpoint, and whether lower is better
 PRIMARY = {"asr": ("wer", True), "multilingual": ("cer", True), "classify": ("accuracy", False),
@@ -145,10 +146,6 @@ def spec_augment(x: torch.Tensor, lengths: torch.Tensor, time_masks: int = 2, ti
     return x * keep
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def _targets(rows) -> dict[str, list]:
     return {c: [getattr(u, c) for u in rows] for c in ("id", "text", "label", "speaker", "language")}
 
@@ -176,7 +173,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     out = Path(cfg.out)
     if (out / "config.json").exists() and not resume:
         raise FusionpipeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1:
         # leave a core to the loader's decode thread: on 2 cores, two torch threads fighting it made
@@ -362,7 +359,7 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     dev = make_loader(stores, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
                       align_layers=cfg.align_layers)
     view = dev.dataset.view
-    dev_device = _device(device)
+    dev_device = resolve_device(device)
     variants = build_variants(cfg, task, view.dims, view.num_layers, run, dev_device)
     variants = [v for v in variants if variant in (None, v.name)]
     for v in variants:

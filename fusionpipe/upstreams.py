@@ -387,7 +387,8 @@ def _weights_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def _device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """Device "auto" is cuda when there is one, else cpu; anything else is checked, with the fix in the error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -424,6 +425,6 @@ def load_upstream(name: str, device: str = "auto") -> Upstream:
         warnings.warn(f"{_label(name, model_id)} has no preprocessor_config.json: using {feature_extractor!r}")
     if _FAMILIES[config.model_type] == "whisper":
         model = model.get_encoder()
-    device = _device(device)
+    device = resolve_device(device)
     model.eval().requires_grad_(False).to(device)
     return Upstream(name, model_id, _revision(model_id), model, feature_extractor, device)
