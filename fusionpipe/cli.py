@@ -226,6 +226,7 @@ def train(
     max_frames: Optional[int] = typer.Option(None, help="padded frames per batch"),
     grad_clip: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
     specaugment: Optional[bool] = typer.Option(None, "--specaugment/--no-specaugment"),
+    select: Optional[str] = typer.Option(None, help="dev metric that picks the best checkpoint (e.g. cer)"),
     head: Optional[List[str]] = typer.Option(None, help="head size, key=value (repeatable), e.g. hidden=64"),
     interface: Optional[List[str]] = typer.Option(None, help="interface option key=value, e.g. normalize=true"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list over the dev utterances"),
@@ -240,7 +241,7 @@ def train(
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
                  grad_clip=grad_clip, seed=seed, specaugment=specaugment, head=_options(head) or None,
-                 interface=_options(interface) or None, trials=trials)
+                 interface=_options(interface) or None, trials=trials, select=select)
     given = {k: v for k, v in given.items() if v is not None}
     train_stores, dev = _list(stores), _list(dev_stores)
     preset = {}

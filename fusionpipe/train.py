@@ -56,6 +56,7 @@ class TrainConfig:
     max_frames: int = 25_600                    # padded frames per batch (32 x 16 s at 50 Hz)
     grad_clip: float = 1.0
     specaugment: bool = False                   # time and feature masks on the fused features
+    select: str | None = None                   # dev metric that picks best.pt (default: the task's, PRIMARY)
     seed: int = 0
     head: dict = field(default_factory=dict)    # head sizes, e.g. {"hidden": 64}
     interface: dict = field(default_factory=dict)  # interface options, e.g. {"normalize": True}
@@ -239,7 +240,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
             for v in variants:
                 logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
                 if v.name in metrics:
-                    _keep_best(v, metrics[v.name], cfg.task)
+                    _keep_best(v, metrics[v.name], cfg)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 for v in variants:
                     torch.save(v.state(step, (epoch, k + 1)), v.out / "last.pt")
@@ -301,8 +302,14 @@ def evaluate_variants(variants: list[Variant], task, loader, device: torch.devic
     return out
 
 
-def _keep_best(v: Variant, metrics: dict, task: str) -> None:
-    key, lower = PRIMARY[task]
+HIGHER_IS_BETTER = ("accuracy", "macro_f1")
+
+
+def _keep_best(v: Variant, metrics: dict, cfg: TrainConfig) -> None:
+    key = cfg.select or PRIMARY[cfg.task][0]
+    lower = key not in HIGHER_IS_BETTER
+    if key not in metrics:
+        raise FusionpipeError(f"select={key!r} is not a dev metric of task {cfg.task}; choose one of {sorted(metrics)}")
     value = metrics[key]
     if v.best is None or (value < v.best if lower else value > v.best):
         v.best = value

@@ -110,3 +110,13 @@ def test_evaluate_a_finished_run_on_other_stores(pitch_stores, tmp_path):
     metrics = evaluate(tmp_path / "run", pitch_stores["dev"], device="cpu")
     best = torch.load(tmp_path / "run" / "hconv-concat" / "best.pt", weights_only=False)["metrics"]
     assert metrics["hconv-concat"]["accuracy"] == best["accuracy"]
+
+
+def test_select_picks_the_best_checkpoint_by_the_named_metric(pitch_stores, tmp_path):
+    train(_cfg(pitch_stores, tmp_path / "run", steps=30, eval_every=5, select="macro_f1"), progress=False)
+    with open(tmp_path / "run" / "hconv-concat" / "log.csv") as f:
+        evals = [json.loads(r["metrics"]) for r in csv.DictReader(f) if r["metrics"]]
+    best = torch.load(tmp_path / "run" / "hconv-concat" / "best.pt", weights_only=False)["metrics"]
+    assert len(evals) == 6 and best["macro_f1"] == max(e["macro_f1"] for e in evals)
+    with pytest.raises(FusionpipeError, match="select='bleu'"):
+        train(_cfg(pitch_stores, tmp_path / "other", steps=5, eval_every=5, select="bleu"), progress=False)
