@@ -110,7 +110,7 @@ def models():
 def extract(
     model: str = typer.Option(..., help="alias (see `fusionpipe models`), HF id or local directory; comma list ok"),
     manifest: Optional[List[Path]] = typer.Option(None, help="manifest TSV (repeatable; default: bundled demo)"),
-    cache: Path = typer.Option(Path("cache"), help="root of the feature stores"),
+    cache: str = typer.Option("cache", help="root of the feature stores: a directory or any fsspec URL (s3://...)"),
     device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("float16", help="storage dtype: float16 or float32"),
     codec: str = typer.Option("zstd", help="zstd, blosc-zstd, blosc-zstd-bitshuffle, blosc-lz4, none"),
@@ -267,13 +267,14 @@ def evaluate(
     run: Path,
     manifest: Optional[Path] = typer.Option(None, help="evaluate on the caches of this manifest (default: demo-test)"),
     stores: Optional[List[str]] = typer.Option(None, help="or name the stores directly"),
-    cache: Path = typer.Option(Path("cache"), help="store root, where the manifest's caches are"),
+    cache: str = typer.Option("cache", help="store root (directory or fsspec URL) with the manifest's caches"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list"),
     device: str = typer.Option("auto"),
 ):
     """Metrics of a run's best checkpoints on any cached manifest; JSON beside the run + one line each."""
     from .extract import store_url
     from .manifest import bundled_manifests, read_manifest
+    from .store import FeatureStore
     from .train import TrainConfig, evaluate as run_eval
 
     cfg = TrainConfig.load(run / "config.json") if (run / "config.json").exists() else None
@@ -283,7 +284,7 @@ def evaluate(
     if not eval_stores:
         m = read_manifest(manifest) if manifest else bundled_manifests()[-1]
         eval_stores = [store_url(cache, m.name, Path(s).stem) for s in cfg.stores]
-        missing = [s for s in eval_stores if not Path(s).exists()]
+        missing = [s for s in eval_stores if not FeatureStore.exists(s)]
         if missing:
             raise FusionpipeError(f"{m.name} is not cached for this run's upstreams ({', '.join(missing)}); "
                                   f"run `fusionpipe extract --manifest {manifest or m.name} --model ...` first")

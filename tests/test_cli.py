@@ -51,3 +51,11 @@ def test_user_errors_exit_1_with_a_message_and_no_traceback(args, message, tmp_p
     p = subprocess.run([sys.executable, "-m", "fusionpipe", *args], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 1
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cache_option_takes_an_fsspec_url(speech_manifest):
+    from fusionpipe.store import FeatureStore
+
+    out = _ok(["extract", "--model", "toy-wavlm", "--manifest", str(speech_manifest.source), "--cache", "memory://cli"])
+    assert "memory://cli/speech/toy-wavlm.zarr: 5 utterances" in out
+    assert FeatureStore.open("memory://cli/speech/toy-wavlm.zarr").is_complete()

@@ -216,3 +216,18 @@ def test_an_all_zero_chunk_still_counts_as_done_after_reopening(tmp_path):
     store = FeatureStore.open(tmp_path / "z.zarr", mode="r+")
     store.write_chunk(0, np.zeros((10, 2, 3), np.float16))
     assert FeatureStore.open(tmp_path / "z.zarr").is_complete()
+
+
+def test_stores_live_at_any_fsspec_url(speech_manifest):
+    """memory:// stands for s3://, gs://...: same layout, resume and fingerprint rules through fsspec."""
+    from fusionpipe.data import make_loader
+
+    urls = [extract(speech_manifest, m, "memory://fp-test", device="cpu", progress=False).url
+            for m in ("toy-wavlm", "toy-whisper")]
+    assert urls[0] == f"memory://fp-test/{speech_manifest.name}/toy-wavlm.zarr"
+    assert FeatureStore.open(urls[0]).is_complete() and verify(FeatureStore.open(urls[0])) == []
+    assert extract(speech_manifest, "toy-wavlm", "memory://fp-test", device="cpu", progress=False).already_complete
+    with pytest.raises(FusionpipeError, match="--overwrite"):
+        extract(speech_manifest, "toy-wavlm", "memory://fp-test", dtype="float32", device="cpu", progress=False)
+    batch = next(iter(make_loader(urls, max_frames=10_000)))
+    assert len(batch["ids"]) == len(speech_manifest) and len(batch["stacks"]) == 2
