@@ -52,8 +52,7 @@ class Plan:
     skipped: dict[str, str]   # id -> reason, for rows left out before extraction
 
 
-def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: bool = False,
-         check_audio: bool = True) -> Plan:
+def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: bool = False) -> Plan:
     """Check every row's header, count its frames, sort longest first, cut batches under the budget.
 
     The budget counts padded audio: a batch of b utterances costs b x (longest), Whisper
@@ -61,7 +60,7 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
     """
     good, frames, skipped = [], [], {}
     with ThreadPoolExecutor(8) as pool:  # header reads are I/O bound
-        errors = list(pool.map(lambda r: _header_error(manifest, r, check_audio), range(len(manifest))))
+        errors = list(pool.map(lambda r: _header_error(manifest, r), range(len(manifest))))
     for row, err in enumerate(errors):
         n = 0
         if err is None:
@@ -99,9 +98,7 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
     return Plan(rows, layout, batches, skipped)
 
 
-def _header_error(manifest: Manifest, row: int, check_audio: bool) -> Exception | None:
-    if not check_audio:
-        return None
+def _header_error(manifest: Manifest, row: int) -> Exception | None:
     try:
         audio.check_header(manifest, row)
     except audio.BadAudio as e:
