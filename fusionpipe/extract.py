@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import audio
 from .errors import FusionpipeError
 from .manifest import Manifest
-from .store import DEFAULT_CODEC, FeatureStore, Layout
+from .store import DEFAULT_CODEC, FeatureStore, Layout, chunk_span
 from .upstreams import Upstream, load_upstream
 
 IO_THREADS = min(8, max(2, os.cpu_count() or 2))     # audio decoding
@@ -188,8 +188,7 @@ def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, s
     offsets, lengths = p.layout.offsets, p.layout.lengths
 
     def needed(batch: list[int]) -> bool:
-        lo = offsets[batch[0]] // F
-        hi = -(-(offsets[batch[-1]] + lengths[batch[-1]]) // F)
+        lo, hi = chunk_span(offsets[batch[0]], offsets[batch[-1]] + lengths[batch[-1]], F)
         return not done[lo:hi].all()
 
     todo = [b for b in p.batches if needed(b)]
@@ -298,7 +297,7 @@ class _ChunkWriter(threading.Thread):
     def _add(self, offset: int, frames: np.ndarray) -> None:
         F, total = self.F, self.store.total_frames
         end = offset + len(frames)
-        for c in range(offset // F, -(-end // F)):
+        for c in range(*chunk_span(offset, end, F)):
             if self.done[c]:
                 continue
             c0, c1 = c * F, min((c + 1) * F, total)

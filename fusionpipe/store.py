@@ -54,6 +54,11 @@ CODECS = {
 DEFAULT_CODEC = "zstd"
 
 
+def chunk_span(start, stop, chunk_frames: int):
+    """Chunks [lo, hi) that frames [start, stop) touch (ints or numpy arrays)."""
+    return start // chunk_frames, -(-stop // chunk_frames)
+
+
 def default_chunk_frames(num_layers: int, hidden_size: int, dtype: str) -> int:
     return max(1, CHUNK_BYTES // (num_layers * hidden_size * np.dtype(dtype).itemsize))
 
@@ -194,8 +199,7 @@ class FeatureStore:
         done = self.done_chunks() if done_chunks is None else done_chunks
         # prefix sums make "all chunks in [lo, hi) done" O(1) per utterance
         missing = np.concatenate([[0], np.cumsum(~done)])
-        lo = self.offsets // self.chunk_frames
-        hi = -(-(self.offsets + self.lengths) // self.chunk_frames)
+        lo, hi = chunk_span(self.offsets, self.offsets + self.lengths, self.chunk_frames)
         return (missing[hi] - missing[lo]) == 0
 
     def is_complete(self) -> bool:
