@@ -118,18 +118,35 @@ def extract(
     chunk_frames: Optional[int] = typer.Option(None, help="frames per Zarr chunk (default: about 4 MB)"),
     skip_bad: bool = typer.Option(False, help="record unusable utterances and go on instead of stopping"),
     overwrite: bool = typer.Option(False, help="replace a store that holds another extraction"),
+    cluster: Optional[str] = typer.Option(None, help="'local': run the upstream on a Dask LocalCluster"),
+    workers: Optional[int] = typer.Option(None, help="LocalCluster worker processes (default: one per GPU, or 1)"),
+    scheduler: Optional[str] = typer.Option(None, help="run on an existing Dask cluster: tcp://HOST:8786"),
+    unit_seconds: float = typer.Option(1800.0, help="audio seconds per cluster work unit (retried as a whole)"),
 ):
     """STAGE 1: cache every hidden layer of each upstream over each manifest (resumes after a crash)."""
-    from .extract import extract as run
-    from .upstreams import load_upstream
-
     manifests = _manifests(manifest)
-    for name in [m.strip() for m in model.split(",") if m.strip()]:
-        upstream = load_upstream(name, device=device)
-        for m in manifests:
-            r = run(m, upstream, cache, dtype=dtype, codec=codec, max_seconds=max_seconds, skip_bad=skip_bad,
-                    overwrite=overwrite, chunk_frames=chunk_frames)
-            typer.echo(r.summary())
+    models = [m.strip() for m in model.split(",") if m.strip()]
+    options = dict(dtype=dtype, codec=codec, max_seconds=max_seconds, skip_bad=skip_bad, overwrite=overwrite,
+                   chunk_frames=chunk_frames)
+    if workers is not None and cluster is None:
+        raise FusionpipeError("--workers sizes a LocalCluster: add --cluster local (or drop --workers)")
+    if cluster is None and scheduler is None:
+        from .extract import extract as run
+        from .upstreams import load_upstream
+
+        for name in models:
+            upstream = load_upstream(name, device=device)
+            for m in manifests:
+                typer.echo(run(m, upstream, cache, **options).summary())
+        return
+    from .cluster import connect, extract_on_cluster
+
+    with connect(cluster, workers, scheduler) as (client, threads):
+        for name in models:
+            for m in manifests:
+                r = extract_on_cluster(m, name, client, cache, device=device, unit_seconds=unit_seconds,
+                                       threads=threads, **options)
+                typer.echo(r.summary())
 
 
 @app.command()

@@ -157,6 +157,32 @@ def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cach
     """Extract every hidden layer of `model` over `manifest` into a store; resume if one is there."""
     upstream = model if isinstance(model, Upstream) else load_upstream(model, device=device)
     url = url or store_url(cache, manifest.name, upstream.name)
+    opened = open_store(manifest, upstream, url, dtype=dtype, codec=codec, max_seconds=max_seconds,
+                        skip_bad=skip_bad, overwrite=overwrite, chunk_frames=chunk_frames)
+    if isinstance(opened, Result):
+        return opened
+    store, p = opened
+    t0 = time.perf_counter()
+    done = store.done_chunks()
+    todo = [b for b in p.batches if needed(b, p.layout, done, store.chunk_frames)]
+    # per-batch sums, added up in the bar's own order, so the bar ends exactly at its total
+    batch_seconds = [sum(manifest[p.rows[i]].duration for i in b) for b in todo]
+    bar = progress_bar(sum(batch_seconds), f"extract {upstream.name}", progress)
+    try:
+        skipped, edges = run_batches(manifest, upstream, store, p, todo, done, skip_bad,
+                                     on_batch=lambda k: bar.update(batch_seconds[k]))
+    finally:
+        bar.close()
+    assert not edges, "every chunk a batch touches is filled when all its batches run"
+    return Result(url, sum(batch_seconds), time.perf_counter() - t0, len(store), skipped + len(p.skipped))
+
+
+def open_store(manifest: Manifest, upstream: Upstream, url: str, *, dtype: str, codec: str, max_seconds: float,
+               skip_bad: bool, overwrite: bool, chunk_frames: int | None) -> tuple[FeatureStore, Plan] | Result:
+    """The store at `url` and the plan to fill it: created, or reopened to resume (the same extraction only).
+
+    A Result instead when the store is already complete.
+    """
     fp = fingerprint(manifest, upstream, dtype, codec)
     store = None
     if FeatureStore.exists(url) and not overwrite:
@@ -176,42 +202,48 @@ def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cach
                                     attrs={**fp, "sample_rate": audio.SAMPLE_RATE, "skipped_before": p.skipped})
     elif store.ids != p.layout.ids:
         raise FusionpipeError(f"{url}: its layout differs from this manifest's plan; pass --overwrite to rebuild it")
-    t0 = time.perf_counter()
-    seconds, n_skipped = _run(manifest, upstream, store, p, skip_bad, progress)
-    return Result(url, seconds, time.perf_counter() - t0, len(store), n_skipped + len(p.skipped))
+    return store, p
 
 
-def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, skip_bad: bool,
-         progress: bool) -> tuple[float, int]:
-    done = store.done_chunks()
-    F = store.chunk_frames
+def needed(batch: list[int], layout: Layout, done: np.ndarray, chunk_frames: int) -> bool:
+    """Does the batch (positions in store order) touch a chunk not yet on disk?"""
+    lo, hi = chunk_span(layout.offsets[batch[0]], layout.offsets[batch[-1]] + layout.lengths[batch[-1]], chunk_frames)
+    return not done[lo:hi].all()
+
+
+def progress_bar(total_seconds: float, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total_seconds, disable=not enabled, desc=desc, dynamic_ncols=True, unit="audio-s",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, "
+                           "{rate_fmt}]")
+
+
+# A chunk's frames that one run of batches computed, when the run does not cover the whole chunk:
+# (chunk, first frame, end frame, frames). Only runs over part of a plan (cluster work units) leave them.
+Edge = tuple[int, int, int, np.ndarray]
+
+
+def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, batches: list[list[int]],
+                done: np.ndarray, skip_bad: bool, on_batch=None) -> tuple[int, list[Edge]]:
+    """Run `batches` (runs of p.batches, in order) and write every chunk they fill that is not `done`.
+
+    Returns the number of utterances skipped and the edges: frames of the chunks these batches
+    only partly cover, for whoever owns those chunks to complete (cluster.py).
+    """
     offsets, lengths = p.layout.offsets, p.layout.lengths
-
-    def needed(batch: list[int]) -> bool:
-        lo, hi = chunk_span(offsets[batch[0]], offsets[batch[-1]] + lengths[batch[-1]], F)
-        return not done[lo:hi].all()
-
-    todo = [b for b in p.batches if needed(b)]
-    # per-batch sums, added up in the bar's own order, so the bar ends exactly at its total
-    batch_seconds = [sum(manifest[p.rows[i]].duration for i in b) for b in todo]
-    total_seconds = sum(batch_seconds)
     writer = _ChunkWriter(store, done)
     writer.start()
     skipped = 0
-    bar = tqdm(total=total_seconds, disable=not progress, desc=f"extract {upstream.name}", dynamic_ncols=True,
-               unit="audio-s", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} audio-s "
-                                          "[{elapsed}<{remaining}, {rate_fmt}]")
     try:
         # decoding FLAC is the bottleneck on a GPU: one task per utterance, PREFETCH batches ahead
         with ThreadPoolExecutor(IO_THREADS) as io:
             def submit(batch: list[int]) -> list:
                 return [io.submit(_load_or_skip, manifest, p.rows[i], skip_bad) for i in batch]
 
-            ahead = deque(submit(b) for b in todo[:PREFETCH])
-            for k, batch in enumerate(todo):
+            ahead = deque(submit(b) for b in batches[:PREFETCH])
+            for k, batch in enumerate(batches):
                 loaded = [f.result() for f in ahead.popleft()]
-                if k + PREFETCH < len(todo):
-                    ahead.append(submit(todo[k + PREFETCH]))
+                if k + PREFETCH < len(batches):
+                    ahead.append(submit(batches[k + PREFETCH]))
                 ok = [i for i, (w, _) in zip(batch, loaded) if w is not None]
                 feats = upstream.forward([w for w, _ in loaded if w is not None]) if ok else []
                 for i, f in zip(ok, feats):
@@ -222,11 +254,11 @@ def _run(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, s
                         store.mark_skipped(p.layout.ids[i], reason)
                         writer.put(int(offsets[i]), np.zeros((int(lengths[i]), store.num_layers,
                                                                  store.hidden_size), store.attrs["dtype"]))
-                bar.update(batch_seconds[k])
+                if on_batch is not None:
+                    on_batch(k)
     finally:
-        bar.close()
-        writer.close()
-    return total_seconds, skipped
+        edges = writer.close()
+    return skipped, edges
 
 
 def _load_or_skip(manifest: Manifest, row: int, skip_bad: bool) -> tuple[np.ndarray | None, str | None]:
@@ -265,7 +297,7 @@ class _ChunkWriter(threading.Thread):
         self.store, self.done = store, done
         self.F = store.chunk_frames
         self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.buffers: dict[int, tuple[np.ndarray, int]] = {}  # chunk -> (frames, filled count)
+        self.buffers: dict[int, tuple[np.ndarray, int, int]] = {}  # chunk -> (frames, first frame, filled count)
         self.error: BaseException | None = None
         self.pool = ThreadPoolExecutor(WRITE_THREADS)
         self.writing: deque = deque()  # futures of chunks being written, at most 2 x WRITE_THREADS
@@ -275,11 +307,14 @@ class _ChunkWriter(threading.Thread):
             raise self.error
         self.q.put((offset, frames))
 
-    def close(self) -> None:
+    def close(self) -> list[Edge]:
+        """Wait for every write; return the chunks left part-filled (their frames arrived contiguously)."""
         self.q.put(None)
         self.join()
         if self.error:
             raise self.error
+        return [(c, start, start + filled, buf[start - c * self.F:start - c * self.F + filled])
+                for c, (buf, start, filled) in sorted(self.buffers.items())]
 
     def run(self) -> None:
         try:
@@ -301,10 +336,11 @@ class _ChunkWriter(threading.Thread):
             if self.done[c]:
                 continue
             c0, c1 = c * F, min((c + 1) * F, total)
-            if c not in self.buffers:
-                self.buffers[c] = (np.empty((c1 - c0, *frames.shape[1:]), frames.dtype), 0)
-            buf, filled = self.buffers[c]
             lo, hi = max(offset, c0), min(end, c1)
+            if c not in self.buffers:
+                self.buffers[c] = (np.empty((c1 - c0, *frames.shape[1:]), frames.dtype), lo, 0)
+            buf, start, filled = self.buffers[c]
+            start = min(start, lo)  # a batch's skipped utterances come after its others
             buf[lo - c0:hi - c0] = frames[lo - offset:hi - offset]
             filled += hi - lo
             if filled == c1 - c0:
@@ -314,4 +350,4 @@ class _ChunkWriter(threading.Thread):
                 self.done[c] = True
                 del self.buffers[c]
             else:
-                self.buffers[c] = (buf, filled)
+                self.buffers[c] = (buf, start, filled)

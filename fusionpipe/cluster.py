@@ -1,0 +1,216 @@
+"""STAGE 1 on a Dask cluster: the same store as `fusionpipe extract`, filled by many workers.
+
+    client  plan (header checks, layout, batches) -> create the store -> cut work units
+    worker  load the upstream once per process -> run a unit's batches -> write the chunks it owns
+    client  aggregate progress; write the chunks two units share, from the edges the units return
+
+Work units are runs of consecutive batches of the single-process plan, so every utterance is
+computed in the same batch as `extract` computes it, and the store is the same bytes (on the same
+kind of device with the same torch thread count: CPU kernels sum in a thread-count dependent order).
+
+Chunk ownership. A chunk inside one unit's frames is written by that unit's worker. Unit edges
+are utterance edges, which rarely fall on chunk edges, so the chunk under an edge is shared: each
+of the two units returns its part (a few MB at most) and the client writes the chunk once both
+are in. No two writers ever share a chunk, and a chunk on disk is still whole and still the
+done flag.
+
+Failures. A unit that raises is retried (`retries`); the units of a lost worker (killed, out of
+memory, preempted) are rescheduled by the Dask scheduler, up to its
+`distributed.scheduler.allowed-failures`. A retried unit rewrites the same bytes into any chunk
+it had already written. If the client itself dies, rerunning the command resumes from the chunks
+on disk, as `extract` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import FusionpipeError
+from .extract import Plan, Result, needed, open_store, progress_bar, run_batches, store_url
+from .manifest import Manifest
+from .store import DEFAULT_CODEC, FeatureStore, chunk_span
+from .upstreams import Upstream, load_upstream
+
+UNIT_SECONDS = 1800.0  # audio per work unit: ~3 s of an H100, ~15 min of a CPU core on a base model
+
+
+@dataclass
+class Unit:
+    """A run of consecutive batches of a plan: one Dask task."""
+
+    batches: list[list[int]]  # positions in store order, only the batches still needed
+    seconds: float            # their audio
+    chunks: tuple[int, int]   # [lo, hi): the chunks its utterances touch (the first and last may be shared)
+
+
+def work_units(manifest: Manifest, p: Plan, done: np.ndarray, chunk_frames: int,
+               unit_seconds: float = UNIT_SECONDS) -> list[Unit]:
+    """Cut the plan's batches into units of about `unit_seconds` of audio; leave out the batches done already."""
+    units, current, seconds = [], [], 0.0
+
+    def close():
+        first, last = current[0][0], current[-1][-1]
+        span = chunk_span(p.layout.offsets[first], p.layout.offsets[last] + p.layout.lengths[last], chunk_frames)
+        units.append(Unit(list(current), seconds, (int(span[0]), int(span[1]))))
+
+    for batch in p.batches:
+        if not needed(batch, p.layout, done, chunk_frames):
+            continue
+        current.append(batch)
+        seconds += sum(manifest[p.rows[i]].duration for i in batch)
+        if seconds >= unit_seconds:
+            close()
+            current, seconds = [], 0.0
+    if current:
+        close()
+    return units
+
+
+def extract_on_cluster(manifest: Manifest, model: str, client, cache: str = "cache", *, url: str | None = None,
+                       device: str = "auto", dtype: str = "float16", codec: str = DEFAULT_CODEC,
+                       max_seconds: float = 160.0, skip_bad: bool = False, overwrite: bool = False,
+                       chunk_frames: int | None = None, unit_seconds: float = UNIT_SECONDS,
+                       threads: int | None = None, progress: bool = True) -> Result:
+    """`extract` with the upstream run by the workers of a dask.distributed `client`.
+
+    `model` is a name the workers can load (alias, HF id, or a directory they can all read); the
+    manifest's audio and the cache must be reachable from every worker (a shared filesystem or an
+    object store). `threads`: torch CPU threads per worker (None: leave the worker's setting).
+    """
+    # planning needs the frame arithmetic and the fingerprint, not the accelerator
+    upstream = load_upstream(model, device="cpu")
+    url = url or store_url(cache, manifest.name, upstream.name)
+    if url.startswith("memory://"):
+        raise FusionpipeError(f"{url}: a memory:// store lives in one process, the workers cannot reach it; "
+                              "give --cache a directory they share or an object store URL")
+    opened = open_store(manifest, upstream, url, dtype=dtype, codec=codec, max_seconds=max_seconds,
+                        skip_bad=skip_bad, overwrite=overwrite, chunk_frames=chunk_frames)
+    if isinstance(opened, Result):
+        return opened
+    store, p = opened
+    name = upstream.name
+    del upstream, opened  # the workers load their own
+    t0 = time.perf_counter()
+    done = store.done_chunks()
+    units = work_units(manifest, p, done, store.chunk_frames, unit_seconds)
+    shared = _EdgeChunks(store)
+    bar = progress_bar(sum(u.seconds for u in units), f"extract {name} on {_workers(client)} worker(s)", progress)
+    skipped = 0
+    from distributed import as_completed
+
+    manifest_f, plan_f, done_f = client.scatter([manifest, p, done], broadcast=True)  # sent once per worker
+    futures = {client.submit(_run_unit, manifest_f, plan_f, done_f, u.batches, url, model, device, threads,
+                             skip_bad, retries=2, pure=False): u for u in units}
+    try:
+        for future in as_completed(futures):
+            n_skipped, edges = future.result()  # a unit's own error is raised here, after its retries
+            skipped += n_skipped
+            for edge in edges:
+                shared.add(*edge)
+            bar.update(futures[future].seconds)
+    except BaseException:
+        client.cancel(list(futures))
+        raise
+    finally:
+        bar.close()
+    if shared.pending:
+        raise FusionpipeError(f"{url}: chunks {sorted(shared.pending)} were never completed; rerun to resume")
+    return Result(url, sum(u.seconds for u in units), time.perf_counter() - t0, len(store), skipped + len(p.skipped))
+
+
+class _EdgeChunks:
+    """Chunks shared by two units, assembled from their edges and written once complete."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.pending: dict[int, tuple[np.ndarray, int]] = {}  # chunk -> (frames, filled count)
+
+    def add(self, c: int, lo: int, hi: int, frames: np.ndarray) -> None:
+        F = self.store.chunk_frames
+        c0, c1 = c * F, min((c + 1) * F, self.store.total_frames)
+        buf, filled = self.pending.get(c) or (np.empty((c1 - c0, *frames.shape[1:]), frames.dtype), 0)
+        buf[lo - c0:hi - c0] = frames
+        filled += hi - lo
+        if filled == c1 - c0:
+            self.store.write_chunk(c, buf)
+            self.pending.pop(c, None)
+        else:
+            self.pending[c] = (buf, filled)
+
+
+def _workers(client) -> int:
+    return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+# ---- on the workers --------------------------------------------------------------------------------
+_loaded: dict[tuple[str, str], Upstream] = {}  # the one upstream this worker process holds
+_loading = threading.Lock()
+
+
+def _run_unit(manifest: Manifest, p: Plan, done: np.ndarray, batches: list[list[int]], url: str, model: str,
+              device: str, threads: int | None, skip_bad: bool):
+    if threads:
+        torch.set_num_threads(threads)
+    upstream = _upstream(model, device)
+    store = FeatureStore.open(url, mode="r+")  # per unit: a long-lived worker must not keep a stale index
+    # a copy: the writer marks chunks done as it goes, and a retry on this worker must not trust those marks
+    return run_batches(manifest, upstream, store, p, batches, done.copy(), skip_bad)
+
+
+def _upstream(model: str, device: str) -> Upstream:
+    """Load the upstream once per worker process, on this worker's GPU when there are GPUs."""
+    if device == "auto" and torch.cuda.is_available():
+        from distributed import get_worker
+
+        index = get_worker().name  # LocalCluster names its workers 0..n-1: one GPU each, round robin
+        device = f"cuda:{index % torch.cuda.device_count() if isinstance(index, int) else 0}"
+    key = (model, device)
+    with _loading:
+        if key not in _loaded:
+            _loaded.clear()  # one model per process: drop the previous one (and its GPU memory) first
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            _loaded[key] = load_upstream(model, device=device)
+        return _loaded[key]
+
+
+# ---- the cluster -----------------------------------------------------------------------------------
+@contextmanager
+def connect(cluster: str | None = None, workers: int | None = None, scheduler: str | None = None):
+    """A dask.distributed Client: on a LocalCluster of `workers` processes, or on the scheduler at `scheduler`.
+
+    Yields (client, threads): torch CPU threads per worker for a local CPU cluster (the cores shared
+    out), else None. LocalCluster's default of one GPU per worker comes from `_upstream`.
+    """
+    if (cluster is None) == (scheduler is None):
+        raise FusionpipeError("give exactly one of --cluster local (with --workers N) or --scheduler tcp://HOST:PORT")
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as e:
+            raise FusionpipeError(f"cannot reach the Dask scheduler at {scheduler} ({e}); start one with "
+                                  "`dask scheduler` and workers with `dask worker ADDRESS`") from None
+        with client:
+            yield client, None
+        return
+    if cluster != "local":
+        raise FusionpipeError(f"--cluster {cluster!r}: only 'local' is built in; for other clusters start a Dask "
+                              "scheduler and workers and pass --scheduler")
+    gpus = torch.cuda.device_count()
+    workers = workers or gpus or 1
+    if workers < 1:
+        raise FusionpipeError(f"--workers must be at least 1, got {workers}")
+    threads = None if gpus else max(1, (os.cpu_count() or 1) // workers)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as lc, Client(lc) as client:
+        yield client, threads
