@@ -210,7 +210,9 @@ def connect(cluster: str | None = None, workers: int | None = None, scheduler: s
     workers = workers or gpus or 1
     if workers < 1:
         raise FusionpipeError(f"--workers must be at least 1, got {workers}")
+    # CPU: the cores shared out, one unit at a time. GPU: two units in flight per worker, so one
+    # unit's decoding and writing overlap the other's forward passes (Upstream.forward is serialised)
     threads = None if gpus else max(1, (os.cpu_count() or 1) // workers)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as lc, Client(lc) as client:
+    with LocalCluster(n_workers=workers, threads_per_worker=2 if gpus else 1, processes=True,
+                      dashboard_address=None, silence_logs=logging.ERROR) as lc, Client(lc) as client:
         yield client, threads

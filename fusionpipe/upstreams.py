@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -220,6 +221,7 @@ class Upstream:
             self.num_layers = config.num_hidden_layers + 1
             self.frame_rate = SAMPLE_RATE / math.prod(config.conv_stride)
         self._group_norm = getattr(config, "feat_extract_norm", "layer") == "group"
+        self._lock = threading.Lock()
 
     def __repr__(self):
         return f"Upstream({self.name!r}, L={self.num_layers}, D={self.hidden_size}, device={self.device})"
@@ -254,7 +256,8 @@ class Upstream:
             raise FusionpipeError(f"{self.name}: forward expects mono 1-D waveforms, got shapes "
                                   f"{[w.shape for w in waves]}")
         on_gpu = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=on_gpu):
+        # one call at a time: batch independence swaps modules in for the call (cluster workers run 2 units)
+        with self._lock, torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=on_gpu):
             return self._forward_whisper(waves) if self.family == "whisper" else self._forward_ssl(waves)
 
     def _hidden_states(self, out) -> torch.Tensor:  # L x (B, T, D) -> (B, T, L, D)

@@ -153,7 +153,7 @@ def test_memory_stores_and_ambiguous_clusters_are_refused(speech_manifest, local
             pass
 
 
-def test_cli_extract_on_a_local_cluster(tmp_path):
+def test_cli_extract_on_a_local_cluster_and_on_a_running_scheduler(tmp_path, local_cluster):
     m = make_manifest(tmp_path / "corpus", "cli", [1.5, 2.0, 0.7, 1.1])
     args = ["extract", "--model", "toy-hubert", "--manifest", str(m.source), "--cache", str(tmp_path / "cache"),
             "--device", "cpu", "--max-seconds", "2", "--chunk-frames", "8"]
@@ -162,5 +162,11 @@ def test_cli_extract_on_a_local_cluster(tmp_path):
     assert "4 utterances" in result.output
     store = FeatureStore.open(tmp_path / "cache" / "cli" / "toy-hubert.zarr")
     assert store.is_complete() and not verify(store)
+    # the same on an existing cluster, by its scheduler's address, into another cache
+    client, _ = local_cluster
+    args[args.index("--cache") + 1] = str(tmp_path / "cache2")
+    result = CliRunner().invoke(app, [*args, "--scheduler", client.scheduler.address, "--unit-seconds", "1"])
+    assert result.exit_code == 0, result.output
+    _same_store(store, FeatureStore.open(tmp_path / "cache2" / "cli" / "toy-hubert.zarr"))
     result = CliRunner().invoke(app, [*args, "--workers", "2"])
     assert isinstance(result.exception, FusionpipeError) and "--cluster local" in str(result.exception)
