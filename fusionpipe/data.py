@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import distributed
 from .errors import FusionpipeError
 from .fuse import FusedView, ViewSpec, open_fused
 from .manifest import Manifest, Utterance, read_manifest
@@ -120,10 +121,15 @@ class BucketBatchSampler(Sampler):
     Every utterance comes exactly once per epoch (with drop_last, but for the part-filled batches at
     the two ends of the cut). An utterance longer than max_frames forms a batch of its own.
     ``skip`` (settable) starts the epoch after that many batches, to resume inside an epoch.
+
+    Data parallel (``shard=(rank, world)``): every rank cuts the same batches, from (seed, epoch), and
+    yields only its contiguous part of each (`distributed.shard`), so a batch means the same as in
+    one process; with ``deal`` it yields whole batches instead, numbers rank, rank + world, ...
+    (evaluation: each rank's batches are the single-process ones). ``batches()`` stays global.
     """
 
     def __init__(self, lengths, max_frames: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                 order=None):
+                 order=None, shard: tuple[int, int] = (0, 1), deal: bool = False):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if max_frames <= 0:
             raise FusionpipeError(f"max_frames must be positive, got {max_frames}")
@@ -132,6 +138,7 @@ class BucketBatchSampler(Sampler):
             raise ValueError("order must be a permutation of range(len(lengths))")
         self.max_frames, self.shuffle, self.seed, self.drop_last = max_frames, shuffle, seed, drop_last
         self.epoch, self.skip = 0, 0
+        self.shard, self.deal = shard, deal
         self._cache: tuple[int, list[list[int]]] | None = None
         too_long = int((self.lengths > max_frames).sum())
         if too_long:
@@ -167,10 +174,17 @@ class BucketBatchSampler(Sampler):
         return out
 
     def __iter__(self):
-        yield from self.batches()[self.skip:]
+        r, world = self.shard
+        batches = self.batches()[self.skip:]
+        if self.deal:
+            yield from batches[r::world]
+        else:
+            yield from (distributed.shard(b, r, world)[0] for b in batches)
 
     def __len__(self) -> int:
-        return max(len(self.batches()) - self.skip, 0)
+        r, world = self.shard
+        n = max(len(self.batches()) - self.skip, 0)
+        return len(range(r, n, world)) if self.deal else n
 
 
 class FusedLoader(DataLoader):
@@ -202,12 +216,14 @@ def _in_thread(batches, depth: int):
 def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None = None, max_frames: int = 8000,
                 shuffle: bool = False, seed: int = 0, num_workers: int = 0, align_time: str = "max",
                 align_layers: str = "interpolate", ids: list[str] | None = None, *, skip_missing: bool = False,
-                drop_last: bool = False, pin_memory: bool = False, prefetch: int = 2) -> DataLoader:
+                drop_last: bool = False, pin_memory: bool = False, prefetch: int = 2,
+                shard: tuple[int, int] = (0, 1), deal: bool = False) -> DataLoader:
     """A DataLoader of batch dicts over the stores fused (aligned, unmerged).
 
     ``manifest`` (labels, and the default utterance order) defaults to the TSV the stores recorded;
     ``ids`` restricts to a subset; ``max_frames`` bounds batch size x longest T (target frames).
     ``prefetch``: batches built ahead by a thread when num_workers=0 (0: none, read on demand).
+    ``shard=(rank, world)``, ``deal``: this rank's part of each batch, or its whole batches (`BucketBatchSampler`).
     Call ``loader.batch_sampler.set_epoch(e)`` each epoch when shuffling.
     """
     if manifest is not None and not isinstance(manifest, Manifest):
@@ -223,7 +239,7 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
                               "pass the manifest they were extracted from")
     dataset = FusedDataset(view, [by_id[u] for u in view.ids])
     sampler = BucketBatchSampler(view.lengths, max_frames, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                 order=view.store_order())
+                                 order=view.store_order(), shard=shard, deal=deal)
     return FusedLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                        multiprocessing_context="spawn" if num_workers else None,
                        persistent_workers=num_workers > 0, pin_memory=pin_memory, prefetch=prefetch)

@@ -177,9 +177,9 @@ class AMSoftmaxLoss(nn.Module):
         """(B, E) -> (B, C) cosine similarity to every class."""
         return F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=0)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         margin = self.m * F.one_hot(labels, self.weight.shape[1]).to(x.dtype)
-        return F.cross_entropy(self.s * (self.cosine(x) - margin), labels)
+        return F.cross_entropy(self.s * (self.cosine(x) - margin), labels, reduction=reduction)
 
 
 class SpeakerHead(nn.Module):

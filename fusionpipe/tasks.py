@@ -13,7 +13,8 @@ One small dataclass per task in `TASKS`; the trainer uses the same five calls fo
 - ``build_task(name, train, trials=None)``: labels from the TRAIN manifest's columns
   (``train`` maps a column name to its values, one per utterance).
 - ``task.build_head(in_dim, **sizes)``: the head (an nn.Module with all trained parameters).
-- ``task.loss(head, feats, lengths, targets)``: scalar loss of a batch.
+- ``task.loss(head, feats, lengths, targets)``: scalar loss of a batch; with ``reduction="none"``
+  the (B,) per-utterance losses whose mean it is (data-parallel training sums them per rank).
 - ``task.predict(head, feats, lengths)``: one prediction per utterance of a batch.
 - ``task.metrics(preds, targets)``: dict of metric name -> float over a whole eval set.
 
@@ -114,15 +115,20 @@ def greedy_ctc_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocab: Cha
 
 
 def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str],
-             vocab: CharVocab) -> torch.Tensor:
-    """CTC (blank 0, mean over the batch of per-utterance loss / target length, as s3prl).
+             vocab: CharVocab, reduction: str = "mean") -> torch.Tensor:
+    """CTC (blank 0, mean over the batch of per-utterance loss / target length, as s3prl;
+    ``reduction="none"``: those (B,) per-utterance terms, as torch's "mean" computes them).
     Characters missing from the vocabulary are skipped: they cannot be predicted anyway.
     zero_infinity: an utterance with more targets than frames gives 0, not inf."""
     ids = [vocab.encode(t, unknown="skip") for t in texts]
     targets = torch.tensor([i for seq in ids for i in seq], dtype=torch.long, device=log_probs.device)
     target_lengths = torch.tensor([len(seq) for seq in ids], dtype=torch.long, device=log_probs.device)
-    return F.ctc_loss(log_probs.transpose(0, 1), targets, lengths.to(log_probs.device), target_lengths,
-                      blank=0, zero_infinity=True)
+    args = (log_probs.transpose(0, 1), targets, lengths.to(log_probs.device), target_lengths)
+    if reduction == "mean":
+        return F.ctc_loss(*args, blank=0, zero_infinity=True)
+    if reduction != "none":
+        raise ValueError(f"ctc_loss: reduction {reduction!r}; use 'mean' or 'none'")
+    return F.ctc_loss(*args, blank=0, zero_infinity=True, reduction="none") / target_lengths.clamp(min=1)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -198,9 +204,9 @@ class AsrTask:
     def build_head(self, in_dim: int, **sizes) -> nn.Module:
         return CTCHead(in_dim, len(self.vocab), **sizes)
 
-    def loss(self, head, feats, lengths, targets) -> torch.Tensor:
+    def loss(self, head, feats, lengths, targets, reduction: str = "mean") -> torch.Tensor:
         log_probs, out_lengths = head(feats, lengths)
-        return ctc_loss(log_probs, out_lengths, _column(targets, "text", self.name), self.vocab)
+        return ctc_loss(log_probs, out_lengths, _column(targets, "text", self.name), self.vocab, reduction)
 
     def predict(self, head, feats, lengths) -> list[str]:
         log_probs, out_lengths = head(feats, lengths)
@@ -255,9 +261,10 @@ class ClassifyTask:
             raise ValueError(f"labels {unknown} are not among the train classes {self.classes}")
         return torch.tensor([index[x] for x in labels], dtype=torch.long)
 
-    def loss(self, head, feats, lengths, targets) -> torch.Tensor:
+    def loss(self, head, feats, lengths, targets, reduction: str = "mean") -> torch.Tensor:
         logits, _ = head(feats, lengths)
-        return F.cross_entropy(logits, self.indices(_column(targets, "label", self.name)).to(logits.device))
+        labels = self.indices(_column(targets, "label", self.name)).to(logits.device)
+        return F.cross_entropy(logits, labels, reduction=reduction)
 
     def predict(self, head, feats, lengths) -> list[str]:
         logits, _ = head(feats, lengths)
@@ -307,7 +314,7 @@ class VerifyTask:
     def build_head(self, in_dim: int, **sizes) -> nn.Module:
         return SpeakerHead(in_dim, len(self.speakers), **sizes)
 
-    def loss(self, head, feats, lengths, targets) -> torch.Tensor:
+    def loss(self, head, feats, lengths, targets, reduction: str = "mean") -> torch.Tensor:
         index = {s: i for i, s in enumerate(self.speakers)}
         names = _column(targets, "speaker", self.name)
         unknown = sorted(set(names) - set(index))
@@ -315,7 +322,7 @@ class VerifyTask:
             raise ValueError(f"speakers {unknown[:5]} are not among the {len(index)} train speakers")
         hidden, _ = head(feats, lengths)
         labels = torch.tensor([index[s] for s in names], dtype=torch.long, device=hidden.device)
-        return head.amsoftmax(hidden, labels)
+        return head.amsoftmax(hidden, labels, reduction)
 
     def predict(self, head, feats, lengths) -> list[np.ndarray]:
         return list(head.embed(feats, lengths).detach().float().cpu().numpy())

@@ -11,6 +11,26 @@ with the same seed. Layout of a run directory::
     runs/<name>/<variant>/best.pt    parameters at the best dev metric
     runs/<name>/<variant>/log.csv    step, loss, dev metrics
     runs/<name>/<variant>/results.json
+
+Data parallel: ``torchrun --standalone --nproc-per-node N -m fusionpipe train ...`` runs N ranks
+(`fusionpipe.distributed`: gloo on CPU, nccl with one GPU per rank). Each variant trains through
+DistributedDataParallel. Every rank cuts the same global batches (max_frames means what it means
+in one process) and reads its contiguous part of each; its summed per-utterance losses are
+weighted by N / (utterances in the global batch), so DDP's average over ranks is the gradient of
+the global batch's mean loss, and clipping after the all-reduce clips what one process would. A
+rank whose part is empty (fewer utterances than ranks) trains on a stand-in utterance with
+weight 0. The logged loss is the global batch's; dev batches are dealt whole to the ranks and
+their predictions gathered, so every rank computes the single-process corpus metrics and agrees
+on best.pt. Rank 0 alone writes the run directory and shows the progress bar; --resume works
+with any number of ranks (positions count global batches; last.pt holds the plain model's
+parameters and every rank's random state).
+
+What cannot match one process: (1) float rounding, since a rank's part is padded to its own
+longest utterance and sums come in another order (losses agree to about 1e-6 relative per
+step); (2) random draws: dropout masks, SpecAugment masks and Gumbel noise come from a stream
+per rank (rank 0 keeps the seed's; one Gumbel sample per rank's part, not per global batch).
+No head or interface keeps batch statistics (the x-vector has no BatchNorm), so nothing else
+depends on how a batch is split.
 """
 
 from __future__ import annotations
@@ -27,6 +47,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed as dist
 from .data import make_loader
 from .errors import FusionpipeError
 from .interfaces import Fusion
@@ -90,15 +111,29 @@ class FusionModel(nn.Module):
     def features(self, stacks: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         return self.fusion(stacks, lengths)
 
+    def forward(self, stacks: list[torch.Tensor], lengths: torch.Tensor, task, targets: dict,
+                specaugment: bool = False, reduction: str = "mean") -> torch.Tensor:
+        """The training loss of a batch (in forward, so that DistributedDataParallel sees the pass)."""
+        feats = self.features(stacks, lengths)
+        if specaugment:
+            feats = spec_augment(feats, lengths)
+        return task.loss(self.head, feats, lengths, targets, reduction=reduction)
+
 
 class Variant:
-    """One (fusion, merge) under training: model, optimizer and its own RNG stream."""
+    """One (fusion, merge) under training: model, optimizer and its own RNG stream.
+
+    ``model`` is the plain FusionModel (evaluated and saved); ``trainer`` the module a training
+    step calls, its DistributedDataParallel wrapper under torchrun.
+    """
 
     def __init__(self, name: str, model: FusionModel, optimizer: torch.optim.Optimizer, out: Path):
         self.name, self.model, self.optimizer, self.out = name, model, optimizer, out
+        self.trainer: nn.Module = model
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         self.best: float | None = None
+        self.best_metrics: dict | None = None
         self.train_seconds = 0.0
 
     @contextmanager
@@ -114,16 +149,22 @@ class Variant:
             if self.cuda_rng is not None:
                 self.cuda_rng = torch.cuda.get_rng_state_all()
 
-    def state(self, step: int, position: tuple[int, int]) -> dict:
+    def state(self, step: int, position: tuple[int, int], rank_rngs: list | None = None) -> dict:
+        """last.pt; ``rank_rngs``: every rank's (rng, cuda_rng) under DDP (rank 0's are also rng, cuda_rng)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
                 "position": position, "rng": self.rng, "cuda_rng": self.cuda_rng, "best": self.best,
-                "train_seconds": self.train_seconds}
+                "best_metrics": self.best_metrics, "train_seconds": self.train_seconds,
+                **({"rank_rngs": rank_rngs} if rank_rngs and len(rank_rngs) > 1 else {})}
 
     def restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.rng, self.cuda_rng, self.best = ckpt["rng"], ckpt["cuda_rng"], ckpt["best"]
+        self.best, self.best_metrics = ckpt["best"], ckpt.get("best_metrics")
         self.train_seconds = ckpt["train_seconds"]
+        rngs = ckpt.get("rank_rngs") or [(ckpt["rng"], ckpt["cuda_rng"])]
+        if len(rngs) == dist.world_size() or dist.rank() == 0:
+            self.rng, self.cuda_rng = rngs[dist.rank()]
+        # else: saved with another number of ranks; this rank keeps the fresh stream of its seed
 
     @property
     def num_params(self) -> int:
@@ -161,6 +202,8 @@ def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out
         except ValueError as e:
             raise FusionpipeError(f"variant {variant_name(fusion_name, merge)}: {e}") from None
         model = FusionModel(fusion, task.build_head(fusion.out_dim, **cfg.head)).to(device)
+        if dist.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
+            torch.manual_seed(dist.rank_seed(cfg.seed, dist.rank()))
         opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
         name = variant_name(fusion_name, merge)
         variants.append(Variant(name, model, opt_cls(model.parameters(), lr=cfg.lr), out / name))
@@ -168,27 +211,35 @@ def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, dict]:
-    """Train every variant of `cfg` in one pass over the data; returns {variant: results}."""
+    """Train every variant of `cfg` in one pass over the data; returns {variant: results}.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; see the module docstring.
+    """
     if cfg.task not in PRIMARY:
         raise FusionpipeError(f"unknown task {cfg.task!r}; choose one of {', '.join(PRIMARY)}")
     out = Path(cfg.out)
     if (out / "config.json").exists() and not resume:
         raise FusionpipeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    device = resolve_device(cfg.device)
+    device = dist.local_device(resolve_device(cfg.device))
+    created = dist.init(device)
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1:
         # leave a core to the loader's decode thread: on 2 cores, two torch threads fighting it made
         # small BiLSTM steps 9x slower (1.2 s vs 0.14 s per step, demo recipe)
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // dist.world_size() - 1))
     try:
         return _train(cfg, out, device, resume, progress)
     finally:
         torch.set_num_threads(threads)
+        if created:
+            dist.shutdown()
 
 
 def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, progress: bool) -> dict[str, dict]:
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     loader = make_loader(cfg.stores, max_frames=cfg.max_frames, shuffle=True, seed=cfg.seed,
-                         num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers)
+                         num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
+                         shard=(rank, world))
     view = loader.dataset.view
     rows = [loader.dataset.rows[i] for i in range(len(loader.dataset))]
     trials = read_trials(cfg.trials) if cfg.trials else ()
@@ -199,24 +250,29 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
             task = build_task(cfg.task, _targets(rows), trials)
         except ValueError as e:
             raise FusionpipeError(f"task {cfg.task} on {view.describe()['manifest']}: {e}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.json")
-    (out / "task.json").write_text(json.dumps(task.to_dict()))
+    dist.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.json")
+        (out / "task.json").write_text(json.dumps(task.to_dict()))
 
     variants = build_variants(cfg, task, view.dims, view.num_layers, out, device)
     step, position = 0, (0, 0)
     if resume:
         for v in variants:
             if (v.out / "last.pt").exists():
-                ckpt = torch.load(v.out / "last.pt", weights_only=False)
+                ckpt = torch.load(v.out / "last.pt", weights_only=False, map_location="cpu")
                 v.restore(ckpt)
                 step, position = ckpt["step"], tuple(ckpt["position"])
+    for v in variants:
+        v.trainer = dist.wrap(v.model, device)
     dev = make_loader(cfg.dev_stores, max_frames=cfg.max_frames, shuffle=False, num_workers=cfg.num_workers,
-                      align_time=cfg.align_time, align_layers=cfg.align_layers) if cfg.dev_stores else None
-    logs = {v.name: _Log(v.out / "log.csv", resume) for v in variants}
+                      align_time=cfg.align_time, align_layers=cfg.align_layers,
+                      shard=(rank, world), deal=True) if cfg.dev_stores else None
+    logs = {v.name: _Log(v.out / "log.csv", resume) for v in variants} if main else {}
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"train {len(variants)} variant(s)",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
+               desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
     epoch, skip = position
     while step < cfg.steps:
         loader.batch_sampler.set_epoch(epoch)
@@ -225,12 +281,15 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
             stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
             lengths = batch["lengths"].to(device)
             targets = _targets(batch["rows"])
-            losses = {}
+            # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
+            weight = dist.shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
+            losses = []
             for v in variants:
                 t0 = time.perf_counter()
                 with v.own_rng():
-                    losses[v.name] = _step(v, task, stacks, lengths, targets, cfg, step)
+                    losses.append(_step(v, task, stacks, lengths, targets, cfg, step, weight))
                 v.train_seconds += time.perf_counter() - t0
+            losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
@@ -238,12 +297,15 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
             if dev is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics = evaluate_variants(variants, task, dev, device)
             for v in variants:
-                logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
+                if main:
+                    logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
                 if v.name in metrics:
                     _keep_best(v, metrics[v.name], cfg)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 for v in variants:
-                    torch.save(v.state(step, (epoch, k + 1)), v.out / "last.pt")
+                    rngs = dist.gather((v.rng, v.cuda_rng))
+                    if main:
+                        torch.save(v.state(step, (epoch, k + 1), rngs), v.out / "last.pt")
             if step >= cfg.steps:
                 break
         else:
@@ -253,25 +315,27 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     bar.close()
     results = {}
     for v in variants:
-        if not (v.out / "best.pt").exists():  # no dev set: the last parameters are the result
+        if main and not (v.out / "best.pt").exists():  # no dev set: the last parameters are the result
             torch.save({"model": v.model.state_dict()}, v.out / "best.pt")
         # a full epoch's batches: len(loader) leaves out those a resumed epoch skipped
         results[v.name] = _results(v, cfg, step, len(loader.batch_sampler.batches()), dev)
-        (v.out / "results.json").write_text(json.dumps(results[v.name], indent=2))
+        if main:
+            (v.out / "results.json").write_text(json.dumps(results[v.name], indent=2))
     for log in logs.values():
         log.close()
     return results
 
 
-def _step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: int) -> float:
+def _step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: int, weight: float | None) -> float:
+    """One optimizer step; returns this rank's loss (with ``weight``: its weighted sum of per-utterance losses)."""
     v.model.train()
     v.model.fusion.set_progress(step / max(1, cfg.steps))
-    feats = v.model.features(stacks, lengths)
-    if cfg.specaugment:
-        feats = spec_augment(feats, lengths)
-    loss = task.loss(v.model.head, feats, lengths, targets)
+    if weight is None:
+        loss = v.trainer(stacks, lengths, task, targets, cfg.specaugment)
+    else:
+        loss = v.trainer(stacks, lengths, task, targets, cfg.specaugment, reduction="none").sum() * weight
     v.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # DDP: the gradient all-reduce (an average over ranks) happens here
     nn.utils.clip_grad_norm_(v.model.parameters(), cfg.grad_clip)
     v.optimizer.step()
     return loss.item()
@@ -279,21 +343,34 @@ def _step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: in
 
 @torch.no_grad()
 def evaluate_variants(variants: list[Variant], task, loader, device: torch.device) -> dict[str, dict]:
-    """Dev/test metrics of every variant, reading each batch once."""
-    preds = {v.name: [] for v in variants}
+    """Dev/test metrics of every variant, reading each batch once.
+
+    Under DDP the loader deals whole batches to the ranks (batch j of rank r is batch r + j * world);
+    every rank gathers all of them, in the single-process order, and computes the same metrics.
+    """
+    rank, world = dist.rank(), dist.world_size()
+    read = []  # (batch number, {variant: predictions}, targets) of the batches this rank read
     seconds = {v.name: 0.0 for v in variants}
-    targets: dict[str, list] = {}
     for v in variants:
         v.model.eval()
-    for batch in loader:
+    for j, batch in enumerate(loader):
         stacks = [s.to(device) for s in batch["stacks"]]
         lengths = batch["lengths"].to(device)
-        for c, values in _targets(batch["rows"]).items():
-            targets.setdefault(c, []).extend(values)
+        preds = {}
         for v in variants:
             t0 = time.perf_counter()
-            preds[v.name].extend(task.predict(v.model.head, v.model.features(stacks, lengths), lengths))
+            preds[v.name] = task.predict(v.model.head, v.model.features(stacks, lengths), lengths)
             seconds[v.name] += time.perf_counter() - t0
+        read.append((rank + j * world, preds, _targets(batch["rows"])))
+    everything = dist.gather((read, seconds))
+    preds = {v.name: [] for v in variants}
+    targets: dict[str, list] = {}
+    for _, batch_preds, batch_targets in sorted((b for got, _ in everything for b in got), key=lambda b: b[0]):
+        for name, values in batch_preds.items():
+            preds[name].extend(values)
+        for c, values in batch_targets.items():
+            targets.setdefault(c, []).extend(values)
+    seconds = {name: sum(s[name] for _, s in everything) for name in seconds}  # compute time, all ranks
     out = {}
     for v in variants:
         try:
@@ -313,8 +390,9 @@ def _keep_best(v: Variant, metrics: dict, cfg: TrainConfig) -> None:
         raise FusionpipeError(f"select={key!r} is not a dev metric of task {cfg.task}; choose one of {sorted(metrics)}")
     value = metrics[key]
     if v.best is None or (value < v.best if lower else value > v.best):
-        v.best = value
-        torch.save({"model": v.model.state_dict(), "metrics": metrics}, v.out / "best.pt")
+        v.best, v.best_metrics = value, metrics
+        if dist.is_main():
+            torch.save({"model": v.model.state_dict(), "metrics": metrics}, v.out / "best.pt")
 
 
 def _results(v: Variant, cfg: TrainConfig, step: int, batches_per_epoch: int, dev) -> dict:
@@ -322,7 +400,7 @@ def _results(v: Variant, cfg: TrainConfig, step: int, batches_per_epoch: int, de
            "train_seconds": round(v.train_seconds, 3),
            "train_seconds_per_epoch": round(v.train_seconds / max(step, 1) * batches_per_epoch, 3)}
     if dev is not None:  # the metrics best.pt was chosen by: no second pass over the dev set
-        res["dev"] = torch.load(v.out / "best.pt", weights_only=False)["metrics"]
+        res["dev"] = v.best_metrics or torch.load(v.out / "best.pt", weights_only=False)["metrics"]
     return res
 
 
