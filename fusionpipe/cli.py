@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -272,11 +273,14 @@ def train(
     cfg = TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion), merge=_list(merge),
                       out=str(out or Path("runs") / f"{task}-{names}"), device=device, num_workers=num_workers,
                       **{**preset, **given})
-    _say(f"train {task} on {manifest.name} ({len(manifest)} utterances) with {names}; dev: {len(dev)} store(s); "
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
+    say = _say if main_rank else (lambda _: None)
+    say(f"train {task} on {manifest.name} ({len(manifest)} utterances) with {names}; dev: {len(dev)} store(s); "
          f"variants {', '.join(f + '-' + m for f, m in cfg.variants())}; {cfg.steps} steps; head {cfg.head or 'SUPERB'}"
          f" -> {cfg.out}")
     for name, res in run(cfg, resume=resume).items():
-        typer.echo(f"{name}: {json.dumps(res.get('dev', {}))} params={res['trainable_params']}")
+        if main_rank:
+            typer.echo(f"{name}: {json.dumps(res.get('dev', {}))} params={res['trainable_params']}")
 
 
 @app.command()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from distributed import Client, LocalCluster, as_completed, get_worker
 
 from .errors import FusionpipeError
 from .extract import Plan, Result, needed, open_store, progress_bar, run_batches, store_url
@@ -104,8 +105,6 @@ def extract_on_cluster(manifest: Manifest, model: str, client, cache: str = "cac
     shared = _EdgeChunks(store)
     bar = progress_bar(sum(u.seconds for u in units), f"extract {name} on {_workers(client)} worker(s)", progress)
     skipped = 0
-    from distributed import as_completed
-
     manifest_f, plan_f, done_f = client.scatter([manifest, p, done], broadcast=True)  # sent once per worker
     futures = {client.submit(_run_unit, manifest_f, plan_f, done_f, u.batches, url, model, device, threads,
                              skip_bad, retries=2, pure=False): u for u in units}
@@ -168,8 +167,6 @@ def _run_unit(manifest: Manifest, p: Plan, done: np.ndarray, batches: list[list[
 def _upstream(model: str, device: str) -> Upstream:
     """Load the upstream once per worker process, on this worker's GPU when there are GPUs."""
     if device == "auto" and torch.cuda.is_available():
-        from distributed import get_worker
-
         index = get_worker().name  # LocalCluster names its workers 0..n-1: one GPU each, round robin
         device = f"cuda:{index % torch.cuda.device_count() if isinstance(index, int) else 0}"
     key = (model, device)
@@ -192,8 +189,6 @@ def connect(cluster: str | None = None, workers: int | None = None, scheduler: s
     """
     if (cluster is None) == (scheduler is None):
         raise FusionpipeError("give exactly one of --cluster local (with --workers N) or --scheduler tcp://HOST:PORT")
-    from distributed import Client, LocalCluster
-
     if scheduler is not None:
         try:
             client = Client(scheduler, timeout="30s")

@@ -5,7 +5,7 @@
 
 The batch plan is a pure function of the manifest and the budget, so a rerun after a crash
 forms exactly the same batches and writes byte-identical chunks; it only recomputes the
-batches that touch a chunk not yet on disk.
+batches that touch a chunk not yet on disk. cluster.py runs the same plan on Dask workers.
 """
 
 from __future__ import annotations
