@@ -124,7 +124,9 @@ class FeatureStore:
             chunks=(chunk_frames, num_layers, hidden_size), compressors=CODECS[codec](),
             fill_value=0, config={"write_empty_chunks": True},  # chunk exists <=> chunk done
         )
-        group.attrs.update({
+        # one write of the group's metadata, last: `format` marks a store whose creation finished
+        # (Attributes.update would rewrite zarr.json once per key)
+        group.update_attributes({
             **(attrs or {}), "format": FORMAT, "fusionpipe_version": __version__, "dtype": dtype,
             "codec": codec, "num_layers": num_layers, "hidden_size": hidden_size,
             "chunk_frames": chunk_frames, "total_frames": layout.total_frames, "num_utterances": n,
@@ -139,8 +141,8 @@ class FeatureStore:
                 raise KeyError("hidden")
         except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError) as e:
             raise FusionpipeError(
-                f"{url} is not a fusionpipe feature store ({type(e).__name__}: {e}); "
-                "make it with `fusionpipe extract`"
+                f"{url} is not a fusionpipe feature store ({type(e).__name__}: {e}); make it with `fusionpipe "
+                "extract` (a store whose creation was interrupted looks like this: pass --overwrite)"
             ) from None
         return cls(group, str(url))
 

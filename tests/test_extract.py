@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import zarr
 from transformers import AutoFeatureExtractor, AutoModel
 
 from fusionpipe.errors import FusionpipeError
@@ -79,6 +80,17 @@ def test_store_of_another_fingerprint_is_refused_unless_overwrite(speech_manifes
     r2 = extract(speech_manifest, "toy-wavlm", tmp_path, dtype="float32", overwrite=True, progress=False,
                  device="cpu")
     assert r2.url == r.url and FeatureStore.open(r.url).hidden.dtype == np.float32
+
+
+def test_a_store_killed_while_being_created_asks_for_overwrite(speech_manifest, tmp_path):
+    """The arrays exist but the metadata written last (with `format`) does not: refused, --overwrite mends it."""
+    url = tmp_path / "half.zarr"
+    group = zarr.open_group(str(url), mode="w")
+    group.create_array("hidden", shape=(10, 4, 32), chunks=(5, 4, 32), dtype="float16")
+    with pytest.raises(FusionpipeError, match="interrupted.*--overwrite"):
+        extract(speech_manifest, "toy-wavlm", url=str(url), progress=False, device="cpu")
+    r = extract(speech_manifest, "toy-wavlm", url=str(url), overwrite=True, progress=False, device="cpu")
+    assert FeatureStore.open(r.url).is_complete()
 
 
 def test_changed_manifest_is_refused(speech_manifest, tmp_path):
