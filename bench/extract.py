@@ -7,6 +7,8 @@
 Prints, measured side by side in one run:
   extract / bare   wall time of `extract()` over the batches of its plan divided by the bare
                    upstream forward (+ device->host copy) over the same batches, audio preloaded
+  stages alone     decode, forward + copy, compress + write, each timed alone over the whole
+                   manifest: the slowest bounds extract, which overlaps them
   codecs           bytes per audio-second and write MB/s for each codec on the same features
   peak RSS         of this process
 """
@@ -19,6 +21,7 @@ import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusionpipe import audio  # noqa: E402
-from fusionpipe.extract import extract, plan  # noqa: E402
+from fusionpipe.extract import IO_THREADS, WRITE_THREADS, extract, plan  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests  # noqa: E402
 from fusionpipe.store import CODECS, FeatureStore  # noqa: E402
 from fusionpipe.upstreams import load_upstream, make_local_model  # noqa: E402
@@ -92,6 +95,24 @@ def main() -> None:
     print(f"\nbare forward {t_bare:.2f} s ({m.duration / t_bare:.0f}x real time), "
           f"extract {t_full:.2f} s ({m.duration / t_full:.0f}x real time)")
     print(f"extract / bare = {t_full / t_bare:.3f}   (goal <= 1.1; includes audio decode and header checks)")
+
+    # the pipeline's stages alone, each over the whole manifest: extract can be no faster than the slowest
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(IO_THREADS) as io:
+        list(io.map(lambda r: audio.load(m, r), p.rows))
+    t_decode = time.perf_counter() - t0
+    store = FeatureStore.open(url)
+    feats_all = store.hidden[:]
+    dst = FeatureStore.create(tmp / "write-only.zarr", _layout(store), num_layers=store.num_layers,
+                              hidden_size=store.hidden_size, attrs={"upstream": store.attrs["upstream"]})
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(WRITE_THREADS) as pool:
+        F = dst.chunk_frames
+        list(pool.map(lambda c: dst.write_chunk(c, feats_all[c * F:(c + 1) * F]), range(dst.num_chunks)))
+    t_write = time.perf_counter() - t0
+    del feats_all
+    print(f"stages alone: decode {t_decode:.2f} s ({IO_THREADS} threads), forward + copy {t_bare:.2f} s, "
+          f"compress + write {t_write:.2f} s ({WRITE_THREADS} threads, zstd)")
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS after extraction {peak:.0f} MB (model, preloaded audio, batch buffers)")
