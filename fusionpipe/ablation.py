@@ -12,6 +12,7 @@ The recipe (every key is checked; an unknown, missing or mistyped one is an erro
     manifest_dir: manifests           # where a bare manifest name is looked up (default: manifests)
     manifests: {train: demo-train, dev: demo-dev, test: demo-test}
     upstreams: [toy-wavlm, toy-hubert, toy-whisper]   # extracted over every manifest of every task
+                                                      # (or a task's extract_from alone)
     extract: {dtype: float16, device: auto, codec: zstd, max_seconds: 160, skip_bad: false}
     tasks:                            # <name>: {settings}; the name is the `task` column
       asr: {head: {proj: 32, hidden: 32, layers: 1}, steps: 200, eval_every: 100, metric: cer}
@@ -19,6 +20,7 @@ The recipe (every key is checked; an unknown, missing or mistyped one is an erro
       er:                             # a task named otherwise says which trainer task it is
         task: classify
         folds: [1, 2, 3, 4, 5]        # one run per fold, {fold} in manifests / trials; mean reported
+        extract_from: iemocap         # stores extracted once, over the whole corpus (see below)
         manifests: {train: iemocap-fold{fold}-train, dev: iemocap-fold{fold}-dev,
                     test: iemocap-fold{fold}-test}
       sv: {task: verify, manifests: {...}, trials: {test: manifests/voxceleb1-trials.txt}}
@@ -36,9 +38,17 @@ The recipe (every key is checked; an unknown, missing or mistyped one is an erro
   task's own `manifests` replace the recipe's. Trial lists (verify): `trials: {dev:, test:}`,
   paths, or `demo-trials` for the bundled corpus's list: one for each of the task's dev and
   test manifests (a verify task without dev trains `steps` and keeps its last parameters).
+- `extract_from: <manifest>` (per task): the task's stores are extracted ONCE, over that manifest,
+  and its split (and fold) manifests choose rows of them: train, dev and test all read the same
+  stores, each split its own utterances and labels (TrainConfig `manifest` / `dev_manifest`,
+  `evaluate(manifest=)`). Cross-validation folds cover a corpus once per fold, so without it
+  IEMOCAP's 5 folds run every upstream over the corpus 5 times. Every row of a split manifest
+  must be a row of it (same id, path, num_samples and sample_rate): the plan checks, before
+  extracting.
 - Settings (recipe `train:`, overridden per task): any `TrainConfig` field but those the
-  recipe sets itself (stores, task, fusion, merge, out, dev_stores, trials); `head` sizes are
-  checked against the task's head, `interface` options against every fusion in the grid.
+  recipe sets itself (stores, task, fusion, merge, out, dev_stores, manifest, dev_manifest,
+  trials); `head` sizes are checked against the task's head, `interface` options against every
+  fusion in the grid.
 - An upstream set is named by its aliases joined with "+", in the order given; a variant is
   "<fusion>-<merge>". A set of ONE upstream trains each fusion once, under the first merge
   of the grid: merging one stack is the identity, so add and concat would be the same run.
@@ -72,14 +82,14 @@ import yaml
 
 from .errors import FusionpipeError
 from .extract import store_url
-from .manifest import BUNDLED, read_manifest
+from .manifest import BUNDLED, check_subset, read_manifest
 
 CORPUS = Path(__file__).parent / "corpus"
 SPLITS = ("train", "dev", "test")
 METRICS = {"asr": ("wer", "cer"), "multilingual": ("cer",), "classify": ("accuracy", "macro_f1"), "verify": ("eer",)}
 LOWER_IS_BETTER = {"wer", "cer", "eer"}
 # keys of TrainConfig the recipe fills in itself, per run
-RUN_KEYS = ("stores", "task", "fusion", "merge", "out", "dev_stores", "trials")
+RUN_KEYS = ("stores", "task", "fusion", "merge", "out", "dev_stores", "manifest", "dev_manifest", "trials")
 # config fields that may differ between the first run and a rerun without changing results
 NOT_COMPARED = ("device", "num_workers")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -104,6 +114,11 @@ class TaskSpec:
     folds: list[str]             # [] without folds
     settings: dict[str, Any]     # TrainConfig fields (recipe `train:` then the task's own)
     metric: str | None = None    # what the tables report (default: the trainer's primary metric)
+    extract_from: str | None = None  # one manifest whose stores every split and fold reads rows of
+
+    def store_manifest(self, split: str, fold: str | None) -> str:
+        """The manifest reference whose stores the split reads."""
+        return self.extract_from or _fill(self.manifests[split], fold)
 
     def fold_list(self) -> list[str | None]:
         return list(self.folds) or [None]
@@ -330,7 +345,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         where = f"tasks.{key}"
         c.string(key, where, pattern=_NAME)
         spec = c.mapping(spec if spec is not None else {}, where,
-                         optional=("task", "manifests", "trials", "folds", "metric", *settable))
+                         optional=("task", "manifests", "trials", "folds", "metric", "extract_from", *settable))
         if "task" not in spec and key not in TASKS:
             c.fail(where, f"{key!r} is not a task: add `task:` (one of {', '.join(TASKS)})")
         task = c.string(spec.get("task", key), f"{where}.task", TASKS)
@@ -371,7 +386,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
                            f"interface {f} (in grid.fusion) takes no option {k!r}; it takes "
                            f"{', '.join(sorted(allowed)) or 'none'}")
         metric = c.string(spec["metric"], f"{where}.metric", METRICS[task]) if "metric" in spec else None
-        tasks[key] = TaskSpec(key, task, manifests, trials, folds, merged, metric)
+        extract_from = c.string(spec["extract_from"], f"{where}.extract_from") if "extract_from" in spec else None
+        if extract_from is not None and "{fold}" in extract_from:
+            c.fail(f"{where}.extract_from", "{fold} is not allowed: the point is one extraction for every fold")
+        tasks[key] = TaskSpec(key, task, manifests, trials, folds, merged, metric, extract_from)
 
     # paper references
     paper_raw = c.mapping(top.get("paper", {}), "paper", optional=tuple(tasks))
@@ -439,6 +457,7 @@ class Run:
     config: dict                  # TrainConfig(**config)
     test_stores: list[str]
     test_trials: str | None
+    test_manifest: str | None = None  # the test rows of test_stores (extract_from), None: all of them
     status: str = "train"         # train | resume | evaluate | done | stale
     reason: str = ""
 
@@ -566,14 +585,16 @@ def plan_recipe(recipe: Recipe) -> Plan:
     lists are listed in ``plan.problems``.
     """
     problems: list[str] = []
-    # every manifest the tasks use, in order
+    # every manifest the tasks use, in order, and those that stores are extracted from
     refs: dict[Path, str] = {}
+    extracted: set[Path] = set()
     for spec in recipe.tasks.values():
         for fold in spec.fold_list():
             for split in SPLITS:
                 if split in spec.manifests:
-                    ref = _fill(spec.manifests[split], fold)
-                    refs.setdefault(manifest_path(recipe, ref), ref)
+                    for ref in (spec.store_manifest(split, fold), _fill(spec.manifests[split], fold)):
+                        refs.setdefault(manifest_path(recipe, ref), ref)
+                    extracted.add(manifest_path(recipe, spec.store_manifest(split, fold)))
     manifests = {}
     for path, ref in refs.items():
         if not path.is_file():
@@ -594,6 +615,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
             L, D, rate = dims
             bytes_per_second = L * D * (2 if recipe.extract["dtype"] == "float16" else 4) * rate
         for path, m in manifests.items():
+            if path not in extracted:
+                continue
             name = m.name if m is not None else path.stem
             url = store_url(recipe.cache, name, upstream)
             seconds = m.duration if m is not None else None
@@ -615,6 +638,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
             p = _weights_problem(upstream)
             if p:
                 problems.append(p)
+    problems += _subset_problems(recipe, manifests)
 
     runs = []
     for spec in recipe.tasks.values():
@@ -631,6 +655,29 @@ def plan_recipe(recipe: Recipe) -> Plan:
         if x.status == "stale":
             problems.append(f"run {x.label}: {x.reason}")
     return Plan(recipe, extractions, runs, problems)
+
+
+def _subset_problems(recipe: Recipe, manifests: dict) -> list[str]:
+    """Every split manifest of a task with `extract_from` must be rows of that manifest (checked before
+    any extraction; stage 3 checks them against the stores again)."""
+    problems = []
+    for spec in recipe.tasks.values():
+        whole = manifests.get(manifest_path(recipe, spec.extract_from)) if spec.extract_from else None
+        if whole is None:
+            continue
+        rows = whole.by_id()
+        for fold in spec.fold_list():
+            for split, ref in spec.manifests.items():
+                part = manifests.get(manifest_path(recipe, _fill(ref, fold)))
+                if part is None:
+                    continue
+                try:
+                    check_subset(part, rows, f"manifest {whole.source} (tasks.{spec.name}.extract_from)",
+                                 f"tasks.{spec.name}.extract_from must name a manifest that holds every row of "
+                                 "the task's split manifests")
+                except FusionpipeError as e:
+                    problems.append(str(e))
+    return problems
 
 
 def _store_state(e: Extraction, m, problems: list[str]) -> None:
@@ -657,9 +704,15 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
     def stores(split: str) -> list[str]:
         if split not in spec.manifests:
             return []
-        path = manifest_path(recipe, _fill(spec.manifests[split], fold))
+        path = manifest_path(recipe, spec.store_manifest(split, fold))
         m = manifests.get(path)
         return [store_url(recipe.cache, m.name if m is not None else path.stem, u) for u in upstreams]
+
+    def rows(split: str) -> str | None:
+        """The split's manifest where it chooses rows of larger stores (extract_from), else None (all rows)."""
+        if spec.extract_from is None or split not in spec.manifests:
+            return None
+        return str(manifest_path(recipe, _fill(spec.manifests[split], fold)))
 
     out = recipe.out / "runs" / spec.name / set_name(upstreams)
     if fold is not None:
@@ -669,10 +722,11 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
     config = {**spec.settings, "stores": stores("train"), "task": spec.task,
               "fusion": list(dict.fromkeys(f for f, _ in variants)),
               "merge": list(dict.fromkeys(m for _, m in variants)), "out": str(out),
-              "dev_stores": stores("dev"), "trials": str(dev_trials) if dev_trials else None}
+              "dev_stores": stores("dev"), "manifest": rows("train"), "dev_manifest": rows("dev"),
+              "trials": str(dev_trials) if dev_trials else None}
     test_trials = trials.get("test")
     run = Run(spec, fold, upstreams, variants, out, config, stores("test"),
-              str(test_trials) if test_trials else None)
+              str(test_trials) if test_trials else None, test_manifest=rows("test"))
     saved = out / "config.json"
     if saved.is_file():
         from .train import TrainConfig
@@ -734,7 +788,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
             echo(f"train {x.label}: {len(x.variants)} variant(s) in one pass -> {x.out}")
             stage3.train(stage3.TrainConfig(**x.config), resume=x.status == "resume", progress=progress)
         if x.status != "done" and x.test_stores:
-            metrics = stage3.evaluate(x.out, x.test_stores, trials=x.test_trials)
+            metrics = stage3.evaluate(x.out, x.test_stores, trials=x.test_trials, manifest=x.test_manifest)
             (x.out / "test.json").write_text(json.dumps(metrics, indent=2))
     paths = write_report(recipe, plan)
     echo("wrote " + ", ".join(str(p) for p in paths))

@@ -233,7 +233,11 @@ def _options(pairs: Optional[List[str]]) -> dict:
 @app.command()
 def train(
     stores: Optional[List[str]] = typer.Option(None, help="train stores (repeat or comma list; default: demo cache)"),
-    dev_stores: Optional[List[str]] = typer.Option(None, help="dev stores, same upstreams, in the same order"),
+    dev_stores: Optional[List[str]] = typer.Option(None, help="dev stores, same upstreams, in the same order "
+                                                    "(default: none; the train stores with --dev-manifest)"),
+    manifest: Optional[Path] = typer.Option(None, help="train on these rows of the stores, with its labels (default: "
+                                            "all, as extracted): e.g. one fold of a corpus extracted whole"),
+    dev_manifest: Optional[Path] = typer.Option(None, help="evaluate on these rows of the dev stores"),
     task: Optional[str] = typer.Option(None, help="asr, classify, verify, multilingual (default: from the manifest)"),
     fusion: List[str] = typer.Option(["hconv"], help="interfaces: hconv, weighted-sum, gumbel, last-layer, single-layer"),
     merge: List[str] = typer.Option(["concat"], help="add, concat (lists: every fusion x merge trains in one pass)"),
@@ -251,11 +255,17 @@ def train(
     device: str = typer.Option("auto"), num_workers: int = typer.Option(0),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
 ):
-    """STAGE 3: train the fusion interface + task head from the cache; every fusion x merge in one pass."""
-    from .store import FeatureStore
-    from .train import DEMO, TrainConfig, default_task, demo_stores, train as run
+    """STAGE 3: train the fusion interface + task head from the cache; every fusion x merge in one pass.
+
+    --manifest / --dev-manifest choose rows of the stores (ids, with their labels): extract a corpus
+    once and train each split or fold from it. Each row must be an utterance the stores hold, the same
+    audio (path, num_samples).
+    """
     from .data import recorded_manifest
     from .fuse import open_fused
+    from .manifest import read_manifest
+    from .store import FeatureStore
+    from .train import DEMO, TrainConfig, default_task, demo_stores, train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
                  grad_clip=grad_clip, seed=seed, specaugment=specaugment, head=_options(head) or None,
@@ -267,15 +277,19 @@ def train(
         train_stores, found_dev = demo_stores(cache)
         dev = dev or found_dev
         preset = DEMO
-    manifest = recorded_manifest(open_fused(train_stores))
-    task = task or default_task(manifest)
+    if dev_manifest is not None and not dev:
+        dev = train_stores
+    rows = read_manifest(manifest) if manifest is not None else recorded_manifest(open_fused(train_stores))
+    task = task or default_task(rows)
     names = "+".join(FeatureStore.open(s).attrs["upstream"]["name"] for s in train_stores)
     cfg = TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion), merge=_list(merge),
                       out=str(out or Path("runs") / f"{task}-{names}"), device=device, num_workers=num_workers,
-                      **{**preset, **given})
+                      manifest=str(manifest) if manifest else None,
+                      dev_manifest=str(dev_manifest) if dev_manifest else None, **{**preset, **given})
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     say = _say if main_rank else (lambda _: None)
-    say(f"train {task} on {manifest.name} ({len(manifest)} utterances) with {names}; dev: {len(dev)} store(s); "
+    say(f"train {task} on {rows.name} ({len(rows)} utterances) with {names}; dev: {len(dev)} store(s)"
+        f"{f' ({Path(dev_manifest).stem})' if dev_manifest else ''}; "
          f"variants {', '.join(f + '-' + m for f, m in cfg.variants())}; {cfg.steps} steps; head {cfg.head or 'SUPERB'}"
          f" -> {cfg.out}")
     for name, res in run(cfg, resume=resume).items():
@@ -286,13 +300,18 @@ def train(
 @app.command()
 def evaluate(
     run: Path,
-    manifest: Optional[Path] = typer.Option(None, help="evaluate on the caches of this manifest (default: demo-test)"),
-    stores: Optional[List[str]] = typer.Option(None, help="or name the stores directly"),
+    manifest: Optional[Path] = typer.Option(None, help="the utterances (and labels) to evaluate on: its rows of "
+                                            "--stores, else its own caches (default: demo-test)"),
+    stores: Optional[List[str]] = typer.Option(None, help="the stores to read (default: the caches of --manifest)"),
     cache: str = typer.Option("cache", help="store root (directory or fsspec URL) with the manifest's caches"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list"),
     device: str = typer.Option("auto"),
 ):
-    """Metrics of a run's best checkpoints on any cached manifest; JSON beside the run + one line each."""
+    """Metrics of a run's best checkpoints on any cached manifest; JSON beside the run + one line each.
+
+    With --stores and --manifest: on the manifest's rows of those stores (e.g. one fold's test set of a
+    corpus extracted whole); with --stores alone: on all their utterances.
+    """
     from .extract import store_url
     from .manifest import bundled_manifests, read_manifest
     from .store import FeatureStore
@@ -308,9 +327,12 @@ def evaluate(
         missing = [s for s in eval_stores if not FeatureStore.exists(s)]
         if missing:
             raise FusionpipeError(f"{m.name} is not cached for this run's upstreams ({', '.join(missing)}); "
-                                  f"run `fusionpipe extract --manifest {manifest or m.name} --model ...` first")
-    results = run_eval(run, eval_stores, trials=trials or cfg.trials, device=device)
-    label = Path(eval_stores[0]).parent.name
+                                  f"run `fusionpipe extract --manifest {manifest or m.name} --model ...` first, "
+                                  "or name stores that hold its utterances (an extraction of the whole corpus) "
+                                  "with --stores")
+    rows = manifest if stores else None  # else the stores are the manifest's own: all their rows
+    results = run_eval(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows)
+    label = Path(rows).stem if rows else Path(eval_stores[0]).parent.name
     (run / f"eval-{label}.json").write_text(json.dumps(results, indent=2))
     for name, metrics in results.items():
         typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import distributed
 from .errors import FusionpipeError
 from .fuse import FusedView, ViewSpec, open_fused
-from .manifest import Manifest, Utterance, read_manifest
+from .manifest import Manifest, Utterance, check_subset, read_manifest
+from .store import FeatureStore
 
 
 class PaddedItems(list):
@@ -220,17 +221,23 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
                 shard: tuple[int, int] = (0, 1), deal: bool = False) -> DataLoader:
     """A DataLoader of batch dicts over the stores fused (aligned, unmerged).
 
-    ``manifest`` (labels, and the default utterance order) defaults to the TSV the stores recorded;
-    ``ids`` restricts to a subset; ``max_frames`` bounds batch size x longest T (target frames).
+    ``manifest`` (labels, and the default utterance order) defaults to the TSV the stores recorded.
+    Given, its rows are the utterances read: any subset of the stores' (one extraction over a whole
+    corpus serves every split and fold of it), each the same audio as the stores' row of its id
+    (`check_rows`). ``ids`` restricts further; ``max_frames`` bounds batch size x longest T (target frames).
     ``prefetch``: batches built ahead by a thread when num_workers=0 (0: none, read on demand).
     ``shard=(rank, world)``, ``deal``: this rank's part of each batch, or its whole batches (`BucketBatchSampler`).
     Call ``loader.batch_sampler.set_epoch(e)`` each epoch when shuffling.
     """
-    if manifest is not None and not isinstance(manifest, Manifest):
-        manifest = read_manifest(manifest)
-    if ids is None and manifest is not None:
-        ids = [u.id for u in manifest]
-    view = open_fused(stores, None, align_time, align_layers, skip_missing=skip_missing, ids=ids)
+    opened = [s if isinstance(s, FeatureStore) else FeatureStore.open(s) for s in stores]
+    if manifest is not None:
+        if not isinstance(manifest, Manifest):
+            manifest = read_manifest(manifest)
+        if opened:
+            check_rows(manifest, opened[0])
+        if ids is None:
+            ids = [u.id for u in manifest]
+    view = open_fused(opened, None, align_time, align_layers, skip_missing=skip_missing, ids=ids)
     by_id = (manifest or recorded_manifest(view)).by_id()
     lacking = [u for u in view.ids if u not in by_id]
     if lacking:
@@ -247,13 +254,37 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
 
 def recorded_manifest(view: FusedView) -> Manifest:
     """The manifest the view's stores were extracted from (labels live there), checked against its hash."""
-    mf = view.stores[0].attrs.get("manifest") or {}
+    store = view.stores[0]
+    mf = store.attrs.get("manifest") or {}
     path = mf.get("path")
     if not path or not Path(path).is_file():
-        raise FusionpipeError(f"{view.stores[0].url} was extracted from manifest {mf.get('name')} at {path}, which is "
+        raise FusionpipeError(f"{store.url} was extracted from manifest {mf.get('name')} at {path}, which is "
                               "not there any more; pass manifest=PATH.tsv (the labels come from it)")
-    m = read_manifest(path)
-    if m.content_hash() != mf.get("sha256"):
-        raise FusionpipeError(f"manifest {path} changed since {view.stores[0].url} was extracted; re-extract, or pass "
+    m = _recorded(store)
+    if m is None:
+        raise FusionpipeError(f"manifest {path} changed since {store.url} was extracted; re-extract, or pass "
                               "manifest=PATH.tsv explicitly to use its labels anyway")
     return m
+
+
+def _recorded(store: FeatureStore) -> Manifest | None:
+    """The manifest `store` was extracted from, or None when it is gone or its rows changed since."""
+    mf = store.attrs.get("manifest") or {}
+    path = mf.get("path")
+    if not path or not Path(path).is_file():
+        return None
+    m = read_manifest(path)
+    return m if m.content_hash() == mf.get("sha256") else None
+
+
+def check_rows(manifest: Manifest, store: FeatureStore) -> None:
+    """Each row of an explicitly given manifest must be an utterance `store` was extracted from, the same
+    audio: compared with the store's recorded manifest row (path, num_samples, sample_rate), or by id only
+    when that manifest is gone or changed (then the given manifest is the one to trust, labels included).
+    The stores fused with `store` share its manifest (`open_fused` checks)."""
+    name = (store.attrs.get("manifest") or {}).get("name")
+    recorded = _recorded(store)
+    rows = recorded.by_id() if recorded is not None else dict.fromkeys([*store.ids, *store.skipped()])
+    check_subset(manifest, rows, f"the stores ({store.url}: extracted from manifest {name})",
+                 "extract the stores from a manifest that contains it (e.g. the whole corpus, as a recipe's "
+                 "`extract_from:` does)")

@@ -93,6 +93,20 @@ class Manifest:
         return f"{src} row {row + 1} (id {self.utterances[row].id})"
 
 
+def check_subset(part: Manifest, whole: dict[str, Utterance | None], whole_name: str, fix: str) -> None:
+    """Every row of ``part`` must be a row of ``whole`` (id -> row; None: only the id is known) that
+    describes the same audio: the same path (as written, relative to the root), num_samples and
+    sample_rate. Raises FusionpipeError naming the first row that is not, ``whole_name`` and ``fix``."""
+    for i, u in enumerate(part):
+        if u.id not in whole:
+            raise FusionpipeError(f"{part.where(i)} is not in {whole_name}; {fix}")
+        r = whole[u.id]
+        if r is not None and (r.path, r.num_samples, r.sample_rate) != (u.path, u.num_samples, u.sample_rate):
+            raise FusionpipeError(f"{part.where(i)} is {u.path} ({u.num_samples} samples at {u.sample_rate} Hz) "
+                                  f"but {whole_name} has {r.path} ({r.num_samples} samples at {r.sample_rate} Hz) "
+                                  f"under that id: not the same audio; {fix}")
+
+
 def _cells(u: Utterance) -> list[str]:
     return ["" if v is None else str(v) for v in dataclasses.astuple(u)]
 

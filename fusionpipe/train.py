@@ -69,6 +69,8 @@ class TrainConfig:
     merge: list[str] = field(default_factory=lambda: ["concat"])
     out: str = "runs/default"
     dev_stores: list[str] = field(default_factory=list)
+    manifest: str | None = None                 # train on these rows of the stores (default: all, as extracted)
+    dev_manifest: str | None = None             # evaluate on these rows of the dev stores (default: all)
     trials: str | None = None                   # verify: trial list over the dev stores' utterances
     steps: int = 200_000
     eval_every: int = 1000
@@ -218,6 +220,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.task not in PRIMARY:
         raise FusionpipeError(f"unknown task {cfg.task!r}; choose one of {', '.join(PRIMARY)}")
     out = Path(cfg.out)
+    if cfg.dev_manifest and not cfg.dev_stores:
+        raise FusionpipeError(f"dev_manifest={cfg.dev_manifest} chooses rows of the dev stores, but none are given "
+                              "(dev_stores, --dev-stores)")
+    if cfg.manifest and cfg.dev_stores == cfg.stores and not cfg.dev_manifest:
+        raise FusionpipeError(f"the dev stores are the train stores and only the train utterances are chosen "
+                              f"(manifest={cfg.manifest}): give dev_manifest (--dev-manifest) too, or the dev "
+                              "metrics would include the training utterances")
     if (out / "config.json").exists() and not resume:
         raise FusionpipeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     device = dist.local_device(resolve_device(cfg.device))
@@ -237,7 +246,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, progress: bool) -> dict[str, dict]:
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
-    loader = make_loader(cfg.stores, max_frames=cfg.max_frames, shuffle=True, seed=cfg.seed,
+    loader = make_loader(cfg.stores, cfg.manifest, max_frames=cfg.max_frames, shuffle=True, seed=cfg.seed,
                          num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
                          shard=(rank, world))
     view = loader.dataset.view
@@ -249,7 +258,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         try:
             task = build_task(cfg.task, _targets(rows), trials)
         except ValueError as e:
-            raise FusionpipeError(f"task {cfg.task} on {view.describe()['manifest']}: {e}") from None
+            raise FusionpipeError(f"task {cfg.task} on {cfg.manifest or view.describe()['manifest']}: {e}") from None
     dist.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -266,8 +275,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
                 step, position = ckpt["step"], tuple(ckpt["position"])
     for v in variants:
         v.trainer = dist.wrap(v.model, device)
-    dev = make_loader(cfg.dev_stores, max_frames=cfg.max_frames, shuffle=False, num_workers=cfg.num_workers,
-                      align_time=cfg.align_time, align_layers=cfg.align_layers,
+    dev = make_loader(cfg.dev_stores, cfg.dev_manifest, max_frames=cfg.max_frames, shuffle=False,
+                      num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
                       shard=(rank, world), deal=True) if cfg.dev_stores else None
     logs = {v.name: _Log(v.out / "log.csv", resume) for v in variants} if main else {}
 
@@ -434,14 +443,15 @@ class _Log:
 
 
 def evaluate(run: str | Path, stores: list[str], trials: str | None = None, device: str = "auto",
-             variant: str | None = None) -> dict[str, dict]:
-    """Metrics of a finished run's best checkpoints on the utterances cached in `stores`."""
+             variant: str | None = None, manifest: str | Path | None = None) -> dict[str, dict]:
+    """Metrics of a finished run's best checkpoints on the utterances cached in `stores`
+    (only the rows of ``manifest``, with its labels, when given)."""
     run = Path(run)
     if not (run / "config.json").exists():
         raise FusionpipeError(f"{run} is not a training run (no config.json); train one with `fusionpipe train`")
     cfg = TrainConfig.load(run / "config.json")
     task = task_from_dict(json.loads((run / "task.json").read_text()), read_trials(trials) if trials else ())
-    dev = make_loader(stores, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
+    dev = make_loader(stores, manifest, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
                       align_layers=cfg.align_layers)
     view = dev.dataset.view
     dev_device = resolve_device(device)

@@ -52,6 +52,9 @@ def _write(tmp_path, recipe: dict, name: str = "r.yaml") -> Path:
     ({"tasks": {"sv": {"task": "verify"}}}, "tasks.sv.trials.dev: missing"),
     ({"tasks": {"sv": {"task": "verify", "trials": {"dev": "t.txt"}}}}, "tasks.sv.trials.test: missing"),
     ({"tasks": {"asr": {"folds": [1, 2]}}}, "tasks.asr.manifests: a task with folds needs its own manifests"),
+    ({"tasks": {"asr": {"extract_from": ["demo-train"]}}}, "tasks.asr.extract_from: expected a non-empty string"),
+    ({"tasks": {"asr": {"extract_from": "x-{fold}"}}}, "tasks.asr.extract_from: {fold} is not allowed"),
+    ({"tasks": {"asr": {"manifest": "demo-train"}}}, "tasks.asr.manifest: unknown key"),
     ({"train": {"lr": "fast"}}, "train.lr: expected float"),
     ({"train": {"interface": {"stride": 2}}}, "train.interface.stride: interface weighted-sum"),
     ({"manifests": {"train": "demo-train"}}, "manifests: needs dev or test"),
@@ -109,6 +112,21 @@ def test_every_stages_recipe_validates_and_plans(path, tmp_path, monkeypatch):
         assert plan.problems == []
         assert all(e.status == "missing" and e.bytes > 0 for e in plan.extractions)
         assert all(r.status == "train" for r in plan.runs)
+
+
+@pytest.mark.parametrize("name", ["paper-table1-superb.yaml", "paper-table2-large.yaml"])
+def test_paper_recipes_extract_iemocap_once_per_upstream(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(STAGES / name)
+    plan = plan_recipe(recipe)
+    er = [e for e in plan.extractions if e.manifest.startswith("iemocap")]
+    assert sorted(e.upstream for e in er) == sorted(recipe.upstreams) and {e.manifest for e in er} == {"iemocap"}
+    assert plan.describe().count("cache/iemocap") == len(recipe.upstreams)
+    fold2 = next(x for x in plan.runs if x.task.name == "er" and x.fold == "2")
+    assert fold2.config["stores"] == fold2.config["dev_stores"] == fold2.test_stores
+    assert all(s.startswith("cache/iemocap/") for s in fold2.test_stores)
+    assert (fold2.config["manifest"], fold2.config["dev_manifest"], fold2.test_manifest) == tuple(
+        f"manifests/iemocap-fold2-{split}.tsv" for split in ("train", "dev", "test"))
 
 
 def test_paper_recipes_carry_table_one_numbers():
@@ -227,3 +245,72 @@ def test_cli_ablate_dry_run_prints_plan(tiny_recipe):
     result = CliRunner().invoke(app, ["ablate", str(tiny_recipe), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "classify / toy-wavlm" in result.output and "extract" in result.output
+
+
+def _folds_corpus(tmp_path, rows_of_fold=None):
+    """An 8-utterance corpus (labels c0 / c1) and two folds of it: fold k tests on utterances 4(k-1)..4k-1,
+    trains on the others but one (dev). Returns the folder of the TSVs."""
+    from fusionpipe.manifest import Manifest, write_manifest
+
+    whole = make_manifest(tmp_path / "corpus", "corpus", [0.9, 0.7, 1.1, 0.8, 0.6, 1.0, 0.75, 0.85])
+    rows = whole.utterances
+    for k in (1, 2):
+        test = rows[4 * (k - 1):4 * k]
+        rest = [u for u in rows if u not in test]
+        for split, part in (("train", rest[1:]), ("dev", rest[:2]), ("test", test)):
+            part = rows_of_fold(k, split, part) if rows_of_fold else part
+            write_manifest(Manifest(f"corpus-fold{k}-{split}", whole.root, part),
+                           tmp_path / "corpus" / f"corpus-fold{k}-{split}.tsv", root="audio")
+    return tmp_path / "corpus"
+
+
+def _folds_recipe(tmp_path, corpus) -> Path:
+    r = {"name": "folds", "cache": str(tmp_path / "cache"), "results": str(tmp_path / "results"),
+         "manifest_dir": str(corpus), "upstreams": ["toy-wavlm", "toy-whisper"],
+         "tasks": {"er": {"task": "classify", "folds": [1, 2], "extract_from": "corpus",
+                          "manifests": {s: f"corpus-fold{{fold}}-{s}" for s in ("train", "dev", "test")},
+                          "head": {"proj": 8}, "steps": 3, "eval_every": 3}},
+         "grid": {"upstream_sets": [["toy-wavlm", "toy-whisper"]], "fusion": ["weighted-sum"], "merge": ["add"]},
+         "train": {"lr": 1e-3, "max_frames": 200, "seed": 0}}
+    return _write(tmp_path, r, "folds.yaml")
+
+
+def test_folds_with_extract_from_extract_each_upstream_once_and_run_every_fold(tmp_path, monkeypatch):
+    from fusionpipe import extract as stage1
+    from fusionpipe import train as stage3
+
+    recipe = load_recipe(_folds_recipe(tmp_path, _folds_corpus(tmp_path)))
+    plan = plan_recipe(recipe)
+    assert plan.problems == []
+    assert [(e.manifest, e.upstream) for e in plan.extractions] == [("corpus", "toy-wavlm"), ("corpus", "toy-whisper")]
+    extracted, evaluated = [], []
+    real_extract, real_evaluate = stage1.extract, stage3.evaluate
+    monkeypatch.setattr(stage1, "extract", lambda m, up, *a, **kw: extracted.append(m.name) or real_extract(m, up, *a, **kw))
+    monkeypatch.setattr(stage3, "evaluate", lambda *a, **kw: evaluated.append(kw["manifest"]) or real_evaluate(*a, **kw))
+    run_recipe(recipe, progress=False, echo=lambda s: None)
+
+    assert extracted == ["corpus", "corpus"]  # one extraction per upstream, not one per fold and split
+    assert sorted(p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").glob("*/*.zarr")) == [
+        "corpus/toy-wavlm.zarr", "corpus/toy-whisper.zarr"]
+    assert evaluated == [str(tmp_path / "corpus" / f"corpus-fold{k}-test.tsv") for k in (1, 2)]
+    runs = tmp_path / "results" / "folds" / "runs" / "er" / "toy-wavlm+toy-whisper"
+    for k in (1, 2):
+        cfg = json.loads((runs / f"fold-{k}" / "config.json").read_text())
+        assert cfg["manifest"].endswith(f"corpus-fold{k}-train.tsv") and cfg["dev_manifest"].endswith(f"fold{k}-dev.tsv")
+        assert cfg["stores"] == cfg["dev_stores"] and "weighted-sum-add" in json.loads(
+            (runs / f"fold-{k}" / "test.json").read_text())
+    csv_rows = (tmp_path / "results" / "folds" / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 2 and ",2,test," in csv_rows[1]  # the mean of both folds, on test
+    assert [r.status for r in plan_recipe(recipe).runs] == ["done", "done"]
+
+
+def test_split_rows_outside_extract_from_are_a_plan_problem(tmp_path):
+    from fusionpipe.manifest import Utterance
+
+    def stray(k, split, part):  # fold 2's test set holds an utterance that corpus.tsv lacks
+        return part + [Utterance("stray", "stray.wav", 100, 16000, label="c0")] if (k, split) == (2, "test") else part
+
+    plan = plan_recipe(load_recipe(_folds_recipe(tmp_path, _folds_corpus(tmp_path, stray))))
+    assert len(plan.problems) == 1
+    assert "corpus-fold2-test.tsv row 5 (id stray) is not in manifest" in plan.problems[0]
+    assert "tasks.er.extract_from must name a manifest that holds every row" in plan.problems[0]

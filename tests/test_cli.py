@@ -59,3 +59,24 @@ def test_cache_option_takes_an_fsspec_url(speech_manifest):
     out = _ok(["extract", "--model", "toy-wavlm", "--manifest", str(speech_manifest.source), "--cache", "memory://cli"])
     assert "memory://cli/speech/toy-wavlm.zarr: 5 utterances" in out
     assert FeatureStore.open("memory://cli/speech/toy-wavlm.zarr").is_complete()
+
+
+def test_train_and_evaluate_on_manifest_rows_of_one_extraction(speech_manifest, tmp_path, monkeypatch):
+    from fusionpipe.manifest import Manifest, write_manifest
+
+    monkeypatch.chdir(tmp_path)
+    _ok(["extract", "--model", "toy-wavlm", "--manifest", str(speech_manifest.source), "--cache", "cache"])
+    root = speech_manifest.source.parent
+    for name, rows in (("part-train", speech_manifest.utterances[:3]), ("part-dev", speech_manifest.utterances[3:])):
+        write_manifest(Manifest(name, speech_manifest.root, rows), root / f"{name}.tsv", root="audio")
+    store = "cache/speech/toy-wavlm.zarr"
+    out = _ok(["train", "--stores", store, "--manifest", str(root / "part-train.tsv"),
+               "--dev-manifest", str(root / "part-dev.tsv"), "--task", "classify", "--fusion", "weighted-sum",
+               "--merge", "add", "--steps", "2", "--eval-every", "2", "--head", "proj=8", "--out", "run"])
+    assert "accuracy" in out
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["dev_stores"] == cfg["stores"] == [store] and cfg["dev_manifest"].endswith("part-dev.tsv")
+    out = _ok(["evaluate", "run", "--stores", store, "--manifest", str(root / "part-dev.tsv"), "--device", "cpu"])
+    assert "on part-dev: accuracy=" in out and (tmp_path / "run" / "eval-part-dev.json").exists()
+    for command in ("train", "evaluate"):
+        assert "--manifest" in _ok([command, "--help"])

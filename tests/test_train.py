@@ -120,3 +120,71 @@ def test_select_picks_the_best_checkpoint_by_the_named_metric(pitch_stores, tmp_
     assert len(evals) == 6 and best["macro_f1"] == max(e["macro_f1"] for e in evals)
     with pytest.raises(FusionpipeError, match="select='bleu'"):
         train(_cfg(pitch_stores, tmp_path / "other", steps=5, eval_every=5, select="bleu"), progress=False)
+
+
+# ---- training on rows of a larger store (one extraction serves every split) ---------------------
+@pytest.fixture(scope="module")
+def pitch_whole(pitch_stores, tmp_path_factory):
+    """The train and dev rows of `pitch_stores` in one manifest, extracted once: {"stores", "train", "dev"}
+    where train and dev are the paths of the split manifests (rows of the whole one, as written)."""
+    from fusionpipe.store import FeatureStore
+
+    split = {k: read_manifest(FeatureStore.open(pitch_stores[k][0]).attrs["manifest"]["path"]) for k in ("train", "dev")}
+    root = split["train"].source.parent
+    whole = Manifest("pitch-all", root, [*split["dev"], *split["train"]])  # another order than the splits'
+    m = read_manifest(write_manifest(whole, root / "pitch-all.tsv", root="."))
+    stores = [extract(m, model, root / "cache", device="cpu", progress=False).url
+              for model in ("toy-wavlm", "toy-whisper")]
+    return {"stores": stores, **{k: str(v.source) for k, v in split.items()}}
+
+
+def test_training_on_manifest_rows_of_a_larger_store_equals_training_on_their_own_stores(
+        pitch_stores, pitch_whole, tmp_path):
+    kw = dict(steps=12, eval_every=4, specaugment=True, fusion=["hconv", "weighted-sum"], merge=["add"])
+    own = train(_cfg(pitch_stores, tmp_path / "own", **kw), progress=False)
+    whole = {"train": pitch_whole["stores"], "dev": pitch_whole["stores"]}
+    rows = train(_cfg(whole, tmp_path / "rows", manifest=pitch_whole["train"], dev_manifest=pitch_whole["dev"], **kw),
+                 progress=False)
+    def scores(metrics: dict) -> dict:
+        return {k: v for k, v in metrics.items() if k != "inference_seconds"}
+
+    # the same rows, in the same batches: every store keeps its utterances longest first (ties by id),
+    # so a subset of the larger store comes in the order of the subset's own store, features equal
+    assert (tmp_path / "rows" / "task.json").read_text() == (tmp_path / "own" / "task.json").read_text()
+    for name in own:
+        assert _losses(tmp_path / "rows", name) == _losses(tmp_path / "own", name)
+        assert scores(rows[name]["dev"]) == scores(own[name]["dev"])
+        a = torch.load(tmp_path / "rows" / name / "last.pt", weights_only=False)["model"]
+        b = torch.load(tmp_path / "own" / name / "last.pt", weights_only=False)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    on_rows = evaluate(tmp_path / "rows", pitch_whole["stores"], device="cpu", manifest=pitch_whole["dev"])
+    on_own = evaluate(tmp_path / "own", pitch_stores["dev"], device="cpu")
+    assert {k: scores(v) for k, v in on_rows.items()} == {k: scores(v) for k, v in on_own.items()}
+
+
+def test_manifest_rows_the_stores_lack_are_refused_with_the_fix(pitch_stores, pitch_whole, tmp_path):
+    train_rows = read_manifest(pitch_whole["train"])
+    root = train_rows.source.parent
+    stranger = Utterance("elsewhere-00", "train-00.wav", 1000, 16000, label="low")
+    bad = write_manifest(Manifest("with-stranger", root, [*train_rows.utterances[:3], stranger]),
+                         tmp_path / "with-stranger.tsv", root=str(root))
+    with pytest.raises(FusionpipeError) as e:
+        train(_cfg(pitch_stores, tmp_path / "run", manifest=str(bad), dev_stores=[]), progress=False)
+    msg = str(e.value)
+    assert f"{bad} row 4 (id elsewhere-00) is not in the stores" in msg
+    assert "extract the stores from a manifest that contains it" in msg
+    # an id the stores have, but other audio under it
+    first = train_rows[0]
+    other = Utterance(first.id, first.path, first.num_samples + 1, 16000, label=first.label)
+    bad = write_manifest(Manifest("other-audio", root, [other]), tmp_path / "other-audio.tsv", root=str(root))
+    with pytest.raises(FusionpipeError, match=rf"{bad} row 1 \(id train-00\) is .*not the same audio"):
+        evaluate(_trained(pitch_stores, tmp_path / "run2"), pitch_stores["train"], device="cpu", manifest=bad)
+    # a subset of the train stores with the same stores as dev must name its dev rows
+    with pytest.raises(FusionpipeError, match="give dev_manifest"):
+        whole = {"train": pitch_whole["stores"], "dev": pitch_whole["stores"]}
+        train(_cfg(whole, tmp_path / "run3", manifest=pitch_whole["train"]), progress=False)
+
+
+def _trained(stores, out):
+    train(_cfg(stores, out, steps=2, eval_every=2), progress=False)
+    return out
