@@ -59,7 +59,7 @@ The recipe (every key is checked; an unknown, missing or mistyped one is an erro
 What `run_recipe` does: extract the (manifest, upstream) stores that are missing or
 incomplete (stage 1); per task (and fold) and upstream set, ONE `train()` call trains all its
 variants (stage 3, reading each batch once), into <results>/<name>/runs/<task>/<set>[/<fold>];
-evaluate the best checkpoints on the test stores (`test.json`); then write results.csv,
+evaluate the best checkpoints on the test stores (`test.json`); then write (report.py) results.csv,
 results.md and PNG plots. A run whose variants all have results.json and whose test.json is
 there is skipped, so a rerun only does what is missing; a run whose saved config differs from
 the recipe is refused (delete its directory to retrain), never silently mixed.
@@ -67,11 +67,9 @@ the recipe is refused (delete its directory to retrain), never silently mixed.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import inspect
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -83,11 +81,11 @@ import yaml
 from .errors import FusionpipeError
 from .extract import store_url
 from .manifest import BUNDLED, check_subset, read_manifest
+from .report import set_name, write_report
 
 CORPUS = Path(__file__).parent / "corpus"
 SPLITS = ("train", "dev", "test")
 METRICS = {"asr": ("wer", "cer"), "multilingual": ("cer",), "classify": ("accuracy", "macro_f1"), "verify": ("eer",)}
-LOWER_IS_BETTER = {"wer", "cer", "eer"}
 # keys of TrainConfig the recipe fills in itself, per run
 RUN_KEYS = ("stores", "task", "fusion", "merge", "out", "dev_stores", "manifest", "dev_manifest", "trials")
 # config fields that may differ between the first run and a rerun without changing results
@@ -146,10 +144,6 @@ class Recipe:
     def variants(self, upstreams: list[str]) -> list[tuple[str, str]]:
         merges = self.merge[:1] if len(upstreams) == 1 else self.merge
         return [(f, m) for f in self.fusion for m in merges]
-
-
-def set_name(upstreams: list[str]) -> str:
-    return "+".join(upstreams)
 
 
 class _Checker:
@@ -790,267 +784,6 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
         if x.status != "done" and x.test_stores:
             metrics = stage3.evaluate(x.out, x.test_stores, trials=x.test_trials, manifest=x.test_manifest)
             (x.out / "test.json").write_text(json.dumps(metrics, indent=2))
-    paths = write_report(recipe, plan)
+    paths = write_report(plan)
     echo("wrote " + ", ".join(str(p) for p in paths))
     return plan
-
-
-# ---- the report ---------------------------------------------------------------------------------------
-def _primary(spec: TaskSpec) -> tuple[str, bool]:
-    """The metric the tables report, and whether lower is better."""
-    from .train import PRIMARY
-
-    metric = spec.metric or PRIMARY[spec.task][0]
-    return metric, metric in LOWER_IS_BETTER
-
-
-def collect(plan: Plan) -> list[dict]:
-    """One row per task x upstream set x variant (folds averaged) from the runs on disk."""
-    recipe = plan.recipe
-    rows = []
-    for spec in recipe.tasks.values():
-        metric, _ = _primary(spec)
-        for upstreams in recipe.upstream_sets:
-            runs = [x for x in plan.runs if x.task is spec and x.upstreams == upstreams]
-            for fusion, merge in recipe.variants(upstreams):
-                variant = f"{fusion}-{merge}"
-                per_fold = [r for r in (_variant_result(x, variant) for x in runs) if r is not None]
-                if not per_fold:
-                    continue
-                split = per_fold[0]["split"]
-                keys = list(dict.fromkeys(k for r in per_fold for k in r["metrics"]))
-                metrics = {k: _mean([r["metrics"].get(k) for r in per_fold]) for k in keys}
-                paper = recipe.paper.get(spec.name, {}).get(set_name(upstreams), {}).get(variant)
-                value = metrics.get(metric)
-                rows.append({
-                    "task": spec.name, "upstreams": set_name(upstreams), "fusion": fusion, "merge": merge,
-                    "variant": variant, "folds": len(per_fold), "split": split, "metrics": metrics,
-                    "metric": metric, "ours": None if value is None else round(100 * value, 2), "paper": paper,
-                    "trainable_params": per_fold[0]["trainable_params"],
-                    "fusion_params": per_fold[0]["fusion_params"],
-                    "train_seconds_per_epoch": _mean([r["train_seconds_per_epoch"] for r in per_fold]),
-                    "inference_seconds": _mean([r["inference_seconds"] for r in per_fold]),
-                    "steps": per_fold[0]["steps"],
-                    "log": per_fold[0]["log"],
-                })
-    return rows
-
-
-def _mean(values: list) -> float | None:
-    values = [v for v in values if isinstance(v, (int, float))]
-    return sum(values) / len(values) if values else None
-
-
-def _variant_result(x: Run, variant: str) -> dict | None:
-    results = x.out / variant / "results.json"
-    if not results.is_file():
-        return None
-    res = json.loads(results.read_text())
-    test = json.loads((x.out / "test.json").read_text()) if (x.out / "test.json").is_file() else {}
-    if variant in test:
-        split, metrics = "test", dict(test[variant])
-    else:
-        split, metrics = "dev", dict(res.get("dev") or {})
-    inference = metrics.pop("inference_seconds", None)
-    return {"split": split, "metrics": metrics, "inference_seconds": inference,
-            "trainable_params": res.get("trainable_params"), "fusion_params": _fusion_params(x.out / variant),
-            "train_seconds_per_epoch": res.get("train_seconds_per_epoch"), "steps": res.get("steps"),
-            "log": x.out / variant / "log.csv"}
-
-
-def _fusion_params(variant_dir: Path) -> int | None:
-    """Parameters of the fusion part (merge front + interface), from the saved state dict."""
-    ckpt = variant_dir / "best.pt"
-    if not ckpt.is_file():
-        return None
-    import torch
-
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
-    return int(sum(v.numel() for k, v in state.items() if k.startswith("fusion.") and v.is_floating_point()
-                   and not k.endswith(".tau")))
-
-
-def write_report(recipe: Recipe, plan: Plan | None = None) -> list[Path]:
-    """results.csv, results.md and the PNG plots under <results>/<name>/; returns their paths."""
-    plan = plan or plan_recipe(recipe)
-    rows = collect(plan)
-    out = recipe.out
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [_write_csv(rows, out / "results.csv")]
-    plots = _plot(recipe, rows, out)
-    paths.append(_write_md(recipe, rows, plots, out / "results.md"))
-    return paths + plots
-
-
-CSV_HEAD = ("task", "upstreams", "fusion", "merge", "variant", "folds", "split")
-CSV_TAIL = ("trainable_params", "fusion_params", "train_seconds_per_epoch", "inference_seconds", "steps",
-            "metric", "ours", "paper")
-
-
-def _write_csv(rows: list[dict], path: Path) -> Path:
-    metric_cols = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*CSV_HEAD, *metric_cols, *CSV_TAIL])
-        for r in rows:
-            w.writerow([r[k] for k in CSV_HEAD] + [_cell(r["metrics"].get(k)) for k in metric_cols]
-                       + [_cell(r[k]) for k in CSV_TAIL])
-    return path
-
-
-def _cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def _fmt(v: float | None, digits: int = 2) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
-
-
-def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path) -> Path:
-    lines = [f"# {recipe.name}: results", "",
-             f"Recipe `{recipe.source}`. Values in %: each task's metric on its test set (dev where the "
-             "task has none), folds averaged; the paper's numbers, where the recipe gives them, in "
-             "parentheses: `ours (paper)`.", ""]
-    variants = [(f, m) for f in recipe.fusion for m in recipe.merge]
-    for spec in recipe.tasks.values():
-        task_rows = [r for r in rows if r["task"] == spec.name]
-        if not task_rows:
-            continue
-        metric, lower = _primary(spec)
-        lines += [f"## {spec.name} ({spec.task}): {metric} % ({'lower' if lower else 'higher'} is better, "
-                  f"{task_rows[0]['split']}{f', mean of {len(spec.folds)} folds' if spec.folds else ''})", ""]
-        lines.append("| upstreams | " + " | ".join(f"{f} / {m}" for f, m in variants) + " |")
-        lines.append("|---|" + "---:|" * len(variants))
-        single = False
-        for upstreams in recipe.upstream_sets:
-            name = set_name(upstreams)
-            cells = []
-            for f, m in variants:
-                r = next((r for r in task_rows if r["upstreams"] == name and r["variant"] == f"{f}-{m}"), None)
-                if r is None:
-                    trained_elsewhere = len(upstreams) == 1 and m not in recipe.merge[:1]
-                    single |= trained_elsewhere
-                    cells.append("—" if trained_elsewhere else "")
-                    continue
-                cell = _fmt(r["ours"])
-                if r["paper"] is not None:
-                    cell += f" ({_fmt(r['paper'])})"
-                cells.append(cell)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        if single:
-            lines += ["", f"— : merging one upstream is the identity; trained once, shown under "
-                          f"{recipe.merge[0]}."]
-        for p in plots:
-            if p.name.startswith(f"{spec.name}-"):
-                lines += ["", f"![{p.stem}]({p.name})"]
-        lines.append("")
-
-    lines += ["## Computational overhead of the interfaces", "",
-              "Trainable parameters (fusion = merge front + interface; total adds the head), training "
-              "seconds per epoch and inference seconds over the evaluation set, measured per variant "
-              "inside one shared pass (data loading excluded). `x WS`: training time relative to "
-              "weighted-sum with the same upstreams and merge.", "",
-              "| task | upstreams | variant | fusion params | total params | train s / epoch | x WS | "
-              "inference s |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ws = next((o for o in rows if o["task"] == r["task"] and o["upstreams"] == r["upstreams"]
-                   and o["fusion"] == "weighted-sum" and o["merge"] == r["merge"]), None)
-        ratio = ""
-        if ws and ws["train_seconds_per_epoch"] and r["train_seconds_per_epoch"] is not None:
-            ratio = f"{r['train_seconds_per_epoch'] / ws['train_seconds_per_epoch']:.2f}"
-        lines.append(f"| {r['task']} | {r['upstreams']} | {r['variant']} | {_int(r['fusion_params'])} | "
-                     f"{_int(r['trainable_params'])} | {_fmt(r['train_seconds_per_epoch'], 3)} | {ratio} | "
-                     f"{_fmt(r['inference_seconds'], 3)} |")
-    lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
-def _int(v) -> str:
-    return "" if v is None else f"{v:,}"
-
-
-def _plot(recipe: Recipe, rows: list[dict], out: Path) -> list[Path]:
-    """Per task: <task>-<metric>.png (bars: upstream set x variant) and <task>-loss.png (curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for spec in recipe.tasks.values():
-        task_rows = [r for r in rows if r["task"] == spec.name and r["ours"] is not None]
-        if not task_rows:
-            continue
-        metric, lower = _primary(spec)
-        sets = [set_name(s) for s in recipe.upstream_sets if any(r["upstreams"] == set_name(s) for r in task_rows)]
-        variants = [v for v in (f"{f}-{m}" for f in recipe.fusion for m in recipe.merge)
-                    if any(r["variant"] == v for r in task_rows)]
-        width = 0.8 / len(variants)
-        colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(variants))]
-        fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(sets) + 3.5), 4))
-        for i, v in enumerate(variants):
-            xs, ys = [], []
-            for j, s in enumerate(sets):
-                r = next((r for r in task_rows if r["upstreams"] == s and r["variant"] == v), None)
-                if r is not None:
-                    xs.append(j - 0.4 + (i + 0.5) * width)
-                    ys.append(r["ours"])
-            ax.bar(xs, ys, width, label=v, color=colors[i])
-        ax.set_xticks(range(len(sets)), [s.replace("+", "+\n") for s in sets], fontsize=8)
-        ax.set_ylabel(f"{metric} % ({'lower' if lower else 'higher'} is better)")
-        ax.set_title(f"{recipe.name}: {spec.name} ({task_rows[0]['split']})")
-        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-        fig.tight_layout()
-        path = out / f"{spec.name}-{metric}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-
-        fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.2), squeeze=False, sharey=True)
-        for ax, s in zip(axes[0], sets):
-            for r in task_rows:
-                if r["upstreams"] == s and r["log"].is_file():
-                    steps, losses = _read_log(r["log"])
-                    ax.plot(steps, _smooth(losses), label=r["variant"], color=colors[variants.index(r["variant"])],
-                            linewidth=1)
-            ax.set_title(s, fontsize=8)
-            ax.set_xlabel("step")
-        axes[0][0].set_ylabel("training loss (running mean)")
-        axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"{recipe.name}: {spec.name} learning curves"
-                     + (f" (fold {spec.folds[0]})" if spec.folds else ""))
-        fig.tight_layout()
-        path = out / f"{spec.name}-loss.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def _smooth(values: list[float]) -> list[float]:
-    """Running mean over about 1/40 of the curve: per-batch losses are noisy."""
-    w = max(1, len(values) // 40)
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - w] if i >= w else 0.0)
-        out.append(total / min(i + 1, w))
-    return out
-
-
-def _read_log(path: Path) -> tuple[list[int], list[float]]:
-    steps, losses = [], []
-    with open(path, newline="") as f:
-        for rec in csv.DictReader(f):
-            try:
-                loss = float(rec["loss"])
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(loss):
-                steps.append(int(rec["step"]))
-                losses.append(loss)
-    return steps, losses

@@ -8,7 +8,6 @@ Two levels of checking, so bad rows are found before hours of GPU time are spent
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
