@@ -215,6 +215,9 @@ class _Checker:
             ok = isinstance(value, dict)
         elif t == "list[str]":
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        elif t == "list[float]|None":
+            ok = value is None or (isinstance(value, list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
         else:
             ok = True
         if not ok:

@@ -215,6 +215,16 @@ def _list(values: Optional[List[str]]) -> List[str]:
     return [x.strip() for v in values or [] for x in str(v).split(",") if x.strip()]
 
 
+def _numbers(text: str | None) -> list[float] | None:
+    """"2,8" -> [2.0, 8.0]."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise FusionpipeError(f"expected numbers separated by commas, e.g. 2,8; got {text!r}") from None
+
+
 def _options(pairs: Optional[List[str]]) -> dict:
     """--head hidden=64 --head layers=1 -> {"hidden": 64, "layers": 1} (ints, floats, booleans parsed)."""
     out = {}
@@ -248,6 +258,7 @@ def train(
     max_frames: Optional[int] = typer.Option(None, help="padded frames per batch"),
     grad_clip: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
     specaugment: Optional[bool] = typer.Option(None, "--specaugment/--no-specaugment"),
+    crop_seconds: Optional[str] = typer.Option(None, help="train on random crops MIN,MAX seconds (SUPERB SV: 2,8)"),
     select: Optional[str] = typer.Option(None, help="dev metric that picks the best checkpoint (e.g. cer)"),
     head: Optional[List[str]] = typer.Option(None, help="head size, key=value (repeatable), e.g. hidden=64"),
     interface: Optional[List[str]] = typer.Option(None, help="interface option key=value, e.g. normalize=true"),
@@ -268,8 +279,8 @@ def train(
     from .train import DEMO, TrainConfig, default_task, demo_stores, train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
-                 grad_clip=grad_clip, seed=seed, specaugment=specaugment, head=_options(head) or None,
-                 interface=_options(interface) or None, trials=trials, select=select)
+                 grad_clip=grad_clip, seed=seed, specaugment=specaugment, crop_seconds=_numbers(crop_seconds),
+                 head=_options(head) or None, interface=_options(interface) or None, trials=trials, select=select)
     given = {k: v for k, v in given.items() if v is not None}
     train_stores, dev = _list(stores), _list(dev_stores)
     preset = {}

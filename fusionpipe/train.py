@@ -79,6 +79,7 @@ class TrainConfig:
     max_frames: int = 25_600                    # padded frames per batch (32 x 16 s at 50 Hz)
     grad_clip: float = 1.0
     specaugment: bool = False                   # time and feature masks on the fused features
+    crop_seconds: list[float] | None = None     # train on random crops of [min, max] s each (SUPERB SV: [2, 8])
     select: str | None = None                   # dev metric that picks best.pt (default: the task's, PRIMARY)
     seed: int = 0
     head: dict = field(default_factory=dict)    # head sizes, e.g. {"hidden": 64}
@@ -173,6 +174,34 @@ class Variant:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
+def random_crop(stacks: list[torch.Tensor], lengths: torch.Tensor, shortest: int,
+                longest: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A random window of each utterance, shortest..longest frames long (the whole of a shorter one),
+    from the (B, L, T, D_i) stacks; zero past the new lengths, as the loader's batches are."""
+    real = lengths.cpu()
+    want = torch.randint(shortest, longest + 1, real.shape)
+    new = torch.minimum(real, want)
+    start = (torch.rand(real.shape) * (real - new + 1).to(torch.float)).long()  # uniform in 0..real-new
+    T = int(new.max()) if len(new) else 0
+    frames = start[:, None] + torch.arange(T)[None, :]                      # (B, T)
+    keep = torch.arange(T)[None, :] < new[:, None]
+    frames = torch.where(keep, frames, 0)
+    out = []
+    for s in stacks:
+        index = frames.to(s.device)[:, None, :, None].expand(-1, s.shape[1], -1, s.shape[3])
+        out.append(s.gather(2, index) * keep.to(s.device)[:, None, :, None])
+    return out, new.to(lengths.device)
+
+
+def crop_frames(seconds: list[float] | None, frame_rate: float) -> tuple[int, int] | None:
+    """crop_seconds [min, max] -> (shortest, longest) frames at the fused frame rate; refuses nonsense."""
+    if seconds is None:
+        return None
+    if len(seconds) != 2 or not 0 < seconds[0] <= seconds[1]:
+        raise FusionpipeError(f"crop_seconds must be [min, max] with 0 < min <= max, got {seconds}")
+    return max(1, round(seconds[0] * frame_rate)), max(1, round(seconds[1] * frame_rate))
+
+
 def spec_augment(x: torch.Tensor, lengths: torch.Tensor, time_masks: int = 2, time_width: int = 20,
                  feat_masks: int = 2, feat_width: int = 16) -> torch.Tensor:
     """SpecAugment-style masks on (B, T, D) features (s3prl applies them to upstream features)."""
@@ -250,6 +279,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
                          num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
                          shard=(rank, world))
     view = loader.dataset.view
+    crop = crop_frames(cfg.crop_seconds, view.frame_rate)
     rows = [loader.dataset.rows[i] for i in range(len(loader.dataset))]
     trials = read_trials(cfg.trials) if cfg.trials else ()
     if resume and (out / "task.json").exists():
@@ -296,7 +326,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
             for v in variants:
                 t0 = time.perf_counter()
                 with v.own_rng():
-                    losses.append(_step(v, task, stacks, lengths, targets, cfg, step, weight))
+                    x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
+                    losses.append(_step(v, task, x, n, targets, cfg, step, weight))
                 v.train_seconds += time.perf_counter() - t0
             losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
             step += 1

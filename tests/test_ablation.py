@@ -56,6 +56,7 @@ def _write(tmp_path, recipe: dict, name: str = "r.yaml") -> Path:
     ({"tasks": {"asr": {"extract_from": "x-{fold}"}}}, "tasks.asr.extract_from: {fold} is not allowed"),
     ({"tasks": {"asr": {"manifest": "demo-train"}}}, "tasks.asr.manifest: unknown key"),
     ({"train": {"lr": "fast"}}, "train.lr: expected float"),
+    ({"train": {"crop_seconds": "2-8"}}, "train.crop_seconds: expected list"),
     ({"train": {"interface": {"stride": 2}}}, "train.interface.stride: interface weighted-sum"),
     ({"manifests": {"train": "demo-train"}}, "manifests: needs dev or test"),
     ({"extract": {"dtype": "int4"}}, "extract.dtype: unknown value 'int4'"),

@@ -11,7 +11,7 @@ import torch
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.train import TrainConfig, evaluate, train
+from fusionpipe.train import TrainConfig, crop_frames, evaluate, random_crop, train
 
 TINY_HEAD = {"proj": 16}
 
@@ -71,7 +71,7 @@ def test_loss_falls_and_accuracy_beats_chance(pitch_stores, tmp_path):
 
 
 def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path):
-    kw = dict(steps=8, eval_every=4, specaugment=True)
+    kw = dict(steps=8, eval_every=4, specaugment=True, crop_seconds=[0.3, 0.5])  # random draws of every kind
     together = train(_cfg(pitch_stores, tmp_path / "all", fusion=["hconv", "gumbel"], merge=["add", "concat"], **kw),
                      progress=False)
     assert sorted(together) == ["gumbel-add", "gumbel-concat", "hconv-add", "hconv-concat"]
@@ -83,6 +83,32 @@ def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path):
         a = torch.load(tmp_path / "all" / name / "last.pt", weights_only=False)["model"]
         b = torch.load(tmp_path / name / name / "last.pt", weights_only=False)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_crops_are_windows_of_each_utterance_within_the_bounds():
+    torch.manual_seed(0)
+    lengths = torch.tensor([50, 12, 30, 7])
+    stacks = [torch.zeros(4, 3, 50, 2), torch.zeros(4, 3, 50, 5)]
+    for s in stacks:  # frame t of utterance b holds 1000 b + t, zero past its length
+        for b, n in enumerate(lengths):
+            s[b, :, :n] = (1000 * b + torch.arange(1, n + 1, dtype=torch.float))[None, :, None]
+    seen = set()
+    for _ in range(50):
+        out, new = random_crop(stacks, lengths, 10, 20)
+        assert new.tolist()[3] == 7                                      # shorter than any window: whole
+        assert all(10 <= int(n) <= min(20, int(m)) for n, m in zip(new[:3], lengths[:3]))
+        for s in out:
+            assert s.shape[2] == int(new.max())
+            for b, n in enumerate(new.tolist()):
+                window = s[b, 0, :n, 0]
+                assert torch.equal(window - window[0], torch.arange(n, dtype=torch.float))  # contiguous
+                assert window[0] >= 1000 * b + 1 and window[-1] <= 1000 * b + lengths[b]
+                assert not s[b, :, n:].any()
+        seen.add(int(out[0][0, 0, 0, 0]))
+    assert len(seen) > 10  # the start moves
+    assert crop_frames([2, 8], 50.0) == (100, 400)
+    with pytest.raises(FusionpipeError, match="crop_seconds"):
+        crop_frames([8, 2], 50.0)
 
 
 def test_resume_continues_with_the_same_next_step_loss(pitch_stores, tmp_path):
