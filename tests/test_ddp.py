@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_train import _cfg, _losses, pitch_stores  # noqa: F401 (pitch_stores is a fixture)
+from test_train import _cfg, _losses
 
 from fusionpipe.data import BucketBatchSampler, make_loader
 from fusionpipe.distributed import shard
@@ -91,7 +91,7 @@ def _files(run):
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tb" not in p.parts)
 
 
-def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_path):  # noqa: F811
+def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_path):
     """Same config, one process vs 2 gloo ranks (6 steps, then --resume to 12): the same loss curve,
     dev metrics and parameters; rank 0 alone writes. Seed 3 at max_frames 300 cuts global batches of
     1 (a stand-in on rank 1) to 8 utterances (odd ones split unevenly)."""

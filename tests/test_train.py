@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from fusionpipe.errors import FusionpipeError
@@ -14,36 +13,6 @@ from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manife
 from fusionpipe.train import TrainConfig, crop_frames, evaluate, random_crop, train
 
 TINY_HEAD = {"proj": 16}
-
-
-def _tone(f0: float, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / 16000
-    f = f0 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t + seed))
-    phase = 2 * np.pi * np.cumsum(f) / 16000
-    x = sum(np.sin(k * phase) / k for k in range(1, 4)) + 0.05 * rng.standard_normal(n)
-    return (0.3 * x / np.abs(x).max()).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def pitch_stores(tmp_path_factory):
-    """A learnable task: label 'low' (110 Hz voice) or 'high' (330 Hz), train and dev splits cached for
-    toy-wavlm and toy-whisper."""
-    root = tmp_path_factory.mktemp("pitch")
-    stores = {}
-    for split, n, seed in (("train", 24, 0), ("dev", 12, 1000)):
-        rows = []
-        for i in range(n):
-            label = ("low", "high")[i % 2]
-            samples = int(16000 * (0.6 + 0.1 * (i % 5)))
-            name = f"{split}-{i:02d}"
-            sf.write(root / f"{name}.wav", _tone(110 if label == "low" else 330, samples, seed + i), 16000)
-            rows.append(Utterance(name, f"{name}.wav", samples, 16000, label=label, text="LOW" if label == "low" else "HIGH"))
-        write_manifest(Manifest(f"pitch-{split}", root, rows), root / f"pitch-{split}.tsv", root=".")
-        m = read_manifest(root / f"pitch-{split}.tsv")
-        stores[split] = [extract(m, model, root / "cache", device="cpu", progress=False).url
-                         for model in ("toy-wavlm", "toy-whisper")]
-    return stores
 
 
 def _cfg(stores, out, **kw):
