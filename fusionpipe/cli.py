@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -119,6 +120,8 @@ def extract(
     chunk_frames: Optional[int] = typer.Option(None, help="frames per Zarr chunk (default: about 4 MB)"),
     skip_bad: bool = typer.Option(False, help="record unusable utterances and go on instead of stopping"),
     overwrite: bool = typer.Option(False, help="replace a store that holds another extraction"),
+    wait: bool = typer.Option(False, help="when another process is extracting into the same store, wait for it "
+                                          "(default: stop and say who holds it)"),
     cluster: Optional[str] = typer.Option(None, help="'local': run the upstream on a Dask LocalCluster"),
     workers: Optional[int] = typer.Option(None, help="LocalCluster worker processes (default: one per GPU, or 1)"),
     scheduler: Optional[str] = typer.Option(None, help="run on an existing Dask cluster: tcp://HOST:8786"),
@@ -128,7 +131,7 @@ def extract(
     manifests = _manifests(manifest)
     models = [m.strip() for m in model.split(",") if m.strip()]
     options = dict(dtype=dtype, codec=codec, max_seconds=max_seconds, skip_bad=skip_bad, overwrite=overwrite,
-                   chunk_frames=chunk_frames)
+                   chunk_frames=chunk_frames, wait=wait)
     if workers is not None and cluster is None:
         raise FusionpipeError("--workers sizes a LocalCluster: add --cluster local (or drop --workers)")
     if cluster is None and scheduler is None:
@@ -151,7 +154,8 @@ def extract(
 
 
 @app.command()
-def inspect(store: Path, as_json: bool = typer.Option(False, "--json", help="print JSON")):
+def inspect(store: str = typer.Argument(..., help="store directory or URL (memory://, s3://...)"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Shape, layers, dtype, codec, size, bytes per audio-second, completeness, fingerprint of a store."""
     from .store import FeatureStore, describe
 
@@ -172,16 +176,31 @@ def inspect(store: Path, as_json: bool = typer.Option(False, "--json", help="pri
 
 
 @app.command()
-def verify(store: Path):
-    """Read every finished chunk back: exit 1 on any unreadable, non-finite or mis-indexed data."""
-    from .store import FeatureStore, verify as check
+def verify(store: str = typer.Argument(..., help="store directory or URL (memory://, s3://...)"),
+           repair: bool = typer.Option(False, help="delete the bad chunks (and stray files) so that a rerun of "
+                                                    "`fusionpipe extract` recomputes exactly them")):
+    """Check a store against its fingerprint: metadata, index, and every chunk (present, checksum, finite).
 
-    faults = check(FeatureStore.open(store))
+    Exit 1 on any fault. With --repair, bad chunks are deleted and the command to recompute them printed.
+    """
+    from .errors import redact
+    from .store import FeatureStore, lock, verify as check
+
+    shown = redact(store)
+    with lock(store) if repair else nullcontext():
+        opened = FeatureStore.open(store, mode="r+" if repair else "r")
+        faults = check(opened, repair=repair)
     for f in faults:
         typer.echo(f"FAULT {f}")
+    if opened.attrs.get("format") == 1:
+        typer.echo(f"note: {shown} is a format-1 store: its chunks carry no checksum, so a flipped bit can go "
+                   "undetected; re-extract with --overwrite to add them")
     if faults:
+        if repair:
+            typer.echo(f"repaired what deleting chunks can repair: rerun `fusionpipe extract` with the same "
+                       f"--model, --manifest and --cache to recompute them ({shown})")
         raise typer.Exit(1)
-    typer.echo(f"{store}: ok")
+    typer.echo(f"{shown}: ok")
 
 
 # ---- stage 2 --------------------------------------------------------------------------------
@@ -206,7 +225,7 @@ def fuse(
         typer.echo(json.dumps(view.describe(), indent=2))
     if write is not None:
         out = view.write(write, codec=codec, overwrite=overwrite)
-        typer.echo(f"{out.url}: {len(out)} utterances, {out.total_frames} frames, L={out.num_layers} "
+        typer.echo(f"{out}: {len(out)} utterances, {out.total_frames} frames, L={out.num_layers} "
                    f"D={out.hidden_size} ({out.attrs['upstream']['name']})")
 
 

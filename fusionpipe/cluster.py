@@ -37,8 +37,8 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from .errors import FusionpipeError
 from .extract import Plan, Result, needed, open_store, progress_bar, run_batches, store_url
 from .manifest import Manifest
-from .store import DEFAULT_CODEC, FeatureStore, chunk_span
-from .upstreams import Upstream, load_upstream
+from .store import DEFAULT_CODEC, FeatureStore, chunk_span, lock
+from .upstreams import Upstream, load_upstream, resolve_device
 
 UNIT_SECONDS = 1800.0  # audio per work unit: ~3 s of an H100, ~15 min of a CPU core on a base model
 
@@ -79,7 +79,7 @@ def extract_on_cluster(manifest: Manifest, model: str, client, cache: str = "cac
                        device: str = "auto", dtype: str = "float16", codec: str = DEFAULT_CODEC,
                        max_seconds: float = 160.0, skip_bad: bool = False, overwrite: bool = False,
                        chunk_frames: int | None = None, unit_seconds: float = UNIT_SECONDS,
-                       threads: int | None = None, progress: bool = True) -> Result:
+                       threads: int | None = None, progress: bool = True, wait: bool = False) -> Result:
     """`extract` with the upstream run by the workers of a dask.distributed `client`.
 
     `model` is a name the workers can load (alias, HF id, or a directory they can all read); the
@@ -92,13 +92,22 @@ def extract_on_cluster(manifest: Manifest, model: str, client, cache: str = "cac
     if url.startswith("memory://"):
         raise FusionpipeError(f"{url}: a memory:// store lives in one process, the workers cannot reach it; "
                               "give --cache a directory they share or an object store URL")
-    opened = open_store(manifest, upstream, url, dtype=dtype, codec=codec, max_seconds=max_seconds,
-                        skip_bad=skip_bad, overwrite=overwrite, chunk_frames=chunk_frames)
-    if isinstance(opened, Result):
-        return opened
-    store, p = opened
-    name = upstream.name
-    del upstream, opened  # the workers load their own
+    with lock(url, wait):  # the client holds it for its workers
+        opened = open_store(manifest, upstream, url, device_type=resolve_device(device).type, dtype=dtype,
+                            codec=codec, max_seconds=max_seconds, skip_bad=skip_bad, overwrite=overwrite,
+                            chunk_frames=chunk_frames)
+        if isinstance(opened, Result):
+            return opened
+        store, p = opened
+        name = upstream.name
+        del upstream, opened  # the workers load their own
+        return _run_units(manifest, model, client, store, p, name, device=device, skip_bad=skip_bad,
+                          unit_seconds=unit_seconds, threads=threads, progress=progress)
+
+
+def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: Plan, name: str, *, device: str,
+               skip_bad: bool, unit_seconds: float, threads: int | None, progress: bool) -> Result:
+    url = store.url
     t0 = time.perf_counter()
     done = store.done_chunks()
     units = work_units(manifest, p, done, store.chunk_frames, unit_seconds)

@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from . import audio
-from .errors import FusionpipeError
+from .errors import FusionpipeError, redact
 from .manifest import Manifest
-from .store import DEFAULT_CODEC, FeatureStore, Layout, chunk_span
+from .store import DEFAULT_CODEC, FeatureStore, Layout, chunk_span, lock
 from .upstreams import Upstream, load_upstream
 
 IO_THREADS = min(8, max(2, os.cpu_count() or 2))     # audio decoding
@@ -106,9 +106,20 @@ def _header_error(manifest: Manifest, row: int) -> Exception | None:
     return None
 
 
-def fingerprint(manifest: Manifest, upstream: Upstream, dtype: str, codec: str) -> dict:
+def compute_dtype(dtype: str, device_type: str) -> str:
+    """The precision the upstream runs in: float16 autocast on a GPU for float16 stores, else float32.
+
+    A float32 store is computed in float32 on every device (else it would hold fp16-rounded values
+    at twice the bytes); CPUs run float32 (fp16 matmuls there are slow, and not what users expect).
+    """
+    return "float16" if dtype == "float16" and device_type == "cuda" else "float32"
+
+
+def fingerprint(manifest: Manifest, upstream: Upstream, dtype: str, codec: str, device_type: str) -> dict:
     return {
         "upstream": upstream.fingerprint(),
+        # how the numbers were computed: a resume on another kind of device or precision would mix two
+        "compute": {"dtype": compute_dtype(dtype, device_type), "device": device_type},
         # path: where stage 2/3 find the labels again; not compared (a corpus may move)
         "manifest": {"name": manifest.name, "sha256": manifest.content_hash(), "utterances": len(manifest),
                      "path": str(Path(manifest.source).resolve()) if manifest.source else None},
@@ -129,6 +140,12 @@ def _same_fingerprint(store: FeatureStore, fp: dict) -> list[str]:
     for key in ("dtype", "codec"):
         if a.get(key) != fp[key]:
             diffs.append(f"{key}: cached {a.get(key)!r}, now {fp[key]!r}")
+    cached = a.get("compute") or {}
+    for key, what in (("device", "device kind"), ("dtype", "compute dtype")):
+        if cached.get(key) != fp["compute"][key]:
+            diffs.append(f"{what}: cached on {cached.get(key)!r}, now {fp['compute'][key]!r} (the features would "
+                         "mix two numerics; resume on the same kind of device, e.g. --device "
+                         f"{cached.get('device') or 'cpu'})")
     return diffs
 
 
@@ -143,25 +160,34 @@ class Result:
 
     def summary(self) -> str:
         if self.already_complete:
-            return f"{self.url}: already complete, nothing to do"
+            return f"{redact(self.url)}: already complete, nothing to do"
         speed = self.seconds_audio / self.seconds_wall if self.seconds_wall else float("inf")
         audio_s = f"{self.seconds_audio / 3600:.2f} h" if self.seconds_audio >= 3600 else f"{self.seconds_audio:.0f} s"
-        return (f"{self.url}: {self.utterances} utterances, {audio_s} audio in "
+        return (f"{redact(self.url)}: {self.utterances} utterances, {audio_s} audio in "
                 f"{self.seconds_wall:.1f} s ({speed:.0f}x real time), {self.skipped} skipped")
 
 
 def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cache", *, url: str | None = None,
             device: str = "auto", dtype: str = "float16", codec: str = DEFAULT_CODEC,
             max_seconds: float = 160.0, skip_bad: bool = False, overwrite: bool = False,
-            chunk_frames: int | None = None, progress: bool = True) -> Result:
-    """Extract every hidden layer of `model` over `manifest` into a store; resume if one is there."""
+            chunk_frames: int | None = None, progress: bool = True, wait: bool = False) -> Result:
+    """Extract every hidden layer of `model` over `manifest` into a store; resume if one is there.
+
+    One extraction per store at a time: a second one is refused naming the holder (``wait``: waits).
+    """
     upstream = model if isinstance(model, Upstream) else load_upstream(model, device=device)
     url = url or store_url(cache, manifest.name, upstream.name)
-    opened = open_store(manifest, upstream, url, dtype=dtype, codec=codec, max_seconds=max_seconds,
+    with lock(url, wait):
+        return _extract(manifest, upstream, url, progress, dtype=dtype, codec=codec, max_seconds=max_seconds,
                         skip_bad=skip_bad, overwrite=overwrite, chunk_frames=chunk_frames)
+
+
+def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, **options) -> Result:
+    opened = open_store(manifest, upstream, url, device_type=upstream.device.type, **options)
     if isinstance(opened, Result):
         return opened
     store, p = opened
+    skip_bad = options["skip_bad"]
     t0 = time.perf_counter()
     done = store.done_chunks()
     todo = [b for b in p.batches if needed(b, p.layout, done, store.chunk_frames)]
@@ -177,13 +203,14 @@ def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cach
     return Result(url, sum(batch_seconds), time.perf_counter() - t0, len(store), skipped + len(p.skipped))
 
 
-def open_store(manifest: Manifest, upstream: Upstream, url: str, *, dtype: str, codec: str, max_seconds: float,
-               skip_bad: bool, overwrite: bool, chunk_frames: int | None) -> tuple[FeatureStore, Plan] | Result:
+def open_store(manifest: Manifest, upstream: Upstream, url: str, *, device_type: str, dtype: str, codec: str,
+               max_seconds: float, skip_bad: bool, overwrite: bool,
+               chunk_frames: int | None) -> tuple[FeatureStore, Plan] | Result:
     """The store at `url` and the plan to fill it: created, or reopened to resume (the same extraction only).
 
-    A Result instead when the store is already complete.
+    A Result instead when the store is already complete. The caller holds the store's `lock`.
     """
-    fp = fingerprint(manifest, upstream, dtype, codec)
+    fp = fingerprint(manifest, upstream, dtype, codec, device_type)
     store = None
     if FeatureStore.exists(url) and not overwrite:
         store = FeatureStore.open(url, mode="r+")
@@ -193,6 +220,7 @@ def open_store(manifest: Manifest, upstream: Upstream, url: str, *, dtype: str, 
                 f"{url} holds a different extraction ({'; '.join(diffs)}); pass --overwrite to replace it "
                 "or choose another --cache"
             )
+        store.remove_stray()  # .partial files of writes killed before their rename: never chunks
         if store.is_complete():
             return Result(url, 0.0, 0.0, len(store), len(store.skipped()), already_complete=True)
     p = plan(manifest, upstream, max_seconds, skip_bad)
@@ -230,6 +258,11 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
     only partly cover, for whoever owns those chunks to complete (cluster.py).
     """
     offsets, lengths = p.layout.offsets, p.layout.lengths
+    compute = store.attrs["compute"]
+    if upstream.device.type != compute["device"]:
+        raise FusionpipeError(f"{store} is computed on {compute['device']}, this process runs {upstream.name} on "
+                              f"{upstream.device.type}: use the same kind of device for every part of a store")
+    precision = getattr(torch, compute["dtype"])
     writer = _ChunkWriter(store, done)
     writer.start()
     skipped = 0
@@ -245,7 +278,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
                 if k + PREFETCH < len(batches):
                     ahead.append(submit(batches[k + PREFETCH]))
                 ok = [i for i, (w, _) in zip(batch, loaded) if w is not None]
-                feats = upstream.forward([w for w, _ in loaded if w is not None]) if ok else []
+                feats = upstream.forward([w for w, _ in loaded if w is not None], precision) if ok else []
                 for i, f in zip(ok, feats):
                     writer.put(int(offsets[i]), _to_storage(f, store.attrs["dtype"], upstream.name, p.layout.ids[i]))
                 for i, (w, reason) in zip(batch, loaded):

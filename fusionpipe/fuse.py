@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FusionpipeError
+from .errors import FusionpipeError, redact
 from .manifest import read_manifest
 from .store import DEFAULT_CODEC, FeatureStore, Layout
 
@@ -483,7 +483,7 @@ class FusedView:
         store.write_chunk(c, chunk)
 
     def _fingerprint(self, dtype: str, codec: str) -> dict:
-        sources = [{"store": s.url, "upstream": s.attrs.get("upstream"), "dtype": s.attrs.get("dtype"),
+        sources = [{"store": redact(s.url), "upstream": s.attrs.get("upstream"), "dtype": s.attrs.get("dtype"),
                     "codec": s.attrs.get("codec"), "total_frames": s.total_frames} for s in self.stores]
         fusion = {"merge": self.merge, "align_time": self.align_time, "align_layers": self.align_layers}
         names = "+".join((s.attrs.get("upstream") or {}).get("name", s.name) for s in self.stores)

@@ -14,31 +14,47 @@ Layout of ``cache/<manifest>/<upstream>.zarr`` (fairseq's .npy + .len idea, in Z
 
 Crash safety. ``total_frames`` is known before running (frame arithmetic on the manifest's
 sample counts), so `hidden` is preallocated and each chunk is written exactly once, whole.
-Zarr's stores write a chunk atomically (local: temp file + rename; object stores: one PUT)
-and empty chunks are written too, so *a chunk exists if and only if it is complete*: the set
-of existing chunk keys is the done-flag set. A kill at any moment leaves whole chunks or no
-chunk; a rerun recomputes exactly the missing ones. Two writers never share a chunk.
+Zarr's stores write a chunk atomically (local: a ``<key>.<uuid>.partial`` file renamed into
+place; object stores: one PUT) and empty chunks are written too, so *a chunk's exact key exists
+if and only if the chunk is complete*: those keys are the done-flag set. Anything else under
+``hidden/c/`` (a ``.partial`` left by a kill) never counts and is deleted when a writer opens
+the store. A kill at any moment leaves whole chunks or no chunk; a rerun recomputes exactly the
+missing ones. Two writers never share a chunk (`lock`: one extraction per store at a time).
+
+Integrity. Every chunk ends in a crc32c checksum (zarr v3's codec), so a flipped bit is a read
+error naming the store, the chunk and its utterances, never a different number. A chunk not
+written reads as NaN (the fill value), never as plausible zeros. The index is hashed into the
+attributes, so `verify` catches an edited offset or length. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import math
+import os
+import re
+import socket
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
 
 from . import __version__
-from .errors import FusionpipeError
+from .errors import FusionpipeError, redact
 
-FORMAT = 1
+FORMAT = 2           # 2: crc32c on every chunk, NaN fill, index hash; 1 (read only): neither
+READABLE_FORMATS = (1, 2)
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 4 * 2**20  # chosen with bench/extract.py: larger chunks buy no speed and cost resume granularity
 
@@ -52,6 +68,17 @@ CODECS = {
     "none": lambda: None,
 }
 DEFAULT_CODEC = "zstd"
+CHECKSUM = Crc32cCodec  # last bytes-to-bytes codec of every chunk: bench/extract.py measures its cost
+
+
+def compressors(codec: str) -> list:
+    """The chunk codecs of `codec`, ending in the checksum."""
+    return [*(CODECS[codec]() or []), CHECKSUM()]
+
+
+def index_hash(ids, lengths) -> str:
+    """sha256 of the index (ids and frame counts; offsets follow from them), fixed at creation."""
+    return hashlib.sha256(json.dumps([[str(i) for i in ids], [int(n) for n in lengths]]).encode()).hexdigest()
 
 
 def chunk_span(start, stop, chunk_frames: int):
@@ -121,8 +148,9 @@ class FeatureStore:
             group["index/lengths"][:] = layout.lengths
         group.create_array(
             "hidden", shape=(layout.total_frames, num_layers, hidden_size), dtype=dtype,
-            chunks=(chunk_frames, num_layers, hidden_size), compressors=CODECS[codec](),
-            fill_value=0, config={"write_empty_chunks": True},  # chunk exists <=> chunk done
+            chunks=(chunk_frames, num_layers, hidden_size), compressors=compressors(codec),
+            # chunk exists <=> chunk done; a chunk never written reads as NaN, never as plausible zeros
+            fill_value=float("nan"), config={"write_empty_chunks": True},
         )
         # one write of the group's metadata, last: `format` marks a store whose creation finished
         # (Attributes.update would rewrite zarr.json once per key)
@@ -130,6 +158,7 @@ class FeatureStore:
             **(attrs or {}), "format": FORMAT, "fusionpipe_version": __version__, "dtype": dtype,
             "codec": codec, "num_layers": num_layers, "hidden_size": hidden_size,
             "chunk_frames": chunk_frames, "total_frames": layout.total_frames, "num_utterances": n,
+            "index_sha256": index_hash(layout.ids, layout.lengths),
         })
         return cls(group, str(url))
 
@@ -137,8 +166,11 @@ class FeatureStore:
     def open(cls, url: str | Path, mode: str = "r") -> FeatureStore:
         try:
             group = zarr.open_group(str(url), mode=mode)
-            if "hidden" not in group or group.attrs.get("format") != FORMAT:
+            if "hidden" not in group or group.attrs.get("format") not in READABLE_FORMATS:
                 raise KeyError("hidden")
+            if mode != "r" and group.attrs.get("format") != FORMAT:
+                raise FusionpipeError(f"{url} is a format-{group.attrs.get('format')} store (no chunk checksums); "
+                                      "it stays readable, but to add to it re-extract with --overwrite")
         except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError) as e:
             raise FusionpipeError(
                 f"{url} is not a fusionpipe feature store ({type(e).__name__}: {e}); make it with `fusionpipe "
@@ -158,21 +190,23 @@ class FeatureStore:
     def __len__(self) -> int:
         return int(self.attrs["num_utterances"])
 
+    # the array's own metadata is the one place for its shape; the attrs repeat it for readers
+    # without zarr, and `verify` checks that the two agree
     @property
     def num_layers(self) -> int:
-        return int(self.attrs["num_layers"])
+        return int(self.hidden.shape[1])
 
     @property
     def hidden_size(self) -> int:
-        return int(self.attrs["hidden_size"])
+        return int(self.hidden.shape[2])
 
     @property
     def chunk_frames(self) -> int:
-        return int(self.attrs["chunk_frames"])
+        return int(self.hidden.chunks[0])
 
     @property
     def total_frames(self) -> int:
-        return int(self.attrs["total_frames"])
+        return int(self.hidden.shape[0])
 
     @property
     def num_chunks(self) -> int:
@@ -186,15 +220,56 @@ class FeatureStore:
     def name(self) -> str:
         return Path(self.url.rstrip("/")).stem
 
+    def __str__(self) -> str:
+        return redact(self.url)
+
     # ---- done flags ----------------------------------------------------------------------
-    def done_chunks(self) -> np.ndarray:
-        """(num_chunks,) bool: which chunks of `hidden` are on disk (each one is whole)."""
+    def chunk_key(self, c: int) -> str:
+        return f"{self.hidden.path}/c/{c}/0/0"
+
+    def _chunk_keys(self) -> tuple[np.ndarray, list[str]]:
+        """(chunks whose exact key exists, every other key under hidden/c/: stray files)."""
         done = np.zeros(self.num_chunks, dtype=bool)
         prefix = f"{self.hidden.path}/c/"
-        keys = sync(_list(self.group.store, prefix))
-        for k in keys:
-            done[int(k[len(prefix):].split("/")[0])] = True
-        return done
+        exact = re.compile(r"(\d+)/0/0")
+        stray = []
+        for k in sync(_list(self.group.store, prefix)):
+            m = exact.fullmatch(k[len(prefix):])
+            if m and int(m[1]) < self.num_chunks:
+                done[int(m[1])] = True
+            else:
+                stray.append(k)
+        return done, stray
+
+    def done_chunks(self) -> np.ndarray:
+        """(num_chunks,) bool: which chunks of `hidden` are on disk (each one is whole).
+
+        Only a chunk's exact key counts: a ``*.partial`` file (a write killed before its rename)
+        or any other stray key never marks a chunk done.
+        """
+        return self._chunk_keys()[0]
+
+    def stray_keys(self) -> list[str]:
+        """Keys under hidden/c/ that are not chunks (left by a killed write); `remove_stray` deletes them."""
+        return self._chunk_keys()[1]
+
+    def remove_stray(self) -> list[str]:
+        """Delete the stray keys (call with the store's `lock` held: another writer's .partial is not stray)."""
+        stray = self.stray_keys()
+        for k in stray:
+            sync(self.group.store.delete(k))
+        return stray
+
+    def delete_chunk(self, c: int) -> None:
+        sync(self.group.store.delete(self.chunk_key(c)))
+
+    def utterances_in(self, chunks) -> list[str]:
+        """Ids of the utterances with frames in any of `chunks` (chunk numbers)."""
+        marked = np.zeros(self.num_chunks + 1, dtype=np.int64)
+        marked[np.asarray(chunks, dtype=np.int64) + 1] = 1
+        count = np.cumsum(marked)  # count[c]: marked chunks before c
+        lo, hi = chunk_span(self.offsets, self.offsets + self.lengths, self.chunk_frames)
+        return [self.ids[i] for i in np.flatnonzero(count[hi] > count[lo])]
 
     def done_utterances(self, done_chunks: np.ndarray | None = None) -> np.ndarray:
         """(N,) bool: utterances whose every chunk is on disk."""
@@ -210,7 +285,15 @@ class FeatureStore:
     def write_chunk(self, c: int, frames: np.ndarray) -> None:
         """Write chunk `c` whole; `frames` is (chunk_frames or fewer for the last chunk, L, D)."""
         start = c * self.chunk_frames
-        self.hidden[start:start + len(frames)] = frames
+        try:
+            self.hidden[start:start + len(frames)] = frames
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FusionpipeError(
+                    f"{self}: the disk is full ({e.strerror}) while writing chunk {c}; free some space (or move "
+                    "--cache) and rerun the same command: it resumes from the chunks already on disk"
+                ) from None
+            raise
 
     # ---- skips ---------------------------------------------------------------------------
     def skipped(self) -> dict[str, str]:
@@ -226,20 +309,39 @@ class FeatureStore:
         sync(self.group.store.set(_key(self.group, f"skipped/{self.position[utt_id]}.json"), buf))
 
     # ---- reading -------------------------------------------------------------------------
-    def read_range(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Frames [lo, hi) of `hidden` (all layers), decoded into `out` when given (no extra copy)."""
-        if out is None:
+    def read_range(self, lo: int, hi: int) -> np.ndarray:
+        """Frames [lo, hi) of `hidden` (all layers). A chunk that fails its checksum or cannot be
+        decoded is an error naming the store, the chunk and its utterances."""
+        try:
             return self.hidden[lo:hi]
-        self.hidden.get_basic_selection((slice(lo, hi),), out=NDBuffer.from_numpy_array(out))
-        return out
+        except Exception:  # codec errors vary (checksum ValueError, zstd RuntimeError, ...): find the chunk
+            first, last = chunk_span(lo, hi, self.chunk_frames)
+            for c in range(first, last):
+                why = self.chunk_fault(c)
+                if why:
+                    raise FusionpipeError(
+                        f"{self} chunk {c} (frames {c * self.chunk_frames}..) is corrupt ({why}); it holds "
+                        f"{_ids(self.utterances_in([c]))}. Run `fusionpipe verify --repair {self}` to delete "
+                        "the bad chunks, then rerun `fusionpipe extract` to recompute exactly them"
+                    ) from None
+            raise
+
+    def chunk_fault(self, c: int) -> str | None:
+        """Why chunk `c` cannot be used (unreadable, failed checksum, non-finite values), or None."""
+        start = c * self.chunk_frames
+        try:
+            block = self.hidden[start:start + self.chunk_frames]
+        except Exception as e:
+            return f"unreadable: {type(e).__name__}: {e}"
+        return None if np.isfinite(block).all() else "non-finite values"
 
     def read(self, utt_id: str) -> np.ndarray:
         """(T, L, D) frames of one utterance, in the storage dtype."""
         i = self.position.get(utt_id)
         if i is None:
-            raise FusionpipeError(f"{self.url} has no utterance {utt_id!r}")
+            raise FusionpipeError(f"{self} has no utterance {utt_id!r}")
         o = int(self.offsets[i])
-        return self.hidden[o:o + int(self.lengths[i])]
+        return self.read_range(o, o + int(self.lengths[i]))
 
     def size_on_disk(self) -> int:
         return sum(sync(_sizes(self.group.store, _key(self.group, ""))))
@@ -257,6 +359,10 @@ async def _sizes(store, prefix: str) -> list[int]:
     return [await store.getsize(k) async for k in store.list_prefix(prefix)]
 
 
+def _ids(ids: list[str], show: int = 5) -> str:
+    return ", ".join(ids[:show]) + (f" and {len(ids) - show} more" if len(ids) > show else "") if ids else "no utterance"
+
+
 def describe(store: FeatureStore) -> dict:
     """What `fusionpipe inspect` prints: shape, fingerprint, completeness, bytes."""
     done = store.done_chunks()
@@ -265,7 +371,8 @@ def describe(store: FeatureStore) -> dict:
     seconds = store.total_frames / store.frame_rate if store.total_frames else 0.0
     skipped = store.skipped()
     return {
-        "store": store.url,
+        "store": str(store),
+        "format": store.attrs.get("format"),
         "shape": [store.total_frames, store.num_layers, store.hidden_size],
         "utterances": len(store),
         "utterances_done": int(done_utts.sum()),
@@ -273,6 +380,7 @@ def describe(store: FeatureStore) -> dict:
         "complete": bool(done.all()),
         "dtype": store.attrs["dtype"],
         "codec": store.attrs["codec"],
+        "compute": store.attrs.get("compute"),
         "chunk_frames": store.chunk_frames,
         "size_on_disk_bytes": size,
         "bytes_per_audio_second": round(size / seconds) if seconds else None,
@@ -282,23 +390,121 @@ def describe(store: FeatureStore) -> dict:
     }
 
 
-def verify(store: FeatureStore) -> list[str]:
-    """Faults found: every done utterance must be readable, finite and of its indexed length."""
-    faults = []
-    if len(store.offsets) != len(store) or (len(store) and store.offsets[-1] + store.lengths[-1] != store.total_frames):
-        faults.append("index: offsets/lengths do not tile the hidden array")
-    done = store.done_chunks()
-    skipped = store.skipped()
+def verify(store: FeatureStore, repair: bool = False) -> list[str]:
+    """Every fault of a store: metadata against the fingerprint, the index, every expected chunk.
+
+    Each chunk must exist (missing ones are reported, with their utterances), decode (checksum),
+    and hold finite values. ``repair`` deletes the bad chunks and stray keys so that a rerun of
+    `fusionpipe extract` recomputes exactly them; faults of the metadata or the index are not
+    repairable that way (they need --overwrite) and are only reported.
+    """
+    faults = _metadata_faults(store) + _index_faults(store)
+    if faults:  # chunk positions mean nothing under a wrong shape or index
+        return faults
+    done, stray = store._chunk_keys()
+    faults += [f"stray key {k} (a write killed before its rename)" for k in stray]
+    missing = np.flatnonzero(~done)
+    if len(missing):
+        faults.append(f"{len(missing)} of {store.num_chunks} chunks missing (chunks {_ranges(missing)}): "
+                      f"{_ids(store.utterances_in(missing))} not extracted yet; rerun `fusionpipe extract`")
+    bad = []
     for c in np.flatnonzero(done):
-        start = int(c) * store.chunk_frames
-        try:
-            block = store.hidden[start:start + store.chunk_frames]
-        except Exception as e:  # a corrupt chunk: zarr/codec errors vary
-            faults.append(f"chunk {c} (frames {start}..): unreadable ({type(e).__name__}: {e})")
-            continue
-        if not np.isfinite(block).all():
-            faults.append(f"chunk {c} (frames {start}..): non-finite values")
-    for i in np.flatnonzero(store.done_utterances(done)):
-        if store.ids[i] not in skipped and store.lengths[i] <= 0:
-            faults.append(f"utterance {store.ids[i]}: zero frames")
+        why = store.chunk_fault(int(c))
+        if why:
+            bad.append(int(c))
+            faults.append(f"chunk {c} (frames {int(c) * store.chunk_frames}..): {why}; it holds "
+                          f"{_ids(store.utterances_in([c]))}")
+    if repair:
+        for c in bad:
+            store.delete_chunk(c)
+        store.remove_stray()
     return faults
+
+
+def _metadata_faults(store: FeatureStore) -> list[str]:
+    a, h = store.attrs, store.hidden
+    faults = []
+    for key, actual in (("total_frames", store.total_frames), ("num_layers", store.num_layers),
+                        ("hidden_size", store.hidden_size), ("chunk_frames", store.chunk_frames),
+                        ("dtype", str(h.dtype)), ("num_utterances", len(store.ids))):
+        if a.get(key) != actual:
+            faults.append(f"metadata: attribute {key}={a.get(key)!r} but the array says {actual!r}")
+    up = a.get("upstream") or {}
+    for key in ("num_layers", "hidden_size"):
+        if key in up and up[key] != a.get(key):
+            faults.append(f"metadata: upstream {key}={up[key]!r} but the store has {a.get(key)!r}")
+    if a.get("codec") in CODECS and a.get("format") == FORMAT:
+        want = [c.to_dict() for c in compressors(a["codec"])]
+        have = [c.to_dict() for c in h.compressors]
+        if want != have:
+            faults.append(f"metadata: codec {a['codec']!r} but the chunks are encoded with {have}")
+    elif a.get("codec") not in CODECS:
+        faults.append(f"metadata: codec {a.get('codec')!r} is not known")
+    return faults
+
+
+def _index_faults(store: FeatureStore) -> list[str]:
+    ids, offsets, lengths = store.ids, store.offsets, store.lengths
+    faults = []
+    if not (len(ids) == len(offsets) == len(lengths) == len(store)):
+        return [f"index: {len(ids)} ids, {len(offsets)} offsets, {len(lengths)} lengths for {len(store)} utterances"]
+    if len(set(ids)) != len(ids):
+        faults.append("index: duplicate utterance ids")
+    expect = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    if (lengths < 0).any() or not np.array_equal(offsets, expect) or int(lengths.sum()) != store.total_frames:
+        bad = np.flatnonzero(offsets != expect)
+        faults.append(f"index: offsets/lengths do not tile the {store.total_frames} frames of the hidden array"
+                      + (f" (first mismatch at utterance {ids[bad[0]]})" if len(bad) else ""))
+    recorded = store.attrs.get("index_sha256")
+    if recorded is not None and recorded != index_hash(ids, lengths):
+        faults.append("index: ids or frame counts differ from those recorded at extraction (index_sha256)")
+    skipped = store.skipped()
+    for i in np.flatnonzero(lengths <= 0):
+        if ids[i] not in skipped:
+            faults.append(f"utterance {ids[i]}: zero frames")
+    return faults
+
+
+def _ranges(cs: np.ndarray, show: int = 5) -> str:
+    """[1,2,3,7] -> '1-3, 7'."""
+    runs = np.split(cs, np.flatnonzero(np.diff(cs) != 1) + 1)
+    text = [f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs[:show]]
+    return ", ".join(text) + (" ..." if len(runs) > show else "")
+
+
+# ---- one writer per store ------------------------------------------------------------------------
+@contextmanager
+def lock(url: str | Path, wait: bool = False):
+    """Advisory lock of the store at `url` for one writer (extract, verify --repair).
+
+    A local store's lock is ``<store>.lock`` beside it, held with flock: the kernel releases it when
+    the holder exits however it exits, so a crashed holder never blocks a rerun. The file records
+    the holder (pid, host, command, start) for the message a second writer gets. Object stores
+    (s3://, ...) have no such lock: there, do not start two extractions of one store.
+    """
+    url = str(url)
+    if "://" in url and not url.startswith("file://"):
+        yield
+        return
+    path = Path(url.removeprefix("file://").rstrip("/") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            if not wait:
+                raise FusionpipeError(
+                    f"{redact(url)} is being written by another process ({holder}); wait for it to finish, or "
+                    "pass --wait to start when it does"
+                ) from None
+            print(f"waiting for {redact(url)}: held by {holder}", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  "command": " ".join(sys.argv)[:300]}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock

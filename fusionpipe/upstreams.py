@@ -249,30 +249,35 @@ class Upstream:
         mel = -(-num_samples // self.feature_extractor.hop_length)
         return int(self.model._get_feat_extract_output_lengths(torch.tensor(mel)))
 
-    def forward(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
-        """waves: mono 16 kHz 1-D float arrays of any lengths -> [(T_i, L, D)] on self.device, in self.dtype."""
+    def forward(self, waves: list[np.ndarray], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """waves: mono 16 kHz 1-D float arrays of any lengths -> [(T_i, L, D)] on self.device.
+
+        ``dtype``: the compute precision, and the dtype of the result: float16 runs under autocast
+        (GPUs), float32 runs in float32 on every device. Default: self.dtype (float16 on a GPU).
+        """
         waves = [np.asarray(w, dtype=np.float32) for w in waves]
         if any(w.ndim != 1 for w in waves):
             raise FusionpipeError(f"{self.name}: forward expects mono 1-D waveforms, got shapes "
                                   f"{[w.shape for w in waves]}")
-        on_gpu = self.device.type == "cuda"
+        dtype = dtype or self.dtype
         # one call at a time: batch independence swaps modules in for the call (cluster workers run 2 units)
-        with self._lock, torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=on_gpu):
-            return self._forward_whisper(waves) if self.family == "whisper" else self._forward_ssl(waves)
+        with self._lock, torch.inference_mode(), \
+                torch.autocast(self.device.type, dtype=torch.float16, enabled=dtype == torch.float16):
+            return self._forward_whisper(waves, dtype) if self.family == "whisper" else self._forward_ssl(waves, dtype)
 
-    def _hidden_states(self, out) -> torch.Tensor:  # L x (B, T, D) -> (B, T, L, D)
+    def _hidden_states(self, out, dtype: torch.dtype) -> torch.Tensor:  # L x (B, T, D) -> (B, T, L, D)
         # transformers 5 records the last block's output BEFORE the final layer norm of stable-layer-norm models
         # (the large HuBERT/WavLM/wav2vec2); s3prl and transformers 4 take the normalised encoder output.
         # Under autocast the layer norms return float32 and the blocks float16: one dtype for the cache.
-        return torch.stack([h.to(self.dtype) for h in (*out.hidden_states[:-1], out.last_hidden_state)], dim=2)
+        return torch.stack([h.to(dtype) for h in (*out.hidden_states[:-1], out.last_hidden_state)], dim=2)
 
-    def _empty(self) -> torch.Tensor:
-        return torch.zeros(0, self.num_layers, self.hidden_size, device=self.device, dtype=self.dtype)
+    def _empty(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(0, self.num_layers, self.hidden_size, device=self.device, dtype=dtype)
 
-    def _forward_ssl(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
+    def _forward_ssl(self, waves: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         frames = [self.num_frames(len(w)) for w in waves]
         keep = [i for i, t in enumerate(frames) if t > 0]  # shorter than one conv receptive field: no frames
-        out = [self._empty() for _ in waves]
+        out = [self._empty(dtype) for _ in waves]
         if not keep:
             return out
         # the feature extractor normalises over the whole input, so it sees one utterance at a time
@@ -295,12 +300,12 @@ class Upstream:
                     encoder.pos_conv_embed, [frames[i] for i in keep])))
             result = self.model(input_values.to(self.device), attention_mask=attention_mask.to(self.device),
                                 output_hidden_states=True)
-        hidden = self._hidden_states(result)  # (B, T, L, D)
+        hidden = self._hidden_states(result, dtype)  # (B, T, L, D)
         for b, i in enumerate(keep):
             out[i] = hidden[b, :frames[i]]
         return out
 
-    def _forward_whisper(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
+    def _forward_whisper(self, waves: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """Whisper's encoder only accepts full windows (30 s = 3000 mel frames for the real models): every window
         is padded by the feature extractor, all windows of the batch run together, each is cut to its real frames."""
         window = self.feature_extractor.n_samples
@@ -309,10 +314,11 @@ class Upstream:
         if pieces:
             mel = torch.cat([self.feature_extractor(p, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
                              for _, p in pieces])  # (W, n_mels, 3000)
-            hidden = self._hidden_states(self.model(mel.to(self.device), output_hidden_states=True))  # (W, 1500, L, D)
+            out_w = self.model(mel.to(self.device), output_hidden_states=True)
+            hidden = self._hidden_states(out_w, dtype)  # (W, 1500, L, D)
             for (i, p), h in zip(pieces, hidden):
                 out[i].append(h[:self._window_frames(len(p))])
-        return [torch.cat(hs) if hs else self._empty() for hs in out]
+        return [torch.cat(hs) if hs else self._empty(dtype) for hs in out]
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
