@@ -10,6 +10,8 @@ Prints, measured side by side in one run:
   stages alone     decode, forward + copy, compress + write, each timed alone over the whole
                    manifest: the slowest bounds extract, which overlaps them
   codecs           bytes per audio-second and write MB/s for each codec on the same features
+  checksum         what the crc32c every chunk carries costs: per core (zstd alone vs zstd + crc32c
+                   on the same chunks) and in whole-store writes and reads with and without it
   peak RSS         of this process
 """
 
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusionpipe import audio  # noqa: E402
 from fusionpipe.extract import IO_THREADS, WRITE_THREADS, extract, plan  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests  # noqa: E402
-from fusionpipe.store import CODECS, FeatureStore  # noqa: E402
+from fusionpipe.store import CHECKSUM, CODECS, FeatureStore  # noqa: E402
 from fusionpipe.upstreams import load_upstream, make_local_model  # noqa: E402
 
 
@@ -134,6 +136,52 @@ def main() -> None:
         size = dst.size_on_disk()
         print(f"{codec:<24} {size / m.duration:>14,.0f} {raw / size:>6.2f} {raw / t_w / 1e6:>11.0f} "
               f"{raw / t_r / 1e6:>10.0f}")
+    checksum_cost(feats, FeatureStore.open(url).chunk_frames)
+
+
+def checksum_cost(feats: np.ndarray, chunk_frames: int, repeats: int = 3) -> None:
+    """crc32c's cost beside zstd-3: per core on the same chunks, then whole-array writes and reads."""
+    import google_crc32c
+    import numcodecs
+    import zarr
+    from zarr.codecs import ZstdCodec
+    from zarr.storage import MemoryStore
+
+    chunks = [np.ascontiguousarray(feats[i:i + chunk_frames]) for i in range(0, len(feats), chunk_frames)]
+    raw = sum(c.nbytes for c in chunks)
+    zstd = numcodecs.Zstd(level=3)
+    packed = [zstd.encode(c) for c in chunks]
+    steps = {"zstd encode": lambda: [zstd.encode(c) for c in chunks],
+             "zstd decode": lambda: [zstd.decode(b) for b in packed],
+             "crc32c": lambda: [google_crc32c.value(b) for b in packed]}
+    best = {k: float("inf") for k in steps}
+    for _ in range(repeats):  # best of, interleaved, so drift on a noisy machine hits all alike
+        for k, f in steps.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    mbs = {k: raw / t / 1e6 for k, t in best.items()}
+    print(f"\nchecksum, one core, {len(chunks)} chunks of {chunks[0].nbytes / 2**20:.1f} MB (MB/s of raw fp16): "
+          f"zstd-3 encode {mbs['zstd encode']:.0f}, decode {mbs['zstd decode']:.0f}, crc32c of the compressed "
+          f"bytes {mbs['crc32c']:.0f}: +{best['crc32c'] / best['zstd encode']:.1%} on encode, "
+          f"+{best['crc32c'] / best['zstd decode']:.1%} on decode")
+    pipelines = {"zstd": lambda: [ZstdCodec(level=3)], "zstd+crc32c": lambda: [ZstdCodec(level=3), CHECKSUM()]}
+    write = {k: float("inf") for k in pipelines}
+    read = dict(write)
+    for _ in range(repeats):
+        for k, codecs in pipelines.items():
+            a = zarr.create_array(MemoryStore(), shape=feats.shape, chunks=(chunk_frames, *feats.shape[1:]),
+                                  dtype=feats.dtype, compressors=codecs())
+            t0 = time.perf_counter()
+            a[:] = feats
+            write[k] = min(write[k], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            a[:]
+            read[k] = min(read[k], time.perf_counter() - t0)
+    print(f"zarr array in memory: write zstd {raw / write['zstd'] / 1e6:.0f} MB/s, with crc32c "
+          f"{raw / write['zstd+crc32c'] / 1e6:.0f} MB/s (time ratio {write['zstd+crc32c'] / write['zstd']:.3f}); "
+          f"read {raw / read['zstd'] / 1e6:.0f} vs {raw / read['zstd+crc32c'] / 1e6:.0f} MB/s "
+          f"(time ratio {read['zstd+crc32c'] / read['zstd']:.3f})")
 
 
 def _layout(store: FeatureStore):
