@@ -131,3 +131,26 @@ def test_c_read_manifest_refuses_duplicate_ids_naming_both_lines(tmp_path):
     path.write_text("# root: .\n" + HEADER + "u1\ta.wav\t1\t16000\t\nu2\tb.wav\t1\t16000\t\nu1\tc.wav\t1\t16000\t\n")
     with pytest.raises(FusionpipeError, match=r"dup.tsv line 5: duplicate id 'u1', also on line 3; .*rename or remove"):
         read_manifest(path)
+
+
+# ---- d. packaging floors ---------------------------------------------------------------------------------------
+def test_d_declared_floors_are_the_releases_the_code_needs_and_are_installed():
+    """transformers 4.56: from_pretrained(dtype=) (4.55 passes it on to the model's __init__ and fails);
+    zarr 3.1.6: Array.with_config, atomic chunk writes (3.1.3); dask 2024.12.1: from_zarr of zarr 3 arrays;
+    typer 0.15.4: --help with click >= 8.2; zarr 3 needs Python 3.11. Each floor was run (see pyproject.toml)."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert SpecifierSet(project["requires-python"]) == SpecifierSet(">=3.11")
+    reqs = {(r := Requirement(d)).name: r for d in project["dependencies"]}
+    floors = {"transformers": "4.56", "zarr": "3.1.6", "numcodecs": "0.14", "dask": "2024.12.1", "typer": "0.15.4"}
+    for name, floor in floors.items():
+        spec = reqs[name].specifier
+        assert str(spec) == f">={floor}", (name, str(spec))
+        assert Version(version(name)) in spec, f"installed {name} {version(name)} is below the declared {spec}"
+    assert not reqs["torch"].specifier  # pin-free: GPU users install their own build first
