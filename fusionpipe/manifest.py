@@ -111,6 +111,36 @@ def _cells(u: Utterance) -> list[str]:
     return ["" if v is None else str(v) for v in dataclasses.astuple(u)]
 
 
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file (a manifest, a transcript list), or a FusionpipeError naming the file, the line
+    and the fix when it is not UTF-8.
+
+    A leading UTF-8 byte order mark is dropped ("utf-8-sig"): Excel and Notepad write one when saving
+    "CSV UTF-8" or "UTF-8 with BOM", it says nothing about the content, and kept it would glue itself to the
+    first header cell ("\ufeff# root:" or "\ufeffid") and make a correct file look malformed. Because
+    ``Manifest.content_hash`` hashes the parsed rows, never the file's bytes, a manifest saved with a BOM is
+    the same manifest as without one: its stores stay valid. (A UTF-16 file, Excel's "Unicode Text", is
+    refused by name rather than guessed at.)
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith(_UTF16_BOMS):
+        raise FusionpipeError(f"{what} {path} is UTF-16 (it starts with a UTF-16 byte order mark, as Excel's "
+                              f"'Unicode Text' writes); save it as UTF-8, e.g. "
+                              f"`iconv -f UTF-16 -t UTF-8 {path} > fixed.tsv`")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise FusionpipeError(
+            f"{what} {path} line {line} is not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); save it as "
+            f"UTF-8 (Excel: 'CSV UTF-8'; from Latin-1: `iconv -f LATIN1 -t UTF-8 {path} > fixed.tsv`)"
+        ) from None
+
+
 def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Manifest:
     """Read a manifest TSV; every malformed row is an error naming the file and the row."""
     path = Path(path)
@@ -119,7 +149,7 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
             f"manifest {path} does not exist; make one with `fusionpipe manifest folder DIR` "
             "or `fusionpipe manifest librispeech DIR`"
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "manifest").splitlines()
     declared_root = None
     if lines and lines[0].startswith(ROOT_PREFIX):
         declared_root = lines.pop(0)[len(ROOT_PREFIX):].strip()
@@ -154,7 +184,8 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
         if not rec["id"] or not rec["path"] or num_samples < 0 or sample_rate <= 0:
             raise FusionpipeError(f"{where}: needs a non-empty id and path, num_samples >= 0 and sample_rate > 0")
         if rec["id"] in seen:
-            raise FusionpipeError(f"{where}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
+            raise FusionpipeError(f"{where}: duplicate id {rec['id']!r}, also on line {seen[rec['id']]}; ids must be "
+                                  f"unique: rename or remove one of the two rows")
         seen[rec["id"]] = n
         opt = {c: (rec.get(c) or None) for c in OPTIONAL}
         rows.append(Utterance(rec["id"], rec["path"], num_samples, sample_rate, **opt))
@@ -169,6 +200,12 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
 def write_manifest(manifest: Manifest, path: str | os.PathLike, root: str | None = None) -> Path:
     """Write ``manifest`` as TSV (atomically). Only the optional columns that hold a value are written."""
     path = Path(path)
+    first: dict[str, Utterance] = {}
+    for u in manifest:  # read_manifest would refuse the file: refuse it before it is written
+        if u.id in first:
+            raise FusionpipeError(f"manifest {manifest.name}: {first[u.id].path} and {u.path} both have id {u.id!r}; "
+                                  f"ids must be unique, so {path} was not written: rename one of the two")
+        first[u.id] = u
     path.parent.mkdir(parents=True, exist_ok=True)
     used = [c for c in OPTIONAL if any(getattr(u, c) is not None for u in manifest)]
     columns = list(REQUIRED) + used

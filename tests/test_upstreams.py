@@ -150,7 +150,9 @@ def test_last_layer_is_the_normalised_encoder_output(toy):
     with torch.inference_mode():
         out = up.model(x, output_hidden_states=True)
     torch.testing.assert_close(got[:, -1], out.last_hidden_state[0])
-    torch.testing.assert_close(got[:, -1], up.model.encoder.layer_norm(out.hidden_states[-1][0]))
+    last = out.hidden_states[-1][0]
+    if not torch.allclose(last, out.last_hidden_state[0]):  # transformers 5: recorded before the final norm
+        torch.testing.assert_close(got[:, -1], up.model.encoder.layer_norm(last))
 
 
 def test_forward_is_float32_on_cpu_in_eval_mode(toy):

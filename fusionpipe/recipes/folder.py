@@ -11,7 +11,7 @@ from pathlib import Path
 import soundfile as sf
 
 from ..errors import FusionpipeError
-from ..manifest import Manifest, Utterance
+from ..manifest import Manifest, Utterance, read_text
 
 AUDIO_SUFFIXES = {"." + f.lower() for f in sf.available_formats()} | {".opus"}
 
@@ -21,7 +21,7 @@ def _root_transcripts(root: Path) -> dict[str, str]:
     for name in ("transcripts.tsv", "text"):
         f = root / name
         if f.is_file():
-            for line in f.read_text(encoding="utf-8").splitlines():
+            for line in read_text(f, "transcript list").splitlines():
                 parts = line.replace("\t", " ", 1).split(" ", 1)
                 if len(parts) == 2:
                     texts[parts[0]] = parts[1].strip()
@@ -29,12 +29,13 @@ def _root_transcripts(root: Path) -> dict[str, str]:
 
 
 def import_folder(root: str | Path, name: str | None = None) -> Manifest:
-    """Manifest of every audio file under `root` (ids = path without suffix, '/' -> '-')."""
+    """Manifest of every audio file under `root` (ids = path without suffix, '/' -> '-', ' ' -> '_');
+    two files that would get the same id are an error naming both."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise FusionpipeError(f"{root} is not a directory")
     texts = _root_transcripts(root)
-    rows = []
+    rows, first = [], {}
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()):
         rel = path.relative_to(root)
         try:
@@ -42,8 +43,13 @@ def import_folder(root: str | Path, name: str | None = None) -> Manifest:
         except Exception as e:
             raise FusionpipeError(f"{path}: not readable as audio ({e}); remove or re-encode it") from None
         side = path.with_suffix(".txt")
-        text = side.read_text(encoding="utf-8").strip() if side.is_file() else texts.get(path.stem)
+        text = read_text(side, "transcript").strip() if side.is_file() else texts.get(path.stem)
         utt_id = str(rel.with_suffix("")).replace("/", "-").replace(" ", "_")
+        if utt_id in first:  # `a b.flac` and `a_b.flac`, or `x.flac` and `x.wav`: refuse before a TSV is written
+            raise FusionpipeError(f"{root}: {first[utt_id]} and {rel} would both get utterance id {utt_id!r} "
+                                  f"(ids are the path without its suffix, '/' -> '-', ' ' -> '_'); rename or "
+                                  f"remove one of the two files")
+        first[utt_id] = rel
         rows.append(Utterance(utt_id, str(rel), info.frames, info.samplerate, text=text or None))
     if not rows:
         raise FusionpipeError(f"no audio files under {root} (looked for {sorted(AUDIO_SUFFIXES)})")

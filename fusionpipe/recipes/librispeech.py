@@ -7,7 +7,7 @@ from pathlib import Path
 import soundfile as sf
 
 from ..errors import FusionpipeError
-from ..manifest import Manifest, Utterance
+from ..manifest import Manifest, Utterance, read_text
 
 SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other")
 
@@ -20,7 +20,7 @@ def import_librispeech(root: str | Path, split: str) -> Manifest:
         raise FusionpipeError(f"{split_dir} not found: pass the directory that contains {split}/ (one of {SPLITS})")
     rows = []
     for trans in sorted(split_dir.glob("*/*/*.trans.txt")):
-        for line in trans.read_text(encoding="utf-8").splitlines():
+        for line in read_text(trans, "transcript").splitlines():
             if not line.strip():
                 continue
             utt_id, text = line.split(" ", 1)

@@ -33,7 +33,7 @@ from pathlib import Path
 import soundfile as sf
 
 from ..errors import FusionpipeError
-from ..manifest import Manifest, Utterance
+from ..manifest import Manifest, Utterance, read_text
 
 # ML-SUPERB's monolingual settings and the corpus each one trains on (ESPnet single_lang_data_prep.py)
 MONOLINGUAL = {"eng1": "mls", "eng2": "nchlt", "eng3": "voxpopuli", "fra1": "voxforge", "fra2": "voxpopuli",
@@ -54,7 +54,7 @@ def normalise(text: str) -> str:
 
 def _transcript(path: Path) -> list[tuple[str, str]]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, "transcript").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.strip().split(maxsplit=2)

@@ -26,7 +26,7 @@ from pathlib import Path
 import soundfile as sf
 
 from ..errors import FusionpipeError
-from ..manifest import Manifest, Utterance
+from ..manifest import Manifest, Utterance, read_text
 
 OFFICIAL_TEST_SPEAKERS = {f"id{n}" for n in range(10270, 10310)}
 
@@ -48,7 +48,7 @@ def read_official_trials(path: str | Path) -> list[tuple[int, str, str]]:
     if not path.is_file():
         raise FusionpipeError(f"trial list {path} does not exist (VoxCeleb1-O cleaned: veri_test2.txt)")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "trial list").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()

@@ -1,0 +1,156 @@
+"""Faults in the user's input files: wrong encodings, byte order marks, ids that collide.
+
+Each ends in a FusionpipeError that names the file (and the line or both rows) and the fix; through the CLI,
+"error: ..." and exit status 1, never a traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from fusionpipe.cli import app
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
+from fusionpipe.recipes.folder import import_folder
+
+REPO = Path(__file__).resolve().parents[1]
+HEADER = "id\tpath\tnum_samples\tsample_rate\ttext\n"
+
+
+def _cli(args, cwd):
+    """`python -m fusionpipe ARGS` with this checkout's package, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "fusionpipe", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _wav(path, n=1600, rate=16000):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.zeros(n, np.float32), rate)
+
+
+# ---- a. not UTF-8 ------------------------------------------------------------------------------------
+def _latin1_manifest(path):
+    text = "# root: .\n" + HEADER + "u1\tu1.wav\t1600\t16000\tA\nu2\tu2.wav\t1600\t16000\tcaf\u00e9\n"
+    path.write_bytes(text.encode("latin-1"))
+    return path
+
+
+def test_a_non_utf8_manifest_is_an_error_naming_the_file_the_line_and_the_fix(tmp_path):
+    bad = _latin1_manifest(tmp_path / "bad.tsv")
+    with pytest.raises(FusionpipeError) as e:
+        read_manifest(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "line 4" in msg and "0xe9" in msg and "save it as UTF-8" in msg
+
+
+def test_a_non_utf8_manifest_through_the_cli_exits_1_without_a_traceback(tmp_path):
+    _latin1_manifest(tmp_path / "bad.tsv")
+    p = _cli(["extract", "--manifest", "bad.tsv", "--model", "toy-wavlm"], tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stderr.startswith("error: manifest bad.tsv line 4 is not UTF-8") and "save it as UTF-8" in p.stderr
+
+
+def test_a_utf16_manifest_is_named_as_utf16(tmp_path):
+    bad = tmp_path / "excel.tsv"
+    bad.write_bytes(("# root: .\n" + HEADER + "u1\tu1.wav\t1600\t16000\tA\n").encode("utf-16"))
+    with pytest.raises(FusionpipeError, match=r"excel.tsv is UTF-16 .*save it as UTF-8"):
+        read_manifest(bad)
+
+
+def test_a_non_utf8_transcript_in_an_audio_folder_is_an_error_naming_it(tmp_path):
+    _wav(tmp_path / "corpus" / "u1.wav")
+    (tmp_path / "corpus" / "u1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(FusionpipeError, match=r"transcript .*u1.txt line 1 is not UTF-8"):
+        import_folder(tmp_path / "corpus")
+
+
+# ---- b. a UTF-8 byte order mark is accepted, and is the same manifest ------------------------------------------
+@pytest.mark.parametrize("root_line", ["# root: audio\n", ""])
+def test_b_a_utf8_bom_is_accepted_and_keeps_the_content_hash(tmp_path, root_line):
+    text = root_line + HEADER + "u1\tu1.wav\t1600\t16000\tA B\nu2\tu2.wav\t800\t16000\t\n"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "plain" / "m.tsv").write_text(text, encoding="utf-8")
+    (tmp_path / "bom" / "m.tsv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    plain, bom = read_manifest(tmp_path / "plain" / "m.tsv"), read_manifest(tmp_path / "bom" / "m.tsv")
+    assert bom.utterances == plain.utterances and bom[0].id == "u1"
+    assert bom.root.name == ("audio" if root_line else "bom")
+    # the store fingerprint records content_hash: a BOM (or CRLF) copy opens the same caches
+    assert bom.content_hash() == plain.content_hash()
+
+
+# ---- c. duplicate ids ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("names,first,second,utt_id", [
+    (["a b.flac", "a_b.flac"], "a b.flac", "a_b.flac", "a_b"),
+    (["x.wav", "x.flac"], "x.flac", "x.wav", "x"),
+    (["s-1.wav", "s/1.wav"], "s/1.wav", "s-1.wav", "s-1"),  # paths sort by their parts
+])
+def test_c_manifest_folder_refuses_files_that_share_an_id_before_writing(tmp_path, names, first, second, utt_id):
+    corpus = tmp_path / "corpus"
+    for name in names:
+        _wav(corpus / name)
+    out = tmp_path / "manifests"
+    result = CliRunner().invoke(app, ["manifest", "folder", str(corpus), "--out", str(out)])
+    assert isinstance(result.exception, FusionpipeError), result.output
+    msg = str(result.exception)
+    assert f"{first} and {second} would both get utterance id {utt_id!r}" in msg and "rename" in msg
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_c_manifest_folder_through_the_cli_exits_1_and_writes_nothing(tmp_path):
+    for name in ("a b.flac", "a_b.flac", "c.wav"):
+        _wav(tmp_path / "corpus" / name)
+    p = _cli(["manifest", "folder", "corpus"], tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "a b.flac and a_b.flac would both get utterance id 'a_b'" in p.stderr
+    assert not (tmp_path / "manifests").exists()
+
+
+def test_c_distinct_names_still_import(tmp_path):
+    for name in ("a b.flac", "s/1.wav", "x.wav"):
+        _wav(tmp_path / "corpus" / name)
+    assert [u.id for u in import_folder(tmp_path / "corpus")] == ["a_b", "s-1", "x"]
+
+
+def test_c_write_manifest_refuses_duplicate_ids_naming_both_rows(tmp_path):
+    m = Manifest("m", tmp_path, [Utterance("u", "a.wav", 1, 16000), Utterance("u", "b.wav", 1, 16000)])
+    with pytest.raises(FusionpipeError, match=r"a.wav and b.wav both have id 'u'.*m.tsv was not written"):
+        write_manifest(m, tmp_path / "m.tsv")
+    assert not (tmp_path / "m.tsv").exists() and not (tmp_path / "m.tsv.tmp").exists()
+
+
+def test_c_read_manifest_refuses_duplicate_ids_naming_both_lines(tmp_path):
+    path = tmp_path / "dup.tsv"
+    path.write_text("# root: .\n" + HEADER + "u1\ta.wav\t1\t16000\t\nu2\tb.wav\t1\t16000\t\nu1\tc.wav\t1\t16000\t\n")
+    with pytest.raises(FusionpipeError, match=r"dup.tsv line 5: duplicate id 'u1', also on line 3; .*rename or remove"):
+        read_manifest(path)
+
+
+# ---- d. packaging floors ---------------------------------------------------------------------------------------
+def test_d_declared_floors_are_the_releases_the_code_needs_and_are_installed():
+    """transformers 4.56: from_pretrained(dtype=) (4.55 passes it on to the model's __init__ and fails);
+    zarr 3.1.6: Array.with_config, atomic chunk writes (3.1.3); dask 2024.12.1: from_zarr of zarr 3 arrays;
+    typer 0.15.4: --help with click >= 8.2; zarr 3 needs Python 3.11. Each floor was run (see pyproject.toml)."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert SpecifierSet(project["requires-python"]) == SpecifierSet(">=3.11")
+    reqs = {(r := Requirement(d)).name: r for d in project["dependencies"]}
+    floors = {"transformers": "4.56", "zarr": "3.1.6", "numcodecs": "0.14", "dask": "2024.12.1", "typer": "0.15.4"}
+    for name, floor in floors.items():
+        spec = reqs[name].specifier
+        assert str(spec) == f">={floor}", (name, str(spec))
+        assert Version(version(name)) in spec, f"installed {name} {version(name)} is below the declared {spec}"
+    assert not reqs["torch"].specifier  # pin-free: GPU users install their own build first
