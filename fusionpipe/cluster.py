@@ -37,7 +37,7 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from .errors import FusionpipeError
 from .extract import Plan, Result, needed, open_store, progress_bar, run_batches, store_url
 from .manifest import Manifest
-from .store import DEFAULT_CODEC, FeatureStore, chunk_span, lock
+from .store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, chunk_span, lock
 from .upstreams import Upstream, load_upstream, resolve_device
 
 UNIT_SECONDS = 1800.0  # audio per work unit: ~3 s of an H100, ~15 min of a CPU core on a base model
@@ -111,7 +111,7 @@ def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: P
     t0 = time.perf_counter()
     done = store.done_chunks()
     units = work_units(manifest, p, done, store.chunk_frames, unit_seconds)
-    shared = _EdgeChunks(store)
+    shared = ChunkAssembler(store.total_frames, store.chunk_frames)  # the chunks under unit edges
     bar = progress_bar(sum(u.seconds for u in units), f"extract {name} on {_workers(client)} worker(s)", progress)
     skipped = 0
     manifest_f, plan_f, done_f = client.scatter([manifest, p, done], broadcast=True)  # sent once per worker
@@ -121,8 +121,9 @@ def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: P
         for future in as_completed(futures):
             n_skipped, edges = future.result()  # a unit's own error is raised here, after its retries
             skipped += n_skipped
-            for edge in edges:
-                shared.add(*edge)
+            for _, lo, _, frames in edges:
+                for c, whole in shared.add(lo, frames):
+                    store.write_chunk(c, whole)
             bar.update(futures[future].seconds)
     except BaseException:
         client.cancel(list(futures))
@@ -132,26 +133,6 @@ def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: P
     if shared.pending:
         raise FusionpipeError(f"{url}: chunks {sorted(shared.pending)} were never completed; rerun to resume")
     return Result(url, sum(u.seconds for u in units), time.perf_counter() - t0, len(store), skipped + len(p.skipped))
-
-
-class _EdgeChunks:
-    """Chunks shared by two units, assembled from their edges and written once complete."""
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-        self.pending: dict[int, tuple[np.ndarray, int]] = {}  # chunk -> (frames, filled count)
-
-    def add(self, c: int, lo: int, hi: int, frames: np.ndarray) -> None:
-        F = self.store.chunk_frames
-        c0, c1 = c * F, min((c + 1) * F, self.store.total_frames)
-        buf, filled = self.pending.get(c) or (np.empty((c1 - c0, *frames.shape[1:]), frames.dtype), 0)
-        buf[lo - c0:hi - c0] = frames
-        filled += hi - lo
-        if filled == c1 - c0:
-            self.store.write_chunk(c, buf)
-            self.pending.pop(c, None)
-        else:
-            self.pending[c] = (buf, filled)
 
 
 def _workers(client) -> int:

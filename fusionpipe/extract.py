@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import audio
 from .errors import FusionpipeError, redact
 from .manifest import Manifest
-from .store import DEFAULT_CODEC, FeatureStore, Layout, chunk_span, lock
+from .store import DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, chunk_span, lock
 from .upstreams import Upstream, load_upstream
 
 IO_THREADS = min(8, max(2, os.cpu_count() or 2))     # audio decoding
@@ -245,11 +245,6 @@ def progress_bar(total_seconds: float, desc: str, enabled: bool) -> tqdm:
                            "{rate_fmt}]")
 
 
-# A chunk's frames that one run of batches computed, when the run does not cover the whole chunk:
-# (chunk, first frame, end frame, frames). Only runs over part of a plan (cluster work units) leave them.
-Edge = tuple[int, int, int, np.ndarray]
-
-
 def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, batches: list[list[int]],
                 done: np.ndarray, skip_bad: bool, on_batch=None) -> tuple[int, list[Edge]]:
     """Run `batches` (runs of p.batches, in order) and write every chunk they fill that is not `done`.
@@ -328,9 +323,8 @@ class _ChunkWriter(threading.Thread):
     def __init__(self, store: FeatureStore, done: np.ndarray):
         super().__init__(daemon=True)
         self.store, self.done = store, done
-        self.F = store.chunk_frames
+        self.chunks = ChunkAssembler(store.total_frames, store.chunk_frames, skip=done)
         self.q: queue.Queue = queue.Queue(maxsize=8)
-        self.buffers: dict[int, tuple[np.ndarray, int, int]] = {}  # chunk -> (frames, first frame, filled count)
         self.error: BaseException | None = None
         self.pool = ThreadPoolExecutor(WRITE_THREADS)
         self.writing: deque = deque()  # futures of chunks being written, at most 2 x WRITE_THREADS
@@ -341,18 +335,22 @@ class _ChunkWriter(threading.Thread):
         self.q.put((offset, frames))
 
     def close(self) -> list[Edge]:
-        """Wait for every write; return the chunks left part-filled (their frames arrived contiguously)."""
+        """Wait for every write; return the chunks left part-filled (only runs over part of a plan,
+        cluster work units, leave them)."""
         self.q.put(None)
         self.join()
         if self.error:
             raise self.error
-        return [(c, start, start + filled, buf[start - c * self.F:start - c * self.F + filled])
-                for c, (buf, start, filled) in sorted(self.buffers.items())]
+        return self.chunks.edges()
 
     def run(self) -> None:
         try:
             while (item := self.q.get()) is not None:
-                self._add(*item)
+                for c, frames in self.chunks.add(*item):
+                    self.writing.append(self.pool.submit(self.store.write_chunk, c, frames))
+                    if len(self.writing) > 2 * WRITE_THREADS:
+                        self.writing.popleft().result()
+                    self.done[c] = True
             while self.writing:
                 self.writing.popleft().result()
         except BaseException as e:  # surfaced to the main thread by put()/close()
@@ -361,26 +359,3 @@ class _ChunkWriter(threading.Thread):
                 pass
         finally:
             self.pool.shutdown(wait=True)
-
-    def _add(self, offset: int, frames: np.ndarray) -> None:
-        F, total = self.F, self.store.total_frames
-        end = offset + len(frames)
-        for c in range(*chunk_span(offset, end, F)):
-            if self.done[c]:
-                continue
-            c0, c1 = c * F, min((c + 1) * F, total)
-            lo, hi = max(offset, c0), min(end, c1)
-            if c not in self.buffers:
-                self.buffers[c] = (np.empty((c1 - c0, *frames.shape[1:]), frames.dtype), lo, 0)
-            buf, start, filled = self.buffers[c]
-            start = min(start, lo)  # a batch's skipped utterances come after its others
-            buf[lo - c0:hi - c0] = frames[lo - offset:hi - offset]
-            filled += hi - lo
-            if filled == c1 - c0:
-                self.writing.append(self.pool.submit(self.store.write_chunk, c, buf))
-                if len(self.writing) > 2 * WRITE_THREADS:
-                    self.writing.popleft().result()
-                self.done[c] = True
-                del self.buffers[c]
-            else:
-                self.buffers[c] = (buf, start, filled)

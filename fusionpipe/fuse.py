@@ -50,7 +50,7 @@ import torch
 
 from .errors import FusionpipeError, redact
 from .manifest import read_manifest
-from .store import DEFAULT_CODEC, FeatureStore, Layout
+from .store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, Layout
 
 MERGES = ("add", "concat")
 ALIGN_TIME = ("max", "min")
@@ -455,25 +455,20 @@ class FusedView:
         layout = Layout([self.ids[i] for i in order], self.lengths[order])
         store = FeatureStore.create(url, layout, num_layers=self.num_layers, hidden_size=self.out_dim, dtype=dtype,
                                     codec=codec, attrs=self._fingerprint(dtype, codec), overwrite=overwrite)
-        F, total = store.chunk_frames, layout.total_frames
-        chunk = np.empty((min(F, total), self.num_layers, self.out_dim), dtype=dtype)
-        c, filled = 0, 0
-        groups = self._groups(max(F, GROUP_BYTES // (4 * self.num_layers * self.out_dim)), order)
+        chunks = ChunkAssembler(layout.total_frames, store.chunk_frames)
+        offset = 0
+        groups = self._groups(max(store.chunk_frames, GROUP_BYTES // (4 * self.num_layers * self.out_dim)), order)
         with ThreadPoolExecutor(1) as pool:  # read and align group g+1 while g is written
             pending = pool.submit(self.read_batch, groups[0], True) if groups else None
             for g, group in enumerate(groups):
                 batch = pending.result()
                 pending = pool.submit(self.read_batch, groups[g + 1], True) if g + 1 < len(groups) else None
                 for b, i in enumerate(group):
-                    frames = batch[b, :, :int(self.lengths[i])].permute(1, 0, 2)  # (L, T, D) -> (T, L, D)
-                    while len(frames):
-                        n = min(len(frames), len(chunk) - filled)
-                        torch.from_numpy(chunk[filled:filled + n]).copy_(frames[:n])  # cast + transpose, one pass
-                        frames, filled = frames[n:], filled + n
-                        if filled == len(chunk):
-                            self._flush(store, c, chunk, dtype, url)
-                            c, filled = c + 1, 0
-                            chunk = chunk[:min(F, total - c * F)]
+                    n = int(self.lengths[i])
+                    frames = batch[b, :, :n].permute(1, 0, 2).to(getattr(torch, dtype)).numpy()  # (L, T, D) -> (T, L, D)
+                    for c, whole in chunks.add(offset, frames):
+                        self._flush(store, c, whole, dtype, url)
+                    offset += n
         return FeatureStore.open(url)
 
     def _flush(self, store: FeatureStore, c: int, chunk: np.ndarray, dtype: str, url) -> None:

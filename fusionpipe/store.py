@@ -90,6 +90,50 @@ def default_chunk_frames(num_layers: int, hidden_size: int, dtype: str) -> int:
     return max(1, CHUNK_BYTES // (num_layers * hidden_size * np.dtype(dtype).itemsize))
 
 
+# Frames of one chunk that arrived without the rest of it: (chunk, first frame, end frame, frames).
+Edge = tuple[int, int, int, np.ndarray]
+
+
+class ChunkAssembler:
+    """Frames arriving at any offsets of `hidden` -> whole chunks, each returned once, when complete.
+
+    The one place chunks are put together: extraction's writer, the cluster client's edge chunks
+    and `fuse --write` all feed it. Only chunks with frames pending are buffered, so memory is
+    bounded by what is in flight, not by the store. ``skip``: chunks not to assemble (on disk).
+    """
+
+    def __init__(self, total_frames: int, chunk_frames: int, skip: np.ndarray | None = None):
+        self.total, self.F, self.skip = total_frames, chunk_frames, skip
+        self.pending: dict[int, tuple[np.ndarray, int, int, int]] = {}  # chunk -> (frames, lo, hi, filled)
+
+    def add(self, offset: int, frames: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Frames [offset, offset + len(frames)), (T, L, D); returns the chunks they complete: [(c, frames)]."""
+        F, end, done = self.F, offset + len(frames), []
+        for c in range(*chunk_span(offset, end, F)):
+            if self.skip is not None and self.skip[c]:
+                continue
+            c0, c1 = c * F, min((c + 1) * F, self.total)
+            lo, hi = max(offset, c0), min(end, c1)
+            buf, first, last, filled = self.pending.get(c) or (np.empty((c1 - c0, *frames.shape[1:]), frames.dtype),
+                                                               lo, hi, 0)
+            buf[lo - c0:hi - c0] = frames[lo - offset:hi - offset]
+            filled += hi - lo
+            if filled == c1 - c0:
+                self.pending.pop(c, None)
+                done.append((c, buf))
+            else:
+                self.pending[c] = (buf, min(first, lo), max(last, hi), filled)
+        return done
+
+    def edges(self) -> list[Edge]:
+        """The chunks left part-filled, each with its frames (which arrived as one contiguous run)."""
+        out = []
+        for c, (buf, lo, hi, filled) in sorted(self.pending.items()):
+            assert hi - lo == filled, f"chunk {c}: frames arrived with a gap"
+            out.append((c, lo, hi, buf[lo - c * self.F:hi - c * self.F]))
+        return out
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each utterance lives in `hidden`, in store order."""
