@@ -112,7 +112,7 @@ def main() -> None:
         F = dst.chunk_frames
         list(pool.map(lambda c: dst.write_chunk(c, feats_all[c * F:(c + 1) * F]), range(dst.num_chunks)))
     t_write = time.perf_counter() - t0
-    del feats_all
+    feats_all = None  # free it before the codec table loads the features again
     print(f"stages alone: decode {t_decode:.2f} s ({IO_THREADS} threads), forward + copy {t_bare:.2f} s, "
           f"compress + write {t_write:.2f} s ({WRITE_THREADS} threads, zstd)")
 

@@ -255,26 +255,15 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
 def recorded_manifest(view: FusedView) -> Manifest:
     """The manifest the view's stores were extracted from (labels live there), checked against its hash."""
     store = view.stores[0]
-    mf = store.attrs.get("manifest") or {}
-    path = mf.get("path")
-    if not path or not Path(path).is_file():
-        raise FusionpipeError(f"{store.url} was extracted from manifest {mf.get('name')} at {path}, which is "
-                              "not there any more; pass manifest=PATH.tsv (the labels come from it)")
-    m = _recorded(store)
+    info = store.info
+    if not info.manifest_path or not Path(info.manifest_path).is_file():
+        raise FusionpipeError(f"{store} was extracted from manifest {info.manifest} at {info.manifest_path}, which "
+                              "is not there any more; pass manifest=PATH.tsv (the labels come from it)")
+    m = store.recorded_manifest()
     if m is None:
-        raise FusionpipeError(f"manifest {path} changed since {store.url} was extracted; re-extract, or pass "
-                              "manifest=PATH.tsv explicitly to use its labels anyway")
+        raise FusionpipeError(f"manifest {info.manifest_path} changed since {store} was extracted; re-extract, or "
+                              "pass manifest=PATH.tsv explicitly to use its labels anyway")
     return m
-
-
-def _recorded(store: FeatureStore) -> Manifest | None:
-    """The manifest `store` was extracted from, or None when it is gone or its rows changed since."""
-    mf = store.attrs.get("manifest") or {}
-    path = mf.get("path")
-    if not path or not Path(path).is_file():
-        return None
-    m = read_manifest(path)
-    return m if m.content_hash() == mf.get("sha256") else None
 
 
 def check_rows(manifest: Manifest, store: FeatureStore) -> None:
@@ -282,8 +271,8 @@ def check_rows(manifest: Manifest, store: FeatureStore) -> None:
     audio: compared with the store's recorded manifest row (path, num_samples, sample_rate), or by id only
     when that manifest is gone or changed (then the given manifest is the one to trust, labels included).
     The stores fused with `store` share its manifest (`open_fused` checks)."""
-    name = (store.attrs.get("manifest") or {}).get("name")
-    recorded = _recorded(store)
+    name = store.info.manifest
+    recorded = store.recorded_manifest()
     rows = recorded.by_id() if recorded is not None else dict.fromkeys([*store.ids, *store.skipped()])
     check_subset(manifest, rows, f"the stores ({store.url}: extracted from manifest {name})",
                  "extract the stores from a manifest that contains it (e.g. the whole corpus, as a recipe's "

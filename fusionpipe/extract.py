@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import audio
 from .errors import FusionpipeError, redact
 from .manifest import Manifest
-from .store import DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, chunk_span, lock
+from .store import DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, StoreInfo, chunk_span, lock
 from .upstreams import Upstream, load_upstream
 
 IO_THREADS = min(8, max(2, os.cpu_count() or 2))     # audio decoding
@@ -129,23 +129,19 @@ def fingerprint(manifest: Manifest, upstream: Upstream, dtype: str, codec: str, 
 
 
 def _same_fingerprint(store: FeatureStore, fp: dict) -> list[str]:
-    """Names of the fingerprint fields that differ."""
-    a = store.attrs
-    diffs = []
-    for key in ("model_id", "revision", "num_layers", "hidden_size"):
-        if a.get("upstream", {}).get(key) != fp["upstream"].get(key):
-            diffs.append(f"upstream {key}: cached {a.get('upstream', {}).get(key)!r}, now {fp['upstream'].get(key)!r}")
-    if a.get("manifest", {}).get("sha256") != fp["manifest"]["sha256"]:
-        diffs.append(f"manifest {fp['manifest']['name']} content changed")
-    for key in ("dtype", "codec"):
-        if a.get(key) != fp[key]:
-            diffs.append(f"{key}: cached {a.get(key)!r}, now {fp[key]!r}")
-    cached = a.get("compute") or {}
-    for key, what in (("device", "device kind"), ("dtype", "compute dtype")):
-        if cached.get(key) != fp["compute"][key]:
-            diffs.append(f"{what}: cached on {cached.get(key)!r}, now {fp['compute'][key]!r} (the features would "
-                         "mix two numerics; resume on the same kind of device, e.g. --device "
-                         f"{cached.get('device') or 'cpu'})")
+    """What differs between the extraction a store holds and the one `fp` describes, in words."""
+    was, now = store.info, StoreInfo.from_attrs(fp)
+    diffs = [f"upstream {key}: cached {was.upstream_fingerprint.get(key)!r}, now {now.upstream_fingerprint.get(key)!r}"
+             for key in ("model_id", "revision", "num_layers", "hidden_size")
+             if was.upstream_fingerprint.get(key) != now.upstream_fingerprint.get(key)]
+    if was.manifest_sha256 != now.manifest_sha256:
+        diffs.append(f"manifest {now.manifest} content changed")
+    diffs += [f"{key}: cached {getattr(was, key)!r}, now {getattr(now, key)!r}" for key in ("dtype", "codec")
+              if getattr(was, key) != getattr(now, key)]
+    diffs += [f"{what}: cached on {getattr(was, key)!r}, now {getattr(now, key)!r} (the features would mix two "
+              f"numerics; resume on the same kind of device, e.g. --device {was.device or 'cpu'})"
+              for key, what in (("device", "device kind"), ("compute_dtype", "compute dtype"))
+              if getattr(was, key) != getattr(now, key)]
     return diffs
 
 
@@ -253,11 +249,10 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
     only partly cover, for whoever owns those chunks to complete (cluster.py).
     """
     offsets, lengths = p.layout.offsets, p.layout.lengths
-    compute = store.attrs["compute"]
-    if upstream.device.type != compute["device"]:
-        raise FusionpipeError(f"{store} is computed on {compute['device']}, this process runs {upstream.name} on "
+    if upstream.device.type != store.info.device:
+        raise FusionpipeError(f"{store} is computed on {store.info.device}, this process runs {upstream.name} on "
                               f"{upstream.device.type}: use the same kind of device for every part of a store")
-    precision = getattr(torch, compute["dtype"])
+    precision = getattr(torch, store.info.compute_dtype)
     writer = _ChunkWriter(store, done)
     writer.start()
     skipped = 0
@@ -275,13 +270,13 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
                 ok = [i for i, (w, _) in zip(batch, loaded) if w is not None]
                 feats = upstream.forward([w for w, _ in loaded if w is not None], precision) if ok else []
                 for i, f in zip(ok, feats):
-                    writer.put(int(offsets[i]), _to_storage(f, store.attrs["dtype"], upstream.name, p.layout.ids[i]))
+                    writer.put(int(offsets[i]), _to_storage(f, store.info.dtype, upstream.name, p.layout.ids[i]))
                 for i, (w, reason) in zip(batch, loaded):
                     if w is None:
                         skipped += 1
                         store.mark_skipped(p.layout.ids[i], reason)
                         writer.put(int(offsets[i]), np.zeros((int(lengths[i]), store.num_layers,
-                                                                 store.hidden_size), store.attrs["dtype"]))
+                                                                 store.hidden_size), store.info.dtype))
                 if on_batch is not None:
                     on_batch(k)
     finally:

@@ -48,8 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FusionpipeError, redact
-from .manifest import read_manifest
+from .errors import FusionpipeError
 from .store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, Layout
 
 MERGES = ("add", "concat")
@@ -109,10 +108,9 @@ def _check_option(name: str, value, allowed) -> None:
 
 
 def _check_same_manifest(stores: list[FeatureStore]) -> None:
-    mf = [s.attrs.get("manifest") or {} for s in stores]
-    if len({m.get("sha256") for m in mf}) > 1:
-        listing = "; ".join(f"{s.url}: manifest {m.get('name')} (sha256 {str(m.get('sha256'))[:12]})"
-                            for s, m in zip(stores, mf))
+    if len({s.info.manifest_sha256 for s in stores}) > 1:
+        listing = "; ".join(f"{s}: manifest {s.info.manifest} (sha256 {str(s.info.manifest_sha256)[:12]})"
+                            for s in stores)
         raise FusionpipeError(
             f"these stores were extracted from different manifests and cannot be fused utterance by utterance "
             f"({listing}); extract every upstream over the same manifest"
@@ -135,15 +133,12 @@ def _check_shapes(stores: list[FeatureStore], merge: str | None, align_layers: s
 
 def _manifest_ids(stores: list[FeatureStore]) -> list[str]:
     """Manifest order, from the TSV the stores recorded; the first store's order when it is gone or changed."""
-    mf = stores[0].attrs.get("manifest") or {}
-    path = mf.get("path")
-    if path and Path(path).is_file():
-        m = read_manifest(path)
-        if m.content_hash() == mf.get("sha256"):
-            return [u.id for u in m]
+    m = stores[0].recorded_manifest()
+    if m is not None:
+        return [u.id for u in m]
     seen, out = set(), []
     for s in stores:
-        for u in [*s.ids, *s.attrs.get("skipped_before", {})]:
+        for u in [*s.ids, *s.info.skipped_before]:
             if u not in seen:
                 seen.add(u)
                 out.append(u)
@@ -450,7 +445,7 @@ class FusedView:
         if self.merge is None:
             raise FusionpipeError("write() materialises a merged view: open it with merge='add' or 'concat' "
                                   "(--merge add|concat)")
-        dtype = dtype or ("float16" if all(s.attrs.get("dtype") == "float16" for s in self.stores) else "float32")
+        dtype = dtype or ("float16" if all(s.info.dtype == "float16" for s in self.stores) else "float32")
         order = np.array(sorted(range(len(self)), key=lambda i: (-int(self.lengths[i]), self.ids[i])), dtype=np.int64)
         layout = Layout([self.ids[i] for i in order], self.lengths[order])
         store = FeatureStore.create(url, layout, num_layers=self.num_layers, hidden_size=self.out_dim, dtype=dtype,
@@ -478,14 +473,14 @@ class FusedView:
         store.write_chunk(c, chunk)
 
     def _fingerprint(self, dtype: str, codec: str) -> dict:
-        sources = [{"store": redact(s.url), "upstream": s.attrs.get("upstream"), "dtype": s.attrs.get("dtype"),
-                    "codec": s.attrs.get("codec"), "total_frames": s.total_frames} for s in self.stores]
+        sources = [{"store": str(s), "upstream": s.info.upstream_fingerprint, "dtype": s.info.dtype,
+                    "codec": s.info.codec, "total_frames": s.total_frames} for s in self.stores]
         fusion = {"merge": self.merge, "align_time": self.align_time, "align_layers": self.align_layers}
-        names = "+".join((s.attrs.get("upstream") or {}).get("name", s.name) for s in self.stores)
+        names = "+".join(s.info.upstream or s.name for s in self.stores)
         digest = hashlib.sha256(json.dumps([sources, fusion, self.ids], sort_keys=True).encode()).hexdigest()
         first = self.stores[0].attrs
         return {
-            "manifest": first.get("manifest"),
+            "manifest": first.get("manifest"),  # the record itself, passed on
             "upstream": {"name": f"fused-{self.merge}({names})", "model_id": "fusionpipe/fuse", "revision": digest,
                          "family": "fused", "num_layers": self.num_layers, "hidden_size": self.out_dim,
                          "frame_rate": self.frame_rate, "fusion": fusion, "sources": sources},
@@ -500,16 +495,16 @@ class FusedView:
         stores, read, on_disk = [], 0, 0
         for k, s in enumerate(self.stores):
             frames = int(self._frames[k].sum())
-            itemsize = np.dtype(s.attrs["dtype"]).itemsize
+            itemsize = np.dtype(s.info.dtype).itemsize
             raw = batch_frames * frames / total * s.num_layers * s.hidden_size * itemsize
             ratio = s.size_on_disk() / max(s.total_frames * s.num_layers * s.hidden_size * itemsize, 1)
             read, on_disk = read + raw, on_disk + raw * ratio
-            stores.append({"store": s.url, "upstream": (s.attrs.get("upstream") or {}).get("name"),
+            stores.append({"store": str(s), "upstream": s.info.upstream,
                            "num_layers": s.num_layers, "frame_rate": s.frame_rate, "hidden_size": s.hidden_size,
-                           "dtype": s.attrs["dtype"], "frames": frames})
+                           "dtype": s.info.dtype, "frames": frames})
         rule = "max T_i per utterance (upsampling)" if self.align_time == "max" else "min T_i per utterance"
         return {
-            "manifest": (self.stores[0].attrs.get("manifest") or {}).get("name"),
+            "manifest": self.stores[0].info.manifest,
             "stores": stores,
             "utterances": len(self),
             "dropped": len(self.dropped),

@@ -52,6 +52,7 @@ from zarr.core.sync import sync
 
 from . import __version__
 from .errors import FusionpipeError, redact
+from .manifest import Manifest, read_manifest
 
 FORMAT = 2           # 2: crc32c on every chunk, NaN fill, index hash; 1 (read only): neither
 READABLE_FORMATS = (1, 2)
@@ -150,6 +151,37 @@ class Layout:
         return int(self.lengths.sum())
 
 
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a store's attributes record, typed (`FeatureStore.info`): read these, not the raw `attrs`."""
+
+    upstream: str                    # the upstream's name (alias, directory name, or fused-<merge>(...))
+    model_id: str | None
+    revision: str | None
+    frame_rate: float
+    manifest: str | None             # the manifest's name, content hash and path at extraction
+    manifest_sha256: str | None
+    manifest_path: str | None
+    dtype: str                       # storage dtype and codec
+    codec: str
+    compute_dtype: str | None        # how the numbers were computed (None: fused or format-1 stores)
+    device: str | None
+    format: int
+    index_sha256: str | None
+    skipped_before: dict             # id -> reason, rows left out before extraction
+    upstream_fingerprint: dict       # the upstream's whole fingerprint, as recorded
+
+    @classmethod
+    def from_attrs(cls, a: dict) -> StoreInfo:
+        up, mf, compute = a.get("upstream") or {}, a.get("manifest") or {}, a.get("compute") or {}
+        return cls(upstream=up.get("name"), model_id=up.get("model_id"), revision=up.get("revision"),
+                   frame_rate=float(up.get("frame_rate") or 0.0), manifest=mf.get("name"),
+                   manifest_sha256=mf.get("sha256"), manifest_path=mf.get("path"), dtype=a.get("dtype"),
+                   codec=a.get("codec"), compute_dtype=compute.get("dtype"), device=compute.get("device"),
+                   format=a.get("format"), index_sha256=a.get("index_sha256"),
+                   skipped_before=dict(a.get("skipped_before") or {}), upstream_fingerprint=dict(up))
+
+
 class FeatureStore:
     """One Zarr group of stage 1's layout, opened for reading or extraction.
 
@@ -164,7 +196,8 @@ class FeatureStore:
         # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a skipped
         # utterance) would never be written and its chunk never counted as done
         self.hidden: zarr.Array = group["hidden"].with_config({"write_empty_chunks": True})
-        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.attrs: dict[str, Any] = dict(group.attrs)  # raw; code reads `info`
+        self.info = StoreInfo.from_attrs(self.attrs)
         self.ids: list[str] = [str(i) for i in group["index/ids"][:]] if len(self) else []
         self.offsets: np.ndarray = group["index/offsets"][:]
         self.lengths: np.ndarray = group["index/lengths"][:]
@@ -258,7 +291,7 @@ class FeatureStore:
 
     @property
     def frame_rate(self) -> float:
-        return float(self.attrs["upstream"]["frame_rate"])
+        return self.info.frame_rate
 
     @property
     def name(self) -> str:
@@ -342,7 +375,7 @@ class FeatureStore:
     # ---- skips ---------------------------------------------------------------------------
     def skipped(self) -> dict[str, str]:
         """Utterances left out: bad before extraction (attrs) or found bad while extracting."""
-        out = dict(self.attrs.get("skipped_before", {}))
+        out = dict(self.info.skipped_before)
         for k in sync(_list(self.group.store, _key(self.group, "skipped/"))):
             rec = json.loads(sync(self.group.store.get(k, default_buffer_prototype())).to_bytes())
             out[rec["id"]] = rec["reason"]
@@ -387,6 +420,15 @@ class FeatureStore:
         o = int(self.offsets[i])
         return self.read_range(o, o + int(self.lengths[i]))
 
+    def recorded_manifest(self) -> Manifest | None:
+        """The manifest this store was extracted from (labels live there), or None when it is gone
+        or its rows changed since (checked by content hash)."""
+        path = self.info.manifest_path
+        if not path or not Path(path).is_file():
+            return None
+        m = read_manifest(path)
+        return m if m.content_hash() == self.info.manifest_sha256 else None
+
     def size_on_disk(self) -> int:
         return sum(sync(_sizes(self.group.store, _key(self.group, ""))))
 
@@ -416,14 +458,14 @@ def describe(store: FeatureStore) -> dict:
     skipped = store.skipped()
     return {
         "store": str(store),
-        "format": store.attrs.get("format"),
+        "format": store.info.format,
         "shape": [store.total_frames, store.num_layers, store.hidden_size],
         "utterances": len(store),
         "utterances_done": int(done_utts.sum()),
         "chunks_done": f"{int(done.sum())}/{store.num_chunks}",
         "complete": bool(done.all()),
-        "dtype": store.attrs["dtype"],
-        "codec": store.attrs["codec"],
+        "dtype": store.info.dtype,
+        "codec": store.info.codec,
         "compute": store.attrs.get("compute"),
         "chunk_frames": store.chunk_frames,
         "size_on_disk_bytes": size,
@@ -499,7 +541,7 @@ def _index_faults(store: FeatureStore) -> list[str]:
         bad = np.flatnonzero(offsets != expect)
         faults.append(f"index: offsets/lengths do not tile the {store.total_frames} frames of the hidden array"
                       + (f" (first mismatch at utterance {ids[bad[0]]})" if len(bad) else ""))
-    recorded = store.attrs.get("index_sha256")
+    recorded = store.info.index_sha256
     if recorded is not None and recorded != index_hash(ids, lengths):
         faults.append("index: ids or frame counts differ from those recorded at extraction (index_sha256)")
     skipped = store.skipped()
