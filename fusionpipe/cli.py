@@ -323,6 +323,7 @@ def evaluate(
     With --stores and --manifest: on the manifest's rows of those stores (e.g. one fold's test set of a
     corpus extracted whole); with --stores alone: on all their utterances.
     """
+    from .atomic import write_json
     from .extract import store_url
     from .manifest import bundled_manifests, read_manifest
     from .store import FeatureStore
@@ -344,7 +345,7 @@ def evaluate(
     rows = manifest if stores else None  # else the stores are the manifest's own: all their rows
     results = run_eval(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows)
     label = Path(rows).stem if rows else Path(eval_stores[0]).parent.name
-    (run / f"eval-{label}.json").write_text(json.dumps(results, indent=2))
+    write_json(run / f"eval-{label}.json", results)
     for name, metrics in results.items():
         typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
