@@ -732,7 +732,7 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     names = [variant_name(f, m) for f, m in cfg.variants()]
     if variant is not None and variant not in names:
         raise FusionpipeError(f"{run} has no variant {variant}; it has {', '.join(names)}")
-    check_upstreams(cfg.stores, stores, "--stores", f"the run's stores ({run / 'config.json'})")
+    check_upstreams(cfg.stores, stores, "--stores", "the run's --stores")
     task = task_from_dict(json.loads((run / "task.json").read_text()), trial_list(trials) if trials else ())
     if task.name == "verify" and not trials:
         raise FusionpipeError("--trials: a verify run is scored on a trial list over the evaluated utterances; "
