@@ -466,49 +466,11 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         v.trainer = dist.wrap(v.model, device)
     logs = {v.name: _Log(v.out / "log.csv", step) for v in variants} if main else {}
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
-               desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
-    saved, (epoch, skip) = step, position
-    while step < cfg.steps:
-        loader.batch_sampler.set_epoch(epoch)
-        loader.batch_sampler.skip = skip  # resume inside an epoch without reading the skipped batches
-        for k, batch in enumerate(loader, start=skip):
-            stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
-            lengths = batch["lengths"].to(device)
-            targets = _targets(batch["rows"])
-            # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
-            weight = dist.shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
-            losses = []
-            for v in variants:
-                t0 = time.perf_counter()
-                with v.own_rng():
-                    x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
-                    losses.append(_step(v, task, x, n, targets, cfg, step, weight))
-                v.train_seconds += time.perf_counter() - t0
-            losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
-            step += 1
-            _stop_if_not_finite(losses, step, [loader.dataset.rows[i].id for i in loader.batch_sampler.batches()[k]],
-                                checkpoint, saved)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
-            metrics = {}
-            if dev is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics = evaluate_variants(variants, task, dev, device)
-            for v in variants:
-                if main:
-                    logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
-                if v.name in metrics:
-                    _keep_best(v, metrics[v.name], cfg)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                _save_state(variants, step, (epoch, k + 1), logs.values(), checkpoint)
-                saved = step
-            if step >= cfg.steps:
-                break
-        else:
-            epoch, skip = epoch + 1, 0
-            continue
-        break
-    bar.close()
+    try:
+        step = _train_steps(cfg, task, variants, loader, dev, crop, device, logs, step, position, checkpoint, progress)
+    finally:
+        for log in logs.values():
+            log.close()
     results = {}
     for v in variants:
         if main and not (v.out / "best.pt").exists():  # no dev set: the last parameters are the result
@@ -517,9 +479,54 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         results[v.name] = _results(v, cfg, step, len(loader.batch_sampler.batches()), dev)
         if main:
             write_json(v.out / "results.json", results[v.name])
-    for log in logs.values():
-        log.close()
     return results
+
+
+def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, crop, device: torch.device,
+                 logs: dict, step: int, position: tuple[int, int], checkpoint: Path, progress: bool) -> int:
+    """Steps from ``step`` (at data ``position``) to cfg.steps: train, log, evaluate, keep best.pt, save
+    last.pt every eval_every steps and at the end; returns the step reached."""
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
+               desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
+    saved, (epoch, skip) = step, position
+    with bar:
+        while step < cfg.steps:
+            loader.batch_sampler.set_epoch(epoch)
+            loader.batch_sampler.skip = skip  # resume inside an epoch without reading the skipped batches
+            for k, batch in enumerate(loader, start=skip):
+                stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
+                lengths = batch["lengths"].to(device)
+                targets = _targets(batch["rows"])
+                # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
+                weight = dist.shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
+                losses = []
+                for v in variants:
+                    t0 = time.perf_counter()
+                    with v.own_rng():
+                        x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
+                        losses.append(_step(v, task, x, n, targets, cfg, step, weight))
+                    v.train_seconds += time.perf_counter() - t0
+                losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
+                step += 1
+                _stop_if_not_finite(losses, step, lambda: _batch_ids(loader, k), checkpoint, saved)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
+                metrics = {}
+                if dev is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    metrics = evaluate_variants(variants, task, dev, device)
+                for v in variants:
+                    if main:
+                        logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
+                    if v.name in metrics:
+                        _keep_best(v, metrics[v.name], cfg)
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    _save_state(variants, step, (epoch, k + 1), logs.values(), checkpoint)
+                    saved = step
+                if step >= cfg.steps:
+                    return step
+            epoch, skip = epoch + 1, 0
+    return step
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -574,10 +581,18 @@ def _restore(variants: list[Variant], state: dict, path: Path) -> tuple[int, tup
                               "train it again into another --out") from None
 
 
-def _stop_if_not_finite(losses: dict[str, float], step: int, ids: list[str], checkpoint: Path, saved: int) -> None:
+def _batch_ids(loader, k: int) -> list[str]:
+    """The utterance ids of global batch ``k`` of the loader's epoch (every rank's part)."""
+    return [loader.dataset.rows[i].id for i in loader.batch_sampler.batches()[k]]
+
+
+def _stop_if_not_finite(losses: dict[str, float], step: int, batch_ids, checkpoint: Path, saved: int) -> None:
+    """Stop at a NaN or infinite loss (of the global batch: every rank stops), naming the variant(s), the
+    step and the utterances of the batch (``batch_ids()``), before anything of the step is logged or saved."""
     bad = [name for name, loss in losses.items() if not math.isfinite(loss)]
     if not bad:
         return
+    ids = batch_ids()
     kept = f"{checkpoint} still holds step {saved}" if saved else "no checkpoint was written yet"
     raise FusionpipeError(f"variant {', '.join(bad)}: the training loss is {losses[bad[0]]} at step {step}, on the "
                           f"batch of utterances {', '.join(ids)}; stopped before saving anything of that step "
