@@ -459,7 +459,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     dist.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(out)  # temporary files of writes a kill interrupted
+        for directory in (out, *(v.out for v in variants)):
+            remove_leftovers(directory)  # temporary files of writes a kill interrupted
         cfg.save(out / "config.json")
         write_json(out / "task.json", task.to_dict(), indent=None)
     for v in variants:
@@ -473,7 +474,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
             log.close()
     results = {}
     for v in variants:
-        if main and not (v.out / "best.pt").exists():  # no dev set: the last parameters are the result
+        if main and dev is None:  # no dev set: the last parameters are the result (also after a resume)
             save_checkpoint({"model": v.model.state_dict()}, v.out / "best.pt")
         # a full epoch's batches: len(loader) leaves out those a resumed epoch skipped
         results[v.name] = _results(v, cfg, step, len(loader.batch_sampler.batches()), dev)

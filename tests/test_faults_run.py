@@ -278,3 +278,10 @@ def test_a_non_finite_loss_stops_naming_variant_step_and_utterances(pitch_stores
         assert state["step"] == step - 1 and f"{run / 'last.pt'} still holds step {step - 1}" in msg
         assert all(torch.isfinite(t).all() for t in state["variants"]["hconv-concat"]["model"].values())
     assert _log(run, "hconv-concat")[-1][0] == (str(step - 1) if step > 1 else "step")  # nothing of that step
+
+
+def test_without_a_dev_set_best_pt_follows_a_resumed_run(pitch_stores, finished_run):
+    train(_cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
+    best = load_checkpoint(finished_run / "hconv-concat" / "best.pt")["model"]
+    last = load_checkpoint(finished_run / "last.pt")["variants"]["hconv-concat"]["model"]
+    assert all(torch.equal(best[k], last[k]) for k in last)
