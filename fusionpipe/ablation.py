@@ -717,7 +717,7 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
         changes = config_changes(json.loads(saved.read_text()), TrainConfig(**config))
         if changes:
             run.status = "stale"
-            run.reason = (f"{out} was trained with other settings ({', '.join(changes)}); delete that directory to "
+            run.reason = (f"{out} was trained with other settings ({'; '.join(changes)}); delete that directory to "
                           "retrain it, or restore the recipe")
             return run
         finished = all((out / f"{f}-{m}" / "results.json").is_file() for f, m in variants)

@@ -264,7 +264,8 @@ def train(
     interface: Optional[List[str]] = typer.Option(None, help="interface option key=value, e.g. normalize=true"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list over the dev utterances"),
     device: str = typer.Option("auto"), num_workers: int = typer.Option(0),
-    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint, with the flags it "
+                                "was trained with (only --steps, --device, --num-workers may change)"),
 ):
     """STAGE 3: train the fusion interface + task head from the cache; every fusion x merge in one pass.
 

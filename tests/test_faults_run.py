@@ -285,3 +285,10 @@ def test_without_a_dev_set_best_pt_follows_a_resumed_run(pitch_stores, finished_
     best = load_checkpoint(finished_run / "hconv-concat" / "best.pt")["model"]
     last = load_checkpoint(finished_run / "last.pt")["variants"]["hconv-concat"]["model"]
     assert all(torch.equal(best[k], last[k]) for k in last)
+
+
+def test_resume_of_a_run_with_per_variant_checkpoints_is_refused(pitch_stores, finished_run):
+    """Runs of older versions kept one last.pt per variant, possibly at different steps."""
+    shutil.copy(finished_run / "last.pt", finished_run / "hconv-concat" / "last.pt")
+    with pytest.raises(FusionpipeError, match="per-variant checkpoints of an older fusionpipe"):
+        train(_cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
