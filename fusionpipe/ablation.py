@@ -68,7 +68,6 @@ the recipe is refused (delete its directory to retrain), never silently mixed.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import re
@@ -85,11 +84,8 @@ from .report import set_name, write_report
 
 CORPUS = Path(__file__).parent / "corpus"
 SPLITS = ("train", "dev", "test")
-METRICS = {"asr": ("wer", "cer"), "multilingual": ("cer",), "classify": ("accuracy", "macro_f1"), "verify": ("eer",)}
 # keys of TrainConfig the recipe fills in itself, per run
 RUN_KEYS = ("stores", "task", "fusion", "merge", "out", "dev_stores", "manifest", "dev_manifest", "trials")
-# config fields that may differ between the first run and a rerun without changing results
-NOT_COMPARED = ("device", "num_workers")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # how to make a manifest the recipe names but the disk lacks, by name prefix
 HOW_TO_MAKE = {
@@ -235,16 +231,6 @@ def _train_fields() -> dict[str, str]:
     return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
 
 
-def _head_options(task: str) -> set[str]:
-    """Keyword sizes the task's head takes (its constructor's parameters with defaults)."""
-    from . import heads
-
-    classes = {"asr": [heads.CTCHead], "multilingual": [heads.TransformerCTCHead],
-               "classify": [heads.ClassifierHead], "verify": [heads.SpeakerHead, heads.XVectorHead]}[task]
-    return {p.name for c in classes for p in inspect.signature(c.__init__).parameters.values()
-            if p.default is not inspect.Parameter.empty}
-
-
 def _known_upstream(name: str) -> bool:
     from .upstreams import UPSTREAMS, _HUB_ID
 
@@ -255,7 +241,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe; every error names the file and the key path."""
     from .interfaces import INTERFACES, MERGES, _OPTIONS
     from .store import CODECS, DTYPES
-    from .tasks import TASKS
+    from .tasks import METRICS, TASKS, head_options
     from .upstreams import UPSTREAMS
 
     path = Path(path)
@@ -369,7 +355,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
                        f"(or leave {split} out of the task's manifests)")
         merged = {**common, **settings({k: v for k, v in spec.items() if k in settable}, where)}
         for k, v in merged.get("head", {}).items():
-            allowed = _head_options(task)
+            allowed = head_options(task)
             if k not in allowed:
                 c.fail(f"{where}.head.{k}" if "head" in spec else f"train.head.{k}",
                        f"unknown head size for task {task}; it takes {', '.join(sorted(allowed))}")
@@ -726,15 +712,13 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
               str(test_trials) if test_trials else None, test_manifest=rows("test"))
     saved = out / "config.json"
     if saved.is_file():
-        from .train import TrainConfig
+        from .train import TrainConfig, config_changes
 
-        old, new = json.loads(saved.read_text()), dataclasses.asdict(TrainConfig(**config))
-        diffs = [k for k, v in new.items() if k not in NOT_COMPARED and old.get(k) != v]
-        if diffs:
+        changes = config_changes(json.loads(saved.read_text()), TrainConfig(**config))
+        if changes:
             run.status = "stale"
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diffs)
-            run.reason = (f"{out} was trained with other settings ({changes}); delete that directory to retrain "
-                          "it, or restore the recipe")
+            run.reason = (f"{out} was trained with other settings ({'; '.join(changes)}); delete that directory to "
+                          "retrain it, or restore the recipe")
             return run
         finished = all((out / f"{f}-{m}" / "results.json").is_file() for f, m in variants)
         if not finished:

@@ -283,7 +283,8 @@ def train(
     interface: Optional[List[str]] = typer.Option(None, help="interface option key=value, e.g. normalize=true"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list over the dev utterances"),
     device: str = typer.Option("auto"), num_workers: int = typer.Option(0),
-    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint, with the flags it "
+                                "was trained with (only --steps, --device, --num-workers may change)"),
 ):
     """STAGE 3: train the fusion interface + task head from the cache; every fusion x merge in one pass.
 
@@ -342,6 +343,7 @@ def evaluate(
     With --stores and --manifest: on the manifest's rows of those stores (e.g. one fold's test set of a
     corpus extracted whole); with --stores alone: on all their utterances.
     """
+    from .atomic import write_json
     from .extract import store_url
     from .manifest import bundled_manifests, read_manifest
     from .store import FeatureStore
@@ -363,7 +365,7 @@ def evaluate(
     rows = manifest if stores else None  # else the stores are the manifest's own: all their rows
     results = run_eval(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows)
     label = Path(rows).stem if rows else Path(eval_stores[0]).parent.name
-    (run / f"eval-{label}.json").write_text(json.dumps(results, indent=2))
+    write_json(run / f"eval-{label}.json", results)
     for name, metrics in results.items():
         typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 

@@ -17,9 +17,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .ablation import Plan, Recipe, Run, TaskSpec
 
-LOWER_IS_BETTER = {"wer", "cer", "eer"}
-
-
 def set_name(upstreams: list[str]) -> str:
     """An upstream set's name: its aliases joined with "+", in the recipe's order."""
     return "+".join(upstreams)
@@ -27,10 +24,10 @@ def set_name(upstreams: list[str]) -> str:
 
 def _primary(spec: TaskSpec) -> tuple[str, bool]:
     """The metric the tables report, and whether lower is better."""
-    from .train import PRIMARY
+    from .tasks import lower_is_better, primary_metric
 
-    metric = spec.metric or PRIMARY[spec.task][0]
-    return metric, metric in LOWER_IS_BETTER
+    metric = spec.metric or primary_metric(spec.task)
+    return metric, lower_is_better(metric)
 
 
 def collect(plan: Plan) -> list[dict]:
@@ -92,9 +89,9 @@ def _fusion_params(variant_dir: Path) -> int | None:
     ckpt = variant_dir / "best.pt"
     if not ckpt.is_file():
         return None
-    import torch
+    from .train import load_checkpoint
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    state = load_checkpoint(ckpt)["model"]
     return int(sum(v.numel() for k, v in state.items() if k.startswith("fusion.") and v.is_floating_point()
                    and not k.endswith(".tau")))
 

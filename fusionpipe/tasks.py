@@ -28,6 +28,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,9 +42,14 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, roc_curve
 from torch import nn
 
-from fusionpipe.heads import ClassifierHead, CTCHead, SpeakerHead, TransformerCTCHead
+from fusionpipe.heads import ClassifierHead, CTCHead, SpeakerHead, TransformerCTCHead, XVectorHead
 
 TASKS = ("asr", "classify", "verify", "multilingual")
+# each task's dev metrics, the primary one first (it picks best.pt and heads the report's tables);
+# multilingual also reports cer/<language> for every language of the eval set
+METRICS = {"asr": ("wer", "cer"), "multilingual": ("cer",), "classify": ("accuracy", "macro_f1"),
+           "verify": ("eer",)}
+HIGHER_IS_BETTER = frozenset({"accuracy", "macro_f1"})  # every other metric is an error rate
 
 BLANK = "<blank>"
 SEPARATOR = "|"  # stands for the space between words
@@ -329,7 +335,7 @@ class VerifyTask:
 
     def metrics(self, preds: Sequence[np.ndarray], targets) -> dict[str, float]:
         if not self.trials:
-            raise ValueError("verify: no trial list; pass trials to build_task")
+            raise ValueError("verify: no trial list to score (--trials FILE; in Python, trials=)")
         embedding = dict(zip(_column(targets, "id", self.name), preds))
         missing = sorted({u for a, b, _ in self.trials for u in (a, b)} - set(embedding))
         if missing:
@@ -369,3 +375,28 @@ def task_from_dict(state: Mapping, trials: Sequence[Trial] = ()):
     if name == "verify":
         return VerifyTask(list(state["speakers"]), list(trials))
     raise ValueError(f"unknown task {name!r} in the saved state; choose one of {', '.join(TASKS)}")
+
+
+# ---------------------------------------------------------------------------- facts for checking settings
+HEADS = {"asr": (CTCHead,), "multilingual": (TransformerCTCHead,), "classify": (ClassifierHead,),
+         "verify": (SpeakerHead, XVectorHead)}  # the classes whose keyword sizes ``build_head`` passes on
+
+
+def primary_metric(task: str) -> str:
+    """The dev metric that picks a run's best checkpoint unless told otherwise."""
+    return METRICS[task][0]
+
+
+def is_metric(task: str, metric: str) -> bool:
+    """Whether the task's ``metrics`` report ``metric`` (multilingual: also cer/<language>)."""
+    return metric in METRICS[task] or (task == "multilingual" and metric.startswith("cer/") and len(metric) > 4)
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.split("/")[0] not in HIGHER_IS_BETTER
+
+
+def head_options(task: str) -> set[str]:
+    """The keyword sizes the task's head takes (its constructors' parameters with defaults)."""
+    return {p.name for c in HEADS[task] for p in inspect.signature(c.__init__).parameters.values()
+            if p.default is not inspect.Parameter.empty}

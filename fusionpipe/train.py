@@ -5,12 +5,25 @@ aligned once and fed to all of them. Each variant keeps its own parameters, opti
 random-number state (swapped in around its step), so it trains exactly as it would alone
 with the same seed. Layout of a run directory::
 
-    runs/<name>/config.json          the TrainConfig, as given
+    runs/<name>/config.json          the TrainConfig, as given (--resume must give the same: `config_changes`)
     runs/<name>/task.json            labels (vocabulary, classes, speakers) from the train manifest
-    runs/<name>/<variant>/last.pt    parameters, optimizer, step, RNG state: --resume continues exactly
-    runs/<name>/<variant>/best.pt    parameters at the best dev metric
+    runs/<name>/last.pt              the last checkpoint: its step, the data position and every variant's
+                                     parameters, optimizer and RNG state (--resume continues exactly)
+    runs/<name>/<variant>/best.pt    parameters at the best dev metric, with those metrics
     runs/<name>/<variant>/log.csv    step, loss, dev metrics
     runs/<name>/<variant>/results.json
+
+Crash safety: every file but log.csv is written whole or not at all (`fusionpipe.atomic`: a temporary
+file in the same directory, fsync, os.replace), and last.pt is ONE file for all variants, so a kill at
+any moment leaves every variant at the same step and --resume continues all of them from it. log.csv
+is flushed to disk before each checkpoint and only ever appended to; --resume first drops its rows
+past the checkpoint's step (logged after it, then lost with the kill; the file is rewritten
+atomically, header kept), so the log reads as one uninterrupted run. A best.pt may be newer than
+last.pt (a kill between the two): the resumed run retrains those steps and writes it again.
+Checkpoints hold only tensors and plain containers and are read with torch.load(weights_only=True)
+(`load_checkpoint`): a crafted file cannot run code. Every setting is checked before any data is
+read (`TrainConfig.check`), and a non-finite training loss stops the run, naming the variant, the
+step and the batch's utterances, before anything of that step is saved.
 
 Data parallel: ``torchrun --standalone --nproc-per-node N -m fusionpipe train ...`` runs N ranks
 (`fusionpipe.distributed`: gloo on CPU, nccl with one GPU per rank). Each variant trains through
@@ -22,7 +35,7 @@ rank whose part is empty (fewer utterances than ranks) trains on a stand-in utte
 weight 0. The logged loss is the global batch's; dev batches are dealt whole to the ranks and
 their predictions gathered, so every rank computes the single-process corpus metrics and agrees
 on best.pt. Rank 0 alone writes the run directory and shows the progress bar; --resume works
-with any number of ranks (positions count global batches; last.pt holds the plain model's
+with any number of ranks (positions count global batches; last.pt holds the plain models'
 parameters and every rank's random state).
 
 What cannot match one process: (1) float rounding, since a rank's part is padded to its own
@@ -36,7 +49,9 @@ depends on how a batch is split.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -48,15 +63,22 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed as dist
+from .atomic import atomic_write, remove_leftovers, write_json
 from .data import make_loader
 from .errors import FusionpipeError
-from .interfaces import Fusion
-from .tasks import build_task, read_trials, task_from_dict
+from .interfaces import INTERFACES, MERGES, Fusion
+from .tasks import (METRICS, TASKS, build_task, head_options, is_metric, lower_is_better, primary_metric,
+                    read_trials, task_from_dict)
 from .upstreams import resolve_device
 
-# the metric that selects the best checkpoint, and whether lower is better
-PRIMARY = {"asr": ("wer", True), "multilingual": ("cer", True), "classify": ("accuracy", False),
-           "verify": ("eer", True)}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# config fields that may differ between a run and its rerun without changing results (where it runs)
+NOT_COMPARED = ("device", "num_workers")
+# ... and what a --resume may change besides: more steps continue the run (a Gumbel temperature
+# schedule, which follows step / steps, then stretches from the resumed step on)
+RESUMABLE = (*NOT_COMPARED, "steps")
+# what makes two stores' features interchangeable: the upstream that computed them
+FINGERPRINT = ("model_id", "revision", "num_layers", "hidden_size")
 
 
 @dataclass
@@ -80,7 +102,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     specaugment: bool = False                   # time and feature masks on the fused features
     crop_seconds: list[float] | None = None     # train on random crops of [min, max] s each (SUPERB SV: [2, 8])
-    select: str | None = None                   # dev metric that picks best.pt (default: the task's, PRIMARY)
+    select: str | None = None                   # dev metric that picks best.pt (default: the task's primary one)
     seed: int = 0
     head: dict = field(default_factory=dict)    # head sizes, e.g. {"hidden": 64}
     interface: dict = field(default_factory=dict)  # interface options, e.g. {"normalize": True}
@@ -93,11 +115,131 @@ class TrainConfig:
         return [(f, m) for f in self.fusion for m in self.merge]
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        return cls(**json.loads(Path(path).read_text()))
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (ValueError, TypeError) as e:  # not JSON, or other fields than a TrainConfig's
+            raise FusionpipeError(f"{path} is not a fusionpipe training config ({e})") from None
+
+    def check(self) -> None:
+        """Refuse settings that cannot train or evaluate, before any data is read or any step taken.
+
+        Each error names the flag as the command line spells it (and the field) and what to give.
+        The dev stores must hold the train stores' upstreams, in their order (`check_upstreams`).
+        """
+        def refuse(name: str, problem: str):
+            raise FusionpipeError(f"{flag(name)} ({name}={getattr(self, name)!r}): {problem}")
+
+        if self.task not in TASKS:
+            refuse("task", f"unknown task; choose one of {', '.join(TASKS)}")
+        if not self.stores:
+            refuse("stores", "no train stores; give at least one")
+        for name, choices in (("fusion", INTERFACES), ("merge", MERGES)):
+            values = getattr(self, name)
+            if not values or any(x not in choices for x in values):
+                refuse(name, f"give one or more of {', '.join(choices)}")
+        for name, what in (("steps", "optimizer steps in all"), ("eval_every", "evaluate and save a checkpoint "
+                           "every N steps"), ("max_frames", "padded frames per batch")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                refuse(name, f"must be a whole number >= 1 ({what})")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                refuse(name, "must be a positive number")
+        if self.optimizer not in OPTIMIZERS:
+            refuse("optimizer", f"choose {' or '.join(OPTIMIZERS)}")
+        if self.crop_seconds is not None:
+            crop_frames(self.crop_seconds, 1.0)
+        if self.select is not None and not is_metric(self.task, self.select):
+            per_language = " or cer/<language>" if self.task == "multilingual" else ""
+            refuse("select", f"not a dev metric of task {self.task}; choose one of "
+                             f"{', '.join(METRICS[self.task])}{per_language}")
+        unknown = sorted(set(self.head) - head_options(self.task))
+        if unknown:
+            refuse("head", f"the {self.task} head takes no {', '.join(unknown)}; it takes "
+                           f"{', '.join(sorted(head_options(self.task)))}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.head.values()):
+            refuse("head", "sizes are numbers, e.g. --head hidden=64")
+        self._check_dev()
+
+    def _check_dev(self) -> None:
+        if self.trials and self.task != "verify":
+            raise FusionpipeError(f"--trials ({self.trials}): only --task verify scores a trial list; drop it")
+        if self.task == "verify" and self.dev_stores and not self.trials:
+            raise FusionpipeError("--task verify scores the dev stores on a trial list: give --trials FILE "
+                                  "(lines 'label enroll_id test_id' over the dev utterances), or no --dev-stores")
+        if self.trials:
+            trial_list(self.trials)
+        if self.dev_manifest and not self.dev_stores:
+            raise FusionpipeError(f"dev_manifest={self.dev_manifest} chooses rows of the dev stores, but none are "
+                                  "given (dev_stores, --dev-stores)")
+        if self.manifest and self.dev_stores == self.stores and not self.dev_manifest:
+            raise FusionpipeError(f"the dev stores are the train stores and only the train utterances are chosen "
+                                  f"(manifest={self.manifest}): give dev_manifest (--dev-manifest) too, or the dev "
+                                  "metrics would include the training utterances")
+        if self.dev_stores:
+            check_upstreams(self.stores, self.dev_stores, "--dev-stores")
+
+
+def trial_list(path: str | Path) -> list:
+    """`read_trials`, its errors naming the --trials flag."""
+    try:
+        return read_trials(path)
+    except (OSError, ValueError) as e:
+        raise FusionpipeError(f"--trials ({path}): {e}") from None
+
+
+def flag(name: str) -> str:
+    """A TrainConfig field's command-line spelling: eval_every -> --eval-every."""
+    return "--" + name.replace("_", "-")
+
+
+def config_changes(saved: dict, given: TrainConfig, exempt: tuple[str, ...] = NOT_COMPARED) -> list[str]:
+    """``key: saved -> given`` for each field (but ``exempt``) in which ``given`` differs from a saved
+    config.json: a rerun (ablation plan) or --resume must train what the run directory holds."""
+    new = json.loads(json.dumps(asdict(given)))  # as config.json holds it: tuples are lists
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in new.items() if k not in exempt and saved.get(k) != v]
+
+
+def _upstream(url: str) -> dict:
+    from .store import FeatureStore
+
+    up = FeatureStore.open(url).attrs.get("upstream") or {}
+    return {k: up.get(k) for k in ("name", *FINGERPRINT)}
+
+
+def _describe(up: dict) -> str:
+    return (f"{up['name']} ({up['model_id']} @ {str(up['revision'])[:12]}, L={up['num_layers']}, "
+            f"D={up['hidden_size']})")
+
+
+def check_upstreams(reference: list[str], given: list[str], given_flag: str, reference_flag: str = "--stores") -> None:
+    """Refuse ``given`` stores unless they hold features of ``reference``'s upstreams, one for one and in
+    the same order (the fusion has one input per upstream, in order); errors name both flags."""
+    if list(given) == list(reference):
+        return
+    if len(given) != len(reference):
+        raise FusionpipeError(f"{given_flag} names {len(given)} store(s) and {reference_flag} {len(reference)}: "
+                              f"give one store per upstream of {reference_flag}, in its order")
+    want, got = [_upstream(s) for s in reference], [_upstream(s) for s in given]
+
+    def key(up: dict) -> tuple:
+        return tuple(str(up[k]) for k in FINGERPRINT)
+
+    if [key(u) for u in got] == [key(u) for u in want]:
+        return
+    if sorted(map(key, got)) == sorted(map(key, want)):
+        raise FusionpipeError(f"{given_flag} holds the upstreams of {reference_flag} in another order "
+                              f"({', '.join(u['name'] for u in got)}); give them in the order "
+                              f"{', '.join(u['name'] for u in want)}")
+    i = next(i for i, (a, b) in enumerate(zip(got, want)) if key(a) != key(b))
+    raise FusionpipeError(f"{given_flag} store {i + 1} ({given[i]}) holds features of {_describe(got[i])}, but "
+                          f"{reference_flag} store {i + 1} ({reference[i]}) of {_describe(want[i])}; give stores "
+                          f"extracted with the same upstreams, in the order of {reference_flag}")
 
 
 def variant_name(fusion: str, merge: str) -> str:
@@ -152,12 +294,13 @@ class Variant:
             if self.cuda_rng is not None:
                 self.cuda_rng = torch.cuda.get_rng_state_all()
 
-    def state(self, step: int, position: tuple[int, int], rank_rngs: list | None = None) -> dict:
-        """last.pt; ``rank_rngs``: every rank's (rng, cuda_rng) under DDP (rank 0's are also rng, cuda_rng)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
-                "position": position, "rng": self.rng, "cuda_rng": self.cuda_rng, "best": self.best,
-                "best_metrics": self.best_metrics, "train_seconds": self.train_seconds,
-                **({"rank_rngs": rank_rngs} if rank_rngs and len(rank_rngs) > 1 else {})}
+    def state(self, rank_rngs: list | None = None) -> dict:
+        """This variant's part of last.pt (tensors and plain containers only: `load_checkpoint`);
+        ``rank_rngs``: every rank's (rng, cuda_rng) under DDP (rank 0's are also rng, cuda_rng)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self.rng,
+                "cuda_rng": self.cuda_rng, "best": self.best, "best_metrics": self.best_metrics,
+                "train_seconds": self.train_seconds,
+                **({"rank_rngs": [list(r) for r in rank_rngs]} if rank_rngs and len(rank_rngs) > 1 else {})}
 
     def restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -197,8 +340,9 @@ def crop_frames(seconds: list[float] | None, frame_rate: float) -> tuple[int, in
     """crop_seconds [min, max] -> (shortest, longest) frames at the fused frame rate; refuses nonsense."""
     if seconds is None:
         return None
-    if len(seconds) != 2 or not 0 < seconds[0] <= seconds[1]:
-        raise FusionpipeError(f"crop_seconds must be [min, max] with 0 < min <= max, got {seconds}")
+    if len(seconds) != 2 or not 0 < seconds[0] <= seconds[1] < math.inf:
+        raise FusionpipeError(f"--crop-seconds (crop_seconds={seconds}): give MIN,MAX with 0 < MIN <= MAX, "
+                              "e.g. 2,8")
     return max(1, round(seconds[0] * frame_rate)), max(1, round(seconds[1] * frame_rate))
 
 
@@ -235,9 +379,8 @@ def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out
         model = FusionModel(fusion, task.build_head(fusion.out_dim, **cfg.head)).to(device)
         if dist.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
             torch.manual_seed(dist.rank_seed(cfg.seed, dist.rank()))
-        opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
         name = variant_name(fusion_name, merge)
-        variants.append(Variant(name, model, opt_cls(model.parameters(), lr=cfg.lr), out / name))
+        variants.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr), out / name))
     return variants
 
 
@@ -246,18 +389,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; see the module docstring.
     """
-    if cfg.task not in PRIMARY:
-        raise FusionpipeError(f"unknown task {cfg.task!r}; choose one of {', '.join(PRIMARY)}")
+    cfg.check()
     out = Path(cfg.out)
-    if cfg.dev_manifest and not cfg.dev_stores:
-        raise FusionpipeError(f"dev_manifest={cfg.dev_manifest} chooses rows of the dev stores, but none are given "
-                              "(dev_stores, --dev-stores)")
-    if cfg.manifest and cfg.dev_stores == cfg.stores and not cfg.dev_manifest:
-        raise FusionpipeError(f"the dev stores are the train stores and only the train utterances are chosen "
-                              f"(manifest={cfg.manifest}): give dev_manifest (--dev-manifest) too, or the dev "
-                              "metrics would include the training utterances")
-    if (out / "config.json").exists() and not resume:
-        raise FusionpipeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if (out / "config.json").exists():
+        if not resume:
+            raise FusionpipeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        _check_resumable(cfg, out)
     device = dist.local_device(resolve_device(cfg.device))
     created = dist.init(device)
     threads = torch.get_num_threads()
@@ -273,6 +410,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             dist.shutdown()
 
 
+def _check_resumable(cfg: TrainConfig, out: Path) -> None:
+    """--resume continues the run in ``out`` only with its own settings (but `RESUMABLE`)."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except ValueError as e:
+        raise FusionpipeError(f"{out / 'config.json'} is not a fusionpipe training config ({e})") from None
+    changes = config_changes(saved, cfg, exempt=RESUMABLE)
+    if changes:
+        raise FusionpipeError(f"--resume: {out} was trained with other settings ({'; '.join(changes)}); give the "
+                              f"flags it was trained with (only {', '.join(flag(k) for k in RESUMABLE)} may change), "
+                              "or choose another --out")
+    old = sorted(str(p) for p in out.glob("*/last.pt"))
+    if old:
+        raise FusionpipeError(f"--resume: {out} holds per-variant checkpoints of an older fusionpipe ({old[0]}, ...), "
+                              "which may stand at different steps; retrain into another --out")
+
+
 def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, progress: bool) -> dict[str, dict]:
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     loader = make_loader(cfg.stores, cfg.manifest, max_frames=cfg.max_frames, shuffle=True, seed=cfg.seed,
@@ -281,7 +435,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     view = loader.dataset.view
     crop = crop_frames(cfg.crop_seconds, view.frame_rate)
     rows = [loader.dataset.rows[i] for i in range(len(loader.dataset))]
-    trials = read_trials(cfg.trials) if cfg.trials else ()
+    trials = trial_list(cfg.trials) if cfg.trials else ()
     if resume and (out / "task.json").exists():
         task = task_from_dict(json.loads((out / "task.json").read_text()), trials)
     else:
@@ -289,81 +443,171 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
             task = build_task(cfg.task, _targets(rows), trials)
         except ValueError as e:
             raise FusionpipeError(f"task {cfg.task} on {cfg.manifest or view.describe()['manifest']}: {e}") from None
-    dist.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.json")
-        (out / "task.json").write_text(json.dumps(task.to_dict()))
-
     variants = build_variants(cfg, task, view.dims, view.num_layers, out, device)
-    step, position = 0, (0, 0)
-    if resume:
-        for v in variants:
-            if (v.out / "last.pt").exists():
-                ckpt = torch.load(v.out / "last.pt", weights_only=False, map_location="cpu")
-                v.restore(ckpt)
-                step, position = ckpt["step"], tuple(ckpt["position"])
-    for v in variants:
-        v.trainer = dist.wrap(v.model, device)
     dev = make_loader(cfg.dev_stores, cfg.dev_manifest, max_frames=cfg.max_frames, shuffle=False,
                       num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
                       shard=(rank, world), deal=True) if cfg.dev_stores else None
-    logs = {v.name: _Log(v.out / "log.csv", resume) for v in variants} if main else {}
+    if dev is not None and trials:
+        _check_trials(trials, dev, cfg.trials)
+    checkpoint = out / "last.pt"
+    step, position = 0, (0, 0)
+    if resume and checkpoint.exists():
+        step, position = _restore(variants, load_checkpoint(checkpoint), checkpoint)
+        if step > cfg.steps:
+            raise FusionpipeError(f"--steps ({cfg.steps}): {checkpoint} is at step {step} already; give --steps "
+                                  f"{step} or more to --resume it")
+    dist.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for directory in (out, *(v.out for v in variants)):
+            remove_leftovers(directory)  # temporary files of writes a kill interrupted
+        cfg.save(out / "config.json")
+        write_json(out / "task.json", task.to_dict(), indent=None)
+    for v in variants:
+        v.trainer = dist.wrap(v.model, device)
+    logs = {v.name: _Log(v.out / "log.csv", step) for v in variants} if main else {}
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
-               desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
-    epoch, skip = position
-    while step < cfg.steps:
-        loader.batch_sampler.set_epoch(epoch)
-        loader.batch_sampler.skip = skip  # resume inside an epoch without reading the skipped batches
-        for k, batch in enumerate(loader, start=skip):
-            stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
-            lengths = batch["lengths"].to(device)
-            targets = _targets(batch["rows"])
-            # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
-            weight = dist.shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
-            losses = []
-            for v in variants:
-                t0 = time.perf_counter()
-                with v.own_rng():
-                    x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
-                    losses.append(_step(v, task, x, n, targets, cfg, step, weight))
-                v.train_seconds += time.perf_counter() - t0
-            losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
-            metrics = {}
-            if dev is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics = evaluate_variants(variants, task, dev, device)
-            for v in variants:
-                if main:
-                    logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
-                if v.name in metrics:
-                    _keep_best(v, metrics[v.name], cfg)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                for v in variants:
-                    rngs = dist.gather((v.rng, v.cuda_rng))
-                    if main:
-                        torch.save(v.state(step, (epoch, k + 1), rngs), v.out / "last.pt")
-            if step >= cfg.steps:
-                break
-        else:
-            epoch, skip = epoch + 1, 0
-            continue
-        break
-    bar.close()
+    try:
+        step = _train_steps(cfg, task, variants, loader, dev, crop, device, logs, step, position, checkpoint, progress)
+    finally:
+        for log in logs.values():
+            log.close()
     results = {}
     for v in variants:
-        if main and not (v.out / "best.pt").exists():  # no dev set: the last parameters are the result
-            torch.save({"model": v.model.state_dict()}, v.out / "best.pt")
+        if main and dev is None:  # no dev set: the last parameters are the result (also after a resume)
+            save_checkpoint({"model": v.model.state_dict()}, v.out / "best.pt")
         # a full epoch's batches: len(loader) leaves out those a resumed epoch skipped
         results[v.name] = _results(v, cfg, step, len(loader.batch_sampler.batches()), dev)
         if main:
-            (v.out / "results.json").write_text(json.dumps(results[v.name], indent=2))
-    for log in logs.values():
-        log.close()
+            write_json(v.out / "results.json", results[v.name])
     return results
+
+
+def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, crop, device: torch.device,
+                 logs: dict, step: int, position: tuple[int, int], checkpoint: Path, progress: bool) -> int:
+    """Steps from ``step`` (at data ``position``) to cfg.steps: train, log, evaluate, keep best.pt, save
+    last.pt every eval_every steps and at the end; returns the step reached."""
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
+               desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
+    saved, (epoch, skip) = step, position
+    with bar:
+        while step < cfg.steps:
+            loader.batch_sampler.set_epoch(epoch)
+            loader.batch_sampler.skip = skip  # resume inside an epoch without reading the skipped batches
+            for k, batch in enumerate(loader, start=skip):
+                stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
+                lengths = batch["lengths"].to(device)
+                targets = _targets(batch["rows"])
+                # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
+                weight = dist.shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
+                losses = []
+                for v in variants:
+                    t0 = time.perf_counter()
+                    with v.own_rng():
+                        x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
+                        losses.append(_step(v, task, x, n, targets, cfg, step, weight))
+                    v.train_seconds += time.perf_counter() - t0
+                losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
+                step += 1
+                _stop_if_not_finite(losses, step, lambda: _batch_ids(loader, k), checkpoint, saved)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
+                metrics = {}
+                if dev is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    metrics = evaluate_variants(variants, task, dev, device)
+                for v in variants:
+                    if main:
+                        logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
+                    if v.name in metrics:
+                        _keep_best(v, metrics[v.name], cfg)
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    _save_state(variants, step, (epoch, k + 1), logs.values(), checkpoint)
+                    saved = step
+                if step >= cfg.steps:
+                    return step
+            epoch, skip = epoch + 1, 0
+    return step
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    """torch.save, whole or not at all (`atomic_write`): a kill leaves the previous file intact."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint written by `save_checkpoint`, read with weights_only=True: tensors and plain
+    containers only, so a crafted file cannot run code; a torn, foreign or crafted one stops with a
+    FusionpipeError naming it."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FusionpipeError(f"{path} is missing; the run did not finish writing it (train it again)") from None
+    except Exception as e:  # noqa: BLE001 -- torch raises many kinds (UnpicklingError, RuntimeError, EOFError)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise FusionpipeError(f"{path} is not a checkpoint fusionpipe can read, and it was not unpickled further "
+                              f"(weights_only: {reason}); it is damaged or was not written by fusionpipe: delete "
+                              "it or train the run again") from None
+    if not isinstance(ckpt, dict):
+        raise FusionpipeError(f"{path} holds a {type(ckpt).__name__}, not a fusionpipe checkpoint")
+    return ckpt
+
+
+def _save_state(variants: list[Variant], step: int, position: tuple[int, int], logs, path: Path) -> None:
+    """last.pt: every variant's state at ``step``, in one file (a kill leaves all of them at one step).
+    Every rank takes part (the RNG states are gathered); rank 0 writes, after the logs reach the disk."""
+    rngs = {v.name: dist.gather((v.rng, v.cuda_rng)) for v in variants}
+    if not dist.is_main():
+        return
+    for log in logs:
+        log.sync()
+    save_checkpoint({"step": step, "position": list(position),
+                     "variants": {v.name: v.state(rngs[v.name]) for v in variants}}, path)
+
+
+def _restore(variants: list[Variant], state: dict, path: Path) -> tuple[int, tuple[int, int]]:
+    """Every variant's state from last.pt; returns (step, data position)."""
+    saved = state.get("variants") or {}
+    if sorted(saved) != sorted(v.name for v in variants):
+        raise FusionpipeError(f"{path} holds the variants {', '.join(sorted(saved)) or 'none'}, this run "
+                              f"{', '.join(v.name for v in variants)}; give the run's --fusion and --merge")
+    try:
+        for v in variants:
+            v.restore(saved[v.name])
+        return int(state["step"]), tuple(state["position"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise FusionpipeError(f"{path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
+                              "train it again into another --out") from None
+
+
+def _batch_ids(loader, k: int) -> list[str]:
+    """The utterance ids of global batch ``k`` of the loader's epoch (every rank's part)."""
+    return [loader.dataset.rows[i].id for i in loader.batch_sampler.batches()[k]]
+
+
+def _stop_if_not_finite(losses: dict[str, float], step: int, batch_ids, checkpoint: Path, saved: int) -> None:
+    """Stop at a NaN or infinite loss (of the global batch: every rank stops), naming the variant(s), the
+    step and the utterances of the batch (``batch_ids()``), before anything of the step is logged or saved."""
+    bad = [name for name, loss in losses.items() if not math.isfinite(loss)]
+    if not bad:
+        return
+    ids = batch_ids()
+    kept = f"{checkpoint} still holds step {saved}" if saved else "no checkpoint was written yet"
+    raise FusionpipeError(f"variant {', '.join(bad)}: the training loss is {losses[bad[0]]} at step {step}, on the "
+                          f"batch of utterances {', '.join(ids)}; stopped before saving anything of that step "
+                          f"({kept}). Check those utterances' features (`fusionpipe verify STORE`), or train "
+                          "with a lower --lr or --grad-clip")
+
+
+def _check_trials(trials, dev, path: str) -> None:
+    """Every utterance of the trial list must be among the dev rows (else EER fails after training)."""
+    have = {u.id for u in dev.dataset.rows}
+    missing = sorted({u for a, b, _ in trials for u in (a, b)} - have)
+    if missing:
+        raise FusionpipeError(f"--trials ({path}): {len(missing)} trial utterance(s) are not among the dev "
+                              f"utterances, e.g. {', '.join(missing[:3])}; give the trial list of the dev stores")
 
 
 def _step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: int, weight: float | None) -> float:
@@ -420,19 +664,15 @@ def evaluate_variants(variants: list[Variant], task, loader, device: torch.devic
     return out
 
 
-HIGHER_IS_BETTER = ("accuracy", "macro_f1")
-
-
 def _keep_best(v: Variant, metrics: dict, cfg: TrainConfig) -> None:
-    key = cfg.select or PRIMARY[cfg.task][0]
-    lower = key not in HIGHER_IS_BETTER
-    if key not in metrics:
-        raise FusionpipeError(f"select={key!r} is not a dev metric of task {cfg.task}; choose one of {sorted(metrics)}")
+    key = cfg.select or primary_metric(cfg.task)
+    if key not in metrics:  # a cer/<language> the dev set lacks (every other name is checked up front)
+        raise FusionpipeError(f"--select ({key}): not a metric of this dev set; it has {', '.join(sorted(metrics))}")
     value = metrics[key]
-    if v.best is None or (value < v.best if lower else value > v.best):
+    if v.best is None or (value < v.best if lower_is_better(key) else value > v.best):
         v.best, v.best_metrics = value, metrics
         if dist.is_main():
-            torch.save({"model": v.model.state_dict(), "metrics": metrics}, v.out / "best.pt")
+            save_checkpoint({"model": v.model.state_dict(), "metrics": metrics}, v.out / "best.pt")
 
 
 def _results(v: Variant, cfg: TrainConfig, step: int, batches_per_epoch: int, dev) -> dict:
@@ -440,25 +680,49 @@ def _results(v: Variant, cfg: TrainConfig, step: int, batches_per_epoch: int, de
            "train_seconds": round(v.train_seconds, 3),
            "train_seconds_per_epoch": round(v.train_seconds / max(step, 1) * batches_per_epoch, 3)}
     if dev is not None:  # the metrics best.pt was chosen by: no second pass over the dev set
-        res["dev"] = v.best_metrics or torch.load(v.out / "best.pt", weights_only=False)["metrics"]
+        res["dev"] = v.best_metrics or load_checkpoint(v.out / "best.pt")["metrics"]
     return res
 
 
 class _Log:
-    """log.csv per variant (and TensorBoard event files when tensorboard is installed)."""
+    """log.csv per variant (and TensorBoard event files when tensorboard is installed).
 
-    def __init__(self, path: Path, resume: bool):
+    Only appended to; opened at ``step`` (0: a new run, else the checkpoint a --resume starts from),
+    it first keeps the header and the rows up to that step (a row torn by a kill, or logged after
+    the checkpoint, goes), rewritten atomically.
+    """
+
+    HEADER = ["step", "loss", "metrics"]
+
+    def __init__(self, path: Path, step: int):
         path.parent.mkdir(parents=True, exist_ok=True)
-        new = not (resume and path.exists())
-        self.f = open(path, "w" if new else "a", newline="")
+        kept = [row for row in self._rows(path) if int(row[0]) <= step] if step else []
+        text = io.StringIO()
+        csv.writer(text).writerows([self.HEADER, *kept])
+        atomic_write(path, text.getvalue())
+        self.f = open(path, "a", newline="")
         self.w = csv.writer(self.f)
-        if new:
-            self.w.writerow(["step", "loss", "metrics"])
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(path.parent / "tb"))
         except ImportError:
             self.tb = None
+
+    @staticmethod
+    def _rows(path: Path) -> list[list[str]]:
+        """The whole rows of an existing log (its header and any torn or foreign line left out)."""
+        if not path.exists():
+            return []
+        with open(path, newline="") as f:
+            lines = f.read().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()  # the kill came in the middle of this row
+        return [row for row in csv.reader(lines) if len(row) == 3 and row[0].isdigit()]
+
+    def sync(self) -> None:
+        """Everything written so far is on disk (before a checkpoint commits its step)."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
 
     def write(self, step: int, loss: float, metrics: dict) -> None:
         self.w.writerow([step, f"{loss:.6f}", json.dumps(metrics) if metrics else ""])
@@ -481,15 +745,23 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     if not (run / "config.json").exists():
         raise FusionpipeError(f"{run} is not a training run (no config.json); train one with `fusionpipe train`")
     cfg = TrainConfig.load(run / "config.json")
-    task = task_from_dict(json.loads((run / "task.json").read_text()), read_trials(trials) if trials else ())
+    names = [variant_name(f, m) for f, m in cfg.variants()]
+    if variant is not None and variant not in names:
+        raise FusionpipeError(f"{run} has no variant {variant}; it has {', '.join(names)}")
+    check_upstreams(cfg.stores, stores, "--stores", "the run's --stores")
+    task = task_from_dict(json.loads((run / "task.json").read_text()), trial_list(trials) if trials else ())
+    if task.name == "verify" and not trials:
+        raise FusionpipeError("--trials: a verify run is scored on a trial list over the evaluated utterances; "
+                              "give --trials FILE")
+    checkpoints = {name: load_checkpoint(run / name / "best.pt") for name in names if variant in (None, name)}
     dev = make_loader(stores, manifest, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
                       align_layers=cfg.align_layers)
     view = dev.dataset.view
     dev_device = resolve_device(device)
-    variants = build_variants(cfg, task, view.dims, view.num_layers, run, dev_device)
-    variants = [v for v in variants if variant in (None, v.name)]
+    variants = [v for v in build_variants(cfg, task, view.dims, view.num_layers, run, dev_device)
+                if v.name in checkpoints]
     for v in variants:
-        v.model.load_state_dict(torch.load(v.out / "best.pt", weights_only=False, map_location=dev_device)["model"])
+        v.model.load_state_dict(checkpoints[v.name]["model"])
     return evaluate_variants(variants, task, dev, dev_device)
 
 

@@ -27,6 +27,11 @@ def _losses(run, variant):
         return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
+def _last(run, variant):
+    """A variant's state in the run's last checkpoint (one file for all variants)."""
+    return torch.load(run / "last.pt", weights_only=True)["variants"][variant]
+
+
 def test_loss_falls_and_accuracy_beats_chance(pitch_stores, tmp_path):
     results = train(_cfg(pitch_stores, tmp_path / "run", steps=60), progress=False)
     res = results["hconv-concat"]
@@ -49,8 +54,8 @@ def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path):
         alone = train(_cfg(pitch_stores, tmp_path / name, fusion=[fusion], merge=[merge], **kw), progress=False)
         assert _losses(tmp_path / "all", name) == _losses(tmp_path / name, name)
         assert alone[name]["dev"]["accuracy"] == together[name]["dev"]["accuracy"]
-        a = torch.load(tmp_path / "all" / name / "last.pt", weights_only=False)["model"]
-        b = torch.load(tmp_path / name / name / "last.pt", weights_only=False)["model"]
+        a = _last(tmp_path / "all", name)["model"]
+        b = _last(tmp_path / name, name)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -103,7 +108,7 @@ def test_asr_trains_and_reports_wer_and_cer(pitch_stores, tmp_path):
 def test_evaluate_a_finished_run_on_other_stores(pitch_stores, tmp_path):
     train(_cfg(pitch_stores, tmp_path / "run", steps=20), progress=False)
     metrics = evaluate(tmp_path / "run", pitch_stores["dev"], device="cpu")
-    best = torch.load(tmp_path / "run" / "hconv-concat" / "best.pt", weights_only=False)["metrics"]
+    best = torch.load(tmp_path / "run" / "hconv-concat" / "best.pt", weights_only=True)["metrics"]
     assert metrics["hconv-concat"]["accuracy"] == best["accuracy"]
 
 
@@ -111,7 +116,7 @@ def test_select_picks_the_best_checkpoint_by_the_named_metric(pitch_stores, tmp_
     train(_cfg(pitch_stores, tmp_path / "run", steps=30, eval_every=5, select="macro_f1"), progress=False)
     with open(tmp_path / "run" / "hconv-concat" / "log.csv") as f:
         evals = [json.loads(r["metrics"]) for r in csv.DictReader(f) if r["metrics"]]
-    best = torch.load(tmp_path / "run" / "hconv-concat" / "best.pt", weights_only=False)["metrics"]
+    best = torch.load(tmp_path / "run" / "hconv-concat" / "best.pt", weights_only=True)["metrics"]
     assert len(evals) == 6 and best["macro_f1"] == max(e["macro_f1"] for e in evals)
     with pytest.raises(FusionpipeError, match="select='bleu'"):
         train(_cfg(pitch_stores, tmp_path / "other", steps=5, eval_every=5, select="bleu"), progress=False)
@@ -149,8 +154,8 @@ def test_training_on_manifest_rows_of_a_larger_store_equals_training_on_their_ow
     for name in own:
         assert _losses(tmp_path / "rows", name) == _losses(tmp_path / "own", name)
         assert scores(rows[name]["dev"]) == scores(own[name]["dev"])
-        a = torch.load(tmp_path / "rows" / name / "last.pt", weights_only=False)["model"]
-        b = torch.load(tmp_path / "own" / name / "last.pt", weights_only=False)["model"]
+        a = _last(tmp_path / "rows", name)["model"]
+        b = _last(tmp_path / "own", name)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
     on_rows = evaluate(tmp_path / "rows", pitch_whole["stores"], device="cpu", manifest=pitch_whole["dev"])
     on_own = evaluate(tmp_path / "own", pitch_stores["dev"], device="cpu")
