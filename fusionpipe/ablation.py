@@ -77,6 +77,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .atomic import write_json
 from .errors import FusionpipeError
 from .extract import store_url
 from .manifest import BUNDLED, check_subset, read_manifest
@@ -676,7 +677,7 @@ def _store_state(e: Extraction, m, problems: list[str]) -> None:
         return
     e.done = float(done.mean()) if len(done) else 1.0
     e.status = "cached" if done.all() else "partial"
-    cached_sha = (store.attrs.get("manifest") or {}).get("sha256")
+    cached_sha = store.info.manifest_sha256
     if m is not None and cached_sha != m.content_hash():
         problems.append(f"{e.url} holds features of another version of manifest {m.name} (its rows changed); "
                         "delete the store to extract it again")
@@ -770,7 +771,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
             stage3.train(stage3.TrainConfig(**x.config), resume=x.status == "resume", progress=progress)
         if x.status != "done" and x.test_stores:
             metrics = stage3.evaluate(x.out, x.test_stores, trials=x.test_trials, manifest=x.test_manifest)
-            (x.out / "test.json").write_text(json.dumps(metrics, indent=2))
+            write_json(x.out / "test.json", metrics)
     paths = write_report(plan)
     echo("wrote " + ", ".join(str(p) for p in paths))
     return plan

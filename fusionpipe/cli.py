@@ -192,7 +192,7 @@ def verify(store: str = typer.Argument(..., help="store directory or URL (memory
         faults = check(opened, repair=repair)
     for f in faults:
         typer.echo(f"FAULT {f}")
-    if opened.attrs.get("format") == 1:
+    if opened.info.format == 1:
         typer.echo(f"note: {shown} is a format-1 store: its chunks carry no checksum, so a flipped bit can go "
                    "undetected; re-extract with --overwrite to add them")
     if faults:
@@ -226,7 +226,7 @@ def fuse(
     if write is not None:
         out = view.write(write, codec=codec, overwrite=overwrite)
         typer.echo(f"{out}: {len(out)} utterances, {out.total_frames} frames, L={out.num_layers} "
-                   f"D={out.hidden_size} ({out.attrs['upstream']['name']})")
+                   f"D={out.hidden_size} ({out.info.upstream})")
 
 
 def _list(values: Optional[List[str]]) -> List[str]:
@@ -282,6 +282,8 @@ def train(
     head: Optional[List[str]] = typer.Option(None, help="head size, key=value (repeatable), e.g. hidden=64"),
     interface: Optional[List[str]] = typer.Option(None, help="interface option key=value, e.g. normalize=true"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list over the dev utterances"),
+    skip_missing: bool = typer.Option(False, help="leave out utterances skipped (--skip-bad) or unfinished in some "
+                                                   "store, train and dev (default: stop and say which)"),
     device: str = typer.Option("auto"), num_workers: int = typer.Option(0),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint, with the flags it "
                                 "was trained with (only --steps, --device, --num-workers may change)"),
@@ -310,13 +312,15 @@ def train(
         preset = DEMO
     if dev_manifest is not None and not dev:
         dev = train_stores
-    rows = read_manifest(manifest) if manifest is not None else recorded_manifest(open_fused(train_stores))
+    rows = (read_manifest(manifest) if manifest is not None
+            else recorded_manifest(open_fused(train_stores, skip_missing=skip_missing)))
     task = task or default_task(rows)
-    names = "+".join(FeatureStore.open(s).attrs["upstream"]["name"] for s in train_stores)
+    names = "+".join(FeatureStore.open(s).info.upstream for s in train_stores)
     cfg = TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion), merge=_list(merge),
                       out=str(out or Path("runs") / f"{task}-{names}"), device=device, num_workers=num_workers,
                       manifest=str(manifest) if manifest else None,
-                      dev_manifest=str(dev_manifest) if dev_manifest else None, **{**preset, **given})
+                      dev_manifest=str(dev_manifest) if dev_manifest else None, skip_missing=skip_missing,
+                      **{**preset, **given})
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     say = _say if main_rank else (lambda _: None)
     say(f"train {task} on {rows.name} ({len(rows)} utterances) with {names}; dev: {len(dev)} store(s)"
@@ -336,6 +340,8 @@ def evaluate(
     stores: Optional[List[str]] = typer.Option(None, help="the stores to read (default: the caches of --manifest)"),
     cache: str = typer.Option("cache", help="store root (directory or fsspec URL) with the manifest's caches"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list"),
+    skip_missing: bool = typer.Option(False, help="leave out utterances skipped (--skip-bad) or unfinished in "
+                                                   "some store (the metrics then cover fewer utterances)"),
     device: str = typer.Option("auto"),
 ):
     """Metrics of a run's best checkpoints on any cached manifest; JSON beside the run + one line each.
@@ -363,7 +369,8 @@ def evaluate(
                                   "or name stores that hold its utterances (an extraction of the whole corpus) "
                                   "with --stores")
     rows = manifest if stores else None  # else the stores are the manifest's own: all their rows
-    results = run_eval(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows)
+    results = run_eval(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows,
+                       skip_missing=skip_missing)
     label = Path(rows).stem if rows else Path(eval_stores[0]).parent.name
     write_json(run / f"eval-{label}.json", results)
     for name, metrics in results.items():

@@ -132,6 +132,7 @@ def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: P
         bar.close()
     if shared.pending:
         raise FusionpipeError(f"{url}: chunks {sorted(shared.pending)} were never completed; rerun to resume")
+    store.remove_stray()  # .partial files of workers killed mid-write (their units were rerun)
     return Result(url, sum(u.seconds for u in units), time.perf_counter() - t0, len(store), skipped + len(p.skipped))
 
 

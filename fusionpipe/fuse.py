@@ -93,8 +93,8 @@ def open_fused(stores: list[str | Path | FeatureStore], merge: str | None = None
                               for s in opened)
         raise FusionpipeError(
             f"{len(missing)} utterance(s) are not usable in every store ({per_store}): {first}. "
-            "Finish `fusionpipe extract` for those stores, or pass skip_missing=True (--skip-missing) to leave "
-            "them out of the fusion"
+            "Finish `fusionpipe extract` for those stores (`fusionpipe inspect STORE` lists what it skipped and "
+            "why), or leave them out: --skip-missing (fuse, train, evaluate), skip_missing=True in Python"
         )
     dropped = {u: "; ".join(f"{url}: {why}" for url, why in v) for u, v in missing.items()}
     kept = [u for u in order if u not in missing]

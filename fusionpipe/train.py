@@ -108,6 +108,7 @@ class TrainConfig:
     interface: dict = field(default_factory=dict)  # interface options, e.g. {"normalize": True}
     align_time: str = "max"
     align_layers: str = "interpolate"
+    skip_missing: bool = False                  # leave out utterances skipped or unfinished in some store
     device: str = "auto"
     num_workers: int = 0
 
@@ -208,7 +209,7 @@ def config_changes(saved: dict, given: TrainConfig, exempt: tuple[str, ...] = NO
 def _upstream(url: str) -> dict:
     from .store import FeatureStore
 
-    up = FeatureStore.open(url).attrs.get("upstream") or {}
+    up = FeatureStore.open(url).info.upstream_fingerprint
     return {k: up.get(k) for k in ("name", *FINGERPRINT)}
 
 
@@ -431,7 +432,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     loader = make_loader(cfg.stores, cfg.manifest, max_frames=cfg.max_frames, shuffle=True, seed=cfg.seed,
                          num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
-                         shard=(rank, world))
+                         skip_missing=cfg.skip_missing, shard=(rank, world))
     view = loader.dataset.view
     crop = crop_frames(cfg.crop_seconds, view.frame_rate)
     rows = [loader.dataset.rows[i] for i in range(len(loader.dataset))]
@@ -446,7 +447,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     variants = build_variants(cfg, task, view.dims, view.num_layers, out, device)
     dev = make_loader(cfg.dev_stores, cfg.dev_manifest, max_frames=cfg.max_frames, shuffle=False,
                       num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
-                      shard=(rank, world), deal=True) if cfg.dev_stores else None
+                      skip_missing=cfg.skip_missing, shard=(rank, world), deal=True) if cfg.dev_stores else None
     if dev is not None and trials:
         _check_trials(trials, dev, cfg.trials)
     checkpoint = out / "last.pt"
@@ -738,9 +739,11 @@ class _Log:
 
 
 def evaluate(run: str | Path, stores: list[str], trials: str | None = None, device: str = "auto",
-             variant: str | None = None, manifest: str | Path | None = None) -> dict[str, dict]:
+             variant: str | None = None, manifest: str | Path | None = None,
+             skip_missing: bool = False) -> dict[str, dict]:
     """Metrics of a finished run's best checkpoints on the utterances cached in `stores`
-    (only the rows of ``manifest``, with its labels, when given)."""
+    (only the rows of ``manifest``, with its labels, when given; ``skip_missing``: without the
+    utterances skipped or unfinished in some store)."""
     run = Path(run)
     if not (run / "config.json").exists():
         raise FusionpipeError(f"{run} is not a training run (no config.json); train one with `fusionpipe train`")
@@ -755,7 +758,7 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
                               "give --trials FILE")
     checkpoints = {name: load_checkpoint(run / name / "best.pt") for name in names if variant in (None, name)}
     dev = make_loader(stores, manifest, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
-                      align_layers=cfg.align_layers)
+                      align_layers=cfg.align_layers, skip_missing=skip_missing)
     view = dev.dataset.view
     dev_device = resolve_device(device)
     variants = [v for v in build_variants(cfg, task, view.dims, view.num_layers, run, dev_device)

@@ -275,3 +275,14 @@ def test_credentials_in_a_url_are_never_printed(tmp_path):
     assert "topsecret" not in str(FusionpipeError(f"cannot open {secret}"))
     code, out = _cli("inspect", f"file://user:topsecret@{tmp_path}/none.zarr")
     assert code == 1 and "topsecret" not in out
+
+
+def test_train_on_a_store_with_skipped_utterances_offers_a_flag_it_has(speech_manifest, tmp_path):
+    (speech_manifest.root / speech_manifest[1].path).write_bytes(b"not audio")
+    url = extract(speech_manifest, "toy-wavlm", url=str(tmp_path / "skips.zarr"), device="cpu", progress=False,
+                  skip_bad=True).url
+    args = ["train", "--stores", url, "--steps", "1", "--eval-every", "1", "--head", "hidden=8"]
+    code, out = _cli(*args, "--out", str(tmp_path / "run"))
+    assert code == 1 and "--skip-missing (fuse, train, evaluate)" in out and speech_manifest[1].id in out
+    code, out = _cli(*args, "--out", str(tmp_path / "run"), "--skip-missing")
+    assert code == 0, out
