@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusionpipe import audio  # noqa: E402
-from fusionpipe.extract import IO_THREADS, WRITE_THREADS, extract, plan  # noqa: E402
+from fusionpipe.extract.run import IO_THREADS, WRITE_THREADS, extract, plan  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests  # noqa: E402
 from fusionpipe.store import CHECKSUM, CODECS, FeatureStore  # noqa: E402
-from fusionpipe.upstreams import load_upstream, make_local_model  # noqa: E402
+from fusionpipe.extract.upstreams import load_upstream, make_local_model  # noqa: E402
 
 
 def corpus(seconds: float) -> Manifest:

@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusionpipe.data import make_loader  # noqa: E402
-from fusionpipe.fuse import open_fused  # noqa: E402
+from fusionpipe.fuse.loader import make_loader  # noqa: E402
+from fusionpipe.fuse.view import open_fused  # noqa: E402
 from fusionpipe.manifest import Manifest, Utterance, write_manifest  # noqa: E402
 from fusionpipe.store import FeatureStore, Layout  # noqa: E402
 

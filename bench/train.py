@@ -23,13 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusionpipe import audio  # noqa: E402
-from fusionpipe.data import make_loader  # noqa: E402
-from fusionpipe.extract import extract  # noqa: E402
-from fusionpipe.interfaces import Fusion  # noqa: E402
+from fusionpipe.fuse.loader import make_loader  # noqa: E402
+from fusionpipe.extract.run import extract  # noqa: E402
+from fusionpipe.train.interfaces import Fusion  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests, write_manifest, read_manifest  # noqa: E402
-from fusionpipe.tasks import build_task  # noqa: E402
-from fusionpipe.train import FusionModel, TrainConfig, _targets, train  # noqa: E402
-from fusionpipe.upstreams import load_upstream, make_local_model  # noqa: E402
+from fusionpipe.train.tasks import build_task  # noqa: E402
+from fusionpipe.train.loop import FusionModel, TrainConfig, _targets, train  # noqa: E402
+from fusionpipe.extract.upstreams import load_upstream, make_local_model  # noqa: E402
 
 
 def corpus(tmp: Path, seconds: float) -> Manifest:

@@ -1,3 +1,3 @@
-from .cli import main
+from fusionpipe.cli import main
 
 main()

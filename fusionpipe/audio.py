@@ -13,8 +13,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .errors import FusionpipeError
-from .manifest import Manifest, Utterance
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.manifest import Manifest, Utterance
 
 SAMPLE_RATE = 16000
 

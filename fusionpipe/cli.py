@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import FusionpipeError
+from fusionpipe.errors import FusionpipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Model and layer fusion of frozen speech foundation models.")
@@ -25,7 +25,7 @@ def _say(msg: str) -> None:
 
 def _manifests(paths: Optional[List[Path]]):
     """The manifests named, or the bundled demo corpus's splits when none is."""
-    from .manifest import bundled_manifests, read_manifest
+    from fusionpipe.manifest import bundled_manifests, read_manifest
 
     if paths:
         return [read_manifest(p) for p in paths]
@@ -41,8 +41,8 @@ def _manifests(paths: Optional[List[Path]]):
 def manifest_librispeech(root: Path, split: str = typer.Option(..., help="e.g. train-clean-100"),
                          out: Path = typer.Option(Path("manifests"), help="directory for the TSV")):
     """LibriSpeech tree -> manifests/librispeech-<split>.tsv (speaker, text)."""
-    from .manifest import write_manifest
-    from .recipes.librispeech import import_librispeech
+    from fusionpipe.manifest import write_manifest
+    from fusionpipe.corpora.librispeech import import_librispeech
 
     m = import_librispeech(root, split)
     typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
@@ -52,8 +52,8 @@ def manifest_librispeech(root: Path, split: str = typer.Option(..., help="e.g. t
 def manifest_folder(root: Path, name: Optional[str] = typer.Option(None, help="manifest name (default: folder name)"),
                     out: Path = typer.Option(Path("manifests"), help="directory for the TSV")):
     """Any audio tree (recursive; transcripts from <stem>.txt or a root transcripts.tsv) -> manifest."""
-    from .manifest import write_manifest
-    from .recipes.folder import import_folder
+    from fusionpipe.manifest import write_manifest
+    from fusionpipe.corpora.folder import import_folder
 
     m = import_folder(root, name)
     typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
@@ -64,8 +64,8 @@ def manifest_voxceleb(root: Path,
                       trials: Optional[Path] = typer.Option(None, help="official list, e.g. veri_test2.txt"),
                       out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
     """VoxCeleb1 wav tree -> voxceleb1-dev.tsv, voxceleb1-test.tsv (speaker) and voxceleb1-trials.txt."""
-    from .manifest import write_manifest
-    from .recipes.voxceleb import import_voxceleb, write_trials
+    from fusionpipe.manifest import write_manifest
+    from fusionpipe.corpora.voxceleb import import_voxceleb, write_trials
 
     manifests = import_voxceleb(root, trials)
     for m in manifests.values():
@@ -78,8 +78,8 @@ def manifest_voxceleb(root: Path,
 def manifest_iemocap(root: Path, dev_ratio: float = typer.Option(0.2, help="dev share of the training sessions"),
                      out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
     """IEMOCAP -> iemocap.tsv (4 classes, speaker, session) and iemocap-fold{1..5}-{train,dev,test}.tsv."""
-    from .manifest import write_manifest
-    from .recipes.iemocap import iemocap_folds, import_iemocap
+    from fusionpipe.manifest import write_manifest
+    from fusionpipe.corpora.iemocap import iemocap_folds, import_iemocap
 
     m = import_iemocap(root)
     for x in [m, *iemocap_folds(m, dev_ratio).values()]:
@@ -90,8 +90,8 @@ def manifest_iemocap(root: Path, dev_ratio: float = typer.Option(0.2, help="dev 
 def manifest_mlsuperb(root: Path, duration: str = typer.Option("1h", help="training set: 1h or 10min"),
                       out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
     """ML-SUPERB data -> mlsuperb-multi-<duration>-* and mlsuperb-mono-<lang>-<duration>-* (text, language)."""
-    from .manifest import write_manifest
-    from .recipes.mlsuperb import import_mlsuperb
+    from fusionpipe.manifest import write_manifest
+    from fusionpipe.corpora.mlsuperb import import_mlsuperb
 
     for m in import_mlsuperb(root, duration).values():
         typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
@@ -101,7 +101,7 @@ def manifest_mlsuperb(root: Path, duration: str = typer.Option("1h", help="train
 @app.command()
 def models():
     """The upstream registry: alias, HF id, layers (L), hidden size (D), frame rate."""
-    from .upstreams import list_upstreams
+    from fusionpipe.extract.upstreams import list_upstreams
 
     typer.echo(f"{'alias':<18} {'hf id':<34} {'L':>3} {'D':>5} {'Hz':>5}")
     for s in list_upstreams():
@@ -135,15 +135,15 @@ def extract(
     if workers is not None and cluster is None:
         raise FusionpipeError("--workers sizes a LocalCluster: add --cluster local (or drop --workers)")
     if cluster is None and scheduler is None:
-        from .extract import extract as run
-        from .upstreams import load_upstream
+        from fusionpipe.extract.run import extract as run
+        from fusionpipe.extract.upstreams import load_upstream
 
         for name in models:
             upstream = load_upstream(name, device=device)
             for m in manifests:
                 typer.echo(run(m, upstream, cache, **options).summary())
         return
-    from .cluster import connect, extract_on_cluster
+    from fusionpipe.extract.cluster import connect, extract_on_cluster
 
     with connect(cluster, workers, scheduler) as (client, threads):
         for name in models:
@@ -157,7 +157,7 @@ def extract(
 def inspect(store: str = typer.Argument(..., help="store directory or URL (memory://, s3://...)"),
             as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Shape, layers, dtype, codec, size, bytes per audio-second, completeness, fingerprint of a store."""
-    from .store import FeatureStore, describe
+    from fusionpipe.store import FeatureStore, describe
 
     d = describe(FeatureStore.open(store))
     if as_json:
@@ -183,8 +183,8 @@ def verify(store: str = typer.Argument(..., help="store directory or URL (memory
 
     Exit 1 on any fault. With --repair, bad chunks are deleted and the command to recompute them printed.
     """
-    from .errors import redact
-    from .store import FeatureStore, lock, verify as check
+    from fusionpipe.errors import redact
+    from fusionpipe.store import FeatureStore, lock, verify as check
 
     shown = redact(store)
     with lock(store) if repair else nullcontext():
@@ -217,7 +217,7 @@ def fuse(
     overwrite: bool = typer.Option(False, help="replace an existing --write store"),
 ):
     """STAGE 2: align stores of one manifest to a common L and T and merge them (lazily; --write materialises)."""
-    from .fuse import open_fused
+    from fusionpipe.fuse.view import open_fused
 
     urls = [s.strip() for value in stores for s in value.split(",") if s.strip()]
     view = open_fused(urls, merge=merge, align_time=align_time, align_layers=align_layers, skip_missing=skip_missing)
@@ -294,11 +294,11 @@ def train(
     once and train each split or fold from it. Each row must be an utterance the stores hold, the same
     audio (path, num_samples).
     """
-    from .data import recorded_manifest
-    from .fuse import open_fused
-    from .manifest import read_manifest
-    from .store import FeatureStore
-    from .train import DEMO, TrainConfig, default_task, demo_stores, train as run
+    from fusionpipe.fuse.loader import recorded_manifest
+    from fusionpipe.fuse.view import open_fused
+    from fusionpipe.manifest import read_manifest
+    from fusionpipe.store import FeatureStore
+    from fusionpipe.train.loop import DEMO, TrainConfig, default_task, demo_stores, train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
                  grad_clip=grad_clip, seed=seed, specaugment=specaugment, crop_seconds=_numbers(crop_seconds),
@@ -349,11 +349,11 @@ def evaluate(
     With --stores and --manifest: on the manifest's rows of those stores (e.g. one fold's test set of a
     corpus extracted whole); with --stores alone: on all their utterances.
     """
-    from .atomic import write_json
-    from .extract import store_url
-    from .manifest import bundled_manifests, read_manifest
-    from .store import FeatureStore
-    from .train import TrainConfig, evaluate as run_eval
+    from fusionpipe.atomic import write_json
+    from fusionpipe.extract.run import store_url
+    from fusionpipe.manifest import bundled_manifests, read_manifest
+    from fusionpipe.store import FeatureStore
+    from fusionpipe.train.loop import TrainConfig, evaluate as run_eval
 
     cfg = TrainConfig.load(run / "config.json") if (run / "config.json").exists() else None
     if cfg is None:
@@ -382,7 +382,7 @@ def evaluate(
 def ablate(recipe: Path, dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, run nothing"),
            quiet: bool = typer.Option(False, help="no progress bars")):
     """Run a stages/ recipe: extract missing caches, train each upstream set's variants in one pass, report."""
-    from .ablation import load_recipe, run_recipe
+    from fusionpipe.ablate.plan import load_recipe, run_recipe
 
     run_recipe(load_recipe(recipe), dry_run=dry_run, progress=not quiet, echo=typer.echo)
 

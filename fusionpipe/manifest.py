@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import FusionpipeError
+from fusionpipe.errors import FusionpipeError
 
 REQUIRED = ("id", "path", "num_samples", "sample_rate")
 OPTIONAL = ("speaker", "text", "label", "language", "split")
@@ -223,10 +223,10 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike, root: str | None
 
 
 BUNDLED = ("demo-train", "demo-dev", "demo-test")
+CORPUS = Path(__file__).parent / "corpus"  # the demo corpus shipped inside the package
 
 
 def bundled_manifests() -> list[Manifest]:
     """The demo corpus shipped inside the package (train, dev, test), or [] if it is absent."""
-    corpus = Path(__file__).parent / "corpus"
-    paths = [corpus / f"{name}.tsv" for name in BUNDLED]
+    paths = [CORPUS / f"{name}.tsv" for name in BUNDLED]
     return [read_manifest(p) for p in paths] if all(p.is_file() for p in paths) else []

@@ -50,9 +50,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from . import __version__
-from .errors import FusionpipeError, redact
-from .manifest import Manifest, read_manifest
+from fusionpipe import __version__
+from fusionpipe.errors import FusionpipeError, redact
+from fusionpipe.manifest import Manifest, read_manifest
 
 FORMAT = 2           # 2: crc32c on every chunk, NaN fill, index hash; 1 (read only): neither
 READABLE_FORMATS = (1, 2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fusionpipe.extract import extract
+from fusionpipe.extract.run import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 
 

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from conftest import make_manifest
-from fusionpipe import ablation
-from fusionpipe.ablation import load_recipe, plan_recipe, run_recipe
+from fusionpipe.ablate import plan as ablation
+from fusionpipe.ablate.plan import load_recipe, plan_recipe, run_recipe
 from fusionpipe.errors import FusionpipeError
 
 STAGES = Path(__file__).resolve().parents[1] / "stages"
@@ -190,7 +190,7 @@ def tiny_recipe(tmp_path):
 def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe, tmp_path, monkeypatch):
     import matplotlib.image
 
-    from fusionpipe import train as stage3
+    from fusionpipe.train import loop as stage3
 
     recipe = load_recipe(tiny_recipe)
     calls = []
@@ -277,8 +277,8 @@ def _folds_recipe(tmp_path, corpus) -> Path:
 
 
 def test_folds_with_extract_from_extract_each_upstream_once_and_run_every_fold(tmp_path, monkeypatch):
-    from fusionpipe import extract as stage1
-    from fusionpipe import train as stage3
+    from fusionpipe.extract import run as stage1
+    from fusionpipe.train import loop as stage3
 
     recipe = load_recipe(_folds_recipe(tmp_path, _folds_corpus(tmp_path)))
     plan = plan_recipe(recipe)

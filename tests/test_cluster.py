@@ -13,12 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from fusionpipe.cli import app
-from fusionpipe.cluster import connect, extract_on_cluster, work_units
+from fusionpipe.extract.cluster import connect, extract_on_cluster, work_units
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract import extract, plan
+from fusionpipe.extract.run import extract, plan
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 from fusionpipe.store import FeatureStore, chunk_span, verify
-from fusionpipe.upstreams import load_upstream
+from fusionpipe.extract.upstreams import load_upstream
 
 from conftest import make_manifest
 

@@ -1,4 +1,4 @@
-"""Specification of stage 2's loader (fusionpipe.data): the batches stage 3 trains on."""
+"""Specification of stage 2's loader (fusionpipe.fuse.loader): the batches stage 3 trains on."""
 
 import pickle
 
@@ -8,10 +8,10 @@ import torch
 from conftest import make_manifest
 from test_fuse import make_store, make_tsv, random_data
 
-from fusionpipe.data import BucketBatchSampler, FusedDataset, collate, make_loader
+from fusionpipe.fuse.loader import BucketBatchSampler, FusedDataset, collate, make_loader
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract import extract
-from fusionpipe.fuse import open_fused
+from fusionpipe.extract.run import extract
+from fusionpipe.fuse.view import open_fused
 from fusionpipe.store import FeatureStore
 
 

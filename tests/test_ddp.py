@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_train import _cfg, _losses
 
-from fusionpipe.data import BucketBatchSampler, make_loader
-from fusionpipe.distributed import shard
-from fusionpipe.tasks import TASKS, build_task
-from fusionpipe.train import TrainConfig, train
+from fusionpipe.fuse.loader import BucketBatchSampler, make_loader
+from fusionpipe.fuse.loader import shard
+from fusionpipe.train.tasks import TASKS, build_task
+from fusionpipe.train.loop import TrainConfig, train
 
 SMALL_SIZES = {  # dropout 0: the per-rank random draws are the one thing DDP cannot reproduce
     "asr": {"proj": 8, "hidden": 8, "dropout": 0.0},

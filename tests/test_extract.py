@@ -15,10 +15,10 @@ import zarr
 from transformers import AutoFeatureExtractor, AutoModel
 
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract import extract, plan
+from fusionpipe.extract.run import extract, plan
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 from fusionpipe.store import FeatureStore, verify
-from fusionpipe.upstreams import load_upstream
+from fusionpipe.extract.upstreams import load_upstream
 
 
 def _plain_forward(upstream, wave):
@@ -232,7 +232,7 @@ def test_an_all_zero_chunk_still_counts_as_done_after_reopening(tmp_path):
 
 def test_stores_live_at_any_fsspec_url(speech_manifest):
     """memory:// stands for s3://, gs://...: same layout, resume and fingerprint rules through fsspec."""
-    from fusionpipe.data import make_loader
+    from fusionpipe.fuse.loader import make_loader
 
     urls = [extract(speech_manifest, m, "memory://fp-test", device="cpu", progress=False).url
             for m in ("toy-wavlm", "toy-whisper")]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from fusionpipe.cli import app
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.recipes.folder import import_folder
+from fusionpipe.corpora.folder import import_folder
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "id\tpath\tnum_samples\tsample_rate\ttext\n"

@@ -18,7 +18,7 @@ import zarr
 from fusionpipe.atomic import atomic_write
 from fusionpipe.cli import main
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.train import TrainConfig, load_checkpoint, train
+from fusionpipe.train.loop import TrainConfig, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout whose fusionpipe the subprocesses import
 TINY_HEAD = {"proj": 16}
@@ -47,7 +47,7 @@ def _losses(run: Path, variant: str) -> list[float]:
 KILLER = textwrap.dedent("""
     import io, json, os, signal, sys
     import torch
-    from fusionpipe.train import TrainConfig, train
+    from fusionpipe.train.loop import TrainConfig, train
 
     cfg, mode = TrainConfig(**json.loads(sys.argv[1])), sys.argv[2]
     real_save, seen = torch.save, {"checkpoints": 0, "armed": False}
@@ -194,7 +194,7 @@ def test_a_crafted_checkpoint_is_refused_by_evaluate_and_never_run(pitch_stores,
     assert done.returncode == 1, done.stderr[-3000:]
     assert done.stderr.startswith("error: ") and str(best) in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
-    from fusionpipe.report import _fusion_params
+    from fusionpipe.ablate.report import _fusion_params
 
     with pytest.raises(FusionpipeError, match="not a checkpoint fusionpipe can read"):
         _fusion_params(best.parent)

@@ -20,10 +20,10 @@ import zarr
 from typer.testing import CliRunner
 
 from fusionpipe.cli import app
-from fusionpipe.data import make_loader
+from fusionpipe.fuse.loader import make_loader
 from fusionpipe.errors import FusionpipeError, redact
-from fusionpipe.extract import compute_dtype, extract
-from fusionpipe.fuse import open_fused
+from fusionpipe.extract.run import compute_dtype, extract
+from fusionpipe.fuse.view import open_fused
 from fusionpipe.store import FeatureStore, lock, verify
 
 runner = CliRunner()
@@ -253,7 +253,7 @@ def test_float32_stores_compute_in_float32_everywhere_and_record_it(speech_manif
 
 
 def test_forward_returns_the_precision_it_is_asked_for():
-    from fusionpipe.upstreams import load_upstream
+    from fusionpipe.extract.upstreams import load_upstream
 
     up = load_upstream("toy-wavlm", device="cpu")
     wave = np.random.default_rng(0).standard_normal(8000).astype(np.float32)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.fuse import open_fused
+from fusionpipe.fuse.view import open_fused
 from fusionpipe.manifest import Manifest, Utterance, write_manifest
 from fusionpipe.store import FeatureStore, Layout
 

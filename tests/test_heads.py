@@ -1,10 +1,10 @@
-"""Specification of the task heads (fusionpipe.heads), shrunk to test sizes."""
+"""Specification of the task heads (fusionpipe.train.heads), shrunk to test sizes."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionpipe.heads import (AMSoftmaxLoss, ClassifierHead, Conv2dSubsampling2, CTCHead, SpeakerHead,
+from fusionpipe.train.heads import (AMSoftmaxLoss, ClassifierHead, Conv2dSubsampling2, CTCHead, SpeakerHead,
                               TransformerCTCHead, XVectorHead, masked_mean_std)
 
 SMALL_XVECTOR = {"embed_dim": 12, "proj": 10, "tdnn": 10, "last": 14}
@@ -131,7 +131,7 @@ def test_bilstm_equals_packed_bidirectional_lstm_on_valid_frames():
     """The unpacked BiLSTM computes exactly what nn.LSTM(bidirectional) computes on packed sequences."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    from fusionpipe.heads import BiLSTM
+    from fusionpipe.train.heads import BiLSTM
 
     torch.manual_seed(0)
     ours = BiLSTM(6, 5, layers=2, dropout=0.0)

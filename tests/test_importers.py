@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 from fusionpipe.cli import app
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.manifest import read_manifest
-from fusionpipe.recipes.iemocap import iemocap_folds, import_iemocap
-from fusionpipe.recipes.mlsuperb import import_mlsuperb
-from fusionpipe.recipes.voxceleb import import_voxceleb, write_trials
-from fusionpipe.tasks import read_trials
+from fusionpipe.corpora.iemocap import iemocap_folds, import_iemocap
+from fusionpipe.corpora.mlsuperb import import_mlsuperb
+from fusionpipe.corpora.voxceleb import import_voxceleb, write_trials
+from fusionpipe.train.tasks import read_trials
 
 
 def _wav(path, seconds=0.2, rate=16000):

@@ -1,4 +1,4 @@
-"""Specification of the fusion interfaces and merges (fusionpipe.interfaces)."""
+"""Specification of the fusion interfaces and merges (fusionpipe.train.interfaces)."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionpipe.heads import ClassifierHead
-from fusionpipe.interfaces import (INTERFACES, Fusion, GumbelSelect, HConv, LastLayer, SingleLayer,
+from fusionpipe.train.heads import ClassifierHead
+from fusionpipe.train.interfaces import (INTERFACES, Fusion, GumbelSelect, HConv, LastLayer, SingleLayer,
                                    WeightedSum)
 
 OPTS = {"single-layer": {"layer": 2}}

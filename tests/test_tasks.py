@@ -1,4 +1,4 @@
-"""Specification of labels, losses and metrics per task (fusionpipe.tasks)."""
+"""Specification of labels, losses and metrics per task (fusionpipe.train.tasks)."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusionpipe.tasks import (TASKS, CharVocab, accuracy, build_task, cer, cer_per_language, eer,
+from fusionpipe.train.tasks import (TASKS, CharVocab, accuracy, build_task, cer, cer_per_language, eer,
                               greedy_ctc_decode, macro_f1, read_trials, task_from_dict, wer)
 
 SMALL_SIZES = {

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract import extract
+from fusionpipe.extract.run import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.train import TrainConfig, crop_frames, evaluate, random_crop, train
+from fusionpipe.train.loop import TrainConfig, crop_frames, evaluate, random_crop, train
 
 TINY_HEAD = {"proj": 16}
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoFeatureExtractor, AutoModel, BertConfig
 
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.upstreams import TOY_VERSION, UPSTREAMS, list_upstreams, load_upstream, make_local_model
+from fusionpipe.extract.upstreams import TOY_VERSION, UPSTREAMS, list_upstreams, load_upstream, make_local_model
 
 SSL_TOYS = ["toy-wavlm", "toy-hubert", "toy-data2vec"]
 

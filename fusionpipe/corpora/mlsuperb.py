@@ -32,8 +32,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from ..errors import FusionpipeError
-from ..manifest import Manifest, Utterance, read_text
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.manifest import Manifest, Utterance, read_text
 
 # ML-SUPERB's monolingual settings and the corpus each one trains on (ESPnet single_lang_data_prep.py)
 MONOLINGUAL = {"eng1": "mls", "eng2": "nchlt", "eng3": "voxpopuli", "fra1": "voxforge", "fra2": "voxpopuli",

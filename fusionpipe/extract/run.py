@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import audio
-from .errors import FusionpipeError, redact
-from .manifest import Manifest
-from .store import DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, StoreInfo, chunk_span, lock
-from .upstreams import Upstream, load_upstream
+from fusionpipe import audio
+from fusionpipe.errors import FusionpipeError, redact
+from fusionpipe.manifest import Manifest
+from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, StoreInfo, chunk_span, lock
+from fusionpipe.extract.upstreams import Upstream, load_upstream
 
 IO_THREADS = min(8, max(2, os.cpu_count() or 2))     # audio decoding
 WRITE_THREADS = min(4, max(1, (os.cpu_count() or 2) // 2))  # chunk compression + writes

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from ..errors import FusionpipeError
-from ..manifest import Manifest, Utterance, read_text
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.manifest import Manifest, Utterance, read_text
 
 AUDIO_SUFFIXES = {"." + f.lower() for f in sf.available_formats()} | {".opus"}
 

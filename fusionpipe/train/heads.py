@@ -1,7 +1,7 @@
 """Stage 3: task heads on top of the fusion interface (SUPERB / ML-SUPERB defaults).
 
     >>> import torch
-    >>> from fusionpipe.heads import ClassifierHead
+    >>> from fusionpipe.train.heads import ClassifierHead
     >>> head = ClassifierHead(in_dim=768, num_classes=4)
     >>> logits, _ = head(torch.randn(2, 50, 768), torch.tensor([50, 20]))
     >>> logits.shape
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionpipe.interfaces import frame_mask
+from fusionpipe.train.interfaces import frame_mask
 
 
 class HeadOutput(NamedTuple):

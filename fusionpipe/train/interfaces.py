@@ -1,7 +1,7 @@
 """Stage 3: the fusion interface, the trained part that reads every layer of the merged upstreams.
 
     >>> import torch
-    >>> from fusionpipe.interfaces import Fusion
+    >>> from fusionpipe.train.interfaces import Fusion
     >>> fusion = Fusion(dims=[768, 768], num_layers=13, merge="add", interface="hconv")
     >>> stacks = [torch.randn(2, 13, 50, 768), torch.randn(2, 13, 50, 768)]
     >>> fusion(stacks, lengths=torch.tensor([50, 31])).shape

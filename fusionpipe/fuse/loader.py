@@ -40,11 +40,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import distributed
-from .errors import FusionpipeError
-from .fuse import FusedView, ViewSpec, open_fused
-from .manifest import Manifest, Utterance, check_subset, read_manifest
-from .store import FeatureStore
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.fuse.view import FusedView, ViewSpec, open_fused
+from fusionpipe.manifest import Manifest, Utterance, check_subset, read_manifest
+from fusionpipe.store import FeatureStore
 
 
 class PaddedItems(list):
@@ -113,6 +112,23 @@ def collate(items: list[tuple[str, list[torch.Tensor]]], rows: dict[str, Utteran
     return {"ids": ids, "stacks": stacks, "lengths": lengths, "rows": got}
 
 
+def shard(batch: list, r: int, world: int) -> tuple[list, float]:
+    """Rank r's contiguous part of a global batch, and the weight of its summed per-item losses.
+
+    Parts differ in size by at most one (the first len(batch) % world ranks take one more). The
+    weight world / len(batch) makes DDP's gradient average over ranks the mean over the global
+    batch. A rank left without items (fewer items than ranks) gets the last item as a stand-in,
+    weight 0: it still runs forward and backward, so every rank joins each gradient all-reduce.
+    """
+    n = len(batch)
+    size, extra = divmod(n, world)
+    start = r * size + min(r, extra)
+    stop = start + size + (r < extra)
+    if start < stop:
+        return batch[start:stop], world / n
+    return batch[-1:], 0.0
+
+
 class BucketBatchSampler(Sampler):
     """Batches of consecutive utterances of `order` whose padded size (count x longest) stays within max_frames.
 
@@ -124,7 +140,7 @@ class BucketBatchSampler(Sampler):
     ``skip`` (settable) starts the epoch after that many batches, to resume inside an epoch.
 
     Data parallel (``shard=(rank, world)``): every rank cuts the same batches, from (seed, epoch), and
-    yields only its contiguous part of each (`distributed.shard`), so a batch means the same as in
+    yields only its contiguous part of each (`shard`), so a batch means the same as in
     one process; with ``deal`` it yields whole batches instead, numbers rank, rank + world, ...
     (evaluation: each rank's batches are the single-process ones). ``batches()`` stays global.
     """
@@ -180,7 +196,7 @@ class BucketBatchSampler(Sampler):
         if self.deal:
             yield from batches[r::world]
         else:
-            yield from (distributed.shard(b, r, world)[0] for b in batches)
+            yield from (shard(b, r, world)[0] for b in batches)
 
     def __len__(self) -> int:
         r, world = self.shard

@@ -48,8 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FusionpipeError
-from .store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, Layout
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, Layout
 
 MERGES = ("add", "concat")
 ALIGN_TIME = ("max", "min")

@@ -77,13 +77,12 @@ from typing import Any, Callable
 
 import yaml
 
-from .atomic import write_json
-from .errors import FusionpipeError
-from .extract import store_url
-from .manifest import BUNDLED, check_subset, read_manifest
-from .report import set_name, write_report
+from fusionpipe.atomic import write_json
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.extract.run import store_url
+from fusionpipe.manifest import BUNDLED, CORPUS, check_subset, read_manifest
+from fusionpipe.ablate.report import set_name, write_report
 
-CORPUS = Path(__file__).parent / "corpus"
 SPLITS = ("train", "dev", "test")
 # keys of TrainConfig the recipe fills in itself, per run
 RUN_KEYS = ("stores", "task", "fusion", "merge", "out", "dev_stores", "manifest", "dev_manifest", "trials")
@@ -227,23 +226,23 @@ def _kind(value) -> str:
 
 
 def _train_fields() -> dict[str, str]:
-    from .train import TrainConfig
+    from fusionpipe.train.loop import TrainConfig
 
     return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
 
 
 def _known_upstream(name: str) -> bool:
-    from .upstreams import UPSTREAMS, _HUB_ID
+    from fusionpipe.extract.upstreams import UPSTREAMS, _HUB_ID
 
     return name in UPSTREAMS or Path(name).expanduser().is_dir() or bool(_HUB_ID.fullmatch(name))
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe; every error names the file and the key path."""
-    from .interfaces import INTERFACES, MERGES, _OPTIONS
-    from .store import CODECS, DTYPES
-    from .tasks import METRICS, TASKS, head_options
-    from .upstreams import UPSTREAMS
+    from fusionpipe.train.interfaces import INTERFACES, MERGES, _OPTIONS
+    from fusionpipe.store import CODECS, DTYPES
+    from fusionpipe.train.tasks import METRICS, TASKS, head_options
+    from fusionpipe.extract.upstreams import UPSTREAMS
 
     path = Path(path)
     if not path.is_file():
@@ -513,7 +512,7 @@ def _fill(ref: str, fold: str | None) -> str:
 
 def _dims(upstream: str) -> tuple[int, int, float] | None:
     """(L, D, frame rate) from the registry, or from a local directory's config.json."""
-    from .upstreams import UPSTREAMS
+    from fusionpipe.extract.upstreams import UPSTREAMS
 
     if upstream in UPSTREAMS:
         s = UPSTREAMS[upstream]
@@ -529,7 +528,7 @@ def _dims(upstream: str) -> tuple[int, int, float] | None:
 
 def _weights_problem(upstream: str) -> str | None:
     """Why the weights of `upstream` cannot be loaded offline, or None."""
-    from .upstreams import UPSTREAMS
+    from fusionpipe.extract.upstreams import UPSTREAMS
 
     spec = UPSTREAMS.get(upstream)
     if spec is not None and spec.hf_id.startswith("toy:"):
@@ -665,7 +664,7 @@ def _subset_problems(recipe: Recipe, manifests: dict) -> list[str]:
 
 
 def _store_state(e: Extraction, m, problems: list[str]) -> None:
-    from .store import FeatureStore
+    from fusionpipe.store import FeatureStore
 
     if not FeatureStore.exists(e.url):
         return
@@ -713,7 +712,7 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
               str(test_trials) if test_trials else None, test_manifest=rows("test"))
     saved = out / "config.json"
     if saved.is_file():
-        from .train import TrainConfig, config_changes
+        from fusionpipe.train.loop import TrainConfig, config_changes
 
         changes = config_changes(json.loads(saved.read_text()), TrainConfig(**config))
         if changes:
@@ -748,8 +747,8 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
     if dry_run:
         return plan
 
-    from .extract import extract
-    from .upstreams import load_upstream
+    from fusionpipe.extract.run import extract
+    from fusionpipe.extract.upstreams import load_upstream
 
     for upstream in recipe.upstreams:
         jobs = [e for e in plan.extractions if e.upstream == upstream and e.todo]
@@ -763,7 +762,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
             echo(result.summary())
         del loaded
 
-    from . import train as stage3
+    from fusionpipe.train import loop as stage3
 
     for x in plan.runs:
         if x.status in ("train", "resume"):

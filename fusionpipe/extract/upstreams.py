@@ -33,8 +33,9 @@ from transformers import (AutoConfig, AutoFeatureExtractor, AutoModel, Data2VecA
                           WhisperFeatureExtractor)
 from transformers.utils.hub import cached_file, extract_commit_hash
 
-from . import __version__
-from .errors import FusionpipeError
+from fusionpipe import __version__
+from fusionpipe.device import resolve_device
+from fusionpipe.errors import FusionpipeError
 
 SAMPLE_RATE = 16000
 _FAMILIES = {"hubert": "ssl", "wavlm": "ssl", "data2vec-audio": "ssl", "wav2vec2": "ssl", "whisper": "whisper"}
@@ -394,19 +395,6 @@ def _weights_sha256(directory: Path) -> str:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def resolve_device(device: str) -> torch.device:
-    """Device "auto" is cuda when there is one, else cpu; anything else is checked, with the fix in the error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError as e:
-        raise FusionpipeError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise FusionpipeError(f"device {device!r} asked for but CUDA is not available; use --device cpu or auto")
-    return d
 
 
 def load_upstream(name: str, device: str = "auto") -> Upstream:

@@ -26,7 +26,7 @@ read (`TrainConfig.check`), and a non-finite training loss stops the run, naming
 step and the batch's utterances, before anything of that step is saved.
 
 Data parallel: ``torchrun --standalone --nproc-per-node N -m fusionpipe train ...`` runs N ranks
-(`fusionpipe.distributed`: gloo on CPU, nccl with one GPU per rank). Each variant trains through
+(`fusionpipe.train.ddp`: gloo on CPU, nccl with one GPU per rank). Each variant trains through
 DistributedDataParallel. Every rank cuts the same global batches (max_frames means what it means
 in one process) and reads its contiguous part of each; its summed per-utterance losses are
 weighted by N / (utterances in the global batch), so DDP's average over ranks is the gradient of
@@ -62,14 +62,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed as dist
-from .atomic import atomic_write, remove_leftovers, write_json
-from .data import make_loader
-from .errors import FusionpipeError
-from .interfaces import INTERFACES, MERGES, Fusion
-from .tasks import (METRICS, TASKS, build_task, head_options, is_metric, lower_is_better, primary_metric,
+from fusionpipe.train import ddp as dist
+from fusionpipe.atomic import atomic_write, remove_leftovers, write_json
+from fusionpipe.fuse.loader import make_loader, shard
+from fusionpipe.device import resolve_device
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.train.interfaces import INTERFACES, MERGES, Fusion
+from fusionpipe.train.tasks import (METRICS, TASKS, build_task, head_options, is_metric, lower_is_better, primary_metric,
                     read_trials, task_from_dict)
-from .upstreams import resolve_device
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # config fields that may differ between a run and its rerun without changing results (where it runs)
@@ -207,7 +207,7 @@ def config_changes(saved: dict, given: TrainConfig, exempt: tuple[str, ...] = NO
 
 
 def _upstream(url: str) -> dict:
-    from .store import FeatureStore
+    from fusionpipe.store import FeatureStore
 
     up = FeatureStore.open(url).info.upstream_fingerprint
     return {k: up.get(k) for k in ("name", *FINGERPRINT)}
@@ -501,7 +501,7 @@ def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, c
                 lengths = batch["lengths"].to(device)
                 targets = _targets(batch["rows"])
                 # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
-                weight = dist.shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
+                weight = shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
                 losses = []
                 for v in variants:
                     t0 = time.perf_counter()
@@ -784,7 +784,7 @@ def default_task(manifest) -> str:
 
 def demo_stores(cache: str | Path = "cache") -> tuple[list[str], list[str]]:
     """Complete stores of the bundled demo-train manifest and their demo-dev twins."""
-    from .store import FeatureStore
+    from fusionpipe.store import FeatureStore
 
     train_dir, dev_dir = Path(cache) / "demo-train", Path(cache) / "demo-dev"
     stores = sorted(str(p) for p in train_dir.glob("*.zarr") if FeatureStore.open(p).is_complete())

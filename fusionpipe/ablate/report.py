@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .ablation import Plan, Recipe, Run, TaskSpec
+    from fusionpipe.ablate.plan import Plan, Recipe, Run, TaskSpec
 
 def set_name(upstreams: list[str]) -> str:
     """An upstream set's name: its aliases joined with "+", in the recipe's order."""
@@ -24,7 +24,7 @@ def set_name(upstreams: list[str]) -> str:
 
 def _primary(spec: TaskSpec) -> tuple[str, bool]:
     """The metric the tables report, and whether lower is better."""
-    from .tasks import lower_is_better, primary_metric
+    from fusionpipe.train.tasks import lower_is_better, primary_metric
 
     metric = spec.metric or primary_metric(spec.task)
     return metric, lower_is_better(metric)
@@ -89,7 +89,7 @@ def _fusion_params(variant_dir: Path) -> int | None:
     ckpt = variant_dir / "best.pt"
     if not ckpt.is_file():
         return None
-    from .train import load_checkpoint
+    from fusionpipe.train.loop import load_checkpoint
 
     state = load_checkpoint(ckpt)["model"]
     return int(sum(v.numel() for k, v in state.items() if k.startswith("fusion.") and v.is_floating_point()

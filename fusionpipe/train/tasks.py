@@ -1,6 +1,6 @@
 """Stage 3: per-task labels, losses, predictions and metrics.
 
-    >>> from fusionpipe.tasks import build_task
+    >>> from fusionpipe.train.tasks import build_task
     >>> task = build_task("classify", {"label": ["sad", "ang", "sad", "neu"]})
     >>> task.classes
     ['ang', 'neu', 'sad']
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, roc_curve
 from torch import nn
 
-from fusionpipe.heads import ClassifierHead, CTCHead, SpeakerHead, TransformerCTCHead, XVectorHead
+from fusionpipe.train.heads import ClassifierHead, CTCHead, SpeakerHead, TransformerCTCHead, XVectorHead
 
 TASKS = ("asr", "classify", "verify", "multilingual")
 # each task's dev metrics, the primary one first (it picks best.pt and heads the report's tables);

@@ -86,23 +86,6 @@ def rank_seed(seed: int, r: int) -> int:
     return seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
 
 
-def shard(batch: list, r: int, world: int) -> tuple[list, float]:
-    """Rank r's contiguous part of a global batch, and the weight of its summed per-item losses.
-
-    Parts differ in size by at most one (the first len(batch) % world ranks take one more). The
-    weight world / len(batch) makes DDP's gradient average over ranks the mean over the global
-    batch. A rank left without items (fewer items than ranks) gets the last item as a stand-in,
-    weight 0: it still runs forward and backward, so every rank joins each gradient all-reduce.
-    """
-    n = len(batch)
-    size, extra = divmod(n, world)
-    start = r * size + min(r, extra)
-    stop = start + size + (r < extra)
-    if start < stop:
-        return batch[start:stop], world / n
-    return batch[-1:], 0.0
-
-
 def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """Element-wise mean of `values` over the ranks (one all-reduce)."""
     if world_size() == 1:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from ..errors import FusionpipeError
-from ..manifest import Manifest, Utterance
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.manifest import Manifest, Utterance
 
 LABELS = {"neu": "neu", "hap": "hap", "exc": "hap", "ang": "ang", "sad": "sad"}
 SESSIONS = tuple(range(1, 6))

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 from distributed import Client, LocalCluster, as_completed, get_worker
 
-from .errors import FusionpipeError
-from .extract import Plan, Result, needed, open_store, progress_bar, run_batches, store_url
-from .manifest import Manifest
-from .store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, chunk_span, lock
-from .upstreams import Upstream, load_upstream, resolve_device
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.extract.run import Plan, Result, needed, open_store, progress_bar, run_batches, store_url
+from fusionpipe.manifest import Manifest
+from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, chunk_span, lock
+from fusionpipe.device import resolve_device
+from fusionpipe.extract.upstreams import Upstream, load_upstream
 
 UNIT_SECONDS = 1800.0  # audio per work unit: ~3 s of an H100, ~15 min of a CPU core on a base model
 

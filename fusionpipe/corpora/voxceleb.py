@@ -16,7 +16,7 @@ Layout: the wav tree of the official zips, ``<speaker id>/<YouTube video id>/<NN
   other speaker is in ``voxceleb1-dev`` (1,211 speakers: SUPERB trains on it).
 - The official trial lines ``1 id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav``
   become ``1 id10270-x6uYqmx31kE-00001 id10270-8jEAjG6SegY-00008`` (label enroll test), the
-  format `fusionpipe.tasks.read_trials` reads.
+  format `fusionpipe.train.tasks.read_trials` reads.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from ..errors import FusionpipeError
-from ..manifest import Manifest, Utterance, read_text
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.manifest import Manifest, Utterance, read_text
 
 OFFICIAL_TEST_SPEAKERS = {f"id{n}" for n in range(10270, 10310)}
 

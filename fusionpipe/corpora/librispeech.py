@@ -6,8 +6,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from ..errors import FusionpipeError
-from ..manifest import Manifest, Utterance, read_text
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.manifest import Manifest, Utterance, read_text
 
 SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other")
 

@@ -1,0 +1,14 @@
+"""STAGE 1: run each frozen upstream once over a manifest and cache ALL its hidden layers.
+
+    upstreams  the registry, loading through transformers, the batch-independent forward
+    run        plan (header checks, frame counts, store order, batches) and extract
+    cluster    the same plan on dask.distributed workers
+
+    >>> from fusionpipe.extract import extract                       # doctest: +SKIP
+    >>> extract(read_manifest("manifests/demo-train.tsv"), "wavlm-base-plus")  # doctest: +SKIP
+"""
+
+from fusionpipe.extract.run import Result, compute_dtype, extract, plan, store_url
+from fusionpipe.extract.upstreams import Upstream, list_upstreams, load_upstream
+
+__all__ = ["Result", "Upstream", "compute_dtype", "extract", "list_upstreams", "load_upstream", "plan", "store_url"]
