@@ -59,7 +59,7 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
     utterances cost whole windows (30 s for the real models).
     """
     good, frames, skipped = [], [], {}
-    with ThreadPoolExecutor(8) as pool:  # header reads are I/O bound
+    with ThreadPoolExecutor(IO_THREADS) as pool:  # header reads are I/O bound
         errors = list(pool.map(lambda r: _header_error(manifest, r), range(len(manifest))))
     for row, err in enumerate(errors):
         n = 0

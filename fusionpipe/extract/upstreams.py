@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import math
 import os
 import re
@@ -20,13 +21,12 @@ import shutil
 import tempfile
 import threading
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (AutoConfig, AutoFeatureExtractor, AutoModel, Data2VecAudioConfig, HubertConfig,
                           Wav2Vec2Config, Wav2Vec2FeatureExtractor, WavLMConfig, WhisperConfig,
@@ -36,6 +36,7 @@ from transformers.utils.hub import cached_file, extract_commit_hash
 from fusionpipe import __version__
 from fusionpipe.device import resolve_device
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.extract.hf_batching import MaskedGroupNorm, PerUtterancePosConv, swapped
 
 SAMPLE_RATE = 16000
 _FAMILIES = {"hubert": "ssl", "wavlm": "ssl", "data2vec-audio": "ssl", "wav2vec2": "ssl", "whisper": "whisper"}
@@ -83,6 +84,33 @@ UPSTREAMS: dict[str, UpstreamSpec] = {s.alias: s for s in [
 
 def list_upstreams() -> list[UpstreamSpec]:
     return list(UPSTREAMS.values())
+
+
+def upstream_spec(name: str) -> UpstreamSpec | None:
+    """L, D and frame rate of `name` without loading weights: its registry row, or read from a local
+    save_pretrained directory's config; None when it is neither (an HF id not downloaded yet)."""
+    if name in UPSTREAMS:
+        return UPSTREAMS[name]
+    directory = Path(name).expanduser()
+    if not (directory / "config.json").is_file():
+        return None
+    cfg = json.loads((directory / "config.json").read_text())
+    if cfg.get("model_type") == "whisper":
+        pre = directory / "preprocessor_config.json"
+        hop = json.loads(pre.read_text()).get("hop_length", 160) if pre.is_file() else 160
+        return UpstreamSpec(name, name, cfg["encoder_layers"] + 1, cfg["d_model"], whisper_frame_rate(hop), "whisper")
+    return UpstreamSpec(name, name, cfg.get("num_hidden_layers", 0) + 1, cfg.get("hidden_size", 0),
+                        ssl_frame_rate(cfg.get("conv_stride", (5, 2, 2, 2, 2, 2, 2))), "ssl")
+
+
+def ssl_frame_rate(conv_stride) -> float:
+    """Frames per second of a wav2vec2-style model: the conv feature encoder's total stride."""
+    return SAMPLE_RATE / math.prod(conv_stride)
+
+
+def whisper_frame_rate(hop_length: int) -> float:
+    """Frames per second of a Whisper encoder: mel hop x conv1 stride 1 x conv2 stride 2."""
+    return SAMPLE_RATE / (hop_length * 2)
 
 
 # ---- random-weight models that look exactly like hub checkpoints ----------------------------------------
@@ -146,57 +174,6 @@ def make_local_model(kind: str, out_dir: str | Path, size: str = "tiny", seed: i
 
 
 # ---- the upstream ----------------------------------------------------------------------------------------
-class _MaskedGroupNorm(nn.Module):
-    """GroupNorm whose statistics cover each utterance's real frames only.
-
-    GroupNorm in the first conv layer (hubert-base, wavlm-base-plus, wav2vec2-base) normalises every channel over
-    the whole time axis: over a zero-padded batch, every frame of the shorter utterances would change. The convs
-    have no padding, so once these statistics are right, real output frames depend on real samples only and the
-    whole conv stack runs batched.
-    """
-
-    def __init__(self, norm: nn.GroupNorm, lengths: torch.Tensor):
-        super().__init__()
-        self.norm, self.lengths = norm, lengths  # lengths: (B,) real frames at this layer
-
-    def forward(self, x):  # (B, C, T) -> (B, C, T), float32 like GroupNorm under autocast
-        B, C, T = x.shape
-        groups = x.float().view(B, self.norm.num_groups, -1, T)  # (B, G, C/G, T)
-        mask = (torch.arange(T, device=x.device) < self.lengths[:, None])[:, None, None]  # (B, 1, 1, T)
-        count = self.lengths.view(B, 1, 1, 1) * groups.shape[2]
-        mean = (groups * mask).sum((2, 3), keepdim=True) / count
-        var = ((groups - mean) * mask).square().sum((2, 3), keepdim=True) / count
-        y = ((groups - mean) * torch.rsqrt(var + self.norm.eps)).view(B, C, T)
-        return y * self.norm.weight[:, None] + self.norm.bias[:, None]
-
-
-class _PerUtterancePosConv(nn.Module):
-    """Runs data2vec-audio's positional embedding on each utterance's real frames and zero-pads the outputs.
-
-    It is a stack of convs with layer norm in between: padded frames stop being zero after the first conv, and
-    the next ones would leak them into the last real frames (about 0.9 s). The single-conv positional embedding
-    of the other models sees zeroed padding, as a lone utterance sees the conv's zero padding: no change there.
-    """
-
-    def __init__(self, module: nn.Module, lengths: list[int]):
-        super().__init__()
-        self.module, self.lengths = module, lengths
-
-    def forward(self, x):  # (B, T, D) -> (B, T, D)
-        return torch.cat([F.pad(self.module(x[b:b + 1, :n]), (0, 0, 0, x.shape[1] - n))
-                          for b, n in enumerate(self.lengths)])
-
-
-@contextmanager
-def _swapped(parent: nn.Module, attr: str, replacement: nn.Module):
-    original = getattr(parent, attr)
-    setattr(parent, attr, replacement)
-    try:
-        yield
-    finally:
-        setattr(parent, attr, original)
-
-
 class Upstream:
     """A frozen upstream in eval mode. forward(waves) -> one (T_i, L, D) tensor per wave, T_i == num_frames.
 
@@ -216,11 +193,11 @@ class Upstream:
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         if self.family == "whisper":
             self.num_layers = config.encoder_layers + 1
-            hop = feature_extractor.hop_length * model.conv1.stride[0] * model.conv2.stride[0]  # samples per frame
-            self.frame_rate = SAMPLE_RATE / hop
+            assert (model.conv1.stride[0], model.conv2.stride[0]) == (1, 2), "Whisper's encoder convs changed"
+            self.frame_rate = whisper_frame_rate(feature_extractor.hop_length)
         else:
             self.num_layers = config.num_hidden_layers + 1
-            self.frame_rate = SAMPLE_RATE / math.prod(config.conv_stride)
+            self.frame_rate = ssl_frame_rate(config.conv_stride)
         self._group_norm = getattr(config, "feat_extract_norm", "layer") == "group"
         self._lock = threading.Lock()
 
@@ -293,11 +270,11 @@ class Upstream:
             if self._group_norm:
                 first = self.model.feature_extractor.conv_layers[0]
                 conv_frames = [(n - first.conv.kernel_size[0]) // first.conv.stride[0] + 1 for n in lengths]
-                stack.enter_context(_swapped(first, "layer_norm", _MaskedGroupNorm(
+                stack.enter_context(swapped(first, "layer_norm", MaskedGroupNorm(
                     first.layer_norm, torch.tensor(conv_frames, device=self.device))))
             if self.model.config.model_type == "data2vec-audio":
                 encoder = self.model.encoder
-                stack.enter_context(_swapped(encoder, "pos_conv_embed", _PerUtterancePosConv(
+                stack.enter_context(swapped(encoder, "pos_conv_embed", PerUtterancePosConv(
                     encoder.pos_conv_embed, [frames[i] for i in keep])))
             result = self.model(input_values.to(self.device), attention_mask=attention_mask.to(self.device),
                                 output_hidden_states=True)

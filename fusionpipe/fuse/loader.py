@@ -233,7 +233,7 @@ def _in_thread(batches, depth: int):
 def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None = None, max_frames: int = 8000,
                 shuffle: bool = False, seed: int = 0, num_workers: int = 0, align_time: str = "max",
                 align_layers: str = "interpolate", ids: list[str] | None = None, *, skip_missing: bool = False,
-                drop_last: bool = False, pin_memory: bool = False, prefetch: int = 2,
+                drop_last: bool = False, prefetch: int = 2,
                 shard: tuple[int, int] = (0, 1), deal: bool = False) -> DataLoader:
     """A DataLoader of batch dicts over the stores fused (aligned, unmerged).
 
@@ -265,7 +265,7 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
                                  order=view.store_order(), shard=shard, deal=deal)
     return FusedLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                        multiprocessing_context="spawn" if num_workers else None,
-                       persistent_workers=num_workers > 0, pin_memory=pin_memory, prefetch=prefetch)
+                       persistent_workers=num_workers > 0, prefetch=prefetch)
 
 
 def recorded_manifest(view: FusedView) -> Manifest:

@@ -8,18 +8,8 @@
     (4, 112, 72)
     >>> view.to_dask(0)          # the same as a lazy Dask expression               # doctest: +SKIP
 
-Alignment rule. The paper aligns the N upstreams "by upsampling and linear interpolation where
-needed" and says no more; which length is the target is (unverified) our choice:
-- time: every utterance goes to T = max T_i over the stores (``align_time="max"``, upsampling;
-  ``"min"`` downsamples to min T_i instead). Output frame t samples input position
-  t * (T_i - 1) / (T - 1) with linear interpolation (PyTorch's ``align_corners=True``): the first
-  and the last frames are exact, a store already at T is not touched. The same rule covers the
-  off-by-one of Whisper (50 frames per second) against the SSL models (49), and models of other
-  frame rates (a 25 Hz model against a 50 Hz one).
-- layers: L = max L_i (``align_layers="interpolate"``), linear along the layer axis with the same
-  end-exact rule, so layer 0 (the CNN/embedding output) and the last layer are kept as they are;
-  ``"none"`` requires equal L and refuses otherwise.
-Interpolation runs time first, then layers, in float32.
+Alignment: every store to T = max T_i frames and L = max L_i layers by end-exact linear
+interpolation (the rule and its reasons: `fusionpipe.fuse.align`).
 
 Merge. ``"add"``: element-wise sum (equal D required: unequal hidden sizes need the learned
 per-model projection of stage 3), ``"concat"``: side by side on the feature axis (L, T, sum D_i),
@@ -42,18 +32,16 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME, align_into, aligned_block
 from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, Layout
 
 MERGES = ("add", "concat")
-ALIGN_TIME = ("max", "min")
-ALIGN_LAYERS = ("interpolate", "none")
 GROUP_BYTES = 64 * 2**20  # float32 output per task of layer_stats / write: bounded memory, few Dask tasks
 
 
@@ -165,75 +153,6 @@ def _missing(stores: list[FeatureStore], ids: list[str]) -> dict[str, list[tuple
     return out
 
 
-@lru_cache(maxsize=4096)
-def _lerp_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, torch.Tensor]:
-    """Output k samples input position k*(n_in-1)/(n_out-1): (left index, right index, right weight,
-    a run of outputs whose inputs are two shifted slices, the outputs outside it).
-
-    The run saves two gathers: it is the whole utterance but its ends when T differs by one frame
-    (Whisper against an SSL model), the common case.
-    """
-    pos = np.zeros(n_out)
-    if n_out > 1:
-        pos = np.arange(n_out) * ((n_in - 1) / (n_out - 1))
-        pos[-1] = n_in - 1  # the last output is the last input exactly, whatever the rounding
-    left = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
-    right = np.minimum(left + 1, n_in - 1)
-    # left is monotone, so the outputs of one shift (left - k) are consecutive: take the most common one
-    shift = np.where(right == left + 1, left - np.arange(n_out), n_in)  # n_in: not sliceable
-    run = slice(0, 0)
-    if (shift < n_in).any():
-        values, counts = np.unique(shift[shift < n_in], return_counts=True)
-        k = np.flatnonzero(shift == values[counts.argmax()])
-        run = slice(int(k[0]), int(k[-1]) + 1)
-    rest = np.r_[0:run.start, run.stop:n_out]
-    return (torch.from_numpy(left), torch.from_numpy(right), torch.from_numpy((pos - left).astype(np.float32)),
-            run, torch.from_numpy(rest))
-
-
-def _lerp(f: torch.Tensor, dim: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """f (float32) resampled to n entries along `dim`, ends exact; into `out` when given."""
-    left, right, w, run, rest = _lerp_index(f.shape[dim], n)
-    shape = [1] * f.dim()
-    shape[dim] = -1
-    g = torch.empty(*f.shape[:dim], n, *f.shape[dim + 1:]) if out is None else out
-    if run.stop > run.start:
-        k, m = int(left[run.start]), run.stop - run.start
-        torch.lerp(f.narrow(dim, k, m), f.narrow(dim, k + 1, m), w[run].view(shape), out=g.narrow(dim, run.start, m))
-    if len(rest):
-        g.index_copy_(dim, rest, torch.lerp(f.index_select(dim, left[rest]), f.index_select(dim, right[rest]),
-                                            w[rest].view(shape)))
-    return g
-
-
-def _align_into(x: np.ndarray, out: torch.Tensor, accumulate: bool) -> None:
-    """One utterance of one store, (T_i, L_i, D) in the storage dtype -> out (L, T, D) float32 (= or +=).
-
-    Time first, then layers, in float32; a store already at (L, T) is only cast and transposed.
-    """
-    L, T, _ = out.shape
-    a = torch.from_numpy(x).permute(1, 0, 2)  # (T_i, L_i, D) -> (L_i, T_i, D)
-    Li, Ti, _ = a.shape
-    if (Li, Ti) == (L, T):
-        (out.add_ if accumulate else out.copy_)(a)  # cast + transpose in one pass
-        return
-    f = torch.empty(a.shape).copy_(a)  # contiguous float32: lerp reads it in slices
-    last = None if accumulate else out  # the last step writes straight into out
-    if Ti != T:
-        f = _lerp(f, 1, T, out=last if Li == L else None)
-    if Li != L:
-        f = _lerp(f, 0, L, out=last)
-    if accumulate:
-        out.add_(f)
-
-
-def _aligned_block(x: np.ndarray, L: int, T: int) -> np.ndarray:
-    """The Dask task of one (utterance, store): the same code as the hot path, hence the same numbers."""
-    out = torch.empty(L, T, x.shape[2])
-    _align_into(np.ascontiguousarray(x), out, accumulate=False)
-    return out.numpy()
-
-
 class _BatchMemory:
     """float32 batch buffers, reused once the batch handed out of them is gone.
 
@@ -317,7 +236,7 @@ class FusedView:
         return np.argsort(self._offsets[0], kind="stable")
 
     # ---- the hot path: direct Zarr reads ---------------------------------------------------
-    def read_batch(self, indices, merged: bool = False, shared: bool = False) -> list[torch.Tensor] | torch.Tensor:
+    def read_batch(self, indices, merged: bool = False) -> list[torch.Tensor] | torch.Tensor:
         """Utterances `indices` aligned and zero-padded past their length: per store (B, L, T_max, D_i)
         float32 tensors, or with ``merged`` one (B, L, T_max, D_out) tensor (a list when merge=None).
 
@@ -328,8 +247,7 @@ class FusedView:
         lengths = self.lengths[indices]
         B, L, T = len(indices), self.num_layers, int(lengths.max()) if len(indices) else 0
         merge = self.merge if merged else None
-        new = (lambda *shape: torch.empty(shape).share_memory_()) if shared else _BATCHES.empty
-        outs = [new(B, L, T, d) for d in (self.dims if merge is None else [self.out_dim])]
+        outs = [_BATCHES.empty(B, L, T, d) for d in (self.dims if merge is None else [self.out_dim])]
         for out in outs:
             for b, n in enumerate(lengths):
                 out[b, :, n:] = 0  # only the padding: the alignment writes everything else
@@ -352,7 +270,7 @@ class FusedView:
             for (k, run, lo, _), block in zip(reads, blocks):  # block: (frames, L_k, D_k) storage dtype
                 for b in run:
                     o = int(self._offsets[k][indices[b]]) - lo
-                    _align_into(block[o:o + int(self._frames[k][indices[b]])], slot(k, b),
+                    align_into(block[o:o + int(self._frames[k][indices[b]])], slot(k, b),
                                 accumulate=merge == "add" and k > 0)
         return outs if merge is None else outs[0]
 
@@ -379,7 +297,7 @@ class FusedView:
         for k, (h, d) in enumerate(zip(self._dask_hidden, self.dims)):
             o, n = int(self._offsets[k][i]), int(self._frames[k][i])
             x = h[o:o + n].rechunk({0: -1})  # (T_i, L_i, D): one block, so one alignment task
-            parts.append(x.map_blocks(_aligned_block, L, T, chunks=((L,), (T,), (d,)), dtype=np.float32,
+            parts.append(x.map_blocks(aligned_block, L, T, chunks=((L,), (T,), (d,)), dtype=np.float32,
                                       meta=np.empty((0, 0, 0), np.float32)))
         if self.merge == "add":
             out = parts[0]

@@ -1,0 +1,95 @@
+"""STAGE 2's alignment rule: every upstream to a common number of frames T and layers L.
+
+The paper aligns the N upstreams "by upsampling and linear interpolation where
+needed" and says no more; which length is the target is (unverified) our choice:
+- time: every utterance goes to T = max T_i over the stores (``align_time="max"``, upsampling;
+  ``"min"`` downsamples to min T_i instead). Output frame t samples input position
+  t * (T_i - 1) / (T - 1) with linear interpolation (PyTorch's ``align_corners=True``): the first
+  and the last frames are exact, a store already at T is not touched. The same rule covers the
+  off-by-one of Whisper (50 frames per second) against the SSL models (49), and models of other
+  frame rates (a 25 Hz model against a 50 Hz one).
+- layers: L = max L_i (``align_layers="interpolate"``), linear along the layer axis with the same
+  end-exact rule, so layer 0 (the CNN/embedding output) and the last layer are kept as they are;
+  ``"none"`` requires equal L and refuses otherwise.
+Interpolation runs time first, then layers, in float32.
+The hot path (`align_into`) and the Dask path (`aligned_block`) run the same code, hence the same numbers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+ALIGN_TIME = ("max", "min")
+ALIGN_LAYERS = ("interpolate", "none")
+
+
+@lru_cache(maxsize=4096)
+def _lerp_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, torch.Tensor]:
+    """Output k samples input position k*(n_in-1)/(n_out-1): (left index, right index, right weight,
+    a run of outputs whose inputs are two shifted slices, the outputs outside it).
+
+    The run saves two gathers: it is the whole utterance but its ends when T differs by one frame
+    (Whisper against an SSL model), the common case.
+    """
+    pos = np.zeros(n_out)
+    if n_out > 1:
+        pos = np.arange(n_out) * ((n_in - 1) / (n_out - 1))
+        pos[-1] = n_in - 1  # the last output is the last input exactly, whatever the rounding
+    left = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    right = np.minimum(left + 1, n_in - 1)
+    # left is monotone, so the outputs of one shift (left - k) are consecutive: take the most common one
+    shift = np.where(right == left + 1, left - np.arange(n_out), n_in)  # n_in: not sliceable
+    run = slice(0, 0)
+    if (shift < n_in).any():
+        values, counts = np.unique(shift[shift < n_in], return_counts=True)
+        k = np.flatnonzero(shift == values[counts.argmax()])
+        run = slice(int(k[0]), int(k[-1]) + 1)
+    rest = np.r_[0:run.start, run.stop:n_out]
+    return (torch.from_numpy(left), torch.from_numpy(right), torch.from_numpy((pos - left).astype(np.float32)),
+            run, torch.from_numpy(rest))
+
+
+def _lerp(f: torch.Tensor, dim: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """f (float32) resampled to n entries along `dim`, ends exact; into `out` when given."""
+    left, right, w, run, rest = _lerp_index(f.shape[dim], n)
+    shape = [1] * f.dim()
+    shape[dim] = -1
+    g = torch.empty(*f.shape[:dim], n, *f.shape[dim + 1:]) if out is None else out
+    if run.stop > run.start:
+        k, m = int(left[run.start]), run.stop - run.start
+        torch.lerp(f.narrow(dim, k, m), f.narrow(dim, k + 1, m), w[run].view(shape), out=g.narrow(dim, run.start, m))
+    if len(rest):
+        g.index_copy_(dim, rest, torch.lerp(f.index_select(dim, left[rest]), f.index_select(dim, right[rest]),
+                                            w[rest].view(shape)))
+    return g
+
+
+def align_into(x: np.ndarray, out: torch.Tensor, accumulate: bool) -> None:
+    """One utterance of one store, (T_i, L_i, D) in the storage dtype -> out (L, T, D) float32 (= or +=).
+
+    Time first, then layers, in float32; a store already at (L, T) is only cast and transposed.
+    """
+    L, T, _ = out.shape
+    a = torch.from_numpy(x).permute(1, 0, 2)  # (T_i, L_i, D) -> (L_i, T_i, D)
+    Li, Ti, _ = a.shape
+    if (Li, Ti) == (L, T):
+        (out.add_ if accumulate else out.copy_)(a)  # cast + transpose in one pass
+        return
+    f = torch.empty(a.shape).copy_(a)  # contiguous float32: lerp reads it in slices
+    last = None if accumulate else out  # the last step writes straight into out
+    if Ti != T:
+        f = _lerp(f, 1, T, out=last if Li == L else None)
+    if Li != L:
+        f = _lerp(f, 0, L, out=last)
+    if accumulate:
+        out.add_(f)
+
+
+def aligned_block(x: np.ndarray, L: int, T: int) -> np.ndarray:
+    """The Dask task of one (utterance, store): the same code as the hot path, hence the same numbers."""
+    out = torch.empty(L, T, x.shape[2])
+    align_into(np.ascontiguousarray(x), out, accumulate=False)
+    return out.numpy()
