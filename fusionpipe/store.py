@@ -196,6 +196,10 @@ class FeatureStore:
         # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a skipped
         # utterance) would never be written and its chunk never counted as done
         self.hidden: zarr.Array = group["hidden"].with_config({"write_empty_chunks": True})
+        # the array's own metadata is the one place for its shape; the attrs repeat it for readers
+        # without zarr, and `verify` checks that the two agree
+        self.total_frames, self.num_layers, self.hidden_size = (int(n) for n in self.hidden.shape)
+        self.chunk_frames = int(self.hidden.chunks[0])
         self.attrs: dict[str, Any] = dict(group.attrs)  # raw; code reads `info`
         self.info = StoreInfo.from_attrs(self.attrs)
         self.ids: list[str] = [str(i) for i in group["index/ids"][:]] if len(self) else []
@@ -266,24 +270,6 @@ class FeatureStore:
     # ---- shape facts ---------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.attrs["num_utterances"])
-
-    # the array's own metadata is the one place for its shape; the attrs repeat it for readers
-    # without zarr, and `verify` checks that the two agree
-    @property
-    def num_layers(self) -> int:
-        return int(self.hidden.shape[1])
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.hidden.shape[2])
-
-    @property
-    def chunk_frames(self) -> int:
-        return int(self.hidden.chunks[0])
-
-    @property
-    def total_frames(self) -> int:
-        return int(self.hidden.shape[0])
 
     @property
     def num_chunks(self) -> int:
