@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusionpipe.train.loop import DEMO, demo_stores  # noqa: E402
+from fusionpipe.train.defaults import DEMO, demo_stores  # noqa: E402
 
 
 def wall(ranks: int, steps: int, args, out: Path) -> float:

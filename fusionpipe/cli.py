@@ -298,7 +298,8 @@ def train(
     from fusionpipe.fuse.view import open_fused
     from fusionpipe.manifest import read_manifest
     from fusionpipe.store import FeatureStore
-    from fusionpipe.train.loop import DEMO, TrainConfig, default_task, demo_stores, train as run
+    from fusionpipe.train.defaults import DEMO, default_task, demo_stores
+    from fusionpipe.train.loop import TrainConfig, train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
                  grad_clip=grad_clip, seed=seed, specaugment=specaugment, crop_seconds=_numbers(crop_seconds),

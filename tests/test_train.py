@@ -10,7 +10,8 @@ import torch
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.train.loop import TrainConfig, crop_frames, evaluate, random_crop, train
+from fusionpipe.train.augment import crop_frames, random_crop
+from fusionpipe.train.loop import TrainConfig, evaluate, train
 
 TINY_HEAD = {"proj": 16}
 

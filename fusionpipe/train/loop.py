@@ -67,6 +67,7 @@ from fusionpipe.atomic import atomic_write, remove_leftovers, write_json
 from fusionpipe.fuse.loader import make_loader, shard
 from fusionpipe.device import resolve_device
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.train.augment import crop_frames, random_crop, spec_augment
 from fusionpipe.train.interfaces import INTERFACES, MERGES, Fusion
 from fusionpipe.train.tasks import (METRICS, TASKS, build_task, head_options, is_metric, lower_is_better, primary_metric,
                     read_trials, task_from_dict)
@@ -316,52 +317,6 @@ class Variant:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-
-def random_crop(stacks: list[torch.Tensor], lengths: torch.Tensor, shortest: int,
-                longest: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A random window of each utterance, shortest..longest frames long (the whole of a shorter one),
-    from the (B, L, T, D_i) stacks; zero past the new lengths, as the loader's batches are."""
-    real = lengths.cpu()
-    want = torch.randint(shortest, longest + 1, real.shape)
-    new = torch.minimum(real, want)
-    start = (torch.rand(real.shape) * (real - new + 1).to(torch.float)).long()  # uniform in 0..real-new
-    T = int(new.max()) if len(new) else 0
-    frames = start[:, None] + torch.arange(T)[None, :]                      # (B, T)
-    keep = torch.arange(T)[None, :] < new[:, None]
-    frames = torch.where(keep, frames, 0)
-    out = []
-    for s in stacks:
-        index = frames.to(s.device)[:, None, :, None].expand(-1, s.shape[1], -1, s.shape[3])
-        out.append(s.gather(2, index) * keep.to(s.device)[:, None, :, None])
-    return out, new.to(lengths.device)
-
-
-def crop_frames(seconds: list[float] | None, frame_rate: float) -> tuple[int, int] | None:
-    """crop_seconds [min, max] -> (shortest, longest) frames at the fused frame rate; refuses nonsense."""
-    if seconds is None:
-        return None
-    if len(seconds) != 2 or not 0 < seconds[0] <= seconds[1] < math.inf:
-        raise FusionpipeError(f"--crop-seconds (crop_seconds={seconds}): give MIN,MAX with 0 < MIN <= MAX, "
-                              "e.g. 2,8")
-    return max(1, round(seconds[0] * frame_rate)), max(1, round(seconds[1] * frame_rate))
-
-
-def spec_augment(x: torch.Tensor, lengths: torch.Tensor, time_masks: int = 2, time_width: int = 20,
-                 feat_masks: int = 2, feat_width: int = 16) -> torch.Tensor:
-    """SpecAugment-style masks on (B, T, D) features (s3prl applies them to upstream features)."""
-    B, T, D = x.shape
-    keep = torch.ones_like(x)
-    for b in range(B):
-        for _ in range(time_masks):
-            w = int(torch.randint(0, time_width + 1, ()))
-            t0 = int(torch.randint(0, max(1, int(lengths[b]) - w), ()))
-            keep[b, t0:t0 + w] = 0
-        for _ in range(feat_masks):
-            w = int(torch.randint(0, feat_width + 1, ()))
-            f0 = int(torch.randint(0, max(1, D - w), ()))
-            keep[b, :, f0:f0 + w] = 0
-    return x * keep
 
 
 def _targets(rows) -> dict[str, list]:
@@ -766,30 +721,3 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     for v in variants:
         v.model.load_state_dict(checkpoints[v.name]["model"])
     return evaluate_variants(variants, task, dev, dev_device)
-
-
-# Used when `fusionpipe train` is given no stores: the bundled demo corpus, sized for a CPU.
-# 1500 steps: about 3.5 min on 2 cores; CTC on toy features leaves the blank plateau only after ~500.
-DEMO = {"steps": 1500, "eval_every": 500, "lr": 2e-3, "max_frames": 4000,
-        "head": {"proj": 64, "hidden": 64, "layers": 1}}
-
-
-def default_task(manifest) -> str:
-    """The task a manifest supports by default: asr if it has texts, else classify, else verify."""
-    for column, task in (("text", "asr"), ("label", "classify"), ("speaker", "verify")):
-        if all(getattr(u, column) for u in manifest):
-            return task
-    raise FusionpipeError(f"manifest {manifest.name} has no text, label or speaker column to train on")
-
-
-def demo_stores(cache: str | Path = "cache") -> tuple[list[str], list[str]]:
-    """Complete stores of the bundled demo-train manifest and their demo-dev twins."""
-    from fusionpipe.store import FeatureStore
-
-    train_dir, dev_dir = Path(cache) / "demo-train", Path(cache) / "demo-dev"
-    stores = sorted(str(p) for p in train_dir.glob("*.zarr") if FeatureStore.open(p).is_complete())
-    if not stores:
-        raise FusionpipeError(f"no --stores given and nothing cached under {train_dir}; run "
-                              "`fusionpipe extract --model toy-wavlm,toy-whisper` first (or pass --stores)")
-    dev = [str(dev_dir / Path(s).name) for s in stores]
-    return stores, [d for d in dev if Path(d).exists()] if len(dev) == len(stores) else []
