@@ -27,8 +27,8 @@ from fusionpipe.fuse.loader import make_loader  # noqa: E402
 from fusionpipe.extract.run import extract  # noqa: E402
 from fusionpipe.train.interfaces import Fusion  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests, write_manifest, read_manifest  # noqa: E402
-from fusionpipe.train.tasks import build_task  # noqa: E402
-from fusionpipe.train.loop import FusionModel, TrainConfig, _targets, train  # noqa: E402
+from fusionpipe.train.tasks import batch_targets, build_task  # noqa: E402
+from fusionpipe.train.loop import FusionModel, TrainConfig, train  # noqa: E402
 from fusionpipe.extract.upstreams import load_upstream, make_local_model  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def epoch_time(model, task, batches, device, feats_of) -> float:
     t0 = time.perf_counter()
     for batch in batches:
         stacks, lengths = feats_of(batch)
-        loss = task.loss(model.head, model.features(stacks, lengths), lengths, _targets(batch["rows"]))
+        loss = task.loss(model.head, model.features(stacks, lengths), lengths, batch_targets(batch["rows"]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -77,7 +77,7 @@ def main() -> None:
     # (a) cache vs on the fly: same batches, same fusion + head
     loader = make_loader([store], max_frames=3000)
     batches = list(loader)
-    task = build_task("classify", _targets(loader.dataset.rows))
+    task = build_task("classify", batch_targets(loader.dataset.rows))
     torch.manual_seed(0)
     fusion = Fusion([upstream.hidden_size], upstream.num_layers, "add", "hconv")
     model = FusionModel(fusion, task.build_head(fusion.out_dim, proj=256)).to(device)

@@ -299,7 +299,8 @@ def train(
     from fusionpipe.manifest import read_manifest
     from fusionpipe.store import FeatureStore
     from fusionpipe.train.defaults import DEMO, default_task, demo_stores
-    from fusionpipe.train.loop import TrainConfig, train as run
+    from fusionpipe.train.config import TrainConfig
+    from fusionpipe.train.loop import train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
                  grad_clip=grad_clip, seed=seed, specaugment=specaugment, crop_seconds=_numbers(crop_seconds),
@@ -354,7 +355,8 @@ def evaluate(
     from fusionpipe.extract.run import store_url
     from fusionpipe.manifest import bundled_manifests, read_manifest
     from fusionpipe.store import FeatureStore
-    from fusionpipe.train.loop import TrainConfig, evaluate as run_eval
+    from fusionpipe.train.config import TrainConfig
+    from fusionpipe.train.loop import evaluate as run_eval
 
     cfg = TrainConfig.load(run / "config.json") if (run / "config.json").exists() else None
     if cfg is None:

@@ -226,7 +226,7 @@ def _kind(value) -> str:
 
 
 def _train_fields() -> dict[str, str]:
-    from fusionpipe.train.loop import TrainConfig
+    from fusionpipe.train.config import TrainConfig
 
     return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
 
@@ -712,7 +712,7 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
               str(test_trials) if test_trials else None, test_manifest=rows("test"))
     saved = out / "config.json"
     if saved.is_file():
-        from fusionpipe.train.loop import TrainConfig, config_changes
+        from fusionpipe.train.config import TrainConfig, config_changes
 
         changes = config_changes(json.loads(saved.read_text()), TrainConfig(**config))
         if changes:

@@ -89,7 +89,7 @@ def _fusion_params(variant_dir: Path) -> int | None:
     ckpt = variant_dir / "best.pt"
     if not ckpt.is_file():
         return None
-    from fusionpipe.train.loop import load_checkpoint
+    from fusionpipe.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(ckpt)["model"]
     return int(sum(v.numel() for k, v in state.items() if k.startswith("fusion.") and v.is_floating_point()

@@ -11,7 +11,7 @@ from pathlib import Path
 from fusionpipe.atomic import atomic_write
 
 
-class _Log:
+class Log:
     """log.csv per variant (and TensorBoard event files when tensorboard is installed).
 
     Only appended to; opened at ``step`` (0: a new run, else the checkpoint a --resume starts from),

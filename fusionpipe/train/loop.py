@@ -69,8 +69,8 @@ from fusionpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from fusionpipe.train.config import (OPTIMIZERS, RESUMABLE, TrainConfig, check_upstreams, config_changes, flag,
                                      trial_list, variant_name)
 from fusionpipe.train.interfaces import Fusion
-from fusionpipe.train.log import _Log
-from fusionpipe.train.tasks import build_task, lower_is_better, primary_metric, task_from_dict
+from fusionpipe.train.log import Log
+from fusionpipe.train.tasks import batch_targets, build_task, lower_is_better, primary_metric, task_from_dict
 
 
 class FusionModel(nn.Module):
@@ -142,10 +142,6 @@ class Variant:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-
-def _targets(rows) -> dict[str, list]:
-    return {c: [getattr(u, c) for u in rows] for c in ("id", "text", "label", "speaker", "language")}
 
 
 def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out: Path,
@@ -221,7 +217,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         task = task_from_dict(json.loads((out / "task.json").read_text()), trials)
     else:
         try:
-            task = build_task(cfg.task, _targets(rows), trials)
+            task = build_task(cfg.task, batch_targets(rows), trials)
         except ValueError as e:
             raise FusionpipeError(f"task {cfg.task} on {cfg.manifest or view.describe()['manifest']}: {e}") from None
     variants = build_variants(cfg, task, view.dims, view.num_layers, out, device)
@@ -233,7 +229,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     checkpoint = out / "last.pt"
     step, position = 0, (0, 0)
     if resume and checkpoint.exists():
-        step, position = _restore(variants, load_checkpoint(checkpoint), checkpoint)
+        step, position = restore_checkpoints(variants, load_checkpoint(checkpoint), checkpoint)
         if step > cfg.steps:
             raise FusionpipeError(f"--steps ({cfg.steps}): {checkpoint} is at step {step} already; give --steps "
                                   f"{step} or more to --resume it")
@@ -246,7 +242,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         write_json(out / "task.json", task.to_dict(), indent=None)
     for v in variants:
         v.trainer = dist.wrap(v.model, device)
-    logs = {v.name: _Log(v.out / "log.csv", step) for v in variants} if main else {}
+    logs = {v.name: Log(v.out / "log.csv", step) for v in variants} if main else {}
 
     try:
         step = _train_steps(cfg, task, variants, loader, dev, crop, device, logs, step, position, checkpoint, progress)
@@ -264,6 +260,21 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     return results
 
 
+def batches(loader, position: tuple[int, int], count: int):
+    """``count`` global batches from data ``position`` (epoch, batch) on, epoch after epoch:
+    (epoch, k, batch), batch k of that epoch. A resumed epoch does not read the batches it skips."""
+    epoch, skip = position
+    while count > 0:
+        loader.batch_sampler.set_epoch(epoch)
+        loader.batch_sampler.skip = skip
+        for k, batch in enumerate(loader, start=skip):
+            yield epoch, k, batch
+            count -= 1
+            if count == 0:
+                return
+        epoch, skip = epoch + 1, 0
+
+
 def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, crop, device: torch.device,
                  logs: dict, step: int, position: tuple[int, int], checkpoint: Path, progress: bool) -> int:
     """Steps from ``step`` (at data ``position``) to cfg.steps: train, log, evaluate, keep best.pt, save
@@ -271,47 +282,53 @@ def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, c
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
                desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
-    saved, (epoch, skip) = step, position
+    saved = step
     with bar:
-        while step < cfg.steps:
-            loader.batch_sampler.set_epoch(epoch)
-            loader.batch_sampler.skip = skip  # resume inside an epoch without reading the skipped batches
-            for k, batch in enumerate(loader, start=skip):
-                stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
-                lengths = batch["lengths"].to(device)
-                targets = _targets(batch["rows"])
-                # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
-                weight = shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
-                losses = []
-                for v in variants:
-                    t0 = time.perf_counter()
-                    with v.own_rng():
-                        x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
-                        losses.append(_step(v, task, x, n, targets, cfg, step, weight))
-                    v.train_seconds += time.perf_counter() - t0
-                losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
-                step += 1
-                _stop_if_not_finite(losses, step, lambda: _batch_ids(loader, k), checkpoint, saved)
-                bar.update(1)
-                bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
-                metrics = {}
-                if dev is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    metrics = evaluate_variants(variants, task, dev, device)
-                for v in variants:
-                    if main:
-                        logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
-                    if v.name in metrics:
-                        _keep_best(v, metrics[v.name], cfg)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    _save_state(variants, step, (epoch, k + 1), logs.values(), checkpoint)
-                    saved = step
-                if step >= cfg.steps:
-                    return step
-            epoch, skip = epoch + 1, 0
+        for epoch, k, batch in batches(loader, position, cfg.steps - step):
+            stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
+            lengths = batch["lengths"].to(device)
+            targets = batch_targets(batch["rows"])
+            # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
+            weight = shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
+            losses = []
+            for v in variants:
+                t0 = time.perf_counter()
+                with v.own_rng():
+                    x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
+                    losses.append(_step(v, task, x, n, targets, cfg, step, weight))
+                v.train_seconds += time.perf_counter() - t0
+            losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
+            step += 1
+            _stop_if_not_finite(losses, step, lambda: _batch_ids(loader, k), checkpoint, saved)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
+
+            metrics = maybe_evaluate(variants, task, dev, device, cfg, step)
+            for v in variants:
+                if main:
+                    logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
+                if v.name in metrics:
+                    _keep_best(v, metrics[v.name], cfg)
+            if _due(cfg, step):
+                save_checkpoints(variants, step, (epoch, k + 1), logs.values(), checkpoint)
+                saved = step
     return step
 
 
-def _save_state(variants: list[Variant], step: int, position: tuple[int, int], logs, path: Path) -> None:
+def _due(cfg: TrainConfig, step: int) -> bool:
+    """Evaluate and save last.pt at this step: every eval_every steps, and at the last."""
+    return step % cfg.eval_every == 0 or step == cfg.steps
+
+
+def maybe_evaluate(variants: list[Variant], task, dev, device: torch.device, cfg: TrainConfig,
+                   step: int) -> dict[str, dict]:
+    """Every variant's dev metrics when a dev set is given and the step is due (`_due`), else {}."""
+    if dev is None or not _due(cfg, step):
+        return {}
+    return evaluate_variants(variants, task, dev, device)
+
+
+def save_checkpoints(variants: list[Variant], step: int, position: tuple[int, int], logs, path: Path) -> None:
     """last.pt: every variant's state at ``step``, in one file (a kill leaves all of them at one step).
     Every rank takes part (the RNG states are gathered); rank 0 writes, after the logs reach the disk."""
     rngs = {v.name: dist.gather((v.rng, v.cuda_rng)) for v in variants}
@@ -323,7 +340,7 @@ def _save_state(variants: list[Variant], step: int, position: tuple[int, int], l
                      "variants": {v.name: v.state(rngs[v.name]) for v in variants}}, path)
 
 
-def _restore(variants: list[Variant], state: dict, path: Path) -> tuple[int, tuple[int, int]]:
+def restore_checkpoints(variants: list[Variant], state: dict, path: Path) -> tuple[int, tuple[int, int]]:
     """Every variant's state from last.pt; returns (step, data position)."""
     saved = state.get("variants") or {}
     if sorted(saved) != sorted(v.name for v in variants):
@@ -401,14 +418,14 @@ def evaluate_variants(variants: list[Variant], task, loader, device: torch.devic
             t0 = time.perf_counter()
             preds[v.name] = task.predict(v.model.head, v.model.features(stacks, lengths), lengths)
             seconds[v.name] += time.perf_counter() - t0
-        read.append((rank + j * world, preds, _targets(batch["rows"])))
+        read.append((rank + j * world, preds, batch_targets(batch["rows"])))
     everything = dist.gather((read, seconds))
     preds = {v.name: [] for v in variants}
     targets: dict[str, list] = {}
-    for _, batch_preds, batch_targets in sorted((b for got, _ in everything for b in got), key=lambda b: b[0]):
-        for name, values in batch_preds.items():
+    for _, their_preds, their_targets in sorted((b for got, _ in everything for b in got), key=lambda b: b[0]):
+        for name, values in their_preds.items():
             preds[name].extend(values)
-        for c, values in batch_targets.items():
+        for c, values in their_targets.items():
             targets.setdefault(c, []).extend(values)
     seconds = {name: sum(s[name] for _, s in everything) for name in seconds}  # compute time, all ranks
     out = {}

@@ -183,6 +183,11 @@ def eer(scores: Sequence[float], labels: Sequence[int]) -> float:
 
 
 # ---------------------------------------------------------------------------- tasks
+def batch_targets(rows) -> dict[str, list]:
+    """Manifest rows -> the targets every task reads: {column: values, one per row}."""
+    return {c: [getattr(u, c) for u in rows] for c in ("id", "text", "label", "speaker", "language")}
+
+
 def _column(targets: Mapping[str, Sequence], name: str, task: str) -> list:
     if name not in targets:
         raise ValueError(f"task {task!r} needs the manifest column {name!r}; got {sorted(targets)}")
