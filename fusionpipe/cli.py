@@ -294,12 +294,8 @@ def train(
     once and train each split or fold from it. Each row must be an utterance the stores hold, the same
     audio (path, num_samples).
     """
-    from fusionpipe.fuse.loader import recorded_manifest
-    from fusionpipe.fuse.view import open_fused
-    from fusionpipe.manifest import read_manifest
-    from fusionpipe.store import FeatureStore
-    from fusionpipe.train.defaults import DEMO, default_task, demo_stores
     from fusionpipe.train.config import TrainConfig
+    from fusionpipe.train.defaults import DEMO, complete, demo_stores, train_manifest, upstream_names
     from fusionpipe.train.loop import train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
@@ -312,20 +308,16 @@ def train(
         train_stores, found_dev = demo_stores(cache)
         dev = dev or found_dev
         preset = DEMO
-    if dev_manifest is not None and not dev:
-        dev = train_stores
-    rows = (read_manifest(manifest) if manifest is not None
-            else recorded_manifest(open_fused(train_stores, skip_missing=skip_missing)))
-    task = task or default_task(rows)
-    names = "+".join(FeatureStore.open(s).info.upstream for s in train_stores)
-    cfg = TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion), merge=_list(merge),
-                      out=str(out or Path("runs") / f"{task}-{names}"), device=device, num_workers=num_workers,
-                      manifest=str(manifest) if manifest else None,
-                      dev_manifest=str(dev_manifest) if dev_manifest else None, skip_missing=skip_missing,
-                      **{**preset, **given})
+    cfg = complete(TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion),
+                               merge=_list(merge), out=str(out) if out else None, device=device,
+                               num_workers=num_workers, manifest=str(manifest) if manifest else None,
+                               dev_manifest=str(dev_manifest) if dev_manifest else None,
+                               skip_missing=skip_missing, **{**preset, **given}))
+    rows = train_manifest(cfg)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     say = _say if main_rank else (lambda _: None)
-    say(f"train {task} on {rows.name} ({len(rows)} utterances) with {names}; dev: {len(dev)} store(s)"
+    say(f"train {cfg.task} on {rows.name} ({len(rows)} utterances) with {upstream_names(cfg.stores)}; "
+        f"dev: {len(cfg.dev_stores)} store(s)"
         f"{f' ({Path(dev_manifest).stem})' if dev_manifest else ''}; "
          f"variants {', '.join(f + '-' + m for f, m in cfg.variants())}; {cfg.steps} steps; head {cfg.head or 'SUPERB'}"
          f" -> {cfg.out}")

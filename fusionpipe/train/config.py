@@ -27,13 +27,18 @@ FINGERPRINT = ("model_id", "revision", "num_layers", "hidden_size")
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on; saved as config.json beside the results (CLI flag = field name)."""
+    """Everything a run depends on; saved as config.json beside the results (CLI flag = field name).
+
+    The defaults are `fusionpipe train`'s: ``task`` and ``out`` left None are filled in by `train()`
+    (`fusionpipe.train.defaults.complete`) as the command fills them, and a ``dev_manifest`` without
+    ``dev_stores`` chooses rows of the train stores.
+    """
 
     stores: list[str]
-    task: str = "asr"
+    task: str | None = None                     # None: what the train manifest supports (asr, classify, verify)
     fusion: list[str] = field(default_factory=lambda: ["hconv"])
     merge: list[str] = field(default_factory=lambda: ["concat"])
-    out: str = "runs/default"
+    out: str | None = None                      # None: runs/<task>-<upstreams>
     dev_stores: list[str] = field(default_factory=list)
     manifest: str | None = None                 # train on these rows of the stores (default: all, as extracted)
     dev_manifest: str | None = None             # evaluate on these rows of the dev stores (default: all)
@@ -55,6 +60,10 @@ class TrainConfig:
     skip_missing: bool = False                  # leave out utterances skipped or unfinished in some store
     device: str = "auto"
     num_workers: int = 0
+
+    def __post_init__(self):
+        if self.dev_manifest and not self.dev_stores:
+            self.dev_stores = list(self.stores)
 
     def variants(self) -> list[tuple[str, str]]:
         return [(f, m) for f in self.fusion for m in self.merge]
@@ -78,10 +87,10 @@ class TrainConfig:
         def refuse(name: str, problem: str):
             raise FusionpipeError(f"{flag(name)} ({name}={getattr(self, name)!r}): {problem}")
 
-        if self.task not in TASKS:
-            refuse("task", f"unknown task; choose one of {', '.join(TASKS)}")
         if not self.stores:
             refuse("stores", "no train stores; give at least one")
+        if self.task not in TASKS:
+            refuse("task", f"unknown task; choose one of {', '.join(TASKS)}")
         for name, choices in (("fusion", INTERFACES), ("merge", MERGES)):
             values = getattr(self, name)
             if not values or any(x not in choices for x in values):
@@ -119,9 +128,6 @@ class TrainConfig:
                                   "(lines 'label enroll_id test_id' over the dev utterances), or no --dev-stores")
         if self.trials:
             trial_list(self.trials)
-        if self.dev_manifest and not self.dev_stores:
-            raise FusionpipeError(f"dev_manifest={self.dev_manifest} chooses rows of the dev stores, but none are "
-                                  "given (dev_stores, --dev-stores)")
         if self.manifest and self.dev_stores == self.stores and not self.dev_manifest:
             raise FusionpipeError(f"the dev stores are the train stores and only the train utterances are chosen "
                                   f"(manifest={self.manifest}): give dev_manifest (--dev-manifest) too, or the dev "

@@ -66,6 +66,7 @@ from fusionpipe.fuse.loader import make_loader, shard
 from fusionpipe.train import ddp as dist
 from fusionpipe.train.augment import crop_frames, random_crop, spec_augment
 from fusionpipe.train.checkpoint import load_checkpoint, save_checkpoint
+from fusionpipe.train.defaults import complete
 from fusionpipe.train.config import (OPTIMIZERS, RESUMABLE, TrainConfig, check_upstreams, config_changes, flag,
                                      trial_list, variant_name)
 from fusionpipe.train.interfaces import Fusion
@@ -166,6 +167,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; see the module docstring.
     """
+    cfg = complete(cfg)
     cfg.check()
     out = Path(cfg.out)
     if (out / "config.json").exists():
