@@ -13,7 +13,7 @@ from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.train.augment import crop_frames
 from fusionpipe.train.interfaces import INTERFACES, MERGES
-from fusionpipe.train.tasks import METRICS, TASKS, head_options, is_metric, read_trials
+from fusionpipe.train.tasks import METRICS, TASKS, head_option_names, is_metric, read_trials
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # config fields that may differ between a run and its rerun without changing results (where it runs)
@@ -53,8 +53,8 @@ class TrainConfig:
     crop_seconds: list[float] | None = None     # train on random crops of [min, max] s each (SUPERB SV: [2, 8])
     select: str | None = None                   # dev metric that picks best.pt (default: the task's primary one)
     seed: int = 0
-    head: dict = field(default_factory=dict)    # head sizes, e.g. {"hidden": 64}
-    interface: dict = field(default_factory=dict)  # interface options, e.g. {"normalize": True}
+    head_options: dict = field(default_factory=dict)       # head sizes, e.g. {"hidden": 64}
+    interface_options: dict = field(default_factory=dict)  # options of every --fusion, e.g. {"normalize": True}
     align_time: str = "max"
     align_layers: str = "interpolate"
     skip_missing: bool = False                  # leave out utterances skipped or unfinished in some store
@@ -112,12 +112,12 @@ class TrainConfig:
             per_language = " or cer/<language>" if self.task == "multilingual" else ""
             refuse("select", f"not a dev metric of task {self.task}; choose one of "
                              f"{', '.join(METRICS[self.task])}{per_language}")
-        unknown = sorted(set(self.head) - head_options(self.task))
+        unknown = sorted(set(self.head_options) - head_option_names(self.task))
         if unknown:
-            refuse("head", f"the {self.task} head takes no {', '.join(unknown)}; it takes "
-                           f"{', '.join(sorted(head_options(self.task)))}")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.head.values()):
-            refuse("head", "sizes are numbers, e.g. --head hidden=64")
+            refuse("head_options", f"the {self.task} head takes no {', '.join(unknown)}; it takes "
+                           f"{', '.join(sorted(head_option_names(self.task)))}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.head_options.values()):
+            refuse("head_options", "sizes are numbers, e.g. --head-option hidden=64")
         self._check_dev()
 
     def _check_dev(self) -> None:
@@ -145,8 +145,9 @@ def trial_list(path: str | Path) -> list:
 
 
 def flag(name: str) -> str:
-    """A TrainConfig field's command-line spelling: eval_every -> --eval-every."""
-    return "--" + name.replace("_", "-")
+    """A TrainConfig field's command-line spelling: eval_every -> --eval-every; the repeatable
+    key=value options are singular: head_options -> --head-option."""
+    return "--" + name.removesuffix("s" if name.endswith("_options") else "").replace("_", "-")
 
 
 def config_changes(saved: dict, given: TrainConfig, exempt: tuple[str, ...] = NOT_COMPARED) -> list[str]:

@@ -14,7 +14,7 @@ from fusionpipe.train.config import TrainConfig
 # Used when `fusionpipe train` is given no stores: the bundled demo corpus, sized for a CPU.
 # 1500 steps: about 3.5 min on 2 cores; CTC on toy features leaves the blank plateau only after ~500.
 DEMO = {"steps": 1500, "eval_every": 500, "lr": 2e-3, "max_frames": 4000,
-        "head": {"proj": 64, "hidden": 64, "layers": 1}}
+        "head_options": {"proj": 64, "hidden": 64, "layers": 1}}
 
 
 def default_task(manifest) -> str:

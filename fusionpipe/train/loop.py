@@ -1,4 +1,4 @@
-"""STAGE 3: train only the fusion interface and the task head, from the cache.
+"""STAGE 3: train only the interface and the task head, from the cache.
 
 One pass trains K variants (interface x merge) over the same stores: every batch is read and
 aligned once and fed to all of them. Each variant keeps its own parameters, optimizer and
@@ -69,17 +69,17 @@ from fusionpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from fusionpipe.train.defaults import complete
 from fusionpipe.train.config import (OPTIMIZERS, RESUMABLE, TrainConfig, check_upstreams, config_changes, flag,
                                      trial_list, variant_name)
-from fusionpipe.train.interfaces import Fusion
+from fusionpipe.train.interfaces import Interface
 from fusionpipe.train.log import Log
 from fusionpipe.train.tasks import batch_targets, build_task, lower_is_better, primary_metric, task_from_dict
 
 
-class FusionModel(nn.Module):
-    """Fusion (merge + interface) -> head. The only trained parameters of a variant."""
+class VariantModel(nn.Module):
+    """Interface (merge front + interface) -> head. The only trained parameters of a variant."""
 
-    def __init__(self, fusion: Fusion, head: nn.Module):
+    def __init__(self, interface: Interface, head: nn.Module):
         super().__init__()
-        self.fusion, self.head = fusion, head
+        self.fusion, self.head = interface, head  # "fusion": the checkpoint keys of existing runs (fusion.*)
 
     def features(self, stacks: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         return self.fusion(stacks, lengths)
@@ -96,11 +96,11 @@ class FusionModel(nn.Module):
 class Variant:
     """One (fusion, merge) under training: model, optimizer and its own RNG stream.
 
-    ``model`` is the plain FusionModel (evaluated and saved); ``trainer`` the module a training
+    ``model`` is the plain VariantModel (evaluated and saved); ``trainer`` the module a training
     step calls, its DistributedDataParallel wrapper under torchrun.
     """
 
-    def __init__(self, name: str, model: FusionModel, optimizer: torch.optim.Optimizer, out: Path):
+    def __init__(self, name: str, model: VariantModel, optimizer: torch.optim.Optimizer, out: Path):
         self.name, self.model, self.optimizer, self.out = name, model, optimizer, out
         self.trainer: nn.Module = model
         self.rng = torch.get_rng_state()
@@ -148,16 +148,16 @@ class Variant:
 def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out: Path,
                    device: torch.device) -> list[Variant]:
     variants = []
-    for fusion_name, merge in cfg.variants():
+    for fusion, merge in cfg.variants():
         torch.manual_seed(cfg.seed)  # identical initialisation whether trained alone or with others
         try:
-            fusion = Fusion(dims, num_layers, merge=merge, interface=fusion_name, **cfg.interface)
+            interface = Interface(dims, num_layers, fusion=fusion, merge=merge, **cfg.interface_options)
         except ValueError as e:
-            raise FusionpipeError(f"variant {variant_name(fusion_name, merge)}: {e}") from None
-        model = FusionModel(fusion, task.build_head(fusion.out_dim, **cfg.head)).to(device)
+            raise FusionpipeError(f"variant {variant_name(fusion, merge)}: {e}") from None
+        model = VariantModel(interface, task.build_head(interface.out_dim, **cfg.head_options)).to(device)
         if dist.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
             torch.manual_seed(dist.rank_seed(cfg.seed, dist.rank()))
-        name = variant_name(fusion_name, merge)
+        name = variant_name(fusion, merge)
         variants.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr), out / name))
     return variants
 

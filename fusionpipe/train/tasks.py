@@ -401,7 +401,7 @@ def lower_is_better(metric: str) -> bool:
     return metric.split("/")[0] not in HIGHER_IS_BETTER
 
 
-def head_options(task: str) -> set[str]:
+def head_option_names(task: str) -> set[str]:
     """The keyword sizes the task's head takes (its constructors' parameters with defaults)."""
     return {p.name for c in HEADS[task] for p in inspect.signature(c.__init__).parameters.values()
             if p.default is not inspect.Parameter.empty}
