@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusionpipe.train.loop import DEMO, demo_stores  # noqa: E402
+from fusionpipe.train.defaults import DEMO, demo_stores  # noqa: E402
 
 
 def wall(ranks: int, steps: int, args, out: Path) -> float:
@@ -29,7 +29,7 @@ def wall(ranks: int, steps: int, args, out: Path) -> float:
     cmd = launch + ["-m", "fusionpipe", "train", "--stores", ",".join(demo_stores(args.cache)[0]),
                     "--steps", str(steps), "--eval-every", str(steps), "--lr", str(DEMO["lr"]),
                     "--max-frames", str(args.max_frames), "--device", args.device, "--out", str(out)]
-    cmd += [x for k, v in DEMO["head"].items() for x in ("--head", f"{k}={v}")]
+    cmd += [x for k, v in DEMO["head_options"].items() for x in ("--head-option", f"{k}={v}")]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)  # torchrun gives each rank 1 thread; 1 process: cores - 1
     return time.perf_counter() - t0

@@ -3,7 +3,7 @@
     python bench/train.py                     # CPU: base-size random-weight WavLM, ~60 s of the demo corpus
     python bench/train.py --device cuda --seconds 300 --size base
 
-(a) one epoch of the same fusion + head, from the cache vs with the upstream run on the fly
+(a) one epoch of the same interface + head, from the cache vs with the upstream run on the fly
     (audio decode + frozen forward per batch, as a no-cache pipeline would); goal >= 10x.
 (b) K = 8 variants (4 interfaces x 2 merges over two stores) trained in one pass vs 8 separate
     runs of one variant each, same steps; goal <= 0.35x.
@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusionpipe import audio  # noqa: E402
 from fusionpipe.fuse.loader import make_loader  # noqa: E402
 from fusionpipe.extract.run import extract  # noqa: E402
-from fusionpipe.train.interfaces import Fusion  # noqa: E402
+from fusionpipe.train.interfaces import Interface  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests, write_manifest, read_manifest  # noqa: E402
-from fusionpipe.train.tasks import build_task  # noqa: E402
-from fusionpipe.train.loop import FusionModel, TrainConfig, _targets, train  # noqa: E402
+from fusionpipe.train.tasks import batch_targets, build_task  # noqa: E402
+from fusionpipe.train.config import TrainConfig, variant_name  # noqa: E402
+from fusionpipe.train.loop import VariantModel, train  # noqa: E402
 from fusionpipe.extract.upstreams import load_upstream, make_local_model  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def epoch_time(model, task, batches, device, feats_of) -> float:
     t0 = time.perf_counter()
     for batch in batches:
         stacks, lengths = feats_of(batch)
-        loss = task.loss(model.head, model.features(stacks, lengths), lengths, _targets(batch["rows"]))
+        loss = task.loss(model.head, model.features(stacks, lengths), lengths, batch_targets(batch["rows"]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -74,13 +75,13 @@ def main() -> None:
     print(f"upstream {args.kind}-{args.size} (L={upstream.num_layers}, D={upstream.hidden_size}) on {device}; "
           f"{len(m)} utterances, {m.duration:.0f} s audio")
 
-    # (a) cache vs on the fly: same batches, same fusion + head
+    # (a) cache vs on the fly: same batches, same interface + head
     loader = make_loader([store], max_frames=3000)
     batches = list(loader)
-    task = build_task("classify", _targets(loader.dataset.rows))
+    task = build_task("classify", batch_targets(loader.dataset.rows))
     torch.manual_seed(0)
-    fusion = Fusion([upstream.hidden_size], upstream.num_layers, "add", "hconv")
-    model = FusionModel(fusion, task.build_head(fusion.out_dim, proj=256)).to(device)
+    interface = Interface([upstream.hidden_size], upstream.num_layers, fusion="hconv", merge="add")
+    model = VariantModel(interface, task.build_head(interface.out_dim, proj=256)).to(device)
     rows = {u.id: i for i, u in enumerate(m)}
 
     def cached(batch):
@@ -105,7 +106,7 @@ def main() -> None:
     second = extract(m, load_upstream("toy-whisper", device=args.device), tmp / "cache", progress=False).url
     fusions, merges = ["hconv", "weighted-sum", "gumbel", "last-layer"], ["add", "concat"]
     base = dict(stores=[store, second], task="classify", steps=args.steps, eval_every=10**9, max_frames=3000,
-                head={"proj": 256}, device=args.device)
+                head_options={"proj": 256}, device=args.device)
     # warm-up: lazy imports and first-call initialisation must not land on either side
     train(TrainConfig(**{**base, "steps": 1}, fusion=fusions, merge=merges, out=str(tmp / "runs" / "warm")),
           progress=False)
@@ -115,7 +116,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for f in fusions:
         for g in merges:
-            train(TrainConfig(**base, fusion=[f], merge=[g], out=str(tmp / "runs" / f"{f}-{g}")), progress=False)
+            train(TrainConfig(**base, fusion=[f], merge=[g], out=str(tmp / "runs" / variant_name(f, g))), progress=False)
     t_sep = time.perf_counter() - t0
     print(f"(b) 8 variants x {args.steps} steps: one pass {t_one:.2f} s, 8 separate runs {t_sep:.2f} s: "
           f"ratio {t_one / t_sep:.2f} (goal <= 0.35)")

@@ -245,7 +245,8 @@ def _numbers(text: str | None) -> list[float] | None:
 
 
 def _options(pairs: Optional[List[str]]) -> dict:
-    """--head hidden=64 --head layers=1 -> {"hidden": 64, "layers": 1} (ints, floats, booleans parsed)."""
+    """--head-option hidden=64 --head-option layers=1 -> {"hidden": 64, "layers": 1} (ints, floats, booleans
+    parsed)."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -279,8 +280,9 @@ def train(
     specaugment: Optional[bool] = typer.Option(None, "--specaugment/--no-specaugment"),
     crop_seconds: Optional[str] = typer.Option(None, help="train on random crops MIN,MAX seconds (SUPERB SV: 2,8)"),
     select: Optional[str] = typer.Option(None, help="dev metric that picks the best checkpoint (e.g. cer)"),
-    head: Optional[List[str]] = typer.Option(None, help="head size, key=value (repeatable), e.g. hidden=64"),
-    interface: Optional[List[str]] = typer.Option(None, help="interface option key=value, e.g. normalize=true"),
+    head_option: Optional[List[str]] = typer.Option(None, help="head size, key=value (repeatable), e.g. hidden=64"),
+    interface_option: Optional[List[str]] = typer.Option(None, help="option of every --fusion, key=value "
+                                                         "(repeatable), e.g. normalize=true"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list over the dev utterances"),
     skip_missing: bool = typer.Option(False, help="leave out utterances skipped (--skip-bad) or unfinished in some "
                                                    "store, train and dev (default: stop and say which)"),
@@ -288,21 +290,20 @@ def train(
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint, with the flags it "
                                 "was trained with (only --steps, --device, --num-workers may change)"),
 ):
-    """STAGE 3: train the fusion interface + task head from the cache; every fusion x merge in one pass.
+    """STAGE 3: train the interface + task head from the cache; every fusion x merge in one pass.
 
     --manifest / --dev-manifest choose rows of the stores (ids, with their labels): extract a corpus
     once and train each split or fold from it. Each row must be an utterance the stores hold, the same
     audio (path, num_samples).
     """
-    from fusionpipe.fuse.loader import recorded_manifest
-    from fusionpipe.fuse.view import open_fused
-    from fusionpipe.manifest import read_manifest
-    from fusionpipe.store import FeatureStore
-    from fusionpipe.train.loop import DEMO, TrainConfig, default_task, demo_stores, train as run
+    from fusionpipe.train.config import TrainConfig, variant_name
+    from fusionpipe.train.defaults import DEMO, complete, demo_stores, train_manifest, upstream_names
+    from fusionpipe.train.loop import train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
                  grad_clip=grad_clip, seed=seed, specaugment=specaugment, crop_seconds=_numbers(crop_seconds),
-                 head=_options(head) or None, interface=_options(interface) or None, trials=trials, select=select)
+                 head_options=_options(head_option) or None, interface_options=_options(interface_option) or None,
+                 trials=trials, select=select)
     given = {k: v for k, v in given.items() if v is not None}
     train_stores, dev = _list(stores), _list(dev_stores)
     preset = {}
@@ -310,22 +311,19 @@ def train(
         train_stores, found_dev = demo_stores(cache)
         dev = dev or found_dev
         preset = DEMO
-    if dev_manifest is not None and not dev:
-        dev = train_stores
-    rows = (read_manifest(manifest) if manifest is not None
-            else recorded_manifest(open_fused(train_stores, skip_missing=skip_missing)))
-    task = task or default_task(rows)
-    names = "+".join(FeatureStore.open(s).info.upstream for s in train_stores)
-    cfg = TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion), merge=_list(merge),
-                      out=str(out or Path("runs") / f"{task}-{names}"), device=device, num_workers=num_workers,
-                      manifest=str(manifest) if manifest else None,
-                      dev_manifest=str(dev_manifest) if dev_manifest else None, skip_missing=skip_missing,
-                      **{**preset, **given})
+    cfg = complete(TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion),
+                               merge=_list(merge), out=str(out) if out else None, device=device,
+                               num_workers=num_workers, manifest=str(manifest) if manifest else None,
+                               dev_manifest=str(dev_manifest) if dev_manifest else None,
+                               skip_missing=skip_missing, **{**preset, **given}))
+    rows = train_manifest(cfg)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     say = _say if main_rank else (lambda _: None)
-    say(f"train {task} on {rows.name} ({len(rows)} utterances) with {names}; dev: {len(dev)} store(s)"
+    say(f"train {cfg.task} on {rows.name} ({len(rows)} utterances) with {upstream_names(cfg.stores)}; "
+        f"dev: {len(cfg.dev_stores)} store(s)"
         f"{f' ({Path(dev_manifest).stem})' if dev_manifest else ''}; "
-         f"variants {', '.join(f + '-' + m for f, m in cfg.variants())}; {cfg.steps} steps; head {cfg.head or 'SUPERB'}"
+         f"variants {', '.join(variant_name(f, m) for f, m in cfg.variants())}; {cfg.steps} steps; "
+         f"head {cfg.head_options or 'SUPERB'}"
          f" -> {cfg.out}")
     for name, res in run(cfg, resume=resume).items():
         if main_rank:
@@ -353,7 +351,8 @@ def evaluate(
     from fusionpipe.extract.run import store_url
     from fusionpipe.manifest import bundled_manifests, read_manifest
     from fusionpipe.store import FeatureStore
-    from fusionpipe.train.loop import TrainConfig, evaluate as run_eval
+    from fusionpipe.train.config import TrainConfig
+    from fusionpipe.train.loop import evaluate as run_eval
 
     cfg = TrainConfig.load(run / "config.json") if (run / "config.json").exists() else None
     if cfg is None:

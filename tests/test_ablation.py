@@ -19,7 +19,7 @@ def _recipe(**changes) -> dict:
         "name": "t",
         "manifests": {"train": "demo-train", "dev": "demo-dev", "test": "demo-test"},
         "upstreams": ["toy-wavlm", "toy-whisper"],
-        "tasks": {"asr": {"head": {"proj": 8, "hidden": 8, "layers": 1}, "steps": 4}},
+        "tasks": {"asr": {"head_options": {"proj": 8, "hidden": 8, "layers": 1}, "steps": 4}},
         "grid": {"upstream_sets": [["toy-wavlm"], ["toy-wavlm", "toy-whisper"]],
                  "fusion": ["weighted-sum", "hconv"], "merge": ["add", "concat"]},
         "train": {"lr": 1e-3, "max_frames": 400},
@@ -46,7 +46,7 @@ def _write(tmp_path, recipe: dict, name: str = "r.yaml") -> Path:
     ({"grid": {"fusion": ["hconv"], "merge": ["add"]}}, "grid.upstream_sets: missing"),
     ({"grdi": {}}, "grdi: unknown key"),
     ({"tasks": {"asr": {"steps": "many"}}}, "tasks.asr.steps: expected int"),
-    ({"tasks": {"asr": {"head": {"hiden": 8}}}}, "tasks.asr.head.hiden: unknown head size for task asr"),
+    ({"tasks": {"asr": {"head_options": {"hiden": 8}}}}, "tasks.asr.head_options.hiden: unknown head size for task asr"),
     ({"tasks": {"asr": {"stores": ["x.zarr"]}}}, "tasks.asr.stores: unknown key"),
     ({"tasks": {"er": {"steps": 3}}}, "tasks.er: 'er' is not a task: add `task:`"),
     ({"tasks": {"sv": {"task": "verify"}}}, "tasks.sv.trials.dev: missing"),
@@ -57,7 +57,7 @@ def _write(tmp_path, recipe: dict, name: str = "r.yaml") -> Path:
     ({"tasks": {"asr": {"manifest": "demo-train"}}}, "tasks.asr.manifest: unknown key"),
     ({"train": {"lr": "fast"}}, "train.lr: expected float"),
     ({"train": {"crop_seconds": "2-8"}}, "train.crop_seconds: expected list"),
-    ({"train": {"interface": {"stride": 2}}}, "train.interface.stride: interface weighted-sum"),
+    ({"train": {"interface_options": {"stride": 2}}}, "train.interface_options.stride: interface weighted-sum"),
     ({"manifests": {"train": "demo-train"}}, "manifests: needs dev or test"),
     ({"extract": {"dtype": "int4"}}, "extract.dtype: unknown value 'int4'"),
     ({"paper": {"asr": {"toy-wavlm": {"hconv-ad": 4.5}}}}, "paper.asr.toy-wavlm.hconv-ad: unknown key"),
@@ -180,7 +180,7 @@ def tiny_recipe(tmp_path):
                                  ("test", [0.7, 1.0], 20))}
     r = {"name": "tiny", "cache": str(tmp_path / "cache"), "results": str(tmp_path / "results"),
          "manifests": {k: str(v) for k, v in paths.items()}, "upstreams": ["toy-wavlm"],
-         "tasks": {"classify": {"head": {"proj": 8}, "steps": 4, "eval_every": 2}},
+         "tasks": {"classify": {"head_options": {"proj": 8}, "steps": 4, "eval_every": 2}},
          "grid": {"upstream_sets": [["toy-wavlm"]], "fusion": ["weighted-sum", "hconv"], "merge": ["add"]},
          "train": {"lr": 1e-3, "max_frames": 200, "seed": 0},
          "paper": {"classify": {"toy-wavlm": {"hconv-add": 50.0}}}}
@@ -211,7 +211,7 @@ def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe
                 "inference_seconds", "paper"):
         assert col in header
     hconv = dict(zip(header, next(r for r in rows[1:] if ",hconv," in r).split(",")))
-    assert hconv["paper"] == "50" and int(hconv["trainable_params"]) > int(hconv["fusion_params"]) > 0
+    assert hconv["paper"] == "50" and int(hconv["trainable_params"]) > int(hconv["interface_params"]) > 0
     for png in ("classify-accuracy.png", "classify-loss.png"):
         image = matplotlib.image.imread(out / png)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
@@ -270,7 +270,7 @@ def _folds_recipe(tmp_path, corpus) -> Path:
          "manifest_dir": str(corpus), "upstreams": ["toy-wavlm", "toy-whisper"],
          "tasks": {"er": {"task": "classify", "folds": [1, 2], "extract_from": "corpus",
                           "manifests": {s: f"corpus-fold{{fold}}-{s}" for s in ("train", "dev", "test")},
-                          "head": {"proj": 8}, "steps": 3, "eval_every": 3}},
+                          "head_options": {"proj": 8}, "steps": 3, "eval_every": 3}},
          "grid": {"upstream_sets": [["toy-wavlm", "toy-whisper"]], "fusion": ["weighted-sum"], "merge": ["add"]},
          "train": {"lr": 1e-3, "max_frames": 200, "seed": 0}}
     return _write(tmp_path, r, "folds.yaml")

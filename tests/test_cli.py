@@ -72,7 +72,7 @@ def test_train_and_evaluate_on_manifest_rows_of_one_extraction(speech_manifest, 
     store = "cache/speech/toy-wavlm.zarr"
     out = _ok(["train", "--stores", store, "--manifest", str(root / "part-train.tsv"),
                "--dev-manifest", str(root / "part-dev.tsv"), "--task", "classify", "--fusion", "weighted-sum",
-               "--merge", "add", "--steps", "2", "--eval-every", "2", "--head", "proj=8", "--out", "run"])
+               "--merge", "add", "--steps", "2", "--eval-every", "2", "--head-option", "proj=8", "--out", "run"])
     assert "accuracy" in out
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["dev_stores"] == cfg["stores"] == [store] and cfg["dev_manifest"].endswith("part-dev.tsv")

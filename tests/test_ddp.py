@@ -96,7 +96,7 @@ def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_pa
     dev metrics and parameters; rank 0 alone writes. Seed 3 at max_frames 300 cuts global batches of
     1 (a stand-in on rank 1) to 8 utterances (odd ones split unevenly)."""
     kw = dict(task="classify", fusion=["weighted-sum", "hconv"], merge=["concat"], steps=12, eval_every=3,
-              max_frames=300, seed=3, head={"proj": 16})
+              max_frames=300, seed=3, head_options={"proj": 16})
     one = tmp_path / "one"
     train(_cfg(pitch_stores, one, **kw), progress=False)
 
@@ -108,7 +108,7 @@ def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_pa
     cli = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fusionpipe",
            "train", "--stores", ",".join(cfg.stores), "--dev-stores", ",".join(cfg.dev_stores), "--task", cfg.task,
            "--fusion", ",".join(cfg.fusion), "--merge", ",".join(cfg.merge), "--eval-every", "3", "--lr", str(cfg.lr),
-           "--max-frames", "300", "--seed", "3", "--head", "proj=16", "--device", "cpu", "--out", str(two)]
+           "--max-frames", "300", "--seed", "3", "--head-option", "proj=16", "--device", "cpu", "--out", str(two)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for steps, resume in ((6, []), (12, ["--resume"])):
         done = subprocess.run(cli + ["--steps", str(steps)] + resume, env=env, capture_output=True, text=True,

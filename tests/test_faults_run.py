@@ -26,7 +26,7 @@ TINY_HEAD = {"proj": 16}
 
 def _cfg(stores, out, **kw) -> TrainConfig:
     base = dict(stores=stores["train"], dev_stores=stores["dev"], task="classify", fusion=["hconv"],
-                merge=["concat"], out=str(out), steps=6, eval_every=2, lr=3e-3, max_frames=600, head=TINY_HEAD,
+                merge=["concat"], out=str(out), steps=6, eval_every=2, lr=3e-3, max_frames=600, head_options=TINY_HEAD,
                 device="cpu")
     return TrainConfig(**{**base, **kw})
 
@@ -136,8 +136,8 @@ def test_resume_with_another_setting_is_refused_naming_it(pitch_stores, tmp_path
     with pytest.raises(FusionpipeError, match=r"--resume: .*lr: 0\.003 -> 0\.001.*only --device, --num-workers, "
                                               r"--steps may change"):
         train(_cfg(pitch_stores, run, steps=4, lr=1e-3), resume=True, progress=False)
-    with pytest.raises(FusionpipeError, match=r"seed: 0 -> 1; head: \{'proj': 16\} -> \{'proj': 8\}"):
-        train(_cfg(pitch_stores, run, steps=4, head={"proj": 8}, seed=1), resume=True, progress=False)
+    with pytest.raises(FusionpipeError, match=r"seed: 0 -> 1; head_options: \{'proj': 16\} -> \{'proj': 8\}"):
+        train(_cfg(pitch_stores, run, steps=4, head_options={"proj": 8}, seed=1), resume=True, progress=False)
     assert (run / "hconv-concat" / "log.csv").read_text() == log  # nothing trained
     with pytest.raises(FusionpipeError, match=r"--steps \(1\): .* is at step 2 already"):
         train(_cfg(pitch_stores, run, steps=1), resume=True, progress=False)
@@ -147,7 +147,7 @@ def test_resume_with_another_setting_is_refused_naming_it(pitch_stores, tmp_path
 
 def test_resume_via_the_command_line_refuses_a_changed_flag(pitch_stores, tmp_path, monkeypatch, capsys):
     args = ["train", "--stores", ",".join(pitch_stores["train"]), "--task", "classify", "--steps", "2",
-            "--max-frames", "600", "--head", "proj=16", "--device", "cpu", "--out", str(tmp_path / "run")]
+            "--max-frames", "600", "--head-option", "proj=16", "--device", "cpu", "--out", str(tmp_path / "run")]
     assert _cli(args, monkeypatch, capsys)[0] == 0
     code, err = _cli(args + ["--resume", "--lr", "1e-3"], monkeypatch, capsys)
     assert code == 1 and "lr: 0.0001 -> 0.001" in err and "Traceback" not in err
@@ -194,10 +194,10 @@ def test_a_crafted_checkpoint_is_refused_by_evaluate_and_never_run(pitch_stores,
     assert done.returncode == 1, done.stderr[-3000:]
     assert done.stderr.startswith("error: ") and str(best) in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
-    from fusionpipe.ablate.report import _fusion_params
+    from fusionpipe.ablate.report import interface_params
 
     with pytest.raises(FusionpipeError, match="not a checkpoint fusionpipe can read"):
-        _fusion_params(best.parent)
+        interface_params(best.parent)
     torch.save({"step": Payload(marker)}, finished_run / "last.pt")
     with pytest.raises(FusionpipeError, match=str(finished_run / "last.pt")):
         train(_cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
@@ -234,7 +234,8 @@ def _cli(args, monkeypatch, capsys) -> tuple[int, str]:
     (lambda s: ["--grad-clip", "0"], "--grad-clip (grad_clip=0.0)"),
     (lambda s: ["--max-frames", "0"], "--max-frames (max_frames=0)"),
     (lambda s: ["--optimizer", "sgd"], "--optimizer (optimizer='sgd'): choose adam or adamw"),
-    (lambda s: ["--head", "hidden=8"], "--head (head={'hidden': 8}): the classify head takes no hidden"),
+    (lambda s: ["--head-option", "hidden=8"], "--head-option (head_options={'hidden': 8}): the classify head takes "
+                                             "no hidden"),
     (lambda s: ["--crop-seconds", "8,2"], "--crop-seconds"),
 ], ids=["dev-order", "dev-count", "dev-model", "select", "verify-trials", "steps-0", "steps-negative",
         "eval-every", "lr", "grad-clip", "max-frames", "optimizer", "head", "crop"])

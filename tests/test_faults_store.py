@@ -281,7 +281,7 @@ def test_train_on_a_store_with_skipped_utterances_offers_a_flag_it_has(speech_ma
     (speech_manifest.root / speech_manifest[1].path).write_bytes(b"not audio")
     url = extract(speech_manifest, "toy-wavlm", url=str(tmp_path / "skips.zarr"), device="cpu", progress=False,
                   skip_bad=True).url
-    args = ["train", "--stores", url, "--steps", "1", "--eval-every", "1", "--head", "hidden=8"]
+    args = ["train", "--stores", url, "--steps", "1", "--eval-every", "1", "--head-option", "hidden=8"]
     code, out = _cli(*args, "--out", str(tmp_path / "run"))
     assert code == 1 and "--skip-missing (fuse, train, evaluate)" in out and speech_manifest[1].id in out
     code, out = _cli(*args, "--out", str(tmp_path / "run"), "--skip-missing")

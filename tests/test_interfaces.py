@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fusionpipe.train.heads import ClassifierHead
-from fusionpipe.train.interfaces import (INTERFACES, Fusion, GumbelSelect, HConv, LastLayer, SingleLayer,
+from fusionpipe.train.interfaces import (INTERFACES, GumbelSelect, HConv, Interface, LastLayer, SingleLayer,
                                    WeightedSum)
 
 OPTS = {"single-layer": {"layer": 2}}
@@ -91,14 +91,14 @@ def test_last_and_single_layer_pick_one_layer():
 
 
 def test_add_of_equal_dims_adds_no_parameters(stacks):
-    fusion = Fusion([8, 8], 5, merge="add", interface="weighted-sum")
+    fusion = Interface([8, 8], 5, fusion="weighted-sum", merge="add")
     assert n_params(fusion) == 5
     lengths = torch.tensor([6, 6])
     assert torch.allclose(fusion(stacks, lengths), (stacks[0] + stacks[1]).mean(1), atol=1e-6)
 
 
 def test_add_of_unequal_dims_projects_every_upstream_to_the_largest():
-    fusion = Fusion([8, 12], 5, merge="add", interface="last-layer")
+    fusion = Interface([8, 12], 5, fusion="last-layer", merge="add")
     p0, p1 = fusion.front.projections
     assert (p0.in_features, p0.out_features, p1.in_features, p1.out_features) == (8, 12, 12, 12)
     a, b = torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 12)
@@ -108,14 +108,14 @@ def test_add_of_unequal_dims_projects_every_upstream_to_the_largest():
 
 
 def test_concat_projects_the_concatenated_features_to_the_largest_dim():
-    fusion = Fusion([8, 12], 5, merge="concat", interface="weighted-sum")
+    fusion = Interface([8, 12], 5, fusion="weighted-sum", merge="concat")
     assert (fusion.front.projection.in_features, fusion.front.projection.out_features) == (20, 12)
     out = fusion([torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 12)], torch.tensor([6, 4]))
     assert out.shape == (2, 6, 12)
 
 
 def test_concat_without_projection_feeds_the_sum_of_dims_to_the_interface():
-    fusion = Fusion([8, 12], 7, merge="concat", interface="hconv", project=False)
+    fusion = Interface([8, 12], 7, fusion="hconv", merge="concat", project=False)
     assert fusion.front.projection is None
     assert fusion.interface.dim == 20
     assert fusion([torch.randn(1, 7, 3, 8), torch.randn(1, 7, 3, 12)], torch.tensor([3])).shape == (1, 3, 18)
@@ -123,7 +123,7 @@ def test_concat_without_projection_feeds_the_sum_of_dims_to_the_interface():
 
 @pytest.mark.parametrize("merge", ["add", "concat"])
 def test_one_upstream_is_passed_through_unmerged(merge):
-    fusion = Fusion([8], 5, merge=merge, interface="last-layer")
+    fusion = Interface([8], 5, fusion="last-layer", merge=merge)
     x = torch.randn(2, 5, 3, 8)
     assert n_params(fusion) == 0
     assert torch.equal(fusion([x], torch.tensor([3, 3])), x[:, -1])
@@ -150,7 +150,7 @@ def test_gumbel_in_training_mixes_upstreams_softly():
 
 
 def test_gumbel_temperature_anneals_from_1_to_0_1_through_fusion():
-    fusion = Fusion([8, 8], 5, merge="add", interface="gumbel")
+    fusion = Interface([8, 8], 5, fusion="gumbel", merge="add")
     assert float(fusion.interface.tau) == pytest.approx(1.0)
     fusion.set_progress(0.5)
     assert float(fusion.interface.tau) == pytest.approx(math.sqrt(0.1))
@@ -159,7 +159,7 @@ def test_gumbel_temperature_anneals_from_1_to_0_1_through_fusion():
 
 
 def test_gumbel_concat_projects_the_n_masked_streams(stacks):
-    fusion = Fusion([8, 12], 5, merge="concat", interface="gumbel")
+    fusion = Interface([8, 12], 5, fusion="gumbel", merge="concat")
     assert fusion.interface.projection.in_features == 2 * 12
     out = fusion([stacks[0], torch.randn(2, 5, 6, 12)], torch.tensor([6, 2]))
     assert out.shape == (2, 6, 12)
@@ -169,7 +169,7 @@ def test_gumbel_concat_projects_the_n_masked_streams(stacks):
 @pytest.mark.parametrize("merge", ["add", "concat"])
 def test_padded_frames_do_not_change_valid_frames_and_come_out_zero(stacks, interface, merge):
     torch.manual_seed(0)
-    fusion = Fusion([8, 8], 5, merge=merge, interface=interface, **OPTS.get(interface, {})).eval()
+    fusion = Interface([8, 8], 5, fusion=interface, merge=merge, **OPTS.get(interface, {})).eval()
     lengths = torch.tensor([6, 3])
     changed = [x.clone() for x in stacks]
     for x in changed:
@@ -181,21 +181,21 @@ def test_padded_frames_do_not_change_valid_frames_and_come_out_zero(stacks, inte
 
 def test_unknown_interface_is_a_value_error_naming_the_valid_ones():
     with pytest.raises(ValueError, match="hconv, weighted-sum, gumbel, last-layer, single-layer"):
-        Fusion([8], 5, merge="add", interface="attention")
+        Interface([8], 5, fusion="attention", merge="add")
 
 
 def test_unknown_merge_is_a_value_error():
     with pytest.raises(ValueError, match="add, concat"):
-        Fusion([8], 5, merge="interleave", interface="hconv")
+        Interface([8], 5, fusion="hconv", merge="interleave")
 
 
 def test_an_option_the_interface_does_not_take_is_a_value_error():
     with pytest.raises(ValueError, match="stride"):
-        Fusion([8], 5, merge="add", interface="weighted-sum", stride=2)
+        Interface([8], 5, fusion="weighted-sum", merge="add", stride=2)
 
 
 def test_a_stack_of_the_wrong_shape_is_a_value_error(stacks):
-    fusion = Fusion([8, 8], 5, merge="add", interface="hconv")
+    fusion = Interface([8, 8], 5, fusion="hconv", merge="add")
     with pytest.raises(ValueError, match="stack 1"):
         fusion([stacks[0], torch.randn(2, 4, 6, 8)], torch.tensor([6, 6]))
 
@@ -209,7 +209,7 @@ def test_fusion_hconv_and_classifier_learn_to_separate_two_classes():
         a[:, 3, :, :2] += (2 * labels - 1)[:, None, None].float()  # the class lives in layer 3 of one model
         return [a, b], torch.full((n,), 10), labels
 
-    fusion = Fusion([8, 8], 7, merge="concat", interface="hconv")
+    fusion = Interface([8, 8], 7, fusion="hconv", merge="concat")
     head = ClassifierHead(fusion.out_dim, 2, proj=16)
     optimiser = torch.optim.Adam([*fusion.parameters(), *head.parameters()], lr=3e-3)
     stacks, lengths, labels = batch(64)

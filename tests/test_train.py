@@ -10,14 +10,15 @@ import torch
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.train.loop import TrainConfig, crop_frames, evaluate, random_crop, train
+from fusionpipe.train.augment import crop_frames, random_crop
+from fusionpipe.train.loop import TrainConfig, evaluate, train
 
 TINY_HEAD = {"proj": 16}
 
 
 def _cfg(stores, out, **kw):
     base = dict(stores=stores["train"], dev_stores=stores["dev"], task="classify", fusion=["hconv"],
-                merge=["concat"], out=str(out), steps=30, eval_every=10, lr=3e-3, max_frames=600, head=TINY_HEAD,
+                merge=["concat"], out=str(out), steps=30, eval_every=10, lr=3e-3, max_frames=600, head_options=TINY_HEAD,
                 device="cpu")
     return TrainConfig(**{**base, **kw})
 
@@ -100,7 +101,7 @@ def test_existing_run_is_not_overwritten_without_resume(pitch_stores, tmp_path):
 
 
 def test_asr_trains_and_reports_wer_and_cer(pitch_stores, tmp_path):
-    res = train(_cfg(pitch_stores, tmp_path / "asr", task="asr", steps=4, head={"proj": 16, "hidden": 16, "layers": 1}),
+    res = train(_cfg(pitch_stores, tmp_path / "asr", task="asr", steps=4, head_options={"proj": 16, "hidden": 16, "layers": 1}),
                 progress=False)["hconv-concat"]
     assert {"wer", "cer"} <= set(res["dev"]) and 0 <= res["dev"]["cer"]
 

@@ -15,8 +15,8 @@ The recipe (every key is checked; an unknown, missing or mistyped one is an erro
                                                       # (or a task's extract_from alone)
     extract: {dtype: float16, device: auto, codec: zstd, max_seconds: 160, skip_bad: false}
     tasks:                            # <name>: {settings}; the name is the `task` column
-      asr: {head: {proj: 32, hidden: 32, layers: 1}, steps: 200, eval_every: 100, metric: cer}
-      classify: {head: {proj: 32}, steps: 100}
+      asr: {head_options: {proj: 32, hidden: 32, layers: 1}, steps: 200, eval_every: 100, metric: cer}
+      classify: {head_options: {proj: 32}, steps: 100}
       er:                             # a task named otherwise says which trainer task it is
         task: classify
         folds: [1, 2, 3, 4, 5]        # one run per fold, {fold} in manifests / trials; mean reported
@@ -47,8 +47,8 @@ The recipe (every key is checked; an unknown, missing or mistyped one is an erro
   extracting.
 - Settings (recipe `train:`, overridden per task): any `TrainConfig` field but those the
   recipe sets itself (stores, task, fusion, merge, out, dev_stores, manifest, dev_manifest,
-  trials); `head` sizes are checked against the task's head, `interface` options against every
-  fusion in the grid.
+  trials); `head_options` (sizes) are checked against the task's head, `interface_options`
+  against every fusion in the grid.
 - An upstream set is named by its aliases joined with "+", in the order given; a variant is
   "<fusion>-<merge>". A set of ONE upstream trains each fusion once, under the first merge
   of the grid: merging one stack is the identity, so add and concat would be the same run.
@@ -82,6 +82,7 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import store_url
 from fusionpipe.manifest import BUNDLED, CORPUS, check_subset, read_manifest
 from fusionpipe.ablate.report import set_name, write_report
+from fusionpipe.train.config import variant_name
 
 SPLITS = ("train", "dev", "test")
 # keys of TrainConfig the recipe fills in itself, per run
@@ -191,7 +192,7 @@ class _Checker:
         return out
 
     def typed(self, value, type_name: str, where: str):
-        """Check a value against a TrainConfig field's annotation (as written in train.py)."""
+        """Check a value against a TrainConfig field's annotation (as written in train/config.py)."""
         t = type_name.replace(" ", "")
         if t == "bool":
             ok = isinstance(value, bool)
@@ -226,22 +227,23 @@ def _kind(value) -> str:
 
 
 def _train_fields() -> dict[str, str]:
-    from fusionpipe.train.loop import TrainConfig
+    from fusionpipe.train.config import TrainConfig
 
     return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
 
 
 def _known_upstream(name: str) -> bool:
-    from fusionpipe.extract.upstreams import UPSTREAMS, _HUB_ID
+    from fusionpipe.extract.upstreams import HUB_ID, UPSTREAMS
 
-    return name in UPSTREAMS or Path(name).expanduser().is_dir() or bool(_HUB_ID.fullmatch(name))
+    return name in UPSTREAMS or Path(name).expanduser().is_dir() or bool(HUB_ID.fullmatch(name))
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe; every error names the file and the key path."""
-    from fusionpipe.train.interfaces import INTERFACES, MERGES, _OPTIONS
+    from fusionpipe.fuse.view import MERGES
+    from fusionpipe.train.interfaces import INTERFACES, interface_option_names
     from fusionpipe.store import CODECS, DTYPES
-    from fusionpipe.train.tasks import METRICS, TASKS, head_options
+    from fusionpipe.train.tasks import METRICS, TASKS, head_option_names
     from fusionpipe.extract.upstreams import UPSTREAMS
 
     path = Path(path)
@@ -354,18 +356,19 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
                 c.fail(f"{where}.trials.{split}", f"missing: verify scores the {split} manifest on a trial list "
                        f"(or leave {split} out of the task's manifests)")
         merged = {**common, **settings({k: v for k, v in spec.items() if k in settable}, where)}
-        for k, v in merged.get("head", {}).items():
-            allowed = head_options(task)
+        for k, v in merged.get("head_options", {}).items():
+            allowed = head_option_names(task)
             if k not in allowed:
-                c.fail(f"{where}.head.{k}" if "head" in spec else f"train.head.{k}",
+                c.fail(f"{where}.head_options.{k}" if "head_options" in spec else f"train.head_options.{k}",
                        f"unknown head size for task {task}; it takes {', '.join(sorted(allowed))}")
             if not isinstance(v, (int, float)) or isinstance(v, bool):
-                c.fail(f"{where}.head.{k}", f"expected a number, got {_kind(v)}")
-        for k in merged.get("interface", {}):
+                c.fail(f"{where}.head_options.{k}", f"expected a number, got {_kind(v)}")
+        for k in merged.get("interface_options", {}):
             for f in fusion:
-                allowed = _OPTIONS[f] | (set() if f == "gumbel" else {"project"})
+                allowed = interface_option_names(f)
                 if k not in allowed:
-                    c.fail(f"{where}.interface.{k}" if "interface" in spec else f"train.interface.{k}",
+                    c.fail(f"{where}.interface_options.{k}" if "interface_options" in spec
+                           else f"train.interface_options.{k}",
                            f"interface {f} (in grid.fusion) takes no option {k!r}; it takes "
                            f"{', '.join(sorted(allowed)) or 'none'}")
         metric = c.string(spec["metric"], f"{where}.metric", METRICS[task]) if "metric" in spec else None
@@ -377,7 +380,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     # paper references
     paper_raw = c.mapping(top.get("paper", {}), "paper", optional=tuple(tasks))
     names = [set_name(s) for s in sets]
-    variant_names = [f"{f}-{m}" for f in fusion for m in merge]
+    variant_names = [variant_name(f, m) for f in fusion for m in merge]
     paper: dict[str, dict[str, dict[str, float]]] = {}
     for t, by_set in paper_raw.items():
         by_set = c.mapping(by_set, f"paper.{t}", optional=tuple(names))
@@ -480,7 +483,7 @@ class Plan:
             what = {"train": f"train   {len(x.variants)} variant(s) x {steps} steps",
                     "resume": f"resume  {len(x.variants)} variant(s) x {steps} steps",
                     "evaluate": "evaluate on test", "done": "done (skipped)", "stale": "STALE"}[x.status]
-            lines.append(f"  {x.label:<48} {what}  ({', '.join(f'{f}-{m}' for f, m in x.variants)})")
+            lines.append(f"  {x.label:<48} {what}  ({', '.join(variant_name(f, m) for f, m in x.variants)})")
         if self.problems:
             lines.append(f"{len(self.problems)} problem(s): nothing runs until they are fixed")
         return "\n".join(lines)
@@ -712,7 +715,7 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
               str(test_trials) if test_trials else None, test_manifest=rows("test"))
     saved = out / "config.json"
     if saved.is_file():
-        from fusionpipe.train.loop import TrainConfig, config_changes
+        from fusionpipe.train.config import TrainConfig, config_changes
 
         changes = config_changes(json.loads(saved.read_text()), TrainConfig(**config))
         if changes:
@@ -720,7 +723,7 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
             run.reason = (f"{out} was trained with other settings ({'; '.join(changes)}); delete that directory to "
                           "retrain it, or restore the recipe")
             return run
-        finished = all((out / f"{f}-{m}" / "results.json").is_file() for f, m in variants)
+        finished = all((out / variant_name(f, m) / "results.json").is_file() for f, m in variants)
         if not finished:
             run.status = "resume"
         elif run.test_stores and not _has_test(out, variants):
@@ -732,7 +735,7 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
 
 def _has_test(out: Path, variants) -> bool:
     f = out / "test.json"
-    return f.is_file() and all(f"{a}-{b}" in json.loads(f.read_text()) for a, b in variants)
+    return f.is_file() and all(variant_name(a, b) in json.loads(f.read_text()) for a, b in variants)
 
 
 # ---- running ----------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 One row per task x upstream set x variant, folds averaged, each task's metric on its test set
 (dev where a task has none) beside the paper's value when the recipe gives one, with trainable
-and fusion parameters, train seconds per epoch and inference seconds (the HConv overhead
+and interface parameters, train seconds per epoch and inference seconds (the HConv overhead
 question). `ablation.run_recipe` writes it after the runs; the runs on disk are its only input.
 """
 
@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from fusionpipe.train.config import variant_name
 
 if TYPE_CHECKING:
     from fusionpipe.ablate.plan import Plan, Recipe, Run, TaskSpec
@@ -39,7 +41,7 @@ def collect(plan: Plan) -> list[dict]:
         for upstreams in recipe.upstream_sets:
             runs = [x for x in plan.runs if x.task is spec and x.upstreams == upstreams]
             for fusion, merge in recipe.variants(upstreams):
-                variant = f"{fusion}-{merge}"
+                variant = variant_name(fusion, merge)
                 per_fold = [r for r in (_variant_result(x, variant) for x in runs) if r is not None]
                 if not per_fold:
                     continue
@@ -53,7 +55,7 @@ def collect(plan: Plan) -> list[dict]:
                     "variant": variant, "folds": len(per_fold), "split": split, "metrics": metrics,
                     "metric": metric, "ours": None if value is None else round(100 * value, 2), "paper": paper,
                     "trainable_params": per_fold[0]["trainable_params"],
-                    "fusion_params": per_fold[0]["fusion_params"],
+                    "interface_params": per_fold[0]["interface_params"],
                     "train_seconds_per_epoch": _mean([r["train_seconds_per_epoch"] for r in per_fold]),
                     "inference_seconds": _mean([r["inference_seconds"] for r in per_fold]),
                     "steps": per_fold[0]["steps"],
@@ -79,17 +81,17 @@ def _variant_result(x: Run, variant: str) -> dict | None:
         split, metrics = "dev", dict(res.get("dev") or {})
     inference = metrics.pop("inference_seconds", None)
     return {"split": split, "metrics": metrics, "inference_seconds": inference,
-            "trainable_params": res.get("trainable_params"), "fusion_params": _fusion_params(x.out / variant),
+            "trainable_params": res.get("trainable_params"), "interface_params": interface_params(x.out / variant),
             "train_seconds_per_epoch": res.get("train_seconds_per_epoch"), "steps": res.get("steps"),
             "log": x.out / variant / "log.csv"}
 
 
-def _fusion_params(variant_dir: Path) -> int | None:
-    """Parameters of the fusion part (merge front + interface), from the saved state dict."""
+def interface_params(variant_dir: Path) -> int | None:
+    """Parameters of the interface (merge front + interface; the state dict's fusion.*), from best.pt."""
     ckpt = variant_dir / "best.pt"
     if not ckpt.is_file():
         return None
-    from fusionpipe.train.loop import load_checkpoint
+    from fusionpipe.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(ckpt)["model"]
     return int(sum(v.numel() for k, v in state.items() if k.startswith("fusion.") and v.is_floating_point()
@@ -109,7 +111,7 @@ def write_report(plan: Plan) -> list[Path]:
 
 
 CSV_HEAD = ("task", "upstreams", "fusion", "merge", "variant", "folds", "split")
-CSV_TAIL = ("trainable_params", "fusion_params", "train_seconds_per_epoch", "inference_seconds", "steps",
+CSV_TAIL = ("trainable_params", "interface_params", "train_seconds_per_epoch", "inference_seconds", "steps",
             "metric", "ours", "paper")
 
 
@@ -156,7 +158,7 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path) -
             name = set_name(upstreams)
             cells = []
             for f, m in variants:
-                r = next((r for r in task_rows if r["upstreams"] == name and r["variant"] == f"{f}-{m}"), None)
+                r = next((r for r in task_rows if r["upstreams"] == name and r["variant"] == variant_name(f, m)), None)
                 if r is None:
                     trained_elsewhere = len(upstreams) == 1 and m not in recipe.merge[:1]
                     single |= trained_elsewhere
@@ -176,11 +178,11 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path) -
         lines.append("")
 
     lines += ["## Computational overhead of the interfaces", "",
-              "Trainable parameters (fusion = merge front + interface; total adds the head), training "
+              "Trainable parameters (interface = merge front + interface over the layers; total adds the head), training "
               "seconds per epoch and inference seconds over the evaluation set, measured per variant "
               "inside one shared pass (data loading excluded). `x WS`: training time relative to "
               "weighted-sum with the same upstreams and merge.", "",
-              "| task | upstreams | variant | fusion params | total params | train s / epoch | x WS | "
+              "| task | upstreams | variant | interface params | total params | train s / epoch | x WS | "
               "inference s |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         ws = next((o for o in rows if o["task"] == r["task"] and o["upstreams"] == r["upstreams"]
@@ -188,7 +190,7 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path) -
         ratio = ""
         if ws and ws["train_seconds_per_epoch"] and r["train_seconds_per_epoch"] is not None:
             ratio = f"{r['train_seconds_per_epoch'] / ws['train_seconds_per_epoch']:.2f}"
-        lines.append(f"| {r['task']} | {r['upstreams']} | {r['variant']} | {_int(r['fusion_params'])} | "
+        lines.append(f"| {r['task']} | {r['upstreams']} | {r['variant']} | {_int(r['interface_params'])} | "
                      f"{_int(r['trainable_params'])} | {_fmt(r['train_seconds_per_epoch'], 3)} | {ratio} | "
                      f"{_fmt(r['inference_seconds'], 3)} |")
     lines.append("")
@@ -214,7 +216,7 @@ def _plot(recipe: Recipe, rows: list[dict], out: Path) -> list[Path]:
             continue
         metric, lower = _primary(spec)
         sets = [set_name(s) for s in recipe.upstream_sets if any(r["upstreams"] == set_name(s) for r in task_rows)]
-        variants = [v for v in (f"{f}-{m}" for f in recipe.fusion for m in recipe.merge)
+        variants = [v for v in (variant_name(f, m) for f in recipe.fusion for m in recipe.merge)
                     if any(r["variant"] == v for r in task_rows)]
         width = 0.8 / len(variants)
         colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(variants))]

@@ -40,7 +40,7 @@ from fusionpipe.extract.hf_batching import MaskedGroupNorm, PerUtterancePosConv,
 
 SAMPLE_RATE = 16000
 _FAMILIES = {"hubert": "ssl", "wavlm": "ssl", "data2vec-audio": "ssl", "wav2vec2": "ssl", "whisper": "whisper"}
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass(frozen=True)
@@ -329,7 +329,7 @@ def _resolve(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve())
-    if _HUB_ID.fullmatch(name):
+    if HUB_ID.fullmatch(name):
         return name
     if os.sep in name or name.startswith((".", "~")):
         raise FusionpipeError(f"upstream directory {name} does not exist; pass a save_pretrained() directory, "

@@ -10,10 +10,10 @@
 Every head takes features (B, T, D) and ``lengths`` (B,) long (valid frames) and returns a
 `HeadOutput` (output, lengths): ``lengths`` are the valid frames of a frame-level output
 and None for an utterance-level one. Padding never leaks into valid outputs: masked
-pooling, packed LSTMs, key padding masks, convolutions that only count fully valid
-windows. ``min_frames`` is the shortest input a head accepts; shorter ones raise
-ValueError, so a data loader can filter or crop first. Every size is an argument, so tests
-can shrink the heads.
+pooling, a BiLSTM whose backward direction reads each sequence reversed within its length
+(`BiLSTM`, no packing), key padding masks, convolutions that only count fully valid windows.
+``min_frames`` is the shortest input a head accepts; shorter ones raise ValueError, so a data
+loader can filter or crop first. Every size is an argument, so tests can shrink the heads.
 """
 
 from __future__ import annotations

@@ -1,19 +1,19 @@
-"""Stage 3: the fusion interface, the trained part that reads every layer of the merged upstreams.
+"""Stage 3: the interface, the trained part that reads every layer of the merged upstreams.
 
     >>> import torch
-    >>> from fusionpipe.train.interfaces import Fusion
-    >>> fusion = Fusion(dims=[768, 768], num_layers=13, merge="add", interface="hconv")
+    >>> from fusionpipe.train.interfaces import Interface
+    >>> interface = Interface(dims=[768, 768], num_layers=13, fusion="hconv", merge="add")
     >>> stacks = [torch.randn(2, 13, 50, 768), torch.randn(2, 13, 50, 768)]
-    >>> fusion(stacks, lengths=torch.tensor([50, 31])).shape
+    >>> interface(stacks, lengths=torch.tensor([50, 31])).shape
     torch.Size([2, 50, 768])
 
 Input convention: a list of N per-upstream stacks, each (B, L, T, D_i), already aligned by
 stage 2 to a common number of layers L and frames T, plus ``lengths`` (B,) long, the valid
 frames of each utterance. Every interface works frame by frame, so padded frames never
-change valid ones; `Fusion` returns zeros at padded frames.
+change valid ones; `Interface` returns zeros at padded frames.
 
-`Fusion` = merge front (the paper's add / concat, trained) + ONE interface over the layer
-axis (`HConv`, `WeightedSum`, `LastLayer`, `SingleLayer`), or the GumD baseline
+`Interface` = merge front (the paper's add / concat, trained) + ONE interface over the layer
+axis, chosen by name (``fusion``: one of `INTERFACES`) (`HConv`, `WeightedSum`, `LastLayer`, `SingleLayer`), or the GumD baseline
 (`GumbelSelect`), which does its own merging. Choices the paper leaves open are written
 where they are made: add with unequal hidden sizes (`Merge`), HConv with fewer layers than
 the stride (`HConv`), the Gumbel details (`GumbelSelect`).
@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusionpipe.fuse.view import MERGES
+
 INTERFACES = ("hconv", "weighted-sum", "gumbel", "last-layer", "single-layer")
-MERGES = ("add", "concat")
 
 
 def frame_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -134,7 +135,11 @@ def _to_common(dims: list[int]) -> tuple[int, nn.ModuleList | None]:
 
 
 class Merge(nn.Module):
-    """The paper's merges of N aligned stacks (B, L, T, D_i) -> (B, L, T, out_dim).
+    """The paper's merges of N aligned stacks (B, L, T, D_i) -> (B, L, T, out_dim), trained.
+
+    The merge names are stage 2's (`fusionpipe.fuse.view.MERGES`), but not its rules: stage 2
+    merges features as stored, without parameters, so its add refuses unequal hidden sizes;
+    here the merge is part of the trained model and may learn projections to a common size.
 
     add: element-wise sum; equal sizes add no parameters, unequal sizes first go through a
       learned per-upstream Linear(D_i -> D), D = max D_i (our choice; the paper only fuses
@@ -227,39 +232,44 @@ _OPTIONS = {
 }
 
 
-class Fusion(nn.Module):
+def interface_option_names(fusion: str) -> set[str]:
+    """The options (interface_options keys) the interface named ``fusion`` takes."""
+    return _OPTIONS[fusion] | (set() if fusion == "gumbel" else {"project"})
+
+
+class Interface(nn.Module):
     """Merge front + ONE interface: N stacks (B, L, T, D_i) + lengths (B,) -> (B, T, out_dim).
 
     ``dims``: hidden size D_i of each upstream, in the order of the stacks; ``num_layers``:
-    the common L after alignment; ``merge``: "add" or "concat" (`Merge`); ``interface``:
-    one of `INTERFACES`. Options: ``project`` (concat projection, default True; not for
+    the common L after alignment; ``fusion``: which interface, one of `INTERFACES`; ``merge``:
+    "add" or "concat" (`Merge`). Options: ``project`` (concat projection, default True; not for
     gumbel), ``normalize`` (hconv, weighted-sum, gumbel), ``kernel_size`` and ``stride``
     (hconv), ``layer`` (single-layer, required), ``tau_start`` and ``tau_end`` (gumbel).
     Call `set_progress` every step; it only matters for gumbel.
     """
 
-    def __init__(self, dims: list[int], num_layers: int, merge: str = "add",
-                 interface: str = "hconv", **opts):
+    def __init__(self, dims: list[int], num_layers: int, fusion: str = "hconv", merge: str = "add", **opts):
         super().__init__()
-        if interface not in INTERFACES:
-            raise ValueError(f"unknown interface {interface!r}; choose one of {', '.join(INTERFACES)}")
+        if fusion not in INTERFACES:
+            raise ValueError(f"unknown interface {fusion!r}; choose one of {', '.join(INTERFACES)}")
         if merge not in MERGES:
             raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
-        allowed = _OPTIONS[interface] | (set() if interface == "gumbel" else {"project"})
+        allowed = interface_option_names(fusion)
         if set(opts) - allowed:
-            raise ValueError(f"interface {interface!r} takes no option(s) {sorted(set(opts) - allowed)}; "
+            raise ValueError(f"interface {fusion!r} takes no option(s) {sorted(set(opts) - allowed)}; "
                              f"it takes {sorted(allowed) or 'none'}")
-        if interface == "single-layer" and "layer" not in opts:
+        if fusion == "single-layer" and "layer" not in opts:
             raise ValueError("interface 'single-layer' needs layer=k (which layer to use)")
         self.dims, self.num_layers = list(dims), num_layers
-        self.merge_name, self.interface_name = merge, interface
-        if interface == "gumbel":
+        self.fusion, self.merge = fusion, merge
+        # the modules keep their names (front, interface): they are the keys of saved checkpoints
+        if fusion == "gumbel":
             self.front = None
             self.interface = GumbelSelect(self.dims, num_layers, merge, **opts)
         else:
             self.front = Merge(self.dims, merge, project=opts.pop("project", True))
             cls = {"hconv": HConv, "weighted-sum": WeightedSum, "last-layer": LastLayer,
-                   "single-layer": SingleLayer}[interface]
+                   "single-layer": SingleLayer}[fusion]
             self.interface = cls(num_layers, self.front.out_dim, **opts)
         self.out_dim = self.interface.out_dim
 
@@ -278,7 +288,7 @@ class Fusion(nn.Module):
 
     def _check(self, stacks: list[torch.Tensor]) -> None:
         if len(stacks) != len(self.dims):
-            raise ValueError(f"Fusion was built for {len(self.dims)} upstreams, got {len(stacks)} stacks")
+            raise ValueError(f"Interface was built for {len(self.dims)} upstreams, got {len(stacks)} stacks")
         B, _, T, _ = stacks[0].shape
         for i, x in enumerate(stacks):
             if x.dim() != 4 or x.shape[0] != B or x.shape[1] != self.num_layers or x.shape[2] != T \

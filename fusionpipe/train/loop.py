@@ -1,4 +1,4 @@
-"""STAGE 3: train only the fusion interface and the task head, from the cache.
+"""STAGE 3: train only the interface and the task head, from the cache.
 
 One pass trains K variants (interface x merge) over the same stores: every batch is read and
 aligned once and fed to all of them. Each variant keeps its own parameters, optimizer and
@@ -48,211 +48,38 @@ depends on how a batch is split.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from fusionpipe.train import ddp as dist
-from fusionpipe.atomic import atomic_write, remove_leftovers, write_json
-from fusionpipe.fuse.loader import make_loader, shard
+from fusionpipe.atomic import remove_leftovers, write_json
 from fusionpipe.device import resolve_device
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.train.interfaces import INTERFACES, MERGES, Fusion
-from fusionpipe.train.tasks import (METRICS, TASKS, build_task, head_options, is_metric, lower_is_better, primary_metric,
-                    read_trials, task_from_dict)
-
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-# config fields that may differ between a run and its rerun without changing results (where it runs)
-NOT_COMPARED = ("device", "num_workers")
-# ... and what a --resume may change besides: more steps continue the run (a Gumbel temperature
-# schedule, which follows step / steps, then stretches from the resumed step on)
-RESUMABLE = (*NOT_COMPARED, "steps")
-# what makes two stores' features interchangeable: the upstream that computed them
-FINGERPRINT = ("model_id", "revision", "num_layers", "hidden_size")
+from fusionpipe.fuse.loader import make_loader, shard
+from fusionpipe.train import ddp as dist
+from fusionpipe.train.augment import crop_frames, random_crop, spec_augment
+from fusionpipe.train.checkpoint import load_checkpoint, save_checkpoint
+from fusionpipe.train.defaults import complete
+from fusionpipe.train.config import (OPTIMIZERS, RESUMABLE, TrainConfig, check_upstreams, config_changes, flag,
+                                     trial_list, variant_name)
+from fusionpipe.train.interfaces import Interface
+from fusionpipe.train.log import Log
+from fusionpipe.train.tasks import batch_targets, build_task, lower_is_better, primary_metric, task_from_dict
 
 
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved as config.json beside the results (CLI flag = field name)."""
+class VariantModel(nn.Module):
+    """Interface (merge front + interface) -> head. The only trained parameters of a variant."""
 
-    stores: list[str]
-    task: str = "asr"
-    fusion: list[str] = field(default_factory=lambda: ["hconv"])
-    merge: list[str] = field(default_factory=lambda: ["concat"])
-    out: str = "runs/default"
-    dev_stores: list[str] = field(default_factory=list)
-    manifest: str | None = None                 # train on these rows of the stores (default: all, as extracted)
-    dev_manifest: str | None = None             # evaluate on these rows of the dev stores (default: all)
-    trials: str | None = None                   # verify: trial list over the dev stores' utterances
-    steps: int = 200_000
-    eval_every: int = 1000
-    lr: float = 1e-4
-    optimizer: str = "adam"                     # adam | adamw (SUPERB SV uses AdamW)
-    max_frames: int = 25_600                    # padded frames per batch (32 x 16 s at 50 Hz)
-    grad_clip: float = 1.0
-    specaugment: bool = False                   # time and feature masks on the fused features
-    crop_seconds: list[float] | None = None     # train on random crops of [min, max] s each (SUPERB SV: [2, 8])
-    select: str | None = None                   # dev metric that picks best.pt (default: the task's primary one)
-    seed: int = 0
-    head: dict = field(default_factory=dict)    # head sizes, e.g. {"hidden": 64}
-    interface: dict = field(default_factory=dict)  # interface options, e.g. {"normalize": True}
-    align_time: str = "max"
-    align_layers: str = "interpolate"
-    skip_missing: bool = False                  # leave out utterances skipped or unfinished in some store
-    device: str = "auto"
-    num_workers: int = 0
-
-    def variants(self) -> list[tuple[str, str]]:
-        return [(f, m) for f in self.fusion for m in self.merge]
-
-    def save(self, path: Path) -> None:
-        write_json(path, asdict(self))
-
-    @classmethod
-    def load(cls, path: Path) -> TrainConfig:
-        try:
-            return cls(**json.loads(Path(path).read_text()))
-        except (ValueError, TypeError) as e:  # not JSON, or other fields than a TrainConfig's
-            raise FusionpipeError(f"{path} is not a fusionpipe training config ({e})") from None
-
-    def check(self) -> None:
-        """Refuse settings that cannot train or evaluate, before any data is read or any step taken.
-
-        Each error names the flag as the command line spells it (and the field) and what to give.
-        The dev stores must hold the train stores' upstreams, in their order (`check_upstreams`).
-        """
-        def refuse(name: str, problem: str):
-            raise FusionpipeError(f"{flag(name)} ({name}={getattr(self, name)!r}): {problem}")
-
-        if self.task not in TASKS:
-            refuse("task", f"unknown task; choose one of {', '.join(TASKS)}")
-        if not self.stores:
-            refuse("stores", "no train stores; give at least one")
-        for name, choices in (("fusion", INTERFACES), ("merge", MERGES)):
-            values = getattr(self, name)
-            if not values or any(x not in choices for x in values):
-                refuse(name, f"give one or more of {', '.join(choices)}")
-        for name, what in (("steps", "optimizer steps in all"), ("eval_every", "evaluate and save a checkpoint "
-                           "every N steps"), ("max_frames", "padded frames per batch")):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                refuse(name, f"must be a whole number >= 1 ({what})")
-        for name in ("lr", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                refuse(name, "must be a positive number")
-        if self.optimizer not in OPTIMIZERS:
-            refuse("optimizer", f"choose {' or '.join(OPTIMIZERS)}")
-        if self.crop_seconds is not None:
-            crop_frames(self.crop_seconds, 1.0)
-        if self.select is not None and not is_metric(self.task, self.select):
-            per_language = " or cer/<language>" if self.task == "multilingual" else ""
-            refuse("select", f"not a dev metric of task {self.task}; choose one of "
-                             f"{', '.join(METRICS[self.task])}{per_language}")
-        unknown = sorted(set(self.head) - head_options(self.task))
-        if unknown:
-            refuse("head", f"the {self.task} head takes no {', '.join(unknown)}; it takes "
-                           f"{', '.join(sorted(head_options(self.task)))}")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.head.values()):
-            refuse("head", "sizes are numbers, e.g. --head hidden=64")
-        self._check_dev()
-
-    def _check_dev(self) -> None:
-        if self.trials and self.task != "verify":
-            raise FusionpipeError(f"--trials ({self.trials}): only --task verify scores a trial list; drop it")
-        if self.task == "verify" and self.dev_stores and not self.trials:
-            raise FusionpipeError("--task verify scores the dev stores on a trial list: give --trials FILE "
-                                  "(lines 'label enroll_id test_id' over the dev utterances), or no --dev-stores")
-        if self.trials:
-            trial_list(self.trials)
-        if self.dev_manifest and not self.dev_stores:
-            raise FusionpipeError(f"dev_manifest={self.dev_manifest} chooses rows of the dev stores, but none are "
-                                  "given (dev_stores, --dev-stores)")
-        if self.manifest and self.dev_stores == self.stores and not self.dev_manifest:
-            raise FusionpipeError(f"the dev stores are the train stores and only the train utterances are chosen "
-                                  f"(manifest={self.manifest}): give dev_manifest (--dev-manifest) too, or the dev "
-                                  "metrics would include the training utterances")
-        if self.dev_stores:
-            check_upstreams(self.stores, self.dev_stores, "--dev-stores")
-
-
-def trial_list(path: str | Path) -> list:
-    """`read_trials`, its errors naming the --trials flag."""
-    try:
-        return read_trials(path)
-    except (OSError, ValueError) as e:
-        raise FusionpipeError(f"--trials ({path}): {e}") from None
-
-
-def flag(name: str) -> str:
-    """A TrainConfig field's command-line spelling: eval_every -> --eval-every."""
-    return "--" + name.replace("_", "-")
-
-
-def config_changes(saved: dict, given: TrainConfig, exempt: tuple[str, ...] = NOT_COMPARED) -> list[str]:
-    """``key: saved -> given`` for each field (but ``exempt``) in which ``given`` differs from a saved
-    config.json: a rerun (ablation plan) or --resume must train what the run directory holds."""
-    new = json.loads(json.dumps(asdict(given)))  # as config.json holds it: tuples are lists
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in new.items() if k not in exempt and saved.get(k) != v]
-
-
-def _upstream(url: str) -> dict:
-    from fusionpipe.store import FeatureStore
-
-    up = FeatureStore.open(url).info.upstream_fingerprint
-    return {k: up.get(k) for k in ("name", *FINGERPRINT)}
-
-
-def _describe(up: dict) -> str:
-    return (f"{up['name']} ({up['model_id']} @ {str(up['revision'])[:12]}, L={up['num_layers']}, "
-            f"D={up['hidden_size']})")
-
-
-def check_upstreams(reference: list[str], given: list[str], given_flag: str, reference_flag: str = "--stores") -> None:
-    """Refuse ``given`` stores unless they hold features of ``reference``'s upstreams, one for one and in
-    the same order (the fusion has one input per upstream, in order); errors name both flags."""
-    if list(given) == list(reference):
-        return
-    if len(given) != len(reference):
-        raise FusionpipeError(f"{given_flag} names {len(given)} store(s) and {reference_flag} {len(reference)}: "
-                              f"give one store per upstream of {reference_flag}, in its order")
-    want, got = [_upstream(s) for s in reference], [_upstream(s) for s in given]
-
-    def key(up: dict) -> tuple:
-        return tuple(str(up[k]) for k in FINGERPRINT)
-
-    if [key(u) for u in got] == [key(u) for u in want]:
-        return
-    if sorted(map(key, got)) == sorted(map(key, want)):
-        raise FusionpipeError(f"{given_flag} holds the upstreams of {reference_flag} in another order "
-                              f"({', '.join(u['name'] for u in got)}); give them in the order "
-                              f"{', '.join(u['name'] for u in want)}")
-    i = next(i for i, (a, b) in enumerate(zip(got, want)) if key(a) != key(b))
-    raise FusionpipeError(f"{given_flag} store {i + 1} ({given[i]}) holds features of {_describe(got[i])}, but "
-                          f"{reference_flag} store {i + 1} ({reference[i]}) of {_describe(want[i])}; give stores "
-                          f"extracted with the same upstreams, in the order of {reference_flag}")
-
-
-def variant_name(fusion: str, merge: str) -> str:
-    return f"{fusion}-{merge}"
-
-
-class FusionModel(nn.Module):
-    """Fusion (merge + interface) -> head. The only trained parameters of a variant."""
-
-    def __init__(self, fusion: Fusion, head: nn.Module):
+    def __init__(self, interface: Interface, head: nn.Module):
         super().__init__()
-        self.fusion, self.head = fusion, head
+        self.fusion, self.head = interface, head  # "fusion": the checkpoint keys of existing runs (fusion.*)
 
     def features(self, stacks: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         return self.fusion(stacks, lengths)
@@ -269,11 +96,11 @@ class FusionModel(nn.Module):
 class Variant:
     """One (fusion, merge) under training: model, optimizer and its own RNG stream.
 
-    ``model`` is the plain FusionModel (evaluated and saved); ``trainer`` the module a training
+    ``model`` is the plain VariantModel (evaluated and saved); ``trainer`` the module a training
     step calls, its DistributedDataParallel wrapper under torchrun.
     """
 
-    def __init__(self, name: str, model: FusionModel, optimizer: torch.optim.Optimizer, out: Path):
+    def __init__(self, name: str, model: VariantModel, optimizer: torch.optim.Optimizer, out: Path):
         self.name, self.model, self.optimizer, self.out = name, model, optimizer, out
         self.trainer: nn.Module = model
         self.rng = torch.get_rng_state()
@@ -318,69 +145,19 @@ class Variant:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def random_crop(stacks: list[torch.Tensor], lengths: torch.Tensor, shortest: int,
-                longest: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A random window of each utterance, shortest..longest frames long (the whole of a shorter one),
-    from the (B, L, T, D_i) stacks; zero past the new lengths, as the loader's batches are."""
-    real = lengths.cpu()
-    want = torch.randint(shortest, longest + 1, real.shape)
-    new = torch.minimum(real, want)
-    start = (torch.rand(real.shape) * (real - new + 1).to(torch.float)).long()  # uniform in 0..real-new
-    T = int(new.max()) if len(new) else 0
-    frames = start[:, None] + torch.arange(T)[None, :]                      # (B, T)
-    keep = torch.arange(T)[None, :] < new[:, None]
-    frames = torch.where(keep, frames, 0)
-    out = []
-    for s in stacks:
-        index = frames.to(s.device)[:, None, :, None].expand(-1, s.shape[1], -1, s.shape[3])
-        out.append(s.gather(2, index) * keep.to(s.device)[:, None, :, None])
-    return out, new.to(lengths.device)
-
-
-def crop_frames(seconds: list[float] | None, frame_rate: float) -> tuple[int, int] | None:
-    """crop_seconds [min, max] -> (shortest, longest) frames at the fused frame rate; refuses nonsense."""
-    if seconds is None:
-        return None
-    if len(seconds) != 2 or not 0 < seconds[0] <= seconds[1] < math.inf:
-        raise FusionpipeError(f"--crop-seconds (crop_seconds={seconds}): give MIN,MAX with 0 < MIN <= MAX, "
-                              "e.g. 2,8")
-    return max(1, round(seconds[0] * frame_rate)), max(1, round(seconds[1] * frame_rate))
-
-
-def spec_augment(x: torch.Tensor, lengths: torch.Tensor, time_masks: int = 2, time_width: int = 20,
-                 feat_masks: int = 2, feat_width: int = 16) -> torch.Tensor:
-    """SpecAugment-style masks on (B, T, D) features (s3prl applies them to upstream features)."""
-    B, T, D = x.shape
-    keep = torch.ones_like(x)
-    for b in range(B):
-        for _ in range(time_masks):
-            w = int(torch.randint(0, time_width + 1, ()))
-            t0 = int(torch.randint(0, max(1, int(lengths[b]) - w), ()))
-            keep[b, t0:t0 + w] = 0
-        for _ in range(feat_masks):
-            w = int(torch.randint(0, feat_width + 1, ()))
-            f0 = int(torch.randint(0, max(1, D - w), ()))
-            keep[b, :, f0:f0 + w] = 0
-    return x * keep
-
-
-def _targets(rows) -> dict[str, list]:
-    return {c: [getattr(u, c) for u in rows] for c in ("id", "text", "label", "speaker", "language")}
-
-
 def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out: Path,
                    device: torch.device) -> list[Variant]:
     variants = []
-    for fusion_name, merge in cfg.variants():
+    for fusion, merge in cfg.variants():
         torch.manual_seed(cfg.seed)  # identical initialisation whether trained alone or with others
         try:
-            fusion = Fusion(dims, num_layers, merge=merge, interface=fusion_name, **cfg.interface)
+            interface = Interface(dims, num_layers, fusion=fusion, merge=merge, **cfg.interface_options)
         except ValueError as e:
-            raise FusionpipeError(f"variant {variant_name(fusion_name, merge)}: {e}") from None
-        model = FusionModel(fusion, task.build_head(fusion.out_dim, **cfg.head)).to(device)
+            raise FusionpipeError(f"variant {variant_name(fusion, merge)}: {e}") from None
+        model = VariantModel(interface, task.build_head(interface.out_dim, **cfg.head_options)).to(device)
         if dist.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
             torch.manual_seed(dist.rank_seed(cfg.seed, dist.rank()))
-        name = variant_name(fusion_name, merge)
+        name = variant_name(fusion, merge)
         variants.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr), out / name))
     return variants
 
@@ -390,6 +167,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; see the module docstring.
     """
+    cfg = complete(cfg)
     cfg.check()
     out = Path(cfg.out)
     if (out / "config.json").exists():
@@ -441,7 +219,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         task = task_from_dict(json.loads((out / "task.json").read_text()), trials)
     else:
         try:
-            task = build_task(cfg.task, _targets(rows), trials)
+            task = build_task(cfg.task, batch_targets(rows), trials)
         except ValueError as e:
             raise FusionpipeError(f"task {cfg.task} on {cfg.manifest or view.describe()['manifest']}: {e}") from None
     variants = build_variants(cfg, task, view.dims, view.num_layers, out, device)
@@ -453,7 +231,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     checkpoint = out / "last.pt"
     step, position = 0, (0, 0)
     if resume and checkpoint.exists():
-        step, position = _restore(variants, load_checkpoint(checkpoint), checkpoint)
+        step, position = restore_checkpoints(variants, load_checkpoint(checkpoint), checkpoint)
         if step > cfg.steps:
             raise FusionpipeError(f"--steps ({cfg.steps}): {checkpoint} is at step {step} already; give --steps "
                                   f"{step} or more to --resume it")
@@ -466,7 +244,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         write_json(out / "task.json", task.to_dict(), indent=None)
     for v in variants:
         v.trainer = dist.wrap(v.model, device)
-    logs = {v.name: _Log(v.out / "log.csv", step) for v in variants} if main else {}
+    logs = {v.name: Log(v.out / "log.csv", step) for v in variants} if main else {}
 
     try:
         step = _train_steps(cfg, task, variants, loader, dev, crop, device, logs, step, position, checkpoint, progress)
@@ -484,6 +262,21 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     return results
 
 
+def batches(loader, position: tuple[int, int], count: int):
+    """``count`` global batches from data ``position`` (epoch, batch) on, epoch after epoch:
+    (epoch, k, batch), batch k of that epoch. A resumed epoch does not read the batches it skips."""
+    epoch, skip = position
+    while count > 0:
+        loader.batch_sampler.set_epoch(epoch)
+        loader.batch_sampler.skip = skip
+        for k, batch in enumerate(loader, start=skip):
+            yield epoch, k, batch
+            count -= 1
+            if count == 0:
+                return
+        epoch, skip = epoch + 1, 0
+
+
 def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, crop, device: torch.device,
                  logs: dict, step: int, position: tuple[int, int], checkpoint: Path, progress: bool) -> int:
     """Steps from ``step`` (at data ``position``) to cfg.steps: train, log, evaluate, keep best.pt, save
@@ -491,72 +284,53 @@ def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, c
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
                desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
-    saved, (epoch, skip) = step, position
+    saved = step
     with bar:
-        while step < cfg.steps:
-            loader.batch_sampler.set_epoch(epoch)
-            loader.batch_sampler.skip = skip  # resume inside an epoch without reading the skipped batches
-            for k, batch in enumerate(loader, start=skip):
-                stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
-                lengths = batch["lengths"].to(device)
-                targets = _targets(batch["rows"])
-                # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
-                weight = shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
-                losses = []
-                for v in variants:
-                    t0 = time.perf_counter()
-                    with v.own_rng():
-                        x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
-                        losses.append(_step(v, task, x, n, targets, cfg, step, weight))
-                    v.train_seconds += time.perf_counter() - t0
-                losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
-                step += 1
-                _stop_if_not_finite(losses, step, lambda: _batch_ids(loader, k), checkpoint, saved)
-                bar.update(1)
-                bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
-                metrics = {}
-                if dev is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    metrics = evaluate_variants(variants, task, dev, device)
-                for v in variants:
-                    if main:
-                        logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
-                    if v.name in metrics:
-                        _keep_best(v, metrics[v.name], cfg)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    _save_state(variants, step, (epoch, k + 1), logs.values(), checkpoint)
-                    saved = step
-                if step >= cfg.steps:
-                    return step
-            epoch, skip = epoch + 1, 0
+        for epoch, k, batch in batches(loader, position, cfg.steps - step):
+            stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
+            lengths = batch["lengths"].to(device)
+            targets = batch_targets(batch["rows"])
+            # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
+            weight = shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
+            losses = []
+            for v in variants:
+                t0 = time.perf_counter()
+                with v.own_rng():
+                    x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
+                    losses.append(_step(v, task, x, n, targets, cfg, step, weight))
+                v.train_seconds += time.perf_counter() - t0
+            losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
+            step += 1
+            _stop_if_not_finite(losses, step, lambda: _batch_ids(loader, k), checkpoint, saved)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
+
+            metrics = maybe_evaluate(variants, task, dev, device, cfg, step)
+            for v in variants:
+                if main:
+                    logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
+                if v.name in metrics:
+                    _keep_best(v, metrics[v.name], cfg)
+            if _due(cfg, step):
+                save_checkpoints(variants, step, (epoch, k + 1), logs.values(), checkpoint)
+                saved = step
     return step
 
 
-def save_checkpoint(obj: dict, path: Path) -> None:
-    """torch.save, whole or not at all (`atomic_write`): a kill leaves the previous file intact."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
+def _due(cfg: TrainConfig, step: int) -> bool:
+    """Evaluate and save last.pt at this step: every eval_every steps, and at the last."""
+    return step % cfg.eval_every == 0 or step == cfg.steps
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A checkpoint written by `save_checkpoint`, read with weights_only=True: tensors and plain
-    containers only, so a crafted file cannot run code; a torn, foreign or crafted one stops with a
-    FusionpipeError naming it."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FusionpipeError(f"{path} is missing; the run did not finish writing it (train it again)") from None
-    except Exception as e:  # noqa: BLE001 -- torch raises many kinds (UnpicklingError, RuntimeError, EOFError)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise FusionpipeError(f"{path} is not a checkpoint fusionpipe can read, and it was not unpickled further "
-                              f"(weights_only: {reason}); it is damaged or was not written by fusionpipe: delete "
-                              "it or train the run again") from None
-    if not isinstance(ckpt, dict):
-        raise FusionpipeError(f"{path} holds a {type(ckpt).__name__}, not a fusionpipe checkpoint")
-    return ckpt
+def maybe_evaluate(variants: list[Variant], task, dev, device: torch.device, cfg: TrainConfig,
+                   step: int) -> dict[str, dict]:
+    """Every variant's dev metrics when a dev set is given and the step is due (`_due`), else {}."""
+    if dev is None or not _due(cfg, step):
+        return {}
+    return evaluate_variants(variants, task, dev, device)
 
 
-def _save_state(variants: list[Variant], step: int, position: tuple[int, int], logs, path: Path) -> None:
+def save_checkpoints(variants: list[Variant], step: int, position: tuple[int, int], logs, path: Path) -> None:
     """last.pt: every variant's state at ``step``, in one file (a kill leaves all of them at one step).
     Every rank takes part (the RNG states are gathered); rank 0 writes, after the logs reach the disk."""
     rngs = {v.name: dist.gather((v.rng, v.cuda_rng)) for v in variants}
@@ -568,7 +342,7 @@ def _save_state(variants: list[Variant], step: int, position: tuple[int, int], l
                      "variants": {v.name: v.state(rngs[v.name]) for v in variants}}, path)
 
 
-def _restore(variants: list[Variant], state: dict, path: Path) -> tuple[int, tuple[int, int]]:
+def restore_checkpoints(variants: list[Variant], state: dict, path: Path) -> tuple[int, tuple[int, int]]:
     """Every variant's state from last.pt; returns (step, data position)."""
     saved = state.get("variants") or {}
     if sorted(saved) != sorted(v.name for v in variants):
@@ -646,14 +420,14 @@ def evaluate_variants(variants: list[Variant], task, loader, device: torch.devic
             t0 = time.perf_counter()
             preds[v.name] = task.predict(v.model.head, v.model.features(stacks, lengths), lengths)
             seconds[v.name] += time.perf_counter() - t0
-        read.append((rank + j * world, preds, _targets(batch["rows"])))
+        read.append((rank + j * world, preds, batch_targets(batch["rows"])))
     everything = dist.gather((read, seconds))
     preds = {v.name: [] for v in variants}
     targets: dict[str, list] = {}
-    for _, batch_preds, batch_targets in sorted((b for got, _ in everything for b in got), key=lambda b: b[0]):
-        for name, values in batch_preds.items():
+    for _, their_preds, their_targets in sorted((b for got, _ in everything for b in got), key=lambda b: b[0]):
+        for name, values in their_preds.items():
             preds[name].extend(values)
-        for c, values in batch_targets.items():
+        for c, values in their_targets.items():
             targets.setdefault(c, []).extend(values)
     seconds = {name: sum(s[name] for _, s in everything) for name in seconds}  # compute time, all ranks
     out = {}
@@ -685,59 +459,6 @@ def _results(v: Variant, cfg: TrainConfig, step: int, batches_per_epoch: int, de
     return res
 
 
-class _Log:
-    """log.csv per variant (and TensorBoard event files when tensorboard is installed).
-
-    Only appended to; opened at ``step`` (0: a new run, else the checkpoint a --resume starts from),
-    it first keeps the header and the rows up to that step (a row torn by a kill, or logged after
-    the checkpoint, goes), rewritten atomically.
-    """
-
-    HEADER = ["step", "loss", "metrics"]
-
-    def __init__(self, path: Path, step: int):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [row for row in self._rows(path) if int(row[0]) <= step] if step else []
-        text = io.StringIO()
-        csv.writer(text).writerows([self.HEADER, *kept])
-        atomic_write(path, text.getvalue())
-        self.f = open(path, "a", newline="")
-        self.w = csv.writer(self.f)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(path.parent / "tb"))
-        except ImportError:
-            self.tb = None
-
-    @staticmethod
-    def _rows(path: Path) -> list[list[str]]:
-        """The whole rows of an existing log (its header and any torn or foreign line left out)."""
-        if not path.exists():
-            return []
-        with open(path, newline="") as f:
-            lines = f.read().splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):
-            lines.pop()  # the kill came in the middle of this row
-        return [row for row in csv.reader(lines) if len(row) == 3 and row[0].isdigit()]
-
-    def sync(self) -> None:
-        """Everything written so far is on disk (before a checkpoint commits its step)."""
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def write(self, step: int, loss: float, metrics: dict) -> None:
-        self.w.writerow([step, f"{loss:.6f}", json.dumps(metrics) if metrics else ""])
-        if self.tb is not None:
-            self.tb.add_scalar("train/loss", loss, step)
-            for k, val in metrics.items():
-                self.tb.add_scalar(f"dev/{k}", val, step)
-
-    def close(self) -> None:
-        self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def evaluate(run: str | Path, stores: list[str], trials: str | None = None, device: str = "auto",
              variant: str | None = None, manifest: str | Path | None = None,
              skip_missing: bool = False) -> dict[str, dict]:
@@ -766,30 +487,3 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     for v in variants:
         v.model.load_state_dict(checkpoints[v.name]["model"])
     return evaluate_variants(variants, task, dev, dev_device)
-
-
-# Used when `fusionpipe train` is given no stores: the bundled demo corpus, sized for a CPU.
-# 1500 steps: about 3.5 min on 2 cores; CTC on toy features leaves the blank plateau only after ~500.
-DEMO = {"steps": 1500, "eval_every": 500, "lr": 2e-3, "max_frames": 4000,
-        "head": {"proj": 64, "hidden": 64, "layers": 1}}
-
-
-def default_task(manifest) -> str:
-    """The task a manifest supports by default: asr if it has texts, else classify, else verify."""
-    for column, task in (("text", "asr"), ("label", "classify"), ("speaker", "verify")):
-        if all(getattr(u, column) for u in manifest):
-            return task
-    raise FusionpipeError(f"manifest {manifest.name} has no text, label or speaker column to train on")
-
-
-def demo_stores(cache: str | Path = "cache") -> tuple[list[str], list[str]]:
-    """Complete stores of the bundled demo-train manifest and their demo-dev twins."""
-    from fusionpipe.store import FeatureStore
-
-    train_dir, dev_dir = Path(cache) / "demo-train", Path(cache) / "demo-dev"
-    stores = sorted(str(p) for p in train_dir.glob("*.zarr") if FeatureStore.open(p).is_complete())
-    if not stores:
-        raise FusionpipeError(f"no --stores given and nothing cached under {train_dir}; run "
-                              "`fusionpipe extract --model toy-wavlm,toy-whisper` first (or pass --stores)")
-    dev = [str(dev_dir / Path(s).name) for s in stores]
-    return stores, [d for d in dev if Path(d).exists()] if len(dev) == len(stores) else []

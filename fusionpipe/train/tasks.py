@@ -183,6 +183,11 @@ def eer(scores: Sequence[float], labels: Sequence[int]) -> float:
 
 
 # ---------------------------------------------------------------------------- tasks
+def batch_targets(rows) -> dict[str, list]:
+    """Manifest rows -> the targets every task reads: {column: values, one per row}."""
+    return {c: [getattr(u, c) for u in rows] for c in ("id", "text", "label", "speaker", "language")}
+
+
 def _column(targets: Mapping[str, Sequence], name: str, task: str) -> list:
     if name not in targets:
         raise ValueError(f"task {task!r} needs the manifest column {name!r}; got {sorted(targets)}")
@@ -396,7 +401,7 @@ def lower_is_better(metric: str) -> bool:
     return metric.split("/")[0] not in HIGHER_IS_BETTER
 
 
-def head_options(task: str) -> set[str]:
+def head_option_names(task: str) -> set[str]:
     """The keyword sizes the task's head takes (its constructors' parameters with defaults)."""
     return {p.name for c in HEADS[task] for p in inspect.signature(c.__init__).parameters.values()
             if p.default is not inspect.Parameter.empty}
