@@ -381,7 +381,7 @@ def evaluate(
 def ablate(recipe: Path, dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, run nothing"),
            quiet: bool = typer.Option(False, help="no progress bars")):
     """Run a stages/ recipe: extract missing caches, train each upstream set's variants in one pass, report."""
-    from fusionpipe.ablate.plan import load_recipe, run_recipe
+    from fusionpipe.ablate import load_recipe, run_recipe
 
     run_recipe(load_recipe(recipe), dry_run=dry_run, progress=not quiet, echo=typer.echo)
 

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import make_manifest
 from fusionpipe.ablate import plan as ablation
-from fusionpipe.ablate.plan import load_recipe, plan_recipe, run_recipe
+from fusionpipe.ablate import load_recipe, plan_recipe, run_recipe
 from fusionpipe.errors import FusionpipeError
 
 STAGES = Path(__file__).resolve().parents[1] / "stages"

@@ -1,9 +1,11 @@
 """All stages: a stages/*.yaml recipe -> the extractions it needs, one training pass per upstream set, a report.
 
-    plan    the recipe's schema, its plan (what is cached, what trains), and running it
+    recipe  the YAML schema and its checks (load_recipe)
+    plan    what is cached and what trains (plan_recipe), and running it (run_recipe)
     report  results.csv, results.md and the plots
 """
 
-from fusionpipe.ablate.plan import load_recipe, run_recipe
+from fusionpipe.ablate.plan import plan_recipe, run_recipe
+from fusionpipe.ablate.recipe import load_recipe
 
-__all__ = ["load_recipe", "run_recipe"]
+__all__ = ["load_recipe", "plan_recipe", "run_recipe"]

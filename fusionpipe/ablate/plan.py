@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import yaml
 
 from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import store_url
-from fusionpipe.manifest import BUNDLED, CORPUS, check_subset, read_manifest
+from fusionpipe.manifest import check_subset, read_manifest
+from fusionpipe.ablate.recipe import SPLITS, Recipe, TaskSpec, fill_fold, manifest_path, trials_path
 from fusionpipe.ablate.report import set_name, write_report
 from fusionpipe.train.config import variant_name
 
-SPLITS = ("train", "dev", "test")
-# keys of TrainConfig the recipe fills in itself, per run
-RUN_KEYS = ("stores", "task", "fusion", "merge", "out", "dev_stores", "manifest", "dev_manifest", "trials")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # how to make a manifest the recipe names but the disk lacks, by name prefix
 HOW_TO_MAKE = {
     "librispeech-": "fusionpipe manifest librispeech /path/to/LibriSpeech --split {rest}",
@@ -124,19 +117,11 @@ def _size(n: float) -> str:
 
 
 def _dims(upstream: str) -> tuple[int, int, float] | None:
-    """(L, D, frame rate) from the registry, or from a local directory's config.json."""
-    from fusionpipe.extract.upstreams import UPSTREAMS
+    """(L, D, frame rate) from the registry or a local directory's config, without loading weights."""
+    from fusionpipe.extract.upstreams import upstream_spec
 
-    if upstream in UPSTREAMS:
-        s = UPSTREAMS[upstream]
-        return s.num_layers, s.hidden_size, s.frame_rate
-    config = Path(upstream).expanduser() / "config.json"
-    if config.is_file():
-        cfg = json.loads(config.read_text())
-        if cfg.get("model_type") == "whisper":
-            return cfg["encoder_layers"] + 1, cfg["d_model"], 50.0
-        return cfg.get("num_hidden_layers", 0) + 1, cfg.get("hidden_size", 0), 50.0
-    return None
+    spec = upstream_spec(upstream)
+    return (spec.num_layers, spec.hidden_size, spec.frame_rate) if spec else None
 
 
 def _weights_problem(upstream: str) -> str | None:
@@ -188,7 +173,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
         for fold in spec.fold_list():
             for split in SPLITS:
                 if split in spec.manifests:
-                    for ref in (spec.store_manifest(split, fold), _fill(spec.manifests[split], fold)):
+                    for ref in (spec.store_manifest(split, fold), fill_fold(spec.manifests[split], fold)):
                         refs.setdefault(manifest_path(recipe, ref), ref)
                     extracted.add(manifest_path(recipe, spec.store_manifest(split, fold)))
     manifests = {}
@@ -239,7 +224,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
     runs = []
     for spec in recipe.tasks.values():
         for fold in spec.fold_list():
-            trials = {k: trials_path(_fill(v, fold)) for k, v in spec.trials.items()}
+            trials = {k: trials_path(fill_fold(v, fold)) for k, v in spec.trials.items()}
             for k, t in trials.items():
                 if not t.is_file():
                     problems.append(f"tasks.{spec.name}.trials.{k}: {t} does not exist"
@@ -264,7 +249,7 @@ def _subset_problems(recipe: Recipe, manifests: dict) -> list[str]:
         rows = whole.by_id()
         for fold in spec.fold_list():
             for split, ref in spec.manifests.items():
-                part = manifests.get(manifest_path(recipe, _fill(ref, fold)))
+                part = manifests.get(manifest_path(recipe, fill_fold(ref, fold)))
                 if part is None:
                     continue
                 try:
@@ -308,7 +293,7 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
         """The split's manifest where it chooses rows of larger stores (extract_from), else None (all rows)."""
         if spec.extract_from is None or split not in spec.manifests:
             return None
-        return str(manifest_path(recipe, _fill(spec.manifests[split], fold)))
+        return str(manifest_path(recipe, fill_fold(spec.manifests[split], fold)))
 
     out = recipe.out / "runs" / spec.name / set_name(upstreams)
     if fold is not None:

@@ -1,4 +1,4 @@
-"""All three stages from one recipe: a YAML file under stages/ -> plan -> run -> results.
+"""The recipe: a YAML file under stages/ that chains the three stages, its schema and its checks.
 
     >>> recipe = load_recipe("stages/ablation.yaml")          # doctest: +SKIP
     >>> print(plan_recipe(recipe).describe())                 # what is cached, what would run
@@ -68,33 +68,23 @@ the recipe is refused (delete its directory to retrain), never silently mixed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import store_url
-from fusionpipe.manifest import BUNDLED, CORPUS, check_subset, read_manifest
-from fusionpipe.ablate.report import set_name, write_report
+from fusionpipe.manifest import BUNDLED, CORPUS
+from fusionpipe.ablate.report import set_name
 from fusionpipe.train.config import variant_name
 
 SPLITS = ("train", "dev", "test")
 # keys of TrainConfig the recipe fills in itself, per run
 RUN_KEYS = ("stores", "task", "fusion", "merge", "out", "dev_stores", "manifest", "dev_manifest", "trials")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# how to make a manifest the recipe names but the disk lacks, by name prefix
-HOW_TO_MAKE = {
-    "librispeech-": "fusionpipe manifest librispeech /path/to/LibriSpeech --split {rest}",
-    "voxceleb1-": "fusionpipe manifest voxceleb /path/to/VoxCeleb1 --trials /path/to/veri_test2.txt",
-    "iemocap": "fusionpipe manifest iemocap /path/to/IEMOCAP_full_release",
-    "mlsuperb-": "fusionpipe manifest mlsuperb /path/to/ml_superb/data",
-}
 
 
 # ---- the recipe --------------------------------------------------------------------------------
@@ -113,7 +103,7 @@ class TaskSpec:
 
     def store_manifest(self, split: str, fold: str | None) -> str:
         """The manifest reference whose stores the split reads."""
-        return self.extract_from or _fill(self.manifests[split], fold)
+        return self.extract_from or fill_fold(self.manifests[split], fold)
 
     def fold_list(self) -> list[str | None]:
         return list(self.folds) or [None]
@@ -418,5 +408,6 @@ def trials_path(ref: str) -> Path:
     return CORPUS / "trials.txt" if ref == "demo-trials" else Path(ref)
 
 
-def _fill(ref: str, fold: str | None) -> str:
+def fill_fold(ref: str, fold: str | None) -> str:
+    """A manifest reference of one fold: {fold} filled in."""
     return ref if fold is None else ref.replace("{fold}", fold)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from fusionpipe.train.config import variant_name
 
 if TYPE_CHECKING:
-    from fusionpipe.ablate.plan import Plan, Recipe, Run, TaskSpec
+    from fusionpipe.ablate.plan import Plan, Run
+    from fusionpipe.ablate.recipe import Recipe, TaskSpec
 
 def set_name(upstreams: list[str]) -> str:
     """An upstream set's name: its aliases joined with "+", in the recipe's order."""
