@@ -20,7 +20,6 @@ from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manife
 from fusionpipe.store import FeatureStore, chunk_span, verify
 from fusionpipe.extract.upstreams import load_upstream
 
-from conftest import make_manifest
 
 
 @pytest.fixture
@@ -153,7 +152,7 @@ def test_memory_stores_and_ambiguous_clusters_are_refused(speech_manifest, local
             pass
 
 
-def test_cli_extract_on_a_local_cluster_and_on_a_running_scheduler(tmp_path, local_cluster):
+def test_cli_extract_on_a_local_cluster_and_on_a_running_scheduler(tmp_path, local_cluster, make_manifest):
     m = make_manifest(tmp_path / "corpus", "cli", [1.5, 2.0, 0.7, 1.1])
     args = ["extract", "--model", "toy-hubert", "--manifest", str(m.source), "--cache", str(tmp_path / "cache"),
             "--device", "cpu", "--max-seconds", "2", "--chunk-frames", "8"]
