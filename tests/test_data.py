@@ -51,6 +51,7 @@ def test_toy_wavlm_and_whisper_batches_follow_the_contract(toy_stores):
     assert sorted(seen) == sorted(u.id for u in m)
 
 
+@pytest.mark.slow
 def test_two_spawned_workers_give_the_main_process_batches(toy_stores):
     _, stores = toy_stores
     main, workers = (make_loader(stores, max_frames=200, shuffle=True, seed=3, num_workers=n) for n in (0, 2))

@@ -90,6 +90,7 @@ def _files(run):
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tb" not in p.parts)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_path, train_config, logged_losses):
     """Same config, one process vs 2 gloo ranks (6 steps, then --resume to 12): the same loss curve,
     dev metrics and parameters; rank 0 alone writes. Seed 3 at max_frames 300 cuts global batches of
