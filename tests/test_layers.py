@@ -61,6 +61,7 @@ def is_module(dotted: str) -> bool:
 
 
 def is_private(name: str) -> bool:
+    """_x is private; __version__ and other dunders are not."""
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
@@ -71,9 +72,8 @@ def imports(tree: ast.AST, module: str, is_package: bool):
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] == "fusionpipe":
-                    bound = alias.asname or alias.name.split(".")[0]
-                    yield node.lineno, alias.name, bound if alias.asname else None, None
+                if alias.name.split(".")[0] == "fusionpipe":  # only `as` binds the module itself to a name
+                    yield node.lineno, alias.name, alias.asname, None
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
