@@ -22,7 +22,7 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q
 
-# Everything but the tests marked slow (clusters, torchrun, kills, subprocesses): a check while editing.
+# Everything but the tests marked slow (LocalCluster, torchrun, SIGKILLs, whole CLI runs): a check while editing.
 quick: venv
 	$(PY) -m pytest -q -m "not slow"
 
