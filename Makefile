@@ -7,7 +7,7 @@ RECIPE ?= stages/ablation.yaml
 # requirement in pyproject.toml accepts it): `make venv TORCH=` skips the pin.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test demo ablation bench clean
+.PHONY: venv test quick demo ablation bench clean
 FP     := $(VENV)/bin/fusionpipe
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+# Everything but the tests marked slow (LocalCluster, torchrun, SIGKILLs, whole CLI runs): a check while editing.
+quick: venv
+	$(PY) -m pytest -q -m "not slow"
 
 # The whole pipeline on the bundled corpus with two toy upstreams, on a CPU, in minutes.
 demo: venv

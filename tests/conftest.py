@@ -1,4 +1,8 @@
-"""Shared fixtures: a private FUSIONPIPE_HOME for the toy models, and small synthetic speech corpora."""
+"""Shared fixtures: a private FUSIONPIPE_HOME for the toy models, small synthetic speech corpora, synthetic
+stores, and the builders the test modules share (as fixtures that return the function, so that no test module
+imports another and the suite runs under any --import-mode)."""
+
+import csv
 
 import numpy as np
 import pytest
@@ -6,6 +10,8 @@ import soundfile as sf
 
 from fusionpipe.extract.run import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
+from fusionpipe.store import FeatureStore, Layout
+from fusionpipe.train.loop import TrainConfig
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,7 +34,7 @@ def _speechlike(n: int, seed: int) -> np.ndarray:
     return (0.3 * x / np.abs(x).max()).astype(np.float32)
 
 
-def make_manifest(root, name, durations, seed=0) -> Manifest:
+def _make_manifest(root, name, durations, seed=0) -> Manifest:
     """WAV files of the given durations under root/audio, and root/<name>.tsv read back."""
     audio = root / "audio"
     audio.mkdir(parents=True, exist_ok=True)
@@ -42,16 +48,23 @@ def make_manifest(root, name, durations, seed=0) -> Manifest:
     return read_manifest(root / f"{name}.tsv")
 
 
+@pytest.fixture(scope="session")
+def make_manifest():
+    """`make_manifest(root, name, durations, seed=0)`: WAV files of the given durations under root/audio,
+    and root/<name>.tsv read back."""
+    return _make_manifest
+
+
 @pytest.fixture
 def speech_manifest(tmp_path):
     """Five utterances of different lengths (0.5 to 2.7 s), odd sample counts included."""
-    return make_manifest(tmp_path / "corpus", "speech", [1.31, 0.5, 2.7, 1.05, 0.77])
+    return _make_manifest(tmp_path / "corpus", "speech", [1.31, 0.5, 2.7, 1.05, 0.77])
 
 
 @pytest.fixture
 def long_manifest(tmp_path):
     """Enough audio that an extraction can be killed half way."""
-    return make_manifest(tmp_path / "corpus", "long", [3.0] * 40)
+    return _make_manifest(tmp_path / "corpus", "long", [3.0] * 40)
 
 
 def _tone(f0: float, n: int, seed: int) -> np.ndarray:
@@ -82,3 +95,84 @@ def pitch_stores(tmp_path_factory):
         stores[split] = [extract(m, model, root / "cache", device="cpu", progress=False).url
                          for model in ("toy-wavlm", "toy-whisper")]
     return stores
+
+
+# ---- synthetic stores: stage 1's output without running an upstream ------------------------------
+def _make_tsv(path, ids) -> Manifest:
+    """A manifest TSV naming `ids` (no audio: stage 2 never opens it), in that order."""
+    rows = [Utterance(u, f"{u}.wav", 16000, 16000, text=f"T {u}", label=f"c{i % 2}") for i, u in enumerate(ids)]
+    m = Manifest(path.stem, path.parent, rows, source=path)
+    write_manifest(m, path)
+    return m
+
+
+def _make_store(url, data: dict, manifest: Manifest, name="up", dtype="float32", chunk_frames=5, frame_rate=50.0,
+                written=None):
+    """A stage-1 store of `data` (id -> (T, L, D)), longest first like extract() lays it out.
+
+    `written`: chunk numbers to write (default all): the others stay missing, as after a crash.
+    """
+    ids = sorted(data, key=lambda u: (-len(data[u]), u))
+    L, D = next(iter(data.values())).shape[1:]
+    attrs = {"manifest": {"name": manifest.name, "sha256": manifest.content_hash(), "utterances": len(manifest),
+                          "path": str(manifest.source) if manifest.source else None},
+             "upstream": {"name": name, "num_layers": L, "hidden_size": D, "frame_rate": frame_rate}}
+    store = FeatureStore.create(url, Layout(ids, np.array([len(data[u]) for u in ids])), num_layers=L,
+                                hidden_size=D, dtype=dtype, chunk_frames=chunk_frames, attrs=attrs)
+    frames = np.concatenate([data[u] for u in ids]).astype(dtype)
+    for c in range(store.num_chunks) if written is None else written:
+        store.write_chunk(c, frames[c * chunk_frames:(c + 1) * chunk_frames])
+    return store
+
+
+def _random_data(ids, frames, L, D, seed):
+    rng = np.random.default_rng(seed)
+    return {u: rng.standard_normal((t, L, D)).astype(np.float32) for u, t in zip(ids, frames)}
+
+
+@pytest.fixture(scope="session")
+def make_tsv():
+    """`make_tsv(path, ids)`: a manifest TSV naming `ids` (no audio), in that order."""
+    return _make_tsv
+
+
+@pytest.fixture(scope="session")
+def make_store():
+    """`make_store(url, data, manifest, name="up", dtype="float32", chunk_frames=5, frame_rate=50.0,
+    written=None)`: a stage-1 store of `data` (id -> (T, L, D)); `written` chunks only, if given."""
+    return _make_store
+
+
+@pytest.fixture(scope="session")
+def random_data():
+    """`random_data(ids, frames, L, D, seed)`: id -> standard normal (T, L, D) float32 frames."""
+    return _random_data
+
+
+# ---- stage 3 runs on the pitch stores ---------------------------------------------------------------
+TINY_HEAD = {"proj": 16}
+
+
+def _train_config(stores, out, **kw) -> TrainConfig:
+    base = dict(stores=stores["train"], dev_stores=stores["dev"], task="classify", fusion=["hconv"],
+                merge=["concat"], out=str(out), steps=30, eval_every=10, lr=3e-3, max_frames=600, head_options=TINY_HEAD,
+                device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def _logged_losses(run, variant) -> list[float]:
+    with open(run / variant / "log.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def train_config():
+    """`train_config(stores, out, **kw)`: a small classify run on {"train": [...], "dev": [...]} stores
+    (e.g. pitch_stores) into `out`, 30 steps on the CPU; `kw` overrides any TrainConfig field."""
+    return _train_config
+
+
+@pytest.fixture(scope="session")
+def logged_losses():
+    """`logged_losses(run, variant)`: the training losses a run's variant logged, step by step."""
+    return _logged_losses

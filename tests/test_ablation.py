@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_manifest
 from fusionpipe.ablate import plan as ablation
 from fusionpipe.ablate import load_recipe, plan_recipe, run_recipe
 from fusionpipe.errors import FusionpipeError
@@ -137,7 +136,7 @@ def test_paper_recipes_carry_table_one_numbers():
     assert superb.tasks["er"].folds == ["1", "2", "3", "4", "5"] and superb.tasks["sv"].task == "verify"
 
 
-def test_dry_run_refuses_missing_audio_and_weights(tmp_path, monkeypatch):
+def test_dry_run_refuses_missing_audio_and_weights(tmp_path, monkeypatch, make_manifest):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -173,7 +172,7 @@ def test_weights_in_the_hf_cache_are_found_offline(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def tiny_recipe(tmp_path):
+def tiny_recipe(tmp_path, make_manifest):
     """Two variants (weighted-sum and hconv on one toy upstream), a few steps on a tiny corpus."""
     paths = {split: make_manifest(tmp_path / "corpus", f"tiny-{split}", d, seed=s).source
              for split, d, s in (("train", [0.9, 0.7, 1.1, 0.8, 0.6, 1.0], 0), ("dev", [0.8, 0.9], 10),
@@ -248,7 +247,7 @@ def test_cli_ablate_dry_run_prints_plan(tiny_recipe):
     assert "classify / toy-wavlm" in result.output and "extract" in result.output
 
 
-def _folds_corpus(tmp_path, rows_of_fold=None):
+def _folds_corpus(tmp_path, make_manifest, rows_of_fold=None):
     """An 8-utterance corpus (labels c0 / c1) and two folds of it: fold k tests on utterances 4(k-1)..4k-1,
     trains on the others but one (dev). Returns the folder of the TSVs."""
     from fusionpipe.manifest import Manifest, write_manifest
@@ -276,11 +275,11 @@ def _folds_recipe(tmp_path, corpus) -> Path:
     return _write(tmp_path, r, "folds.yaml")
 
 
-def test_folds_with_extract_from_extract_each_upstream_once_and_run_every_fold(tmp_path, monkeypatch):
+def test_folds_with_extract_from_extract_each_upstream_once_and_run_every_fold(tmp_path, monkeypatch, make_manifest):
     from fusionpipe.extract import run as stage1
     from fusionpipe.train import loop as stage3
 
-    recipe = load_recipe(_folds_recipe(tmp_path, _folds_corpus(tmp_path)))
+    recipe = load_recipe(_folds_recipe(tmp_path, _folds_corpus(tmp_path, make_manifest)))
     plan = plan_recipe(recipe)
     assert plan.problems == []
     assert [(e.manifest, e.upstream) for e in plan.extractions] == [("corpus", "toy-wavlm"), ("corpus", "toy-whisper")]
@@ -305,13 +304,13 @@ def test_folds_with_extract_from_extract_each_upstream_once_and_run_every_fold(t
     assert [r.status for r in plan_recipe(recipe).runs] == ["done", "done"]
 
 
-def test_split_rows_outside_extract_from_are_a_plan_problem(tmp_path):
+def test_split_rows_outside_extract_from_are_a_plan_problem(tmp_path, make_manifest):
     from fusionpipe.manifest import Utterance
 
     def stray(k, split, part):  # fold 2's test set holds an utterance that corpus.tsv lacks
         return part + [Utterance("stray", "stray.wav", 100, 16000, label="c0")] if (k, split) == (2, "test") else part
 
-    plan = plan_recipe(load_recipe(_folds_recipe(tmp_path, _folds_corpus(tmp_path, stray))))
+    plan = plan_recipe(load_recipe(_folds_recipe(tmp_path, _folds_corpus(tmp_path, make_manifest, stray))))
     assert len(plan.problems) == 1
     assert "corpus-fold2-test.tsv row 5 (id stray) is not in manifest" in plan.problems[0]
     assert "tasks.er.extract_from must name a manifest that holds every row" in plan.problems[0]

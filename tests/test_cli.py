@@ -18,6 +18,7 @@ def _ok(args):
     return result.output
 
 
+@pytest.mark.slow
 def test_card_commands_extract_train_evaluate_on_the_bundled_corpus(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = _ok(["extract", "--model", "toy-wavlm,toy-whisper"])

@@ -20,7 +20,6 @@ from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manife
 from fusionpipe.store import FeatureStore, chunk_span, verify
 from fusionpipe.extract.upstreams import load_upstream
 
-from conftest import make_manifest
 
 
 @pytest.fixture
@@ -69,6 +68,7 @@ def local_cluster():
         yield client, threads
 
 
+@pytest.mark.slow
 def test_two_workers_with_one_killed_mid_run_give_the_single_process_store(long_manifest, tmp_path, one_thread,
                                                                            local_cluster):
     """Chunk-aligned units on 2 worker processes, one SIGKILLed mid-run: its units are rerun, nothing is lost,
@@ -123,6 +123,7 @@ def nan_manifest(speech_manifest, tmp_path):
     return read_manifest(tmp_path / "withnan.tsv")
 
 
+@pytest.mark.slow
 def test_a_bad_file_is_skipped_on_the_cluster_as_in_one_process(nan_manifest, tmp_path, one_thread, local_cluster):
     client, _ = local_cluster
     options = dict(max_seconds=3, chunk_frames=16, skip_bad=True)
@@ -134,6 +135,7 @@ def test_a_bad_file_is_skipped_on_the_cluster_as_in_one_process(nan_manifest, tm
     assert FeatureStore.open(r.url).skipped() == FeatureStore.open(ref.url).skipped()
 
 
+@pytest.mark.slow
 def test_a_unit_error_stops_the_run_with_the_workers_message(nan_manifest, tmp_path, local_cluster):
     client, _ = local_cluster
     with pytest.raises(FusionpipeError, match="nan.wav.*NaN.*--skip-bad"):
@@ -141,6 +143,7 @@ def test_a_unit_error_stops_the_run_with_the_workers_message(nan_manifest, tmp_p
                            unit_seconds=1, progress=False)
 
 
+@pytest.mark.slow
 def test_memory_stores_and_ambiguous_clusters_are_refused(speech_manifest, local_cluster):
     client, _ = local_cluster
     with pytest.raises(FusionpipeError, match="memory://.*workers cannot reach"):
@@ -153,7 +156,8 @@ def test_memory_stores_and_ambiguous_clusters_are_refused(speech_manifest, local
             pass
 
 
-def test_cli_extract_on_a_local_cluster_and_on_a_running_scheduler(tmp_path, local_cluster):
+@pytest.mark.slow
+def test_cli_extract_on_a_local_cluster_and_on_a_running_scheduler(tmp_path, local_cluster, make_manifest):
     m = make_manifest(tmp_path / "corpus", "cli", [1.5, 2.0, 0.7, 1.1])
     args = ["extract", "--model", "toy-hubert", "--manifest", str(m.source), "--cache", str(tmp_path / "cache"),
             "--device", "cpu", "--max-seconds", "2", "--chunk-frames", "8"]

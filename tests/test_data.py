@@ -5,8 +5,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import make_manifest
-from test_fuse import make_store, make_tsv, random_data
 
 from fusionpipe.fuse.loader import BucketBatchSampler, FusedDataset, collate, make_loader
 from fusionpipe.errors import FusionpipeError
@@ -16,7 +14,7 @@ from fusionpipe.store import FeatureStore
 
 
 @pytest.fixture(scope="module")
-def toy_stores(tmp_path_factory):
+def toy_stores(tmp_path_factory, make_manifest):
     """toy-wavlm (L=4, D=32, 49 frames/s) and toy-whisper (L=3, D=40, 50 frames/s) over the speech corpus;
     Whisper's store has 16-frame chunks so that batches read across chunk edges."""
     root = tmp_path_factory.mktemp("toys")
@@ -53,6 +51,7 @@ def test_toy_wavlm_and_whisper_batches_follow_the_contract(toy_stores):
     assert sorted(seen) == sorted(u.id for u in m)
 
 
+@pytest.mark.slow
 def test_two_spawned_workers_give_the_main_process_batches(toy_stores):
     _, stores = toy_stores
     main, workers = (make_loader(stores, max_frames=200, shuffle=True, seed=3, num_workers=n) for n in (0, 2))
@@ -94,7 +93,7 @@ def test_collate_pads_plain_items_like_the_batched_read(toy_stores):
     assert all(torch.equal(a, b) for a, b in zip(fast["stacks"], slow["stacks"]))
 
 
-def test_loader_without_the_recorded_manifest_asks_for_one(tmp_path):
+def test_loader_without_the_recorded_manifest_asks_for_one(tmp_path, make_tsv, make_store, random_data):
     tsv = make_tsv(tmp_path / "m.tsv", ["a", "b"])
     store = make_store(tmp_path / "s.zarr", random_data(["a", "b"], [3, 2], 2, 2, 0), tsv)
     (tmp_path / "m.tsv").unlink()

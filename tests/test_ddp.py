@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_train import _cfg, _losses
 
 from fusionpipe.fuse.loader import BucketBatchSampler, make_loader
 from fusionpipe.fuse.loader import shard
@@ -91,14 +90,15 @@ def _files(run):
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tb" not in p.parts)
 
 
-def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_path):
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_path, train_config, logged_losses):
     """Same config, one process vs 2 gloo ranks (6 steps, then --resume to 12): the same loss curve,
     dev metrics and parameters; rank 0 alone writes. Seed 3 at max_frames 300 cuts global batches of
     1 (a stand-in on rank 1) to 8 utterances (odd ones split unevenly)."""
     kw = dict(task="classify", fusion=["weighted-sum", "hconv"], merge=["concat"], steps=12, eval_every=3,
               max_frames=300, seed=3, head_options={"proj": 16})
     one = tmp_path / "one"
-    train(_cfg(pitch_stores, one, **kw), progress=False)
+    train(train_config(pitch_stores, one, **kw), progress=False)
 
     cfg = TrainConfig.load(one / "config.json")
     sampler = make_loader(cfg.stores, max_frames=300, shuffle=True, seed=3).batch_sampler
@@ -119,7 +119,7 @@ def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_pa
     assert {**vars(saved), "out": ""} == {**vars(cfg), "out": ""}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"] and _files(two) == _files(one)
     for variant in ("weighted-sum-concat", "hconv-concat"):
-        np.testing.assert_allclose(_losses(two, variant), _losses(one, variant), rtol=0, atol=3e-6)
+        np.testing.assert_allclose(logged_losses(two, variant), logged_losses(one, variant), rtol=0, atol=3e-6)
         assert _metrics(two, variant) == _metrics(one, variant) and len(_metrics(one, variant)) == 4
         a = torch.load(one / "last.pt", weights_only=True)["variants"][variant]
         b = torch.load(two / "last.pt", weights_only=True)["variants"][variant]

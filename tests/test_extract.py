@@ -110,6 +110,7 @@ def test_batch_plan_respects_the_budget_and_sorts_longest_first(speech_manifest)
         assert len(b) == 1 or len(b) * longest <= 4.0
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_uninterrupted_run(long_manifest, tmp_path):
     """A real SIGKILL mid-extraction: the rerun completes and every array is byte-identical."""
     def cmd(cache):  # both runs in fresh processes: same torch thread count, same float summation order

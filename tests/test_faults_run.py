@@ -93,6 +93,7 @@ def _killed(cfg: TrainConfig, mode: str) -> None:
     assert done.returncode == -9, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_kill_in_the_middle_of_a_checkpoint_save_keeps_the_one_before_and_resume_continues(pitch_stores, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(_cfg(pitch_stores, straight), progress=False)
@@ -104,6 +105,7 @@ def test_kill_in_the_middle_of_a_checkpoint_save_keeps_the_one_before_and_resume
     assert not [p for p in killed.rglob("*.tmp")]  # the torn temporary file is gone
 
 
+@pytest.mark.slow
 def test_kill_between_variants_saves_resumes_every_variant_from_one_step(pitch_stores, tmp_path):
     kw = dict(fusion=["weighted-sum", "hconv"])
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -183,6 +185,7 @@ def finished_run(pitch_stores, tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_a_crafted_checkpoint_is_refused_by_evaluate_and_never_run(pitch_stores, finished_run, tmp_path):
     marker = tmp_path / "pwned"
     best = finished_run / "hconv-concat" / "best.pt"

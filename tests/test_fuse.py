@@ -9,40 +9,7 @@ import torch
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.view import open_fused
-from fusionpipe.manifest import Manifest, Utterance, write_manifest
-from fusionpipe.store import FeatureStore, Layout
-
-
-def make_tsv(path, ids) -> Manifest:
-    """A manifest TSV naming `ids` (no audio: stage 2 never opens it), in that order."""
-    rows = [Utterance(u, f"{u}.wav", 16000, 16000, text=f"T {u}", label=f"c{i % 2}") for i, u in enumerate(ids)]
-    m = Manifest(path.stem, path.parent, rows, source=path)
-    write_manifest(m, path)
-    return m
-
-
-def make_store(url, data: dict, manifest: Manifest, name="up", dtype="float32", chunk_frames=5, frame_rate=50.0,
-               written=None):
-    """A stage-1 store of `data` (id -> (T, L, D)), longest first like extract() lays it out.
-
-    `written`: chunk numbers to write (default all): the others stay missing, as after a crash.
-    """
-    ids = sorted(data, key=lambda u: (-len(data[u]), u))
-    L, D = next(iter(data.values())).shape[1:]
-    attrs = {"manifest": {"name": manifest.name, "sha256": manifest.content_hash(), "utterances": len(manifest),
-                          "path": str(manifest.source) if manifest.source else None},
-             "upstream": {"name": name, "num_layers": L, "hidden_size": D, "frame_rate": frame_rate}}
-    store = FeatureStore.create(url, Layout(ids, np.array([len(data[u]) for u in ids])), num_layers=L,
-                                hidden_size=D, dtype=dtype, chunk_frames=chunk_frames, attrs=attrs)
-    frames = np.concatenate([data[u] for u in ids]).astype(dtype)
-    for c in range(store.num_chunks) if written is None else written:
-        store.write_chunk(c, frames[c * chunk_frames:(c + 1) * chunk_frames])
-    return store
-
-
-def random_data(ids, frames, L, D, seed):
-    rng = np.random.default_rng(seed)
-    return {u: rng.standard_normal((t, L, D)).astype(np.float32) for u, t in zip(ids, frames)}
+from fusionpipe.store import FeatureStore
 
 
 def reference(x, T, L):
@@ -56,12 +23,12 @@ def reference(x, T, L):
 
 
 @pytest.fixture
-def tsv(tmp_path):
+def tsv(tmp_path, make_tsv):
     return make_tsv(tmp_path / "m.tsv", ["u0", "u1", "u2", "u3"])
 
 
 @pytest.fixture
-def pair(tmp_path, tsv):
+def pair(tmp_path, tsv, make_store, random_data):
     """Two stores of `tsv` with different L, D and T (B is 1 frame longer, as Whisper against an SSL model)."""
     ids = [u.id for u in tsv]
     a = make_store(tmp_path / "a.zarr", random_data(ids, [7, 3, 12, 5], 3, 4, 0), tsv, "A")
@@ -69,13 +36,15 @@ def pair(tmp_path, tsv):
     return a, b
 
 
-def one_utterance_store(tmp_path, tsv, name, values):
-    """Every utterance of `tsv` holds `values` (T, L, D)."""
-    return make_store(tmp_path / f"{name}.zarr", {u.id: np.asarray(values, np.float32) for u in tsv}, tsv, name)
+@pytest.fixture
+def one_utterance_store(make_store):
+    """`one_utterance_store(tmp_path, tsv, name, values)`: every utterance of `tsv` holds `values` (T, L, D)."""
+    return lambda tmp_path, tsv, name, values: make_store(
+        tmp_path / f"{name}.zarr", {u.id: np.asarray(values, np.float32) for u in tsv}, tsv, name)
 
 
 # ---- alignment --------------------------------------------------------------------------------
-def test_time_is_upsampled_to_the_longest_by_linear_interpolation_with_exact_ends(tmp_path, tsv):
+def test_time_is_upsampled_to_the_longest_by_linear_interpolation_with_exact_ends(tmp_path, tsv, one_utterance_store):
     short = one_utterance_store(tmp_path, tsv, "short", np.array([0, 4, 8, 20]).reshape(4, 1, 1))
     long = one_utterance_store(tmp_path, tsv, "long", np.ones((5, 1, 1)))
     view = open_fused([short.url, long.url])
@@ -84,14 +53,14 @@ def test_time_is_upsampled_to_the_longest_by_linear_interpolation_with_exact_end
     assert list(view.lengths) == [5, 5, 5, 5]
 
 
-def test_align_time_min_downsamples_to_the_shortest(tmp_path, tsv):
+def test_align_time_min_downsamples_to_the_shortest(tmp_path, tsv, one_utterance_store):
     long = one_utterance_store(tmp_path, tsv, "long", np.array([0, 10, 20, 30, 40]).reshape(5, 1, 1))
     short = one_utterance_store(tmp_path, tsv, "short", np.ones((3, 1, 1)))
     view = open_fused([long.url, short.url], align_time="min")
     np.testing.assert_allclose(view.aligned(0)[0][0, :, 0], [0, 20, 40], atol=1e-6)
 
 
-def test_layers_are_interpolated_to_the_most_with_first_and_last_exact(tmp_path, tsv):
+def test_layers_are_interpolated_to_the_most_with_first_and_last_exact(tmp_path, tsv, one_utterance_store):
     few = one_utterance_store(tmp_path, tsv, "few", np.array([0, 3, 12]).reshape(1, 3, 1))
     many = one_utterance_store(tmp_path, tsv, "many", np.ones((1, 4, 1)))
     view = open_fused([few.url, many.url])
@@ -116,7 +85,7 @@ def test_aligned_stacks_equal_the_eager_numpy_interpolation(pair):
             np.testing.assert_allclose(got, reference(s.read(u), T, 5), rtol=1e-5, atol=1e-5)
 
 
-def test_different_frame_rates_meet_at_the_faster_one(tmp_path, tsv):
+def test_different_frame_rates_meet_at_the_faster_one(tmp_path, tsv, make_store, random_data):
     ids = [u.id for u in tsv]
     slow = make_store(tmp_path / "25.zarr", random_data(ids, [5, 3, 6, 4], 2, 3, 0), tsv, frame_rate=25.0)
     fast = make_store(tmp_path / "50.zarr", random_data(ids, [10, 6, 12, 8], 2, 3, 1), tsv, frame_rate=50.0)
@@ -126,7 +95,7 @@ def test_different_frame_rates_meet_at_the_faster_one(tmp_path, tsv):
 
 
 # ---- merge -------------------------------------------------------------------------------------
-def test_add_sums_the_aligned_stacks(tmp_path, tsv):
+def test_add_sums_the_aligned_stacks(tmp_path, tsv, make_store, random_data):
     ids = [u.id for u in tsv]
     a = make_store(tmp_path / "a.zarr", random_data(ids, [6, 3, 9, 4], 3, 4, 0), tsv)
     b = make_store(tmp_path / "b.zarr", random_data(ids, [7, 4, 10, 5], 2, 4, 1), tsv)
@@ -161,7 +130,7 @@ def test_a_batch_read_equals_the_utterances_read_one_by_one(pair):
 
 # ---- lazy and dataset-wide ----------------------------------------------------------------------
 @pytest.mark.parametrize("merge", ["add", "concat", None])
-def test_to_dask_is_a_lazy_expression_equal_to_the_direct_read(tmp_path, tsv, merge):
+def test_to_dask_is_a_lazy_expression_equal_to_the_direct_read(tmp_path, tsv, merge, make_store, random_data):
     ids = [u.id for u in tsv]
     a = make_store(tmp_path / "a.zarr", random_data(ids, [7, 3, 12, 5], 3, 4, 0), tsv)
     b = make_store(tmp_path / "b.zarr", random_data(ids, [8, 4, 13, 6], 5, 4, 1), tsv)
@@ -251,14 +220,14 @@ def test_a_view_pickles_as_its_spec_and_reopens(pair):
 
 
 # ---- refusals -------------------------------------------------------------------------------
-def test_stores_of_different_manifests_are_refused_naming_both(tmp_path, pair):
+def test_stores_of_different_manifests_are_refused_naming_both(tmp_path, pair, make_tsv, make_store, random_data):
     other = make_tsv(tmp_path / "other.tsv", ["u0", "u1", "u2", "u3", "u4"])
     c = make_store(tmp_path / "c.zarr", random_data([u.id for u in other], [3] * 5, 3, 4, 2), other)
     with pytest.raises(FusionpipeError, match=r"different manifests.*a\.zarr: manifest m .*c\.zarr: manifest other"):
         open_fused([pair[0].url, c.url])
 
 
-def test_an_unfinished_utterance_is_refused_with_the_fix(tmp_path, tsv, pair):
+def test_an_unfinished_utterance_is_refused_with_the_fix(tmp_path, tsv, pair, make_store, random_data):
     ids = [u.id for u in tsv]
     data = random_data(ids, [7, 3, 12, 5], 3, 4, 0)
     partial = make_store(tmp_path / "p.zarr", data, tsv, written=range(5))  # u1 sits in the 6th, unwritten chunk
@@ -266,7 +235,7 @@ def test_an_unfinished_utterance_is_refused_with_the_fix(tmp_path, tsv, pair):
         open_fused([pair[1].url, partial.url])
 
 
-def test_skip_missing_drops_unusable_utterances_and_says_why(tmp_path, tsv, pair):
+def test_skip_missing_drops_unusable_utterances_and_says_why(tmp_path, tsv, pair, make_store, random_data):
     data = random_data([u.id for u in tsv][:3], [7, 3, 12], 3, 4, 0)
     fewer = make_store(tmp_path / "f.zarr", data, tsv)
     view = open_fused([pair[1].url, fewer.url], skip_missing=True)

@@ -13,30 +13,15 @@ from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manife
 from fusionpipe.train.augment import crop_frames, random_crop
 from fusionpipe.train.loop import TrainConfig, evaluate, train
 
-TINY_HEAD = {"proj": 16}
-
-
-def _cfg(stores, out, **kw):
-    base = dict(stores=stores["train"], dev_stores=stores["dev"], task="classify", fusion=["hconv"],
-                merge=["concat"], out=str(out), steps=30, eval_every=10, lr=3e-3, max_frames=600, head_options=TINY_HEAD,
-                device="cpu")
-    return TrainConfig(**{**base, **kw})
-
-
-def _losses(run, variant):
-    with open(run / variant / "log.csv") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
-
-
 def _last(run, variant):
     """A variant's state in the run's last checkpoint (one file for all variants)."""
     return torch.load(run / "last.pt", weights_only=True)["variants"][variant]
 
 
-def test_loss_falls_and_accuracy_beats_chance(pitch_stores, tmp_path):
-    results = train(_cfg(pitch_stores, tmp_path / "run", steps=60), progress=False)
+def test_loss_falls_and_accuracy_beats_chance(pitch_stores, tmp_path, train_config, logged_losses):
+    results = train(train_config(pitch_stores, tmp_path / "run", steps=60), progress=False)
     res = results["hconv-concat"]
-    losses = _losses(tmp_path / "run", "hconv-concat")
+    losses = logged_losses(tmp_path / "run", "hconv-concat")
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
     assert res["dev"]["accuracy"] >= 0.9  # chance is 0.5
     assert res["trainable_params"] > 0 and res["train_seconds_per_epoch"] > 0
@@ -45,15 +30,15 @@ def test_loss_falls_and_accuracy_beats_chance(pitch_stores, tmp_path):
     assert TrainConfig.load(tmp_path / "run" / "config.json").fusion == ["hconv"]
 
 
-def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path):
+def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path, train_config, logged_losses):
     kw = dict(steps=8, eval_every=4, specaugment=True, crop_seconds=[0.3, 0.5])  # random draws of every kind
-    together = train(_cfg(pitch_stores, tmp_path / "all", fusion=["hconv", "gumbel"], merge=["add", "concat"], **kw),
-                     progress=False)
+    together = train(train_config(pitch_stores, tmp_path / "all", fusion=["hconv", "gumbel"], merge=["add", "concat"],
+                                  **kw), progress=False)
     assert sorted(together) == ["gumbel-add", "gumbel-concat", "hconv-add", "hconv-concat"]
     for fusion, merge in (("gumbel", "add"), ("hconv", "concat")):
         name = f"{fusion}-{merge}"
-        alone = train(_cfg(pitch_stores, tmp_path / name, fusion=[fusion], merge=[merge], **kw), progress=False)
-        assert _losses(tmp_path / "all", name) == _losses(tmp_path / name, name)
+        alone = train(train_config(pitch_stores, tmp_path / name, fusion=[fusion], merge=[merge], **kw), progress=False)
+        assert logged_losses(tmp_path / "all", name) == logged_losses(tmp_path / name, name)
         assert alone[name]["dev"]["accuracy"] == together[name]["dev"]["accuracy"]
         a = _last(tmp_path / "all", name)["model"]
         b = _last(tmp_path / name, name)["model"]
@@ -86,41 +71,42 @@ def test_random_crops_are_windows_of_each_utterance_within_the_bounds():
         crop_frames([8, 2], 50.0)
 
 
-def test_resume_continues_with_the_same_next_step_loss(pitch_stores, tmp_path):
+def test_resume_continues_with_the_same_next_step_loss(pitch_stores, tmp_path, train_config, logged_losses):
     kw = dict(eval_every=3, specaugment=True, fusion=["weighted-sum"], merge=["add"])
-    train(_cfg(pitch_stores, tmp_path / "straight", steps=9, **kw), progress=False)
-    train(_cfg(pitch_stores, tmp_path / "resumed", steps=6, **kw), progress=False)  # crosses an epoch boundary
-    train(_cfg(pitch_stores, tmp_path / "resumed", steps=9, **kw), resume=True, progress=False)
-    assert _losses(tmp_path / "straight", "weighted-sum-add") == _losses(tmp_path / "resumed", "weighted-sum-add")
+    train(train_config(pitch_stores, tmp_path / "straight", steps=9, **kw), progress=False)
+    train(train_config(pitch_stores, tmp_path / "resumed", steps=6, **kw), progress=False)  # crosses an epoch boundary
+    train(train_config(pitch_stores, tmp_path / "resumed", steps=9, **kw), resume=True, progress=False)
+    assert (logged_losses(tmp_path / "straight", "weighted-sum-add")
+            == logged_losses(tmp_path / "resumed", "weighted-sum-add"))
 
 
-def test_existing_run_is_not_overwritten_without_resume(pitch_stores, tmp_path):
-    train(_cfg(pitch_stores, tmp_path / "run", steps=2), progress=False)
+def test_existing_run_is_not_overwritten_without_resume(pitch_stores, tmp_path, train_config):
+    train(train_config(pitch_stores, tmp_path / "run", steps=2), progress=False)
     with pytest.raises(FusionpipeError, match="--resume"):
-        train(_cfg(pitch_stores, tmp_path / "run", steps=2), progress=False)
+        train(train_config(pitch_stores, tmp_path / "run", steps=2), progress=False)
 
 
-def test_asr_trains_and_reports_wer_and_cer(pitch_stores, tmp_path):
-    res = train(_cfg(pitch_stores, tmp_path / "asr", task="asr", steps=4, head_options={"proj": 16, "hidden": 16, "layers": 1}),
-                progress=False)["hconv-concat"]
+def test_asr_trains_and_reports_wer_and_cer(pitch_stores, tmp_path, train_config):
+    res = train(train_config(pitch_stores, tmp_path / "asr", task="asr", steps=4,
+                             head_options={"proj": 16, "hidden": 16, "layers": 1}), progress=False)["hconv-concat"]
     assert {"wer", "cer"} <= set(res["dev"]) and 0 <= res["dev"]["cer"]
 
 
-def test_evaluate_a_finished_run_on_other_stores(pitch_stores, tmp_path):
-    train(_cfg(pitch_stores, tmp_path / "run", steps=20), progress=False)
+def test_evaluate_a_finished_run_on_other_stores(pitch_stores, tmp_path, train_config):
+    train(train_config(pitch_stores, tmp_path / "run", steps=20), progress=False)
     metrics = evaluate(tmp_path / "run", pitch_stores["dev"], device="cpu")
     best = torch.load(tmp_path / "run" / "hconv-concat" / "best.pt", weights_only=True)["metrics"]
     assert metrics["hconv-concat"]["accuracy"] == best["accuracy"]
 
 
-def test_select_picks_the_best_checkpoint_by_the_named_metric(pitch_stores, tmp_path):
-    train(_cfg(pitch_stores, tmp_path / "run", steps=30, eval_every=5, select="macro_f1"), progress=False)
+def test_select_picks_the_best_checkpoint_by_the_named_metric(pitch_stores, tmp_path, train_config):
+    train(train_config(pitch_stores, tmp_path / "run", steps=30, eval_every=5, select="macro_f1"), progress=False)
     with open(tmp_path / "run" / "hconv-concat" / "log.csv") as f:
         evals = [json.loads(r["metrics"]) for r in csv.DictReader(f) if r["metrics"]]
     best = torch.load(tmp_path / "run" / "hconv-concat" / "best.pt", weights_only=True)["metrics"]
     assert len(evals) == 6 and best["macro_f1"] == max(e["macro_f1"] for e in evals)
     with pytest.raises(FusionpipeError, match="select='bleu'"):
-        train(_cfg(pitch_stores, tmp_path / "other", steps=5, eval_every=5, select="bleu"), progress=False)
+        train(train_config(pitch_stores, tmp_path / "other", steps=5, eval_every=5, select="bleu"), progress=False)
 
 
 # ---- training on rows of a larger store (one extraction serves every split) ---------------------
@@ -140,12 +126,12 @@ def pitch_whole(pitch_stores, tmp_path_factory):
 
 
 def test_training_on_manifest_rows_of_a_larger_store_equals_training_on_their_own_stores(
-        pitch_stores, pitch_whole, tmp_path):
+        pitch_stores, pitch_whole, tmp_path, train_config, logged_losses):
     kw = dict(steps=12, eval_every=4, specaugment=True, fusion=["hconv", "weighted-sum"], merge=["add"])
-    own = train(_cfg(pitch_stores, tmp_path / "own", **kw), progress=False)
+    own = train(train_config(pitch_stores, tmp_path / "own", **kw), progress=False)
     whole = {"train": pitch_whole["stores"], "dev": pitch_whole["stores"]}
-    rows = train(_cfg(whole, tmp_path / "rows", manifest=pitch_whole["train"], dev_manifest=pitch_whole["dev"], **kw),
-                 progress=False)
+    rows = train(train_config(whole, tmp_path / "rows", manifest=pitch_whole["train"], dev_manifest=pitch_whole["dev"],
+                              **kw), progress=False)
     def scores(metrics: dict) -> dict:
         return {k: v for k, v in metrics.items() if k != "inference_seconds"}
 
@@ -153,7 +139,7 @@ def test_training_on_manifest_rows_of_a_larger_store_equals_training_on_their_ow
     # so a subset of the larger store comes in the order of the subset's own store, features equal
     assert (tmp_path / "rows" / "task.json").read_text() == (tmp_path / "own" / "task.json").read_text()
     for name in own:
-        assert _losses(tmp_path / "rows", name) == _losses(tmp_path / "own", name)
+        assert logged_losses(tmp_path / "rows", name) == logged_losses(tmp_path / "own", name)
         assert scores(rows[name]["dev"]) == scores(own[name]["dev"])
         a = _last(tmp_path / "rows", name)["model"]
         b = _last(tmp_path / "own", name)["model"]
@@ -163,14 +149,14 @@ def test_training_on_manifest_rows_of_a_larger_store_equals_training_on_their_ow
     assert {k: scores(v) for k, v in on_rows.items()} == {k: scores(v) for k, v in on_own.items()}
 
 
-def test_manifest_rows_the_stores_lack_are_refused_with_the_fix(pitch_stores, pitch_whole, tmp_path):
+def test_manifest_rows_the_stores_lack_are_refused_with_the_fix(pitch_stores, pitch_whole, tmp_path, train_config):
     train_rows = read_manifest(pitch_whole["train"])
     root = train_rows.source.parent
     stranger = Utterance("elsewhere-00", "train-00.wav", 1000, 16000, label="low")
     bad = write_manifest(Manifest("with-stranger", root, [*train_rows.utterances[:3], stranger]),
                          tmp_path / "with-stranger.tsv", root=str(root))
     with pytest.raises(FusionpipeError) as e:
-        train(_cfg(pitch_stores, tmp_path / "run", manifest=str(bad), dev_stores=[]), progress=False)
+        train(train_config(pitch_stores, tmp_path / "run", manifest=str(bad), dev_stores=[]), progress=False)
     msg = str(e.value)
     assert f"{bad} row 4 (id elsewhere-00) is not in the stores" in msg
     assert "extract the stores from a manifest that contains it" in msg
@@ -179,13 +165,14 @@ def test_manifest_rows_the_stores_lack_are_refused_with_the_fix(pitch_stores, pi
     other = Utterance(first.id, first.path, first.num_samples + 1, 16000, label=first.label)
     bad = write_manifest(Manifest("other-audio", root, [other]), tmp_path / "other-audio.tsv", root=str(root))
     with pytest.raises(FusionpipeError, match=rf"{bad} row 1 \(id train-00\) is .*not the same audio"):
-        evaluate(_trained(pitch_stores, tmp_path / "run2"), pitch_stores["train"], device="cpu", manifest=bad)
+        evaluate(_trained(train_config, pitch_stores, tmp_path / "run2"), pitch_stores["train"], device="cpu",
+                 manifest=bad)
     # a subset of the train stores with the same stores as dev must name its dev rows
     with pytest.raises(FusionpipeError, match="give dev_manifest"):
         whole = {"train": pitch_whole["stores"], "dev": pitch_whole["stores"]}
-        train(_cfg(whole, tmp_path / "run3", manifest=pitch_whole["train"]), progress=False)
+        train(train_config(whole, tmp_path / "run3", manifest=pitch_whole["train"]), progress=False)
 
 
-def _trained(stores, out):
-    train(_cfg(stores, out, steps=2, eval_every=2), progress=False)
+def _trained(train_config, stores, out):
+    train(train_config(stores, out, steps=2, eval_every=2), progress=False)
     return out
