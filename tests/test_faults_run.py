@@ -21,14 +21,10 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.train.loop import TrainConfig, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout whose fusionpipe the subprocesses import
-TINY_HEAD = {"proj": 16}
-
-
-def _cfg(stores, out, **kw) -> TrainConfig:
-    base = dict(stores=stores["train"], dev_stores=stores["dev"], task="classify", fusion=["hconv"],
-                merge=["concat"], out=str(out), steps=6, eval_every=2, lr=3e-3, max_frames=600, head_options=TINY_HEAD,
-                device="cpu")
-    return TrainConfig(**{**base, **kw})
+@pytest.fixture
+def cfg(train_config):
+    """conftest's `train_config`, sized for fault injection: 6 steps, a checkpoint every 2."""
+    return lambda stores, out, **kw: train_config(stores, out, **{"steps": 6, "eval_every": 2, **kw})
 
 
 def _log(run: Path, variant: str) -> list[list[str]]:
@@ -94,24 +90,24 @@ def _killed(cfg: TrainConfig, mode: str) -> None:
 
 
 @pytest.mark.slow
-def test_kill_in_the_middle_of_a_checkpoint_save_keeps_the_one_before_and_resume_continues(pitch_stores, tmp_path):
+def test_kill_in_the_middle_of_a_checkpoint_save_keeps_the_one_before_and_resume_continues(pitch_stores, tmp_path, cfg):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    train(_cfg(pitch_stores, straight), progress=False)
-    _killed(_cfg(pitch_stores, killed), "mid-write")  # torn while saving step 4's checkpoint
+    train(cfg(pitch_stores, straight), progress=False)
+    _killed(cfg(pitch_stores, killed), "mid-write")  # torn while saving step 4's checkpoint
     assert load_checkpoint(killed / "last.pt")["step"] == 2
-    train(_cfg(pitch_stores, killed), resume=True, progress=False)
+    train(cfg(pitch_stores, killed), resume=True, progress=False)
     assert _losses(killed, "hconv-concat") == _losses(straight, "hconv-concat")
     assert [row[0] for row in _log(killed, "hconv-concat")] == ["step", "1", "2", "3", "4", "5", "6"]
     assert not [p for p in killed.rglob("*.tmp")]  # the torn temporary file is gone
 
 
 @pytest.mark.slow
-def test_kill_between_variants_saves_resumes_every_variant_from_one_step(pitch_stores, tmp_path):
+def test_kill_between_variants_saves_resumes_every_variant_from_one_step(pitch_stores, tmp_path, cfg):
     kw = dict(fusion=["weighted-sum", "hconv"])
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    train(_cfg(pitch_stores, straight, **kw), progress=False)
-    _killed(_cfg(pitch_stores, killed, **kw), "after-step-4")
-    results = train(_cfg(pitch_stores, killed, **kw), resume=True, progress=False)
+    train(cfg(pitch_stores, straight, **kw), progress=False)
+    _killed(cfg(pitch_stores, killed, **kw), "after-step-4")
+    results = train(cfg(pitch_stores, killed, **kw), resume=True, progress=False)
     for name in ("weighted-sum-concat", "hconv-concat"):
         assert results[name]["steps"] == 6
         assert _losses(killed, name) == _losses(straight, name)  # each trained exactly steps 1..6, once
@@ -131,19 +127,19 @@ def test_a_write_that_fails_before_the_rename_leaves_the_old_file_whole(tmp_path
 
 
 # ---- resume --------------------------------------------------------------------------------------
-def test_resume_with_another_setting_is_refused_naming_it(pitch_stores, tmp_path):
+def test_resume_with_another_setting_is_refused_naming_it(pitch_stores, tmp_path, cfg):
     run = tmp_path / "run"
-    train(_cfg(pitch_stores, run, steps=2), progress=False)
+    train(cfg(pitch_stores, run, steps=2), progress=False)
     log = (run / "hconv-concat" / "log.csv").read_text()
     with pytest.raises(FusionpipeError, match=r"--resume: .*lr: 0\.003 -> 0\.001.*only --device, --num-workers, "
                                               r"--steps may change"):
-        train(_cfg(pitch_stores, run, steps=4, lr=1e-3), resume=True, progress=False)
+        train(cfg(pitch_stores, run, steps=4, lr=1e-3), resume=True, progress=False)
     with pytest.raises(FusionpipeError, match=r"seed: 0 -> 1; head_options: \{'proj': 16\} -> \{'proj': 8\}"):
-        train(_cfg(pitch_stores, run, steps=4, head_options={"proj": 8}, seed=1), resume=True, progress=False)
+        train(cfg(pitch_stores, run, steps=4, head_options={"proj": 8}, seed=1), resume=True, progress=False)
     assert (run / "hconv-concat" / "log.csv").read_text() == log  # nothing trained
     with pytest.raises(FusionpipeError, match=r"--steps \(1\): .* is at step 2 already"):
-        train(_cfg(pitch_stores, run, steps=1), resume=True, progress=False)
-    train(_cfg(pitch_stores, run, steps=4, num_workers=0, device="cpu"), resume=True, progress=False)  # more steps: ok
+        train(cfg(pitch_stores, run, steps=1), resume=True, progress=False)
+    train(cfg(pitch_stores, run, steps=4, num_workers=0, device="cpu"), resume=True, progress=False)  # more steps: ok
     assert load_checkpoint(run / "last.pt")["step"] == 4
 
 
@@ -155,14 +151,14 @@ def test_resume_via_the_command_line_refuses_a_changed_flag(pitch_stores, tmp_pa
     assert code == 1 and "lr: 0.0001 -> 0.001" in err and "Traceback" not in err
 
 
-def test_log_keeps_its_header_and_earlier_rows_and_drops_rows_past_the_checkpoint(pitch_stores, tmp_path):
+def test_log_keeps_its_header_and_earlier_rows_and_drops_rows_past_the_checkpoint(pitch_stores, tmp_path, cfg):
     run = tmp_path / "run"
-    train(_cfg(pitch_stores, run, steps=4), progress=False)
+    train(cfg(pitch_stores, run, steps=4), progress=False)
     path = run / "hconv-concat" / "log.csv"
     before = _log(run, "hconv-concat")
     with open(path, "a") as f:  # what a kill leaves: rows logged after the checkpoint, the last one torn
         f.write("5,0.5,\r\n6,0.4")
-    train(_cfg(pitch_stores, run, steps=6), resume=True, progress=False)
+    train(cfg(pitch_stores, run, steps=6), resume=True, progress=False)
     after = _log(run, "hconv-concat")
     assert after[0] == ["step", "loss", "metrics"] and after[:5] == before
     assert [row[0] for row in after[1:]] == ["1", "2", "3", "4", "5", "6"]
@@ -179,14 +175,14 @@ class Payload:
 
 
 @pytest.fixture
-def finished_run(pitch_stores, tmp_path):
+def finished_run(pitch_stores, tmp_path, cfg):
     run = tmp_path / "run"
-    train(_cfg(pitch_stores, run, steps=2, dev_stores=[]), progress=False)
+    train(cfg(pitch_stores, run, steps=2, dev_stores=[]), progress=False)
     return run
 
 
 @pytest.mark.slow
-def test_a_crafted_checkpoint_is_refused_by_evaluate_and_never_run(pitch_stores, finished_run, tmp_path):
+def test_a_crafted_checkpoint_is_refused_by_evaluate_and_never_run(pitch_stores, finished_run, tmp_path, cfg):
     marker = tmp_path / "pwned"
     best = finished_run / "hconv-concat" / "best.pt"
     torch.save({"model": Payload(marker)}, best)
@@ -203,7 +199,7 @@ def test_a_crafted_checkpoint_is_refused_by_evaluate_and_never_run(pitch_stores,
         interface_params(best.parent)
     torch.save({"step": Payload(marker)}, finished_run / "last.pt")
     with pytest.raises(FusionpipeError, match=str(finished_run / "last.pt")):
-        train(_cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
+        train(cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
     assert not marker.exists()
 
 
@@ -264,7 +260,7 @@ def test_evaluate_refuses_stores_of_fewer_or_other_upstreams_than_the_run(pitch_
 
 
 # ---- non-finite features ---------------------------------------------------------------------------
-def test_a_non_finite_loss_stops_naming_variant_step_and_utterances(pitch_stores, tmp_path):
+def test_a_non_finite_loss_stops_naming_variant_step_and_utterances(pitch_stores, tmp_path, cfg):
     stores = [str(shutil.copytree(s, tmp_path / Path(s).name)) for s in pitch_stores["train"]]
     group = zarr.open_group(stores[0], mode="r+")
     ids = [str(i) for i in group["index/ids"][:]]
@@ -273,7 +269,7 @@ def test_a_non_finite_loss_stops_naming_variant_step_and_utterances(pitch_stores
     group["hidden"][start:start + length] = np.nan
     run = tmp_path / "run"
     with pytest.raises(FusionpipeError) as e:
-        train(_cfg({"train": stores, "dev": []}, run, steps=24, eval_every=1), progress=False)
+        train(cfg({"train": stores, "dev": []}, run, steps=24, eval_every=1), progress=False)
     msg = str(e.value)
     assert msg.startswith("variant hconv-concat: the training loss is nan at step ") and "train-05" in msg
     step = int(msg.split(" at step ")[1].split(",")[0])
@@ -284,15 +280,15 @@ def test_a_non_finite_loss_stops_naming_variant_step_and_utterances(pitch_stores
     assert _log(run, "hconv-concat")[-1][0] == (str(step - 1) if step > 1 else "step")  # nothing of that step
 
 
-def test_without_a_dev_set_best_pt_follows_a_resumed_run(pitch_stores, finished_run):
-    train(_cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
+def test_without_a_dev_set_best_pt_follows_a_resumed_run(pitch_stores, finished_run, cfg):
+    train(cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
     best = load_checkpoint(finished_run / "hconv-concat" / "best.pt")["model"]
     last = load_checkpoint(finished_run / "last.pt")["variants"]["hconv-concat"]["model"]
     assert all(torch.equal(best[k], last[k]) for k in last)
 
 
-def test_resume_of_a_run_with_per_variant_checkpoints_is_refused(pitch_stores, finished_run):
+def test_resume_of_a_run_with_per_variant_checkpoints_is_refused(pitch_stores, finished_run, cfg):
     """Runs of older versions kept one last.pt per variant, possibly at different steps."""
     shutil.copy(finished_run / "last.pt", finished_run / "hconv-concat" / "last.pt")
     with pytest.raises(FusionpipeError, match="per-variant checkpoints of an older fusionpipe"):
-        train(_cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
+        train(cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
