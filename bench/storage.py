@@ -144,7 +144,7 @@ def storage_table(title: str, stores: dict[str, list[FeatureStore]], speed_chunk
 
 def downstream(stores: dict[str, dict[str, FeatureStore]], seeds: list[int], steps: int, work: Path) -> None:
     """stores: representation -> {"demo-train": store, "demo-dev": ..., "demo-test": ...}."""
-    from fusionpipe.train.loop import DEMO, TrainConfig, evaluate, train
+    from fusionpipe.train.loop import DEMO, TrainConfig, evaluate, train, variant_name
 
     fusions = ["hconv", "weighted-sum"]
     print(f"\n## Downstream: real Whisper-base features, {steps} steps, seeds {seeds}, scored on demo-test\n")
@@ -157,7 +157,7 @@ def downstream(stores: dict[str, dict[str, FeatureStore]], seeds: list[int], ste
                                   fusion=fusions, merge=["concat"], out=str(out), steps=steps,
                                   eval_every=max(1, steps // 3), lr=DEMO["lr"], max_frames=DEMO["max_frames"],
                                   head=DEMO["head"] if task == "asr" else {"proj": DEMO["head"]["proj"]}, interface={"normalize": True}, seed=seed, device="cpu")
-                if not (out / "results.json").exists():
+                if not all((out / variant_name(f, "concat") / "results.json").exists() for f in fusions):
                     train(cfg, resume=(out / "config.json").exists(), progress=False)
                 got = evaluate(out, [group["demo-test"].url], device="cpu")
                 for name, m in got.items():
@@ -202,6 +202,7 @@ def main() -> None:
     codecs = [FP16] + [c for c in args.codecs.split(",") if c]
     manifests = bundled_manifests()
 
+    by_codec = {}
     if args.model and Path(args.model).is_dir():
         by_codec = {c: {} for c in codecs}
         for m in manifests:
@@ -212,8 +213,6 @@ def main() -> None:
                 by_codec[c][m.name] = reencode(src, str(work / "real" / m.name / f"{Path(args.model).name}.{c}.zarr"), c)
         storage_table(f"Real pretrained Whisper-base ({args.model}), bundled corpus",
                       {c: list(g.values()) for c, g in by_codec.items()}, args.speed_chunks)
-        if not args.no_train:
-            downstream(by_codec, list(range(args.seeds)), args.steps, work)
     else:
         print(f"SKIPPED the real Whisper-base part: --model {args.model!r} is not a directory. Build it with "
               "`python /work/shared/tools/real_whisper_base.py OUTDIR` and pass --model OUTDIR; codecs must be "
@@ -226,6 +225,9 @@ def main() -> None:
         src = FeatureStore.open(r.url)
         stores = {FP16: [src]} | {c: [reencode(src, r.url.replace(".zarr", f".{c}.zarr"), c)] for c in codecs[1:]}
         storage_table(f"Random-weight base-size WavLM (SSL shape), {m.name}", stores, args.speed_chunks)
+
+    if not args.no_train and by_codec:
+        downstream(by_codec, list(range(args.seeds)), args.steps, work)
 
 
 if __name__ == "__main__":

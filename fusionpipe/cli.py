@@ -168,8 +168,14 @@ def inspect(store: str = typer.Argument(..., help="store directory or URL (memor
         return
     up, mf = d.pop("upstream") or {}, d.pop("manifest") or {}
     skipped = d.pop("skipped")
+    error = d.pop("measured_error")
     for k, v in d.items():
         typer.echo(f"{k:<22} {v}")
+    if error:  # lossy codecs: measured by the writer against the values before encoding
+        per_layer = " ".join(f"{e:.2%}" for e in error["relative_error_per_layer"])
+        typer.echo(f"{'measured_error':<22} ||decoded - x|| / ||x||: mean {error['relative_error_mean']:.2%}, max "
+                   f"{error['relative_error_max']:.2%} over layers ({per_layer}); over "
+                   f"{error['chunks_measured']} chunks")
     typer.echo(f"{'upstream':<22} {up.get('name')} ({up.get('model_id')} @ {str(up.get('revision'))[:12]}) "
                f"L={up.get('num_layers')} D={up.get('hidden_size')} {up.get('frame_rate')} Hz")
     typer.echo(f"{'manifest':<22} {mf.get('name')} ({mf.get('utterances')} rows, sha256 {str(mf.get('sha256'))[:12]})")

@@ -161,3 +161,18 @@ def test_a_resume_with_another_codec_is_refused(speech_manifest, tmp_path):
     from fusionpipe.errors import FusionpipeError
     with pytest.raises(FusionpipeError, match="codec: cached 'int8', now 'int8-std10'"):
         extract(speech_manifest, "toy-wavlm", tmp_path, device="cpu", progress=False, codec="int8-std10", url=r.url)
+
+
+def test_extract_codec_is_recorded_and_inspect_shows_ratio_and_measured_error(speech_manifest, tmp_path):
+    from typer.testing import CliRunner
+
+    from fusionpipe.cli import app
+    runner = CliRunner()
+    got = runner.invoke(app, ["extract", "--model", "toy-wavlm", "--manifest", str(speech_manifest.source), "--cache",
+                              str(tmp_path), "--device", "cpu", "--codec", "int8-std10"], catch_exceptions=False)
+    assert got.exit_code == 0, got.output
+    url = tmp_path / speech_manifest.name / "toy-wavlm.zarr"
+    assert FeatureStore.open(url).info.codec == "int8-std10"
+    shown = runner.invoke(app, ["inspect", str(url)], catch_exceptions=False).output
+    assert "int8-std10" in shown and "ratio_to_float16" in shown and "bytes_per_audio_second" in shown
+    assert "measured_error" in shown and "mean " in shown
