@@ -143,13 +143,15 @@ def storage_table(title: str, stores: dict[str, list[FeatureStore]], speed_chunk
 
 
 def downstream(stores: dict[str, dict[str, FeatureStore]], seeds: list[int], steps: int, max_frames: int,
-               work: Path) -> None:
+               work: Path, tasks: list[str]) -> None:
     """stores: representation -> {"demo-train": store, "demo-dev": ..., "demo-test": ...}."""
     from fusionpipe.train.loop import DEMO, TrainConfig, evaluate, train, variant_name
 
     fusions = ["hconv", "weighted-sum"]
     print(f"\n## Downstream: real Whisper-base features, seeds {seeds}, scored on demo-test\n", flush=True)
     for task, metric, better in (("asr", "cer", "lower"), ("classify", "accuracy", "higher")):
+        if task not in tasks:
+            continue
         steps_here = steps if task == "asr" else max(1, steps // 2)  # the classify head converges sooner
         scores: dict[tuple[str, str], list[float]] = {}
         for codec, group in stores.items():
@@ -203,6 +205,7 @@ def main() -> None:
     ap.add_argument("--speed-chunks", type=int, default=4)
     ap.add_argument("--wavlm-seconds", type=float, default=60.0, help="audio for the random WavLM (0: skip)")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--tasks", default="asr,classify")
     args = ap.parse_args()
     work = Path(args.cache or tempfile.mkdtemp(prefix="bench-storage-"))
     codecs = [FP16] + [c for c in args.codecs.split(",") if c]
@@ -235,7 +238,8 @@ def main() -> None:
 
     if not args.no_train and by_codec:
         trained = [FP16] + [c for c in args.train_codecs.split(",") if c in by_codec]
-        downstream({c: by_codec[c] for c in trained}, list(range(args.seeds)), args.steps, args.max_frames, work)
+        downstream({c: by_codec[c] for c in trained}, list(range(args.seeds)), args.steps, args.max_frames, work,
+                   args.tasks.split(","))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Layout of ``cache/<manifest>/<upstream>.zarr`` (fairseq's .npy + .len idea, in Z
     index/offsets   [N] int64             first frame of each utterance in `hidden`
     index/lengths   [N] int64             frames of each utterance
     skipped/<id>    JSON                  utterances found bad while extracting (--skip-bad)
+    error/<c>.json  JSON                  lossy codecs only: chunk c's error against the values before
+                                          encoding, written before the chunk (`measured_error`)
     attrs           fingerprint (upstream, revision, manifest hash, dtype, codec, L, D, frame
                     rate, version), sample rate, chunk size, rows skipped before extraction
 
@@ -20,6 +22,10 @@ if and only if the chunk is complete*: those keys are the done-flag set. Anythin
 ``hidden/c/`` (a ``.partial`` left by a kill) never counts and is deleted when a writer opens
 the store. A kill at any moment leaves whole chunks or no chunk; a rerun recomputes exactly the
 missing ones. Two writers never share a chunk (`lock`: one extraction per store at a time).
+
+Representations. Lossless (zstd, the default, and blosc variants) or lossy (int8, int8-std10,
+int8-std20): int8 codes whose per-(layer, channel) steps live inside each chunk, by the zarr
+codec of fusionpipe/codecs.py, so everything below holds for them too. docs/decisions.md.
 
 Integrity. Every chunk ends in a crc32c checksum (zarr v3's codec), so a flipped bit is a read
 error naming the store, the chunk and its utterances, never a different number. A chunk not
