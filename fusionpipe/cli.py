@@ -115,7 +115,10 @@ def extract(
     cache: str = typer.Option("cache", help="root of the feature stores: a directory or any fsspec URL (s3://...)"),
     device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("float16", help="storage dtype: float16 or float32"),
-    codec: str = typer.Option("zstd", help="zstd, blosc-zstd, blosc-zstd-bitshuffle, blosc-lz4, none"),
+    codec: str = typer.Option("zstd", help="lossless: zstd (default), blosc-zstd, blosc-zstd-bitshuffle, blosc-lz4, "
+                                           "none; lossy int8 codes: int8 (2.4x smaller than float16, recommended "
+                                           "for large corpora), int8-std10 (3.3x), int8-std20 (3.8x); see "
+                                           "docs/decisions.md"),
     max_seconds: float = typer.Option(160.0, help="padded audio seconds per batch"),
     chunk_frames: Optional[int] = typer.Option(None, help="frames per Zarr chunk (default: about 4 MB)"),
     skip_bad: bool = typer.Option(False, help="record unusable utterances and go on instead of stopping"),
@@ -165,8 +168,14 @@ def inspect(store: str = typer.Argument(..., help="store directory or URL (memor
         return
     up, mf = d.pop("upstream") or {}, d.pop("manifest") or {}
     skipped = d.pop("skipped")
+    error = d.pop("measured_error")
     for k, v in d.items():
         typer.echo(f"{k:<22} {v}")
+    if error:  # lossy codecs: measured by the writer against the values before encoding
+        per_layer = " ".join(f"{e:.2%}" for e in error["relative_error_per_layer"])
+        typer.echo(f"{'measured_error':<22} ||decoded - x|| / ||x||: mean {error['relative_error_mean']:.2%}, max "
+                   f"{error['relative_error_max']:.2%} over layers ({per_layer}); over "
+                   f"{error['chunks_measured']} chunks")
     typer.echo(f"{'upstream':<22} {up.get('name')} ({up.get('model_id')} @ {str(up.get('revision'))[:12]}) "
                f"L={up.get('num_layers')} D={up.get('hidden_size')} {up.get('frame_rate')} Hz")
     typer.echo(f"{'manifest':<22} {mf.get('name')} ({mf.get('utterances')} rows, sha256 {str(mf.get('sha256'))[:12]})")

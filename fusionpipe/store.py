@@ -9,6 +9,8 @@ Layout of ``cache/<manifest>/<upstream>.zarr`` (fairseq's .npy + .len idea, in Z
     index/offsets   [N] int64             first frame of each utterance in `hidden`
     index/lengths   [N] int64             frames of each utterance
     skipped/<id>    JSON                  utterances found bad while extracting (--skip-bad)
+    error/<c>.json  JSON                  lossy codecs only: chunk c's error against the values before
+                                          encoding, written before the chunk (`measured_error`)
     attrs           fingerprint (upstream, revision, manifest hash, dtype, codec, L, D, frame
                     rate, version), sample rate, chunk size, rows skipped before extraction
 
@@ -20,6 +22,10 @@ if and only if the chunk is complete*: those keys are the done-flag set. Anythin
 ``hidden/c/`` (a ``.partial`` left by a kill) never counts and is deleted when a writer opens
 the store. A kill at any moment leaves whole chunks or no chunk; a rerun recomputes exactly the
 missing ones. Two writers never share a chunk (`lock`: one extraction per store at a time).
+
+Representations. Lossless (zstd, the default, and blosc variants) or lossy (int8, int8-std10,
+int8-std20): int8 codes whose per-(layer, channel) steps live inside each chunk, by the zarr
+codec of fusionpipe/codecs.py, so everything below holds for them too. docs/decisions.md.
 
 Integrity. Every chunk ends in a crc32c checksum (zarr v3's codec), so a flipped bit is a read
 error naming the store, the chunk and its utterances, never a different number. A chunk not
@@ -51,6 +57,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from fusionpipe import __version__
+from fusionpipe.codecs import Quantize
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest, read_manifest
 
@@ -67,14 +74,47 @@ CODECS = {
     "blosc-zstd-bitshuffle": lambda: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
     "blosc-lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
     "none": lambda: None,
+    # lossy: int8 codes with per-(layer, channel) steps inside each chunk (fusionpipe/codecs.py), then zstd
+    "int8": lambda: [ZstdCodec(level=3)],
+    "int8-std10": lambda: [ZstdCodec(level=3)],
+    "int8-std20": lambda: [ZstdCodec(level=3)],
 }
+# the array->bytes codec of the lossy representations (the lossless ones use zarr's plain `bytes`)
+SERIALIZERS = {
+    "int8": lambda: Quantize(),                                       # step = max|x| / 127
+    "int8-std10": lambda: Quantize(step=0.10, predict_layers=True),  # step = 0.10 x channel std
+    "int8-std20": lambda: Quantize(step=0.20, predict_layers=True),
+}
+LOSSY = tuple(SERIALIZERS)
 DEFAULT_CODEC = "zstd"
+# for large corpora: within the fp16 seed spread downstream (int8-std10, 3.3x, was not for every
+# variant): docs/decisions.md, bench/storage.py
+RECOMMENDED_LOSSY = "int8"
 CHECKSUM = Crc32cCodec  # last bytes-to-bytes codec of every chunk: bench/extract.py measures its cost
+
+# Store bytes / raw float16 bytes of `hidden`, measured by bench/storage.py on real pretrained
+# Whisper-base activations of the bundled corpus (docs/benchmarks.md). For disk estimates
+# (`expected_bytes`); random-weight models compress differently, real ones of other families similar.
+BYTES_RATIO = {
+    "zstd": 0.893, "blosc-zstd": 0.89, "blosc-zstd-bitshuffle": 0.94, "blosc-lz4": 1.0, "none": 1.0,
+    "int8": 0.419, "int8-std10": 0.307, "int8-std20": 0.265,
+}
+
+
+def expected_bytes(codec: str, total_frames: int, num_layers: int, hidden_size: int, dtype: str = "float16") -> int:
+    """About how many bytes a store of this shape takes on disk with `codec` (measured ratios)."""
+    raw = total_frames * num_layers * hidden_size * 2  # the ratios are to float16
+    return int(raw * BYTES_RATIO[codec] * (2 if dtype == "float32" and codec not in LOSSY else 1))
 
 
 def compressors(codec: str) -> list:
-    """The chunk codecs of `codec`, ending in the checksum."""
+    """The bytes->bytes chunk codecs of `codec`, ending in the checksum."""
     return [*(CODECS[codec]() or []), CHECKSUM()]
+
+
+def serializer(codec: str):
+    """The array->bytes codec of `codec`: a `Quantize` for the lossy ones, zarr's default otherwise."""
+    return SERIALIZERS[codec]() if codec in SERIALIZERS else "auto"
 
 
 def index_hash(ids, lengths) -> str:
@@ -230,6 +270,7 @@ class FeatureStore:
         group.create_array(
             "hidden", shape=(layout.total_frames, num_layers, hidden_size), dtype=dtype,
             chunks=(chunk_frames, num_layers, hidden_size), compressors=compressors(codec),
+            serializer=serializer(codec),
             # chunk exists <=> chunk done; a chunk never written reads as NaN, never as plausible zeros
             fill_value=float("nan"), config={"write_empty_chunks": True},
         )
@@ -348,6 +389,8 @@ class FeatureStore:
     def write_chunk(self, c: int, frames: np.ndarray) -> None:
         """Write chunk `c` whole; `frames` is (chunk_frames or fewer for the last chunk, L, D)."""
         start = c * self.chunk_frames
+        if self.info.codec in LOSSY:  # the record first: a chunk on disk always has its error recorded
+            self._record_error(c, frames)
         try:
             self.hidden[start:start + len(frames)] = frames
         except OSError as e:
@@ -357,6 +400,43 @@ class FeatureStore:
                     "--cache) and rerun the same command: it resumes from the chunks already on disk"
                 ) from None
             raise
+
+    def _record_error(self, c: int, frames: np.ndarray) -> None:
+        """Error of chunk `c` against the values given (before encoding), per layer, as `error/<c>.json`.
+
+        Encoding is deterministic, so a chunk rewritten on resume rewrites the same record."""
+        x = np.asarray(frames, np.float64)
+        err = serializer(self.info.codec).roundtrip(np.asarray(frames)).astype(np.float64) - x
+        rec = {"chunk": c, "frames": len(x), "sum_sq_error": (err ** 2).sum(axis=(0, 2)).tolist(),
+               "sum_sq": (x ** 2).sum(axis=(0, 2)).tolist(),
+               "max_abs_error": np.abs(err).max(axis=(0, 2)).tolist() if len(x) else [0.0] * x.shape[1]}
+        buf = default_buffer_prototype().buffer.from_bytes(json.dumps(rec).encode())
+        sync(self.group.store.set(_key(self.group, f"error/{c}.json"), buf))
+
+    def measured_error(self, done_chunks: np.ndarray | None = None) -> dict | None:
+        """The encoding error of a lossy store, measured by the writer against the unencoded values,
+        over the chunks on disk: per layer ||decoded - x|| / ||x|| and max |decoded - x|. None if lossless."""
+        if self.info.codec not in LOSSY:
+            return None
+        done = self.done_chunks() if done_chunks is None else done_chunks
+        L = self.num_layers
+        sse, ss, mx, counted = np.zeros(L), np.zeros(L), np.zeros(L), 0
+        for k in sync(_list(self.group.store, _key(self.group, "error/"))):
+            rec = json.loads(sync(self.group.store.get(k, default_buffer_prototype())).to_bytes())
+            if rec["chunk"] < len(done) and done[rec["chunk"]]:
+                sse += rec["sum_sq_error"]
+                ss += rec["sum_sq"]
+                mx = np.maximum(mx, rec["max_abs_error"])
+                counted += 1
+        rel = np.sqrt(sse / np.where(ss > 0, ss, 1))
+        return {"relative_error_per_layer": [round(float(r), 5) for r in rel],
+                "relative_error_mean": round(float(rel.mean()), 5), "relative_error_max": round(float(rel.max()), 5),
+                "max_abs_error_per_layer": [round(float(m), 4) for m in mx],
+                "chunks_measured": f"{counted}/{int(done.sum())}"}
+
+    def hidden_bytes(self) -> int:
+        """Bytes of the chunks of `hidden` on disk."""
+        return sum(sync(_sizes(self.group.store, f"{self.hidden.path}/c/")))
 
     # ---- skips ---------------------------------------------------------------------------
     def skipped(self) -> dict[str, str]:
@@ -442,6 +522,9 @@ def describe(store: FeatureStore) -> dict:
     size = store.size_on_disk()
     seconds = store.total_frames / store.frame_rate if store.total_frames else 0.0
     skipped = store.skipped()
+    done_frames = sum(min((c + 1) * store.chunk_frames, store.total_frames) - c * store.chunk_frames
+                      for c in np.flatnonzero(done))
+    fp16 = done_frames * store.num_layers * store.hidden_size * 2
     return {
         "store": str(store),
         "format": store.info.format,
@@ -456,6 +539,9 @@ def describe(store: FeatureStore) -> dict:
         "chunk_frames": store.chunk_frames,
         "size_on_disk_bytes": size,
         "bytes_per_audio_second": round(size / seconds) if seconds else None,
+        # the chunks on disk against the same frames as raw float16 (the cache's unit of cost)
+        "ratio_to_float16": round(store.hidden_bytes() / fp16, 4) if fp16 else None,
+        "measured_error": store.measured_error(done),
         "skipped": skipped,
         "upstream": store.attrs.get("upstream"),
         "manifest": store.attrs.get("manifest"),
@@ -510,6 +596,9 @@ def _metadata_faults(store: FeatureStore) -> list[str]:
         have = [c.to_dict() for c in h.compressors]
         if want != have:
             faults.append(f"metadata: codec {a['codec']!r} but the chunks are encoded with {have}")
+        if a["codec"] in LOSSY and h.serializer.to_dict() != serializer(a["codec"]).to_dict():
+            faults.append(f"metadata: codec {a['codec']!r} but the chunks are serialized with "
+                          f"{h.serializer.to_dict()}")
     elif a.get("codec") not in CODECS:
         faults.append(f"metadata: codec {a.get('codec')!r} is not known")
     return faults

@@ -1,0 +1,178 @@
+"""The lossy store representations (fusionpipe/codecs.py): error bounds, determinism, plain-zarr
+readability, the loader reading through them, and the checksum still over every byte."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from fusionpipe.codecs import Quantize
+from fusionpipe.extract.run import extract
+from fusionpipe.fuse.loader import make_loader
+from fusionpipe.store import LOSSY, FeatureStore, Layout, describe, serializer, verify
+
+# (bound on ||decoded - x|| / ||x|| per layer, on channels of very different scales)
+BOUNDS = {"int8": 0.01, "int8-std10": 0.035, "int8-std20": 0.07}
+
+
+def activations(T=300, L=4, D=16, seed=0) -> np.ndarray:
+    """A residual-stream-like toy: layers drift from each other, a few outlier channels 100x the rest."""
+    rng = np.random.default_rng(seed)
+    x = np.cumsum(rng.standard_normal((T, L, D)), axis=1) * 0.5
+    x += np.cumsum(rng.standard_normal((T, 1, D)) * 0.3, axis=0)  # correlated along frames
+    x[:, :, :2] *= 100
+    return x.astype(np.float16)
+
+
+def lossy_store(url, x, codec, chunk_frames=64):
+    s = FeatureStore.create(url, Layout(["a", "b"], np.array([len(x) - 100, 100])), num_layers=x.shape[1],
+                            hidden_size=x.shape[2], codec=codec, chunk_frames=chunk_frames,
+                            attrs={"upstream": {"name": "toy", "frame_rate": 50.0}})
+    for c in range(s.num_chunks):
+        s.write_chunk(c, x[c * chunk_frames:(c + 1) * chunk_frames])
+    return s
+
+
+def _chunk(url, c) -> Path:
+    return Path(url) / "hidden" / "c" / str(c) / "0" / "0"
+
+
+@pytest.mark.parametrize("codec", LOSSY)
+def test_round_trip_error_stays_within_the_bound_of_each_representation(tmp_path, codec):
+    x = activations()
+    s = lossy_store(tmp_path / "s.zarr", x, codec)
+    y = s.hidden[:].astype(np.float64)
+    rel = np.sqrt(((y - x) ** 2).sum(axis=(0, 2)) / (x.astype(np.float64) ** 2).sum(axis=(0, 2)))
+    assert (rel < BOUNDS[codec]).all(), rel
+    small = np.abs(y[..., 2:] - x[..., 2:]).max() / np.abs(x[..., 2:].astype(np.float64)).max()
+    assert small < 3 * BOUNDS[codec]  # ordinary channels are not drowned by the outliers' steps
+
+
+@pytest.mark.parametrize("codec", LOSSY)
+def test_the_recorded_error_is_the_error_of_what_reads_back(tmp_path, codec):
+    x = activations()
+    s = lossy_store(tmp_path / "s.zarr", x, codec)
+    y = s.hidden[:].astype(np.float64)
+    rel = np.sqrt(((y - x) ** 2).sum(axis=(0, 2)) / (x.astype(np.float64) ** 2).sum(axis=(0, 2)))
+    d = describe(FeatureStore.open(s.url))
+    assert d["codec"] == codec and d["ratio_to_float16"] < 1
+    np.testing.assert_allclose(d["measured_error"]["relative_error_per_layer"], rel, rtol=1e-3, atol=1e-5)
+    assert d["measured_error"]["chunks_measured"] == f"{s.num_chunks}/{s.num_chunks}"
+
+
+def test_encoding_is_deterministic_and_keeps_padding_and_zeros():
+    x = activations(T=50).astype(np.float32)
+    x[10:20] = 0  # a skipped utterance's frames
+    padded = np.concatenate([x, np.full((14, *x.shape[1:]), np.nan, np.float32)])
+    codec = Quantize(step=0.1, predict_layers=True)
+    y = codec.roundtrip(padded)
+    assert np.isnan(y[50:]).all() and (y[10:20] == 0).all()
+    from fusionpipe.codecs import encode
+    assert encode(padded, 0.1, True) == encode(padded.copy(), 0.1, True)
+
+
+def test_a_lossy_store_reads_with_plain_zarr_once_fusionpipe_is_imported(tmp_path):
+    x = activations()
+    for codec in LOSSY:
+        s = lossy_store(tmp_path / f"{codec}.zarr", x, codec)
+        code = ("import sys, numpy as np, zarr, fusionpipe.store; "
+                f"a = zarr.open_array({str(Path(s.url) / 'hidden')!r}, mode='r'); "
+                "np.save(sys.argv[1], a[:])")
+        out = tmp_path / f"{codec}.npy"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert np.load(out).tobytes() == s.hidden[:].tobytes()
+        meta = zarr.open_array(Path(s.url) / "hidden", mode="r").metadata.to_dict()
+        assert meta["codecs"][0] == serializer(codec).to_dict()
+        assert meta["codecs"][-1]["name"] == "crc32c"  # the checksum stays last
+
+
+def test_the_loader_on_a_lossy_store_equals_decoding_first_then_loading(tmp_path, speech_manifest):
+    lossy = extract(speech_manifest, "toy-wavlm", tmp_path / "lossy", device="cpu", progress=False,
+                    codec="int8-std10", chunk_frames=16)
+    s = FeatureStore.open(lossy.url)
+    decoded = FeatureStore.create(tmp_path / "decoded.zarr", Layout(s.ids, s.lengths), num_layers=s.num_layers,
+                                  hidden_size=s.hidden_size, codec="zstd", chunk_frames=16, attrs=dict(s.attrs) | {
+                                      "codec": "zstd"})
+    for c in range(s.num_chunks):
+        decoded.write_chunk(c, s.read_range(c * 16, (c + 1) * 16))
+    a = list(make_loader([lossy.url], max_frames=200))
+    b = list(make_loader([str(tmp_path / "decoded.zarr")], max_frames=200))
+    assert len(a) == len(b) > 0
+    for p, q in zip(a, b):
+        assert p["ids"] == q["ids"]
+        for sp, sq in zip(p["stacks"], q["stacks"]):
+            assert torch.equal(sp, sq)
+
+
+def test_kill_9_then_rerun_of_a_lossy_extraction_is_byte_identical(long_manifest, tmp_path):
+    def cmd(cache):
+        return [sys.executable, "-m", "fusionpipe", "extract", "--model", "toy-wavlm", "--manifest",
+                str(long_manifest.source), "--cache", str(cache), "--max-seconds", "3", "--chunk-frames", "16",
+                "--device", "cpu", "--codec", "int8-std10"]
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(cmd(tmp_path / "ref"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    chunk_dir = tmp_path / "killed" / long_manifest.name / "toy-wavlm.zarr" / "hidden" / "c"
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if chunk_dir.is_dir() and len(os.listdir(chunk_dir)) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "extraction finished before it could be killed: make the manifest longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < int(FeatureStore.open(chunk_dir.parents[1]).done_chunks().sum())
+    subprocess.run(cmd(tmp_path / "killed"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ref = FeatureStore.open(tmp_path / "ref" / long_manifest.name / "toy-wavlm.zarr")
+    resumed = FeatureStore.open(chunk_dir.parents[1])
+    assert resumed.is_complete() and resumed.info.codec == "int8-std10"
+    for c in range(ref.num_chunks):  # the encoded bytes, not only the decoded values
+        assert _chunk(ref.url, c).read_bytes() == _chunk(resumed.url, c).read_bytes()
+    assert describe(ref)["measured_error"] == describe(resumed)["measured_error"]
+
+
+@pytest.mark.parametrize("codec", LOSSY)
+def test_verify_catches_a_flipped_bit_in_a_lossy_chunk(tmp_path, codec):
+    s = lossy_store(tmp_path / "s.zarr", activations(), codec)
+    path = _chunk(s.url, 1)
+    good = path.read_bytes()
+    rng = np.random.default_rng(0)
+    for bit in rng.choice(len(good) * 8, 20, replace=False):
+        bad = bytearray(good)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(bad))
+        faults = verify(FeatureStore.open(s.url))
+        assert faults and "chunk 1 " in faults[0], f"bit {bit} went unnoticed"
+    path.write_bytes(good)
+    assert verify(FeatureStore.open(s.url)) == []
+
+
+def test_a_resume_with_another_codec_is_refused(speech_manifest, tmp_path):
+    r = extract(speech_manifest, "toy-wavlm", tmp_path, device="cpu", progress=False, codec="int8")
+    from fusionpipe.errors import FusionpipeError
+    with pytest.raises(FusionpipeError, match="codec: cached 'int8', now 'int8-std10'"):
+        extract(speech_manifest, "toy-wavlm", tmp_path, device="cpu", progress=False, codec="int8-std10", url=r.url)
+
+
+def test_extract_codec_is_recorded_and_inspect_shows_ratio_and_measured_error(speech_manifest, tmp_path):
+    from typer.testing import CliRunner
+
+    from fusionpipe.cli import app
+    runner = CliRunner()
+    got = runner.invoke(app, ["extract", "--model", "toy-wavlm", "--manifest", str(speech_manifest.source), "--cache",
+                              str(tmp_path), "--device", "cpu", "--codec", "int8-std10"], catch_exceptions=False)
+    assert got.exit_code == 0, got.output
+    url = tmp_path / speech_manifest.name / "toy-wavlm.zarr"
+    assert FeatureStore.open(url).info.codec == "int8-std10"
+    shown = runner.invoke(app, ["inspect", str(url)], catch_exceptions=False).output
+    assert "int8-std10" in shown and "ratio_to_float16" in shown and "bytes_per_audio_second" in shown
+    assert "measured_error" in shown and "mean " in shown
