@@ -101,7 +101,7 @@ BYTES_RATIO = {
 }
 
 
-def expected_bytes(codec: str, total_frames: int, num_layers: int, hidden_size: int, dtype: str = "float16") -> int:
+def expected_bytes(codec: str, total_frames: float, num_layers: int, hidden_size: int, dtype: str = "float16") -> int:
     """About how many bytes a store of this shape takes on disk with `codec` (measured ratios)."""
     raw = total_frames * num_layers * hidden_size * 2  # the ratios are to float16
     return int(raw * BYTES_RATIO[codec] * (2 if dtype == "float32" and codec not in LOSSY else 1))

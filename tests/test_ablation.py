@@ -314,3 +314,15 @@ def test_split_rows_outside_extract_from_are_a_plan_problem(tmp_path, make_manif
     assert len(plan.problems) == 1
     assert "corpus-fold2-test.tsv row 5 (id stray) is not in manifest" in plan.problems[0]
     assert "tasks.er.extract_from must name a manifest that holds every row" in plan.problems[0]
+
+
+def test_dry_run_disk_estimate_follows_the_recipe_codec(tmp_path):
+    """The plan's bytes per audio-second are L x D x frame rate x the codec's measured ratio."""
+    from fusionpipe.store import BYTES_RATIO
+
+    rates = {}
+    for codec in ("zstd", "int8"):
+        recipe = load_recipe(_write(tmp_path, _recipe(extract={"codec": codec}), f"{codec}.yaml"))
+        rates[codec] = {e.upstream: e.bytes_per_second for e in plan_recipe(recipe).extractions}
+    for upstream, zstd in rates["zstd"].items():
+        assert rates["int8"][upstream] == pytest.approx(zstd * BYTES_RATIO["int8"] / BYTES_RATIO["zstd"], rel=1e-3)

@@ -78,6 +78,7 @@ def test_encoding_is_deterministic_and_keeps_padding_and_zeros():
     assert encode(padded, 0.1, True) == encode(padded.copy(), 0.1, True)
 
 
+@pytest.mark.slow
 def test_a_lossy_store_reads_with_plain_zarr_once_fusionpipe_is_imported(tmp_path):
     x = activations()
     for codec in LOSSY:
@@ -112,6 +113,7 @@ def test_the_loader_on_a_lossy_store_equals_decoding_first_then_loading(tmp_path
             assert torch.equal(sp, sq)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_of_a_lossy_extraction_is_byte_identical(long_manifest, tmp_path):
     def cmd(cache):
         return [sys.executable, "-m", "fusionpipe", "extract", "--model", "toy-wavlm", "--manifest",

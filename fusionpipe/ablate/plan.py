@@ -12,6 +12,7 @@ from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import store_url
 from fusionpipe.manifest import check_subset, read_manifest
+from fusionpipe.store import expected_bytes
 from fusionpipe.ablate.recipe import SPLITS, Recipe, TaskSpec, fill_fold, manifest_path, trials_path
 from fusionpipe.ablate.report import set_name, write_report
 from fusionpipe.train.config import variant_name
@@ -35,13 +36,13 @@ class Extraction:
     path: Path                    # its TSV
     url: str
     seconds: float | None         # audio in the manifest; None when it is missing
-    bytes_per_second: float | None  # L x D x bytes per value x frame rate (registry), per audio-second
+    bytes_per_second: float | None  # on disk per audio-second: L x D x frame rate x the codec's measured ratio
     status: str                   # cached | partial | missing
     done: float = 0.0             # fraction of chunks on disk
 
     @property
     def bytes(self) -> float | None:
-        """Estimated store size: bytes per audio-second x seconds (before the codec)."""
+        """Estimated store size on disk: bytes per audio-second x seconds."""
         if self.seconds is None or self.bytes_per_second is None:
             return None
         return self.seconds * self.bytes_per_second
@@ -194,7 +195,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
         bytes_per_second = None
         if dims is not None:
             L, D, rate = dims
-            bytes_per_second = L * D * (2 if recipe.extract["dtype"] == "float16" else 4) * rate
+            # one second of frames, in the recipe's dtype and codec (ratios measured by bench/storage.py)
+            bytes_per_second = expected_bytes(recipe.extract["codec"], rate, L, D, recipe.extract["dtype"])
         for path, m in manifests.items():
             if path not in extracted:
                 continue
