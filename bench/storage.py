@@ -26,7 +26,6 @@ Prints, per representation against the float16 store (zstd, the lossless default
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
