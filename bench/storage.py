@@ -228,7 +228,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300, help="asr steps (classify: half)")
     ap.add_argument("--max-frames", type=int, default=2000, help="padded frames per training batch")
-    ap.add_argument("--train-codecs", default="int8-std10,int8", help="representations trained beside fp16")
+    ap.add_argument("--train-codecs", default="int8-std10,int8-std08,int8", help="representations trained beside fp16")
     ap.add_argument("--speed-chunks", type=int, default=4)
     ap.add_argument("--wavlm-seconds", type=float, default=60.0, help="audio for the random WavLM (0: skip)")
     ap.add_argument("--no-train", action="store_true")
