@@ -90,7 +90,7 @@ SERIALIZERS = {
 LOSSY = tuple(SERIALIZERS)
 DEFAULT_CODEC = "zstd"
 # for large corpora: within the fp16 seed spread downstream (int8-std10, 3.3x, and int8-std08, 3.1x,
-# were not for every variant: weighted-sum ASR): docs/decisions.md, bench/storage.py
+# were not on weighted-sum ASR over 3 seeds, were over 5, ~+0.003 CER each): docs/decisions.md
 RECOMMENDED_LOSSY = "int8"
 CHECKSUM = Crc32cCodec  # last bytes-to-bytes codec of every chunk: bench/extract.py measures its cost
 
