@@ -40,7 +40,7 @@ from fusionpipe.codecs import decode, encode  # noqa: E402
 from fusionpipe.extract.run import extract  # noqa: E402
 from fusionpipe.extract.upstreams import make_local_model  # noqa: E402
 from fusionpipe.fuse.loader import make_loader  # noqa: E402
-from fusionpipe.manifest import Manifest, bundled_manifests, read_manifest, write_manifest  # noqa: E402
+from fusionpipe.manifest import CORPUS, Manifest, bundled_manifests, read_manifest, write_manifest  # noqa: E402
 from fusionpipe.store import LOSSY, SERIALIZERS, FeatureStore, Layout  # noqa: E402
 
 FP16 = "zstd"
@@ -91,10 +91,20 @@ def codec_speed(chunks: list[np.ndarray], codec: str) -> tuple[float, float]:
     return mb / (t1 - t0), mb / (t2 - t1)
 
 
+def manifest_of(store: FeatureStore) -> str | None:
+    """The TSV the store's labels come from: the recorded one, or, when that path is gone (a cache
+    built from another checkout), the bundled manifest of the same name (`None`: let the loader say)."""
+    info = store.info
+    if info.manifest_path and Path(info.manifest_path).is_file():
+        return info.manifest_path
+    bundled = CORPUS / f"{info.manifest}.tsv"
+    return str(bundled) if bundled.is_file() else None
+
+
 def loader_speed(url: str) -> float:
     """Frames per second through make_loader (read, decode, align, pad to tensors)."""
     t0, frames = time.perf_counter(), 0
-    for batch in make_loader([url], max_frames=4000):
+    for batch in make_loader([url], manifest_of(FeatureStore.open(url)), max_frames=4000):
         frames += int(batch["lengths"].sum())
     return frames / (time.perf_counter() - t0)
 
@@ -144,7 +154,9 @@ def storage_table(title: str, stores: dict[str, list[FeatureStore]], speed_chunk
 def downstream(stores: dict[str, dict[str, FeatureStore]], seeds: list[int], steps: int, max_frames: int,
                work: Path, tasks: list[str], report_only: bool = False) -> None:
     """stores: representation -> {"demo-train": store, "demo-dev": ..., "demo-test": ...}."""
-    from fusionpipe.train.loop import DEMO, TrainConfig, evaluate, train, variant_name
+    from fusionpipe.train.config import TrainConfig, variant_name
+    from fusionpipe.train.defaults import DEMO
+    from fusionpipe.train.loop import evaluate, train
 
     fusions = ["hconv", "weighted-sum"]
     print(f"\n## Downstream: real Whisper-base features, seeds {seeds}, scored on demo-test\n", flush=True)
@@ -157,15 +169,17 @@ def downstream(stores: dict[str, dict[str, FeatureStore]], seeds: list[int], ste
             for seed in seeds:
                 out = work / f"run-{task}-{codec}-{seed}"
                 cfg = TrainConfig(stores=[group["demo-train"].url], dev_stores=[group["demo-dev"].url], task=task,
+                                  manifest=manifest_of(group["demo-train"]), dev_manifest=manifest_of(group["demo-dev"]),
                                   fusion=fusions, merge=["concat"], out=str(out), steps=steps_here,
                                   eval_every=max(1, steps_here // 3), lr=DEMO["lr"], max_frames=max_frames,
-                                  head=DEMO["head"] if task == "asr" else {"proj": DEMO["head"]["proj"]},
-                                  interface={"normalize": True}, seed=seed, device="cpu")
+                                  head_options=(DEMO["head_options"] if task == "asr"
+                                                else {"proj": DEMO["head_options"]["proj"]}),
+                                  interface_options={"normalize": True}, seed=seed, device="cpu")
                 if not all((out / variant_name(f, "concat") / "results.json").exists() for f in fusions):
                     if report_only:
                         continue
                     train(cfg, resume=(out / "config.json").exists(), progress=False)
-                got = evaluate(out, [group["demo-test"].url], device="cpu")
+                got = evaluate(out, [group["demo-test"].url], device="cpu", manifest=manifest_of(group["demo-test"]))
                 for name, m in got.items():
                     scores.setdefault((name, codec), []).append(float(m[metric]))
                 print(f"  {task} {codec} seed {seed}: " + ", ".join(f"{n} {m[metric]:.4f}" for n, m in got.items()),
@@ -214,7 +228,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300, help="asr steps (classify: half)")
     ap.add_argument("--max-frames", type=int, default=2000, help="padded frames per training batch")
-    ap.add_argument("--train-codecs", default="int8-std10,int8", help="representations trained beside fp16")
+    ap.add_argument("--train-codecs", default="int8-std10,int8-std08,int8", help="representations trained beside fp16")
     ap.add_argument("--speed-chunks", type=int, default=4)
     ap.add_argument("--wavlm-seconds", type=float, default=60.0, help="audio for the random WavLM (0: skip)")
     ap.add_argument("--no-train", action="store_true")

@@ -19,7 +19,7 @@ from fusionpipe.fuse.loader import make_loader
 from fusionpipe.store import LOSSY, FeatureStore, Layout, describe, serializer, verify
 
 # (bound on ||decoded - x|| / ||x|| per layer, on channels of very different scales)
-BOUNDS = {"int8": 0.01, "int8-std10": 0.035, "int8-std20": 0.07}
+BOUNDS = {"int8": 0.01, "int8-std08": 0.028, "int8-std10": 0.035, "int8-std20": 0.07}
 
 
 def activations(T=300, L=4, D=16, seed=0) -> np.ndarray:

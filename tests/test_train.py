@@ -30,6 +30,13 @@ def test_loss_falls_and_accuracy_beats_chance(pitch_stores, tmp_path, train_conf
     assert TrainConfig.load(tmp_path / "run" / "config.json").fusion == ["hconv"]
 
 
+def test_a_config_saved_before_the_options_rename_still_loads(tmp_path):
+    saved = {"stores": ["a.zarr"], "task": "asr", "head": {"proj": 64, "hidden": 64}, "interface": {"normalize": True}}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = TrainConfig.load(tmp_path / "config.json")
+    assert cfg.head_options == {"proj": 64, "hidden": 64} and cfg.interface_options == {"normalize": True}
+
+
 def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path, train_config, logged_losses):
     kw = dict(steps=8, eval_every=4, specaugment=True, crop_seconds=[0.3, 0.5])  # random draws of every kind
     together = train(train_config(pitch_stores, tmp_path / "all", fusion=["hconv", "gumbel"], merge=["add", "concat"],

@@ -21,6 +21,8 @@ NOT_COMPARED = ("device", "num_workers")
 # ... and what a --resume may change besides: more steps continue the run (a Gumbel temperature
 # schedule, which follows step / steps, then stretches from the resumed step on)
 RESUMABLE = (*NOT_COMPARED, "steps")
+# config.json fields renamed since: the old name -> the field it is now (read either)
+LEGACY_FIELDS = {"head": "head_options", "interface": "interface_options"}
 # what makes two stores' features interchangeable: the upstream that computed them
 FINGERPRINT = ("model_id", "revision", "num_layers", "hidden_size")
 
@@ -74,7 +76,11 @@ class TrainConfig:
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
         try:
-            return cls(**json.loads(Path(path).read_text()))
+            saved = json.loads(Path(path).read_text())
+            for old, new in LEGACY_FIELDS.items():  # runs saved before the rename still evaluate and resume
+                if old in saved and new not in saved:
+                    saved[new] = saved.pop(old)
+            return cls(**saved)
         except (ValueError, TypeError) as e:  # not JSON, or other fields than a TrainConfig's
             raise FusionpipeError(f"{path} is not a fusionpipe training config ({e})") from None
 
