@@ -40,7 +40,7 @@ from fusionpipe.codecs import decode, encode  # noqa: E402
 from fusionpipe.extract.run import extract  # noqa: E402
 from fusionpipe.extract.upstreams import make_local_model  # noqa: E402
 from fusionpipe.fuse.loader import make_loader  # noqa: E402
-from fusionpipe.manifest import CORPUS, Manifest, bundled_manifests, read_manifest, write_manifest  # noqa: E402
+from fusionpipe.manifest import CORPUS, bundled_manifests, read_manifest, write_manifest  # noqa: E402
 from fusionpipe.store import LOSSY, SERIALIZERS, FeatureStore, Layout  # noqa: E402
 
 FP16 = "zstd"
@@ -210,16 +210,6 @@ def downstream(stores: dict[str, dict[str, FeatureStore]], seeds: list[int], ste
         print(flush=True)
 
 
-def subset(manifest: Manifest, seconds: float) -> Manifest:
-    rows, total = [], 0.0
-    for u in manifest:
-        if total >= seconds:
-            break
-        rows.append(u)
-        total += u.duration
-    return Manifest(f"{manifest.name}-{int(seconds)}s", manifest.root, rows)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="real Whisper-base directory (shared/tools/real_whisper_base.py)")
@@ -257,7 +247,7 @@ def main() -> None:
 
     if args.wavlm_seconds > 0:
         model = make_local_model("wavlm", work / "wavlm-base-random", size="base")
-        m = subset(manifests[0], args.wavlm_seconds)
+        m = manifests[0].first(args.wavlm_seconds)
         m = read_manifest(write_manifest(m, work / "wavlm" / f"{m.name}.tsv"))  # stores find their labels by path
         r = extract(m, str(model), work / "wavlm", device="cpu", codec=FP16, progress=False)
         src = FeatureStore.open(r.url)

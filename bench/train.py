@@ -34,14 +34,7 @@ from fusionpipe.extract.upstreams import load_upstream, make_local_model  # noqa
 
 
 def corpus(tmp: Path, seconds: float) -> Manifest:
-    m0 = bundled_manifests()[0]
-    rows, total = [], 0.0
-    for u in m0:
-        if total >= seconds:
-            break
-        rows.append(u)
-        total += u.duration
-    write_manifest(Manifest(f"bench-{int(seconds)}s", m0.root, rows), tmp / "bench.tsv")
+    write_manifest(bundled_manifests()[0].first(seconds, name=f"bench-{int(seconds)}s"), tmp / "bench.tsv")
     return read_manifest(tmp / "bench.tsv")
 
 

@@ -79,6 +79,16 @@ class Manifest:
     def duration(self) -> float:
         return sum(u.duration for u in self.utterances)
 
+    def first(self, seconds: float, name: str | None = None) -> Manifest:
+        """The leading rows that make up `seconds` of audio (benchmarks and probes on part of a corpus)."""
+        rows, total = [], 0.0
+        for u in self.utterances:
+            if total >= seconds:
+                break
+            rows.append(u)
+            total += u.duration
+        return Manifest(name or f"{self.name}-{int(seconds)}s", self.root, rows, self.source)
+
     def content_hash(self) -> str:
         """sha256 of the rows (not the root): moving a corpus keeps its caches valid."""
         h = hashlib.sha256()

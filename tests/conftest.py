@@ -3,6 +3,12 @@ stores, and the builders the test modules share (as fixtures that return the fun
 imports another and the suite runs under any --import-mode)."""
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +182,47 @@ def train_config():
 def logged_losses():
     """`logged_losses(run, variant)`: the training losses a run's variant logged, step by step."""
     return _logged_losses
+
+
+# ---- stage 1 in a subprocess, killed half way ------------------------------------------------------
+def _extract_cmd(manifest, cache, *extra) -> list[str]:
+    """`fusionpipe extract` of toy-wavlm in a fresh process (same torch threads, same float sums)."""
+    return [sys.executable, "-m", "fusionpipe", "extract", "--model", "toy-wavlm", "--manifest", str(manifest.source),
+            "--cache", str(cache), "--max-seconds", "3", "--chunk-frames", "16", "--device", "cpu", *extra]
+
+
+def _run_extract(cmd: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's fusionpipe
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def _kill_extract_midway(cmd: list[str], chunk_dir: Path) -> None:
+    """Start `cmd` and SIGKILL it once 3 chunks are on disk (a real kill -9, mid-extraction)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if chunk_dir.is_dir() and len(os.listdir(chunk_dir)) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "extraction finished before it could be killed: make the manifest longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture
+def extract_cmd():
+    """`extract_cmd(manifest, cache, *extra_flags)`: the command line of a toy-wavlm extraction."""
+    return _extract_cmd
+
+
+@pytest.fixture
+def run_extract():
+    """`run_extract(cmd)`: run an extraction command to its end, in a fresh process."""
+    return _run_extract
+
+
+@pytest.fixture
+def kill_extract_midway():
+    """`kill_extract_midway(cmd, chunk_dir)`: start an extraction and kill -9 it after 3 chunks."""
+    return _kill_extract_midway

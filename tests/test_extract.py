@@ -1,10 +1,5 @@
 """Stage 1 end to end: manifest -> frozen toy upstream -> Zarr store, resumable and safe."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -111,28 +106,16 @@ def test_batch_plan_respects_the_budget_and_sorts_longest_first(speech_manifest)
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_equals_uninterrupted_run(long_manifest, tmp_path):
+def test_kill_9_then_rerun_equals_uninterrupted_run(long_manifest, tmp_path, extract_cmd, run_extract,
+                                                    kill_extract_midway):
     """A real SIGKILL mid-extraction: the rerun completes and every array is byte-identical."""
-    def cmd(cache):  # both runs in fresh processes: same torch thread count, same float summation order
-        return [sys.executable, "-m", "fusionpipe", "extract", "--model", "toy-wavlm", "--manifest",
-                str(long_manifest.source), "--cache", str(cache), "--max-seconds", "3", "--chunk-frames", "16",
-                "--device", "cpu"]
-
-    subprocess.run(cmd(tmp_path / "ref"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_extract(extract_cmd(long_manifest, tmp_path / "ref"))
     chunk_dir = tmp_path / "killed" / long_manifest.name / "toy-wavlm.zarr" / "hidden" / "c"
-    proc = subprocess.Popen(cmd(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if chunk_dir.is_dir() and len(os.listdir(chunk_dir)) >= 3:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "extraction finished before it could be killed: make the manifest longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_extract_midway(extract_cmd(long_manifest, tmp_path / "killed"), chunk_dir)
     partial = FeatureStore.open(chunk_dir.parents[1])
     n_done = int(partial.done_chunks().sum())
     assert 0 < n_done < partial.num_chunks
-    subprocess.run(cmd(tmp_path / "killed"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_extract(extract_cmd(long_manifest, tmp_path / "killed"))
     ref = FeatureStore.open(tmp_path / "ref" / long_manifest.name / "toy-wavlm.zarr")
     resumed = FeatureStore.open(chunk_dir.parents[1])
     assert resumed.is_complete()

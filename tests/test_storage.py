@@ -2,10 +2,8 @@
 readability, the loader reading through them, and the checksum still over every byte."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -114,26 +112,16 @@ def test_the_loader_on_a_lossy_store_equals_decoding_first_then_loading(tmp_path
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_of_a_lossy_extraction_is_byte_identical(long_manifest, tmp_path):
+def test_kill_9_then_rerun_of_a_lossy_extraction_is_byte_identical(long_manifest, tmp_path, extract_cmd, run_extract,
+                                                                   kill_extract_midway):
     def cmd(cache):
-        return [sys.executable, "-m", "fusionpipe", "extract", "--model", "toy-wavlm", "--manifest",
-                str(long_manifest.source), "--cache", str(cache), "--max-seconds", "3", "--chunk-frames", "16",
-                "--device", "cpu", "--codec", "int8-std10"]
+        return extract_cmd(long_manifest, cache, "--codec", "int8-std10")
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    subprocess.run(cmd(tmp_path / "ref"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    run_extract(cmd(tmp_path / "ref"))
     chunk_dir = tmp_path / "killed" / long_manifest.name / "toy-wavlm.zarr" / "hidden" / "c"
-    proc = subprocess.Popen(cmd(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if chunk_dir.is_dir() and len(os.listdir(chunk_dir)) >= 3:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "extraction finished before it could be killed: make the manifest longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_extract_midway(cmd(tmp_path / "killed"), chunk_dir)
     assert 0 < int(FeatureStore.open(chunk_dir.parents[1]).done_chunks().sum())
-    subprocess.run(cmd(tmp_path / "killed"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    run_extract(cmd(tmp_path / "killed"))
     ref = FeatureStore.open(tmp_path / "ref" / long_manifest.name / "toy-wavlm.zarr")
     resumed = FeatureStore.open(chunk_dir.parents[1])
     assert resumed.is_complete() and resumed.info.codec == "int8-std10"
