@@ -436,9 +436,11 @@ class FeatureStore:
                 "max_abs_error_per_layer": [round(float(m), 4) for m in mx],
                 "chunks_measured": f"{counted}/{int(done.sum())}"}
 
-    def hidden_bytes(self) -> int:
-        """Bytes of the chunks of `hidden` on disk."""
-        return sum(sync(_sizes(self.group.store, f"{self.hidden.path}/c/")))
+    def hidden_bytes(self, sizes: dict[str, int] | None = None) -> int:
+        """Bytes of the chunks of `hidden` on disk (from `sizes`, a `key_sizes()` listing, when given)."""
+        prefix = f"{self.hidden.path}/c/"
+        sizes = sync(_sizes(self.group.store, prefix)) if sizes is None else sizes
+        return sum(n for k, n in sizes.items() if k.startswith(prefix))
 
     # ---- skips ---------------------------------------------------------------------------
     def skipped(self) -> dict[str, str]:
@@ -497,8 +499,12 @@ class FeatureStore:
         m = read_manifest(path)
         return m if m.content_hash() == self.info.manifest_sha256 else None
 
+    def key_sizes(self) -> dict[str, int]:
+        """Every key of the store and its bytes (one listing: on an object store, a request per key)."""
+        return sync(_sizes(self.group.store, _key(self.group, "")))
+
     def size_on_disk(self) -> int:
-        return sum(sync(_sizes(self.group.store, _key(self.group, ""))))
+        return sum(self.key_sizes().values())
 
 
 def _key(group: zarr.Group, rel: str) -> str:
@@ -509,8 +515,8 @@ async def _list(store, prefix: str) -> list[str]:
     return [k async for k in store.list_prefix(prefix)]
 
 
-async def _sizes(store, prefix: str) -> list[int]:
-    return [await store.getsize(k) async for k in store.list_prefix(prefix)]
+async def _sizes(store, prefix: str) -> dict[str, int]:
+    return {k: await store.getsize(k) async for k in store.list_prefix(prefix)}
 
 
 def _ids(ids: list[str], show: int = 5) -> str:
@@ -521,11 +527,12 @@ def describe(store: FeatureStore) -> dict:
     """What `fusionpipe inspect` prints: shape, fingerprint, completeness, bytes."""
     done = store.done_chunks()
     done_utts = store.done_utterances(done)
-    size = store.size_on_disk()
+    sizes = store.key_sizes()  # listed once: the total and the chunks of `hidden` both come from it
+    size = sum(sizes.values())
     seconds = store.total_frames / store.frame_rate if store.total_frames else 0.0
     skipped = store.skipped()
-    done_frames = sum(min((c + 1) * store.chunk_frames, store.total_frames) - c * store.chunk_frames
-                      for c in np.flatnonzero(done))
+    first = np.flatnonzero(done) * store.chunk_frames
+    done_frames = int((np.minimum(first + store.chunk_frames, store.total_frames) - first).sum())
     fp16 = done_frames * store.num_layers * store.hidden_size * 2
     return {
         "store": str(store),
@@ -542,7 +549,7 @@ def describe(store: FeatureStore) -> dict:
         "size_on_disk_bytes": size,
         "bytes_per_audio_second": round(size / seconds) if seconds else None,
         # the chunks on disk against the same frames as raw float16 (the cache's unit of cost)
-        "ratio_to_float16": round(store.hidden_bytes() / fp16, 4) if fp16 else None,
+        "ratio_to_float16": round(store.hidden_bytes(sizes) / fp16, 4) if fp16 else None,
         "measured_error": store.measured_error(done),
         "skipped": skipped,
         "upstream": store.attrs.get("upstream"),

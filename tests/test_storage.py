@@ -38,16 +38,22 @@ def lossy_store(url, x, codec, chunk_frames=64):
     return s
 
 
+def written_and_read_back(tmp_path, codec):
+    """(activations, their lossy store, what reads back as float64, per-layer ||y - x|| / ||x||)."""
+    x = activations()
+    s = lossy_store(tmp_path / "s.zarr", x, codec)
+    y = s.hidden[:].astype(np.float64)
+    rel = np.sqrt(((y - x) ** 2).sum(axis=(0, 2)) / (x.astype(np.float64) ** 2).sum(axis=(0, 2)))
+    return x, s, y, rel
+
+
 def _chunk(url, c) -> Path:
     return Path(url) / "hidden" / "c" / str(c) / "0" / "0"
 
 
 @pytest.mark.parametrize("codec", LOSSY)
 def test_round_trip_error_stays_within_the_bound_of_each_representation(tmp_path, codec):
-    x = activations()
-    s = lossy_store(tmp_path / "s.zarr", x, codec)
-    y = s.hidden[:].astype(np.float64)
-    rel = np.sqrt(((y - x) ** 2).sum(axis=(0, 2)) / (x.astype(np.float64) ** 2).sum(axis=(0, 2)))
+    x, s, y, rel = written_and_read_back(tmp_path, codec)
     assert (rel < BOUNDS[codec]).all(), rel
     small = np.abs(y[..., 2:] - x[..., 2:]).max() / np.abs(x[..., 2:].astype(np.float64)).max()
     assert small < 3 * BOUNDS[codec]  # ordinary channels are not drowned by the outliers' steps
@@ -55,10 +61,7 @@ def test_round_trip_error_stays_within_the_bound_of_each_representation(tmp_path
 
 @pytest.mark.parametrize("codec", LOSSY)
 def test_the_recorded_error_is_the_error_of_what_reads_back(tmp_path, codec):
-    x = activations()
-    s = lossy_store(tmp_path / "s.zarr", x, codec)
-    y = s.hidden[:].astype(np.float64)
-    rel = np.sqrt(((y - x) ** 2).sum(axis=(0, 2)) / (x.astype(np.float64) ** 2).sum(axis=(0, 2)))
+    x, s, y, rel = written_and_read_back(tmp_path, codec)
     d = describe(FeatureStore.open(s.url))
     assert d["codec"] == codec and d["ratio_to_float16"] < 1
     np.testing.assert_allclose(d["measured_error"]["relative_error_per_layer"], rel, rtol=1e-3, atol=1e-5)
