@@ -389,12 +389,16 @@ class FeatureStore:
         return bool(self.done_chunks().all())
 
     def write_chunk(self, c: int, frames: np.ndarray) -> None:
-        """Write chunk `c` whole; `frames` is (chunk_frames or fewer for the last chunk, L, D)."""
-        start = c * self.chunk_frames
-        if self.info.codec in LOSSY:  # the record first: a chunk on disk always has its error recorded
-            self._record_error(c, frames)
+        """Write chunk `c` whole; `frames` is (chunk_frames or fewer for the last chunk, L, D).
+
+        The chunk goes through the array's codec pipeline once, here, and its bytes are stored under
+        the chunk's key as zarr itself would (same bytes, same atomic set). A lossy chunk's error is
+        measured by decoding those very bytes, and recorded before the chunk exists."""
+        buf = self._encode_chunk(frames)
         try:
-            self.hidden[start:start + len(frames)] = frames
+            if self.info.codec in LOSSY:  # the record first: a chunk on disk always has its error recorded
+                self._record_error(c, frames, self._decode_chunk(buf)[:len(frames)])
+            sync(self.group.store.set(self.chunk_key(c), buf))
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FusionpipeError(
@@ -403,14 +407,32 @@ class FeatureStore:
                 ) from None
             raise
 
-    def _record_error(self, c: int, frames: np.ndarray) -> None:
-        """Error of chunk `c` against the values given (before encoding), per layer, as `error/<c>.json`.
+    def _chunk_spec(self):
+        a = self.hidden._async_array
+        return a.metadata.get_chunk_spec((0, 0, 0), a.config, default_buffer_prototype())
 
-        Encoding is deterministic, so a chunk rewritten on resume rewrites the same record."""
-        x = np.asarray(frames, np.float64)
-        err = serializer(self.info.codec).roundtrip(np.asarray(frames)).astype(np.float64) - x
-        rec = {"chunk": c, "frames": len(x), "sum_sq_error": (err ** 2).sum(axis=(0, 2)).tolist(),
-               "sum_sq": (x ** 2).sum(axis=(0, 2)).tolist(),
+    def _encode_chunk(self, frames: np.ndarray):
+        """(n <= chunk_frames, L, D) -> the chunk's stored bytes; a short (last) chunk is padded with
+        the fill value first, as zarr pads it."""
+        spec = self._chunk_spec()
+        if len(frames) != self.chunk_frames:
+            full = np.full(spec.shape, np.nan, dtype=self.hidden.dtype)
+            full[:len(frames)] = frames
+            frames = full
+        nd = spec.prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(frames, dtype=self.hidden.dtype))
+        (buf,) = sync(self.hidden._async_array.codec_pipeline.encode([(nd, spec)]))
+        return buf
+
+    def _decode_chunk(self, buf) -> np.ndarray:
+        (nd,) = sync(self.hidden._async_array.codec_pipeline.decode([(buf, self._chunk_spec())]))
+        return nd.as_numpy_array()
+
+    def _record_error(self, c: int, frames: np.ndarray, decoded: np.ndarray) -> None:
+        """Error of chunk `c` (`decoded` from its bytes) against the values given, per layer, as
+        `error/<c>.json`. Encoding is deterministic, so a chunk rewritten on resume rewrites the same record."""
+        x = np.asarray(frames, np.float32)
+        err = decoded.astype(np.float32) - x  # float32 differences, float64 sums
+        rec = {"chunk": c, "frames": len(x), "sum_sq_error": _sum_sq(err), "sum_sq": _sum_sq(x),
                "max_abs_error": np.abs(err).max(axis=(0, 2)).tolist() if len(x) else [0.0] * x.shape[1]}
         buf = default_buffer_prototype().buffer.from_bytes(json.dumps(rec).encode())
         sync(self.group.store.set(_key(self.group, f"error/{c}.json"), buf))
@@ -505,6 +527,11 @@ class FeatureStore:
 
     def size_on_disk(self) -> int:
         return sum(self.key_sizes().values())
+
+
+def _sum_sq(x: np.ndarray) -> list[float]:
+    """Per layer sum of squares of a (T, L, D) block, accumulated in float64."""
+    return np.einsum("tld,tld->l", x, x, dtype=np.float64).tolist()
 
 
 def _key(group: zarr.Group, rel: str) -> str:

@@ -14,7 +14,7 @@ import zarr
 from fusionpipe.codecs import Quantize
 from fusionpipe.extract.run import extract
 from fusionpipe.fuse.loader import make_loader
-from fusionpipe.store import LOSSY, FeatureStore, Layout, describe, serializer, verify
+from fusionpipe.store import LOSSY, FeatureStore, Layout, compressors, describe, serializer, verify
 
 # (bound on ||decoded - x|| / ||x|| per layer, on channels of very different scales)
 BOUNDS = {"int8": 0.01, "int8-std08": 0.028, "int8-std10": 0.035, "int8-std20": 0.07}
@@ -66,6 +66,19 @@ def test_the_recorded_error_is_the_error_of_what_reads_back(tmp_path, codec):
     assert d["codec"] == codec and d["ratio_to_float16"] < 1
     np.testing.assert_allclose(d["measured_error"]["relative_error_per_layer"], rel, rtol=1e-3, atol=1e-5)
     assert d["measured_error"]["chunks_measured"] == f"{s.num_chunks}/{s.num_chunks}"
+
+
+@pytest.mark.parametrize("codec", ["zstd", *LOSSY])
+def test_write_chunk_stores_the_bytes_zarr_itself_writes(tmp_path, codec):
+    """write_chunk runs the codec pipeline once itself (to measure a lossy chunk's error on its very
+    bytes): what it stores must be what zarr's own write of the array stores, the short last chunk too."""
+    x = activations(T=300)
+    s = lossy_store(tmp_path / "s.zarr", x, codec)  # 64-frame chunks: the last one holds 44 frames
+    ref = zarr.create_array(tmp_path / "ref.zarr", shape=x.shape, chunks=(64, *x.shape[1:]), dtype="float16",
+                            compressors=compressors(codec), serializer=serializer(codec), fill_value=float("nan"))
+    ref[:] = x
+    for c in range(s.num_chunks):
+        assert _chunk(s.url, c).read_bytes() == (tmp_path / "ref.zarr" / "c" / str(c) / "0" / "0").read_bytes(), c
 
 
 def test_encoding_is_deterministic_and_keeps_padding_and_zeros():
