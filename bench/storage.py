@@ -16,7 +16,8 @@ The lossy stores hold exactly the same utterances: the float16 store is re-encod
 Prints, per representation against the float16 store (zstd, the lossless default):
   storage     bytes per audio-second, ratio to raw float16, relative error ||decoded - x|| / ||x|| per
               layer (the store's, and the worst chunk's), encode / decode MB/s per core (of float16
-              input), loader frames/s through make_loader
+              input), loader frames/s through make_loader; for a GPU trainer's loader (codes handed
+              on, expanded on the device): host frames/s and bytes per frame to the device
   downstream  the same variants (hconv and weighted-sum, interface normalize=true) trained with each
               seed on each representation (asr and classify on the bundled corpus, demo-dev picks
               the checkpoint), scored on demo-test: mean +- sd over seeds, and whether the mean is
@@ -101,12 +102,25 @@ def manifest_of(store: FeatureStore) -> str | None:
     return str(bundled) if bundled.is_file() else None
 
 
-def loader_speed(url: str) -> float:
-    """Frames per second through make_loader (read, decode, align, pad to tensors)."""
-    t0, frames = time.perf_counter(), 0
-    for batch in make_loader([url], manifest_of(FeatureStore.open(url)), max_frames=4000):
+def loader_speed(url: str, compact: bool = False) -> tuple[float, float]:
+    """Frames per second through make_loader (read, decode, align, pad to tensors; with ``compact`` a
+    lossy store's batches stay int8 codes, as a GPU trainer gets them) and bytes per frame handed on."""
+    t0, frames, nbytes = time.perf_counter(), 0, 0
+    for batch in make_loader([url], manifest_of(FeatureStore.open(url)), max_frames=4000, compact=compact):
         frames += int(batch["lengths"].sum())
-    return frames / (time.perf_counter() - t0)
+        nbytes += sum(s.nbytes for s in batch["stacks"])
+    return frames / (time.perf_counter() - t0), nbytes / frames
+
+
+def expand_speed(url: str) -> float:
+    """Frames per second of `CompactStack.to("cpu")`: the expansion a GPU does, timed on one CPU core."""
+    spent, frames = 0.0, 0
+    for batch in make_loader([url], manifest_of(FeatureStore.open(url)), max_frames=4000, compact=True):
+        t0 = time.perf_counter()
+        batch["stacks"][0].to("cpu")
+        spent += time.perf_counter() - t0
+        frames += int(batch["lengths"].sum())
+    return frames / spent
 
 
 def storage_table(title: str, stores: dict[str, list[FeatureStore]], speed_chunks: int) -> None:
@@ -125,12 +139,16 @@ def storage_table(title: str, stores: dict[str, list[FeatureStore]], speed_chunk
     print("| representation | bytes/audio-s | ratio to fp16 | rel. error mean / max over layers | worst chunk | "
           "encode MB/s/core | decode MB/s/core | loader frames/s (vs fp16) |")
     print("|---|---|---|---|---|---|---|---|")
-    per_layer = {}
+    per_layer, compact = {}, []
     for codec, group in stores.items():
         size = sum(s.hidden_bytes() for s in group)
         enc, dec = codec_speed(chunks, codec)
-        fps = loader_speed(group[0].url)
+        fps, per_frame = loader_speed(group[0].url)
         fp16_loader = fp16_loader or fps
+        if codec in LOSSY:
+            cfps, cper_frame = loader_speed(group[0].url, compact=True)
+            compact.append(f"| {codec} | {fps:,.0f} | {cfps:,.0f} ({cfps / fps:.2f}x) | {per_frame:,.0f} | "
+                           f"{cper_frame:,.0f} ({per_frame / cper_frame:.1f}x fewer) | {expand_speed(group[0].url):,.0f} |")
         if codec in LOSSY:
             recs = [error_records(s) for s in group]
             errs = np.concatenate([r[2] for r in recs])
@@ -142,6 +160,13 @@ def storage_table(title: str, stores: dict[str, list[FeatureStore]], speed_chunk
         name = "fp16 (zstd, default)" if codec == FP16 else codec
         print(f"| {name} | {size / seconds:,.0f} | {size / raw:.3f} ({raw / size:.2f}x smaller) | {err} | "
               f"{enc:.0f} | {dec:.0f} | {fps:,.0f} ({fps / fp16_loader:.2f}x) |")
+    if compact:
+        print("\nGPU training's loader (`make_loader(compact=True)`): the host reads, checks and unzips the chunks "
+              "and hands on the int8 codes; the device expands, aligns and pads them (timed here on one CPU core)\n")
+        print("| representation | host frames/s, float32 batches | host frames/s, codes | bytes/frame to the device, "
+              "float32 | codes | expand frames/s (CPU) |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(compact))
     if per_layer:
         print("\nrelative error per layer (store / worst chunk):\n")
         print("| layer | " + " | ".join(per_layer) + " |")

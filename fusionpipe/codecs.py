@@ -24,6 +24,10 @@ Two ways to pick the step, measured on real Whisper-base activations (docs/decis
 so errors do not accumulate): the residual stream makes that difference smaller than the layer.
 The frame differences of the codes are exact (integers mod 256): they cost nothing in error and
 make the codes peaked around 0, which zstd's entropy stage turns into bytes saved.
+
+Expanding on the GPU. `parse` splits a chunk into its steps and codes without expanding them and
+`expand` (torch, any device) is the decoder's arithmetic: the loader hands a GPU trainer the codes
+(`Codes`, 1 byte a value against 4 for the float32 batch) and the GPU expands them, to the same numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.core.common import JSON, parse_named_configuration
@@ -70,9 +75,9 @@ def encode(x: np.ndarray, step: float | None, predict_layers: bool) -> bytes:
     return MAGIC + struct.pack("<I", valid) + steps.tobytes() + u.tobytes()
 
 
-def decode(data: bytes | memoryview, shape: tuple[int, int, int], dtype, fill_value=np.nan,
-           predict_layers: bool = False) -> np.ndarray:
-    """The codec's bytes -> (T, L, D) array of `dtype`; frames past the valid ones are `fill_value`."""
+def parse(data: bytes | memoryview, shape: tuple[int, int, int]) -> tuple[int, np.ndarray, np.ndarray]:
+    """The codec's bytes of a (T, L, D) chunk -> (valid frames, steps (L, D) float32, the frame-differenced
+    codes (valid, L, D) uint8): views into `data`, nothing expanded (what crosses to a GPU, `Codes`)."""
     T, L, D = shape
     data = memoryview(data)
     if bytes(data[:4]) != MAGIC:
@@ -81,18 +86,36 @@ def decode(data: bytes | memoryview, shape: tuple[int, int, int], dtype, fill_va
     if valid > T or len(data) != 8 + 4 * L * D + valid * L * D:
         raise ValueError(f"{NAME} chunk of {len(data)} bytes does not hold {valid} frames of ({L}, {D})")
     steps = np.frombuffer(data, np.float32, L * D, 8).reshape(L, D)
-    codes = np.frombuffer(data, np.uint8, valid * L * D, 8 + 4 * L * D).reshape(valid, L * D).copy()
-    for t in range(1, valid):  # undo the frame differences (mod 256); 7x faster than np.cumsum(axis=0)
-        np.add(codes[t], codes[t - 1], out=codes[t])
-    codes = codes.view(np.int8).reshape(valid, L, D)
-    out = np.full(shape, fill_value, dtype=dtype)
-    values = np.empty((valid, L, D), np.float32)
-    for layer in range(L):
-        np.multiply(codes[:, layer], steps[layer], out=values[:, layer], dtype=np.float32)
-        if predict_layers and layer:  # the same float32 additions, in the same order, as `encode`
-            np.add(values[:, layer], values[:, layer - 1], out=values[:, layer])
-    out[:valid] = values
+    deltas = np.frombuffer(data, np.uint8, valid * L * D, 8 + 4 * L * D).reshape(valid, L, D)
+    return valid, steps, deltas
+
+
+def expand(deltas: torch.Tensor, steps: torch.Tensor, predict_layers: bool) -> torch.Tensor:
+    """Frame-differenced codes (..., T, L, D) uint8 and their steps (..., L, D) -> float32 values (..., T, L, D),
+    on whatever device the tensors are on: the one implementation of the decoder's arithmetic, so a GPU
+    expands a chunk to exactly the numbers `decode` gives (the same float32 operations in the same order
+    as `encode`'s closed loop)."""
+    codes = torch.cumsum(deltas, dim=-3, dtype=torch.int32).bitwise_and_(255).to(torch.uint8).view(torch.int8)
+    values = codes.to(torch.float32).mul_(steps.unsqueeze(-3))
+    if predict_layers:
+        for layer in range(1, values.shape[-2]):
+            values[..., layer, :].add_(values[..., layer - 1, :])
+    return values
+
+
+def decode(data: bytes | memoryview, shape: tuple[int, int, int], dtype, fill_value=np.nan,
+           predict_layers: bool = False) -> np.ndarray:
+    """The codec's bytes -> (T, L, D) array of `dtype`; frames past the valid ones are `fill_value`."""
+    valid, steps, deltas = parse(data, shape)
+    out = np.empty(shape, dtype=dtype)
+    out[valid:] = fill_value
+    if valid:
+        torch.from_numpy(out[:valid]).copy_(expand(_tensor(deltas), _tensor(steps), predict_layers))
     return out
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # torch refuses read-only memory
 
 
 def _valid_frames(x: np.ndarray) -> int:
@@ -156,3 +179,36 @@ class Quantize(ArrayBytesCodec):
 
 
 register_codec(NAME, Quantize)
+
+
+@dataclass
+class Codes:
+    """Frames [start, start + frames) of a run of n consecutive chunks, not expanded: what a GPU trainer
+    receives instead of float32 (`FeatureStore.read_codes`). ``deltas`` (n, chunk_frames, L, D) uint8,
+    zero past each chunk's valid frames; ``steps`` (n, L, D) float32; ``dtype`` the store's (the values
+    are rounded to it, as reading the store gives them)."""
+
+    deltas: torch.Tensor
+    steps: torch.Tensor
+    start: int
+    frames: int
+    predict_layers: bool
+    dtype: torch.dtype
+
+    def to(self, device, non_blocking: bool = False) -> Codes:
+        return Codes(self.deltas.to(device, non_blocking=non_blocking), self.steps.to(device, non_blocking=non_blocking),
+                     self.start, self.frames, self.predict_layers, self.dtype)
+
+    def pin_memory(self) -> Codes:
+        return Codes(self.deltas.pin_memory(), self.steps.pin_memory(), self.start, self.frames,
+                     self.predict_layers, self.dtype)
+
+    def expand(self) -> torch.Tensor:
+        """(frames, L, D) values in the store's dtype, on the tensors' device."""
+        n, cf, L, D = self.deltas.shape
+        values = expand(self.deltas, self.steps, self.predict_layers).view(n * cf, L, D)
+        return values[self.start:self.start + self.frames].to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.deltas.nbytes + self.steps.nbytes

@@ -35,6 +35,7 @@ attributes, so `verify` catches an edited offset or length. See docs/reliability
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import hashlib
@@ -51,13 +52,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from fusionpipe import __version__
-from fusionpipe.codecs import Quantize
+from fusionpipe.codecs import Codes, Quantize, parse
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest, read_manifest
 
@@ -484,16 +486,49 @@ class FeatureStore:
         try:
             return self.hidden[lo:hi]
         except Exception:  # codec errors vary (checksum ValueError, zstd RuntimeError, ...): find the chunk
-            first, last = chunk_span(lo, hi, self.chunk_frames)
-            for c in range(first, last):
-                why = self.chunk_fault(c)
-                if why:
-                    raise FusionpipeError(
-                        f"{self} chunk {c} (frames {c * self.chunk_frames}..) is corrupt ({why}); it holds "
-                        f"{_ids(self.utterances_in([c]))}. Run `fusionpipe verify --repair {self}` to delete "
-                        "the bad chunks, then rerun `fusionpipe extract` to recompute exactly them"
-                    ) from None
+            self._raise_corrupt(lo, hi)
             raise
+
+    def read_codes(self, lo: int, hi: int) -> Codes:
+        """Frames [lo, hi) of a lossy store, not expanded (`codecs.Codes`, expanded where the values are
+        used): the chunks' checksums are checked and zstd undone here, as `read_range` does."""
+        if self.info.codec not in LOSSY:
+            raise ValueError(f"{self} is stored {self.info.codec}: only a lossy store has codes")
+        first, last = chunk_span(lo, hi, self.chunk_frames)
+        shape = (self.chunk_frames, self.num_layers, self.hidden_size)
+        deltas = np.zeros((last - first, *shape), np.uint8)
+        steps = np.empty((last - first, *shape[1:]), np.float32)
+        try:
+            for i, payload in enumerate(sync(self._payloads(range(first, last)))):
+                valid, steps[i], codes = parse(payload.as_numpy_array(), shape)
+                deltas[i, :valid] = codes
+        except Exception:
+            self._raise_corrupt(lo, hi)
+            raise
+        return Codes(torch.from_numpy(deltas), torch.from_numpy(steps), lo - first * self.chunk_frames, hi - lo,
+                     self.hidden.metadata.codecs[0].predict_layers, getattr(torch, str(self.hidden.dtype)))
+
+    async def _payloads(self, chunks) -> list:
+        """The chunks' bytes with the bytes->bytes codecs undone (checksum checked, zstd decompressed)."""
+        spec, prototype = self._chunk_spec(), default_buffer_prototype()
+        data = await asyncio.gather(*(self.group.store.get(self.chunk_key(c), prototype) for c in chunks))
+        if any(d is None for d in data):
+            raise KeyError("a chunk is missing")
+        for codec in self.hidden._async_array.codec_pipeline.bytes_bytes_codecs[::-1]:
+            data = await codec.decode([(d, spec) for d in data])
+        return list(data)
+
+    def _raise_corrupt(self, lo: int, hi: int) -> None:
+        """Raise the error naming the first bad chunk of frames [lo, hi), if one is."""
+        first, last = chunk_span(lo, hi, self.chunk_frames)
+        for c in range(first, last):
+            why = self.chunk_fault(c)
+            if why:
+                raise FusionpipeError(
+                    f"{self} chunk {c} (frames {c * self.chunk_frames}..) is corrupt ({why}); it holds "
+                    f"{_ids(self.utterances_in([c]))}. Run `fusionpipe verify --repair {self}` to delete "
+                    "the bad chunks, then rerun `fusionpipe extract` to recompute exactly them"
+                ) from None
 
     def chunk_fault(self, c: int) -> str | None:
         """Why chunk `c` cannot be used (unreadable, failed checksum, non-finite values), or None."""

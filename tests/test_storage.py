@@ -12,8 +12,10 @@ import torch
 import zarr
 
 from fusionpipe.codecs import Quantize
+from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract
 from fusionpipe.fuse.loader import make_loader
+from fusionpipe.fuse.view import CompactStack
 from fusionpipe.store import LOSSY, FeatureStore, Layout, compressors, describe, serializer, verify
 
 # (bound on ||decoded - x|| / ||x|| per layer, on channels of very different scales)
@@ -127,6 +129,27 @@ def test_the_loader_on_a_lossy_store_equals_decoding_first_then_loading(tmp_path
             assert torch.equal(sp, sq)
 
 
+def test_compact_batches_expand_on_the_device_to_the_loaders_numbers(tmp_path, speech_manifest):
+    """make_loader(compact=True), what a GPU trainer uses: lossy stacks cross as int8 codes and `.to(device)`
+    expands, aligns (WavLM 49 Hz, 4 layers against Whisper 50 Hz) and pads them: exactly the loader's tensors."""
+    def store(model, codec):
+        return extract(speech_manifest, model, tmp_path / codec, device="cpu", progress=False, codec=codec,
+                       chunk_frames=16).url
+    for stores in ([store("toy-wavlm", "int8-std08"), store("toy-whisper", "int8")],
+                   [store("toy-wavlm", "int8-std08"), store("toy-whisper", "zstd")]):
+        plain = list(make_loader(stores, max_frames=300))
+        compact = list(make_loader(stores, max_frames=300, compact=True))
+        assert len(plain) == len(compact) > 1
+        for p, q in zip(plain, compact):
+            assert p["ids"] == q["ids"] and torch.equal(p["lengths"], q["lengths"])
+            for k, (sp, sq) in enumerate(zip(p["stacks"], q["stacks"])):
+                lossy = FeatureStore.open(stores[k]).info.codec in LOSSY
+                assert isinstance(sq, CompactStack) == lossy
+                if lossy:
+                    assert sq.nbytes < sp.nbytes / 3  # int8 codes, not float32
+                assert torch.equal(sq.to("cpu", non_blocking=True), sp)
+
+
 @pytest.mark.slow
 def test_kill_9_then_rerun_of_a_lossy_extraction_is_byte_identical(long_manifest, tmp_path, extract_cmd, run_extract,
                                                                    kill_extract_midway):
@@ -158,6 +181,8 @@ def test_verify_catches_a_flipped_bit_in_a_lossy_chunk(tmp_path, codec):
         path.write_bytes(bytes(bad))
         faults = verify(FeatureStore.open(s.url))
         assert faults and "chunk 1 " in faults[0], f"bit {bit} went unnoticed"
+        with pytest.raises(FusionpipeError, match="chunk 1 .*verify --repair"):  # the GPU path's read too
+            FeatureStore.open(s.url).read_codes(50, 130)
     path.write_bytes(good)
     assert verify(FeatureStore.open(s.url)) == []
 

@@ -54,10 +54,11 @@ def _lerp_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def _lerp(f: torch.Tensor, dim: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """f (float32) resampled to n entries along `dim`, ends exact; into `out` when given."""
-    left, right, w, run, rest = _lerp_index(f.shape[dim], n)
+    left, right, w, run, rest = (t.to(f.device) if isinstance(t, torch.Tensor) else t
+                                 for t in _lerp_index(f.shape[dim], n))
     shape = [1] * f.dim()
     shape[dim] = -1
-    g = torch.empty(*f.shape[:dim], n, *f.shape[dim + 1:]) if out is None else out
+    g = torch.empty(*f.shape[:dim], n, *f.shape[dim + 1:], device=f.device) if out is None else out
     if run.stop > run.start:
         k, m = int(left[run.start]), run.stop - run.start
         torch.lerp(f.narrow(dim, k, m), f.narrow(dim, k + 1, m), w[run].view(shape), out=g.narrow(dim, run.start, m))
@@ -67,18 +68,19 @@ def _lerp(f: torch.Tensor, dim: int, n: int, out: torch.Tensor | None = None) ->
     return g
 
 
-def align_into(x: np.ndarray, out: torch.Tensor, accumulate: bool) -> None:
+def align_into(x: np.ndarray | torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """One utterance of one store, (T_i, L_i, D) in the storage dtype -> out (L, T, D) float32 (= or +=).
 
     Time first, then layers, in float32; a store already at (L, T) is only cast and transposed.
+    On the device of `x` and `out` (a GPU expanding lossy codes aligns there too).
     """
     L, T, _ = out.shape
-    a = torch.from_numpy(x).permute(1, 0, 2)  # (T_i, L_i, D) -> (L_i, T_i, D)
+    a = (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)).permute(1, 0, 2)  # -> (L_i, T_i, D)
     Li, Ti, _ = a.shape
     if (Li, Ti) == (L, T):
         (out.add_ if accumulate else out.copy_)(a)  # cast + transpose in one pass
         return
-    f = torch.empty(a.shape).copy_(a)  # contiguous float32: lerp reads it in slices
+    f = torch.empty(a.shape, device=a.device).copy_(a)  # contiguous float32: lerp reads it in slices
     last = None if accumulate else out  # the last step writes straight into out
     if Ti != T:
         f = _lerp(f, 1, T, out=last if Li == L else None)

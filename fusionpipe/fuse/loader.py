@@ -52,7 +52,9 @@ class PaddedItems(list):
 
     def __init__(self, ids: list[str], stacks: list[torch.Tensor], lengths: torch.Tensor,
                  rows: list[Utterance] | None):
-        super().__init__((u, [s[b, :, :int(lengths[b])] for s in stacks]) for b, u in enumerate(ids))
+        # a CompactStack is the whole batch's (expanded on the device by the trainer), not sliced per item
+        super().__init__((u, [s[b, :, :int(lengths[b])] if isinstance(s, torch.Tensor) else s for s in stacks])
+                         for b, u in enumerate(ids))
         self.ids, self.stacks, self.lengths, self.rows = ids, stacks, lengths, rows
 
 
@@ -62,8 +64,9 @@ class FusedDataset(Dataset):
     Holds a ViewSpec and opens the stores lazily in whichever process reads.
     """
 
-    def __init__(self, view: FusedView | ViewSpec, rows: list[Utterance] | None = None):
+    def __init__(self, view: FusedView | ViewSpec, rows: list[Utterance] | None = None, compact: bool = False):
         self.spec = view.spec if isinstance(view, FusedView) else view
+        self.compact = compact  # lossy stores' stacks as CompactStack (`FusedView.read_batch`)
         self._view = view if isinstance(view, FusedView) else None
         self.rows = rows  # manifest rows in dataset order, or None
         if rows is not None and len(rows) != len(self.spec.ids):
@@ -85,7 +88,7 @@ class FusedDataset(Dataset):
         return self.spec.ids[i], [s[0] for s in self.view.read_batch([i])]
 
     def __getitems__(self, indices: list[int]) -> PaddedItems:
-        stacks = self.view.read_batch(indices)
+        stacks = self.view.read_batch(indices, compact=self.compact)
         lengths = torch.from_numpy(self.view.lengths[np.asarray(indices, dtype=np.int64)])
         rows = [self.rows[i] for i in indices] if self.rows is not None else None
         return PaddedItems([self.spec.ids[i] for i in indices], stacks, lengths, rows)
@@ -233,8 +236,8 @@ def _in_thread(batches, depth: int):
 def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None = None, max_frames: int = 8000,
                 shuffle: bool = False, seed: int = 0, num_workers: int = 0, align_time: str = "max",
                 align_layers: str = "interpolate", ids: list[str] | None = None, *, skip_missing: bool = False,
-                drop_last: bool = False, prefetch: int = 2,
-                shard: tuple[int, int] = (0, 1), deal: bool = False) -> DataLoader:
+                drop_last: bool = False, prefetch: int = 2, shard: tuple[int, int] = (0, 1), deal: bool = False,
+                compact: bool = False) -> DataLoader:
     """A DataLoader of batch dicts over the stores fused (aligned, unmerged).
 
     ``manifest`` (labels, and the default utterance order) defaults to the TSV the stores recorded.
@@ -243,6 +246,9 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
     (`check_rows`). ``ids`` restricts further; ``max_frames`` bounds batch size x longest T (target frames).
     ``prefetch``: batches built ahead by a thread when num_workers=0 (0: none, read on demand).
     ``shard=(rank, world)``, ``deal``: this rank's part of each batch, or its whole batches (`BucketBatchSampler`).
+    ``compact``: a lossy store's stack comes as a `CompactStack` (its int8 codes), which ``.to(device)``
+    expands, aligns and pads on the device, to the same numbers: for a GPU trainer (1 byte a value
+    crosses PCIe instead of 4, and the host does no expansion). Lossless stores are unaffected.
     Call ``loader.batch_sampler.set_epoch(e)`` each epoch when shuffling.
     """
     opened = [s if isinstance(s, FeatureStore) else FeatureStore.open(s) for s in stores]
@@ -260,7 +266,7 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
         first = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
         raise FusionpipeError(f"{len(lacking)} utterance(s) of the stores have no manifest row ({first}); "
                               "pass the manifest they were extracted from")
-    dataset = FusedDataset(view, [by_id[u] for u in view.ids])
+    dataset = FusedDataset(view, [by_id[u] for u in view.ids], compact)
     sampler = BucketBatchSampler(view.lengths, max_frames, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                  order=view.store_order(), shard=shard, deal=deal)
     return FusedLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,

@@ -39,7 +39,8 @@ import torch
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME, align_into, aligned_block
-from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, Layout
+from fusionpipe.codecs import Codes
+from fusionpipe.store import DEFAULT_CODEC, LOSSY, ChunkAssembler, FeatureStore, Layout
 
 MERGES = ("add", "concat")
 GROUP_BYTES = 64 * 2**20  # float32 output per task of layer_stats / write: bounded memory, few Dask tasks
@@ -182,6 +183,33 @@ class _BatchMemory:
 _BATCHES = _BatchMemory()
 
 
+@dataclass
+class CompactStack:
+    """One lossy store's stack of a batch, not yet expanded: the codes of each contiguous read
+    (`codecs.Codes`, 1 byte a value) and where its utterances go. ``.to(device)`` moves the codes,
+    expands, aligns and pads there, giving exactly `read_batch`'s (B, L, T, D) float32 tensor: a GPU
+    trainer's loader sends these, a quarter of the float32 bytes over PCIe and no expansion on the host."""
+
+    shape: tuple[int, int, int, int]
+    lengths: list[int]  # aligned frames of each utterance
+    reads: list[tuple[Codes, list[tuple[int, int, int]]]]  # codes, [(b, offset in them, frames)]
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        out = torch.zeros(self.shape, device=device)
+        for codes, items in self.reads:
+            block = codes.to(device, non_blocking=non_blocking).expand()  # (frames, L_k, D) storage dtype
+            for b, o, n in items:
+                align_into(block[o:o + n], out[b, :, :self.lengths[b]], accumulate=False)
+        return out
+
+    def pin_memory(self) -> CompactStack:
+        return CompactStack(self.shape, self.lengths, [(c.pin_memory(), i) for c, i in self.reads])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c, _ in self.reads)
+
+
 class FusedView:
     """N stores of one manifest, aligned to a common (L, T) and merged; reads nothing until asked.
 
@@ -236,20 +264,42 @@ class FusedView:
         return np.argsort(self._offsets[0], kind="stable")
 
     # ---- the hot path: direct Zarr reads ---------------------------------------------------
-    def read_batch(self, indices, merged: bool = False) -> list[torch.Tensor] | torch.Tensor:
+    def read_batch(self, indices, merged: bool = False,
+                   compact: bool = False) -> list[torch.Tensor | CompactStack] | torch.Tensor:
         """Utterances `indices` aligned and zero-padded past their length: per store (B, L, T_max, D_i)
         float32 tensors, or with ``merged`` one (B, L, T_max, D_out) tensor (a list when merge=None).
 
         Each store is read with one Zarr slice per run of utterances that are neighbours in it, so a
-        chunk shared by two utterances of the batch is decoded once.
+        chunk shared by two utterances of the batch is decoded once. With ``compact`` (unmerged only),
+        a lossy store's stack is a `CompactStack`: its codes, expanded and aligned by ``.to(device)``.
         """
         indices = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[indices]
         B, L, T = len(indices), self.num_layers, int(lengths.max()) if len(indices) else 0
         merge = self.merge if merged else None
-        outs = [_BATCHES.empty(B, L, T, d) for d in (self.dims if merge is None else [self.out_dim])]
+        if compact and merge is not None:
+            raise ValueError("compact batches are per store: merged=False")
+        lossy = [compact and s.info.codec in LOSSY for s in self.stores]
+        reads = []  # (store, batch positions, first frame, end frame): one contiguous read each
+        for k, store in enumerate(self.stores):
+            offs, frames = self._offsets[k][indices], self._frames[k][indices]
+            reads += [(k, run, int(offs[run].min()), int((offs[run] + frames[run]).max()))
+                      for run in _runs(offs, frames, store.chunk_frames)]
+
+        def items(k: int, run, lo: int) -> list[tuple[int, int, int]]:  # (b, offset in the read, frames)
+            return [(b, int(self._offsets[k][indices[b]]) - lo, int(self._frames[k][indices[b]])) for b in run]
+
+        stacks = [CompactStack((B, L, T, d), lengths.tolist(), []) if c else None for d, c in zip(self.dims, lossy)]
+        for k, run, lo, hi in reads:
+            if lossy[k]:
+                stacks[k].reads.append((self.stores[k].read_codes(lo, hi), items(k, run, lo)))
+        reads = [r for r in reads if not lossy[r[0]]]
+        if merge is None:
+            outs = [stacks[k] if c else _BATCHES.empty(B, L, T, d) for k, (d, c) in enumerate(zip(self.dims, lossy))]
+        else:
+            outs = [_BATCHES.empty(B, L, T, self.out_dim)]
         for out in outs:
-            for b, n in enumerate(lengths):
+            for b, n in enumerate(lengths if isinstance(out, torch.Tensor) else ()):
                 out[b, :, n:] = 0  # only the padding: the alignment writes everything else
         edges = np.cumsum([0, *self.dims])
 
@@ -259,19 +309,12 @@ class FusedView:
                 return outs[0][b, :, :n, edges[k]:edges[k + 1]]
             return outs[0 if merge else k][b, :, :n]
 
-        reads = []  # (store, batch positions, first frame, end frame): one contiguous read each
-        for k, store in enumerate(self.stores):
-            offs, frames = self._offsets[k][indices], self._frames[k][indices]
-            reads += [(k, run, int(offs[run].min()), int((offs[run] + frames[run]).max()))
-                      for run in _runs(offs, frames, store.chunk_frames)]
         # one thread decodes the next reads while this one aligns (Zarr's decoding releases the GIL)
         with ThreadPoolExecutor(1, thread_name_prefix="fusionpipe-read") as pool:
             blocks = pool.map(lambda r: self.stores[r[0]].read_range(r[2], r[3]), reads)
             for (k, run, lo, _), block in zip(reads, blocks):  # block: (frames, L_k, D_k) storage dtype
-                for b in run:
-                    o = int(self._offsets[k][indices[b]]) - lo
-                    align_into(block[o:o + int(self._frames[k][indices[b]])], slot(k, b),
-                                accumulate=merge == "add" and k > 0)
+                for b, o, n in items(k, run, lo):
+                    align_into(block[o:o + n], slot(k, b), accumulate=merge == "add" and k > 0)
         return outs if merge is None else outs[0]
 
     def aligned(self, i: int) -> list[np.ndarray]:

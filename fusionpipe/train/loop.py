@@ -206,11 +206,17 @@ def _check_resumable(cfg: TrainConfig, out: Path) -> None:
                               "which may stand at different steps; retrain into another --out")
 
 
+def expands_on(device: torch.device) -> bool:
+    """Whether lossy stores' batches cross to `device` as codes and expand there (`make_loader(compact=)`):
+    on an accelerator, yes; on the CPU expanding in the loader's thread overlaps the training step instead."""
+    return device.type != "cpu"
+
+
 def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, progress: bool) -> dict[str, dict]:
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     loader = make_loader(cfg.stores, cfg.manifest, max_frames=cfg.max_frames, shuffle=True, seed=cfg.seed,
                          num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
-                         skip_missing=cfg.skip_missing, shard=(rank, world))
+                         skip_missing=cfg.skip_missing, shard=(rank, world), compact=expands_on(device))
     view = loader.dataset.view
     crop = crop_frames(cfg.crop_seconds, view.frame_rate)
     rows = [loader.dataset.rows[i] for i in range(len(loader.dataset))]
@@ -225,7 +231,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
     variants = build_variants(cfg, task, view.dims, view.num_layers, out, device)
     dev = make_loader(cfg.dev_stores, cfg.dev_manifest, max_frames=cfg.max_frames, shuffle=False,
                       num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
-                      skip_missing=cfg.skip_missing, shard=(rank, world), deal=True) if cfg.dev_stores else None
+                      skip_missing=cfg.skip_missing, shard=(rank, world), deal=True,
+                      compact=expands_on(device)) if cfg.dev_stores else None
     if dev is not None and trials:
         _check_trials(trials, dev, cfg.trials)
     checkpoint = out / "last.pt"
@@ -478,10 +485,10 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
         raise FusionpipeError("--trials: a verify run is scored on a trial list over the evaluated utterances; "
                               "give --trials FILE")
     checkpoints = {name: load_checkpoint(run / name / "best.pt") for name in names if variant in (None, name)}
-    dev = make_loader(stores, manifest, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
-                      align_layers=cfg.align_layers, skip_missing=skip_missing)
-    view = dev.dataset.view
     dev_device = resolve_device(device)
+    dev = make_loader(stores, manifest, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
+                      align_layers=cfg.align_layers, skip_missing=skip_missing, compact=expands_on(dev_device))
+    view = dev.dataset.view
     variants = [v for v in build_variants(cfg, task, view.dims, view.num_layers, run, dev_device)
                 if v.name in checkpoints]
     for v in variants:
