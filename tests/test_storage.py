@@ -1,6 +1,7 @@
 """The lossy store representations (fusionpipe/codecs.py): error bounds, determinism, plain-zarr
 readability, the loader reading through them, and the checksum still over every byte."""
 
+import json
 import os
 import subprocess
 import sys
@@ -207,3 +208,34 @@ def test_extract_codec_is_recorded_and_inspect_shows_ratio_and_measured_error(sp
     shown = runner.invoke(app, ["inspect", str(url)], catch_exceptions=False).output
     assert "int8-std10" in shown and "ratio_to_float16" in shown and "bytes_per_audio_second" in shown
     assert "measured_error" in shown and "mean " in shown
+
+
+def test_training_on_codes_expanded_by_the_trainer_equals_training_on_the_loaders_tensors(
+        tmp_path, pitch_stores, train_config, logged_losses, monkeypatch):
+    """The GPU path end to end, on the CPU: with `expands_on` forced, the trainer and its dev evaluation get
+    CompactStacks and expand them themselves; the losses and dev metrics are the float32 path's, exactly."""
+    from fusionpipe.fuse import view
+    from fusionpipe.train import loop
+
+    lossy = {split: [extract(FeatureStore.open(u).recorded_manifest(), model, tmp_path / "cache", device="cpu",
+                             progress=False, codec="int8-std08").url
+                     for u, model in zip(urls, ("toy-wavlm", "toy-whisper"))]
+             for split, urls in pitch_stores.items()}
+    kw = dict(fusion=["hconv", "weighted-sum"], steps=12, eval_every=6)
+    loop.train(train_config(lossy, tmp_path / "tensors", **kw), progress=False)
+    expanded = []
+    to = view.CompactStack.to
+    monkeypatch.setattr(view.CompactStack, "to", lambda self, *a, **k: expanded.append(1) or to(self, *a, **k))
+    monkeypatch.setattr(loop, "expands_on", lambda device: True)
+    loop.train(train_config(lossy, tmp_path / "codes", **kw), progress=False)
+    assert len(expanded) > 12  # every training batch and every dev batch
+    for variant in ("hconv-concat", "weighted-sum-concat"):
+        assert logged_losses(tmp_path / "codes", variant) == logged_losses(tmp_path / "tensors", variant)
+        dev = [json.loads((tmp_path / run / variant / "results.json").read_text())["dev"] for run in ("codes", "tensors")]
+        assert untimed(dev[0]) == untimed(dev[1])
+    scores = [loop.evaluate(tmp_path / run, lossy["dev"]) for run in ("codes", "tensors")]
+    assert {k: untimed(m) for k, m in scores[0].items()} == {k: untimed(m) for k, m in scores[1].items()}
+
+
+def untimed(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
