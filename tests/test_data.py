@@ -1,12 +1,13 @@
 """Specification of stage 2's loader (fusionpipe.fuse.loader): the batches stage 3 trains on."""
 
+import gc
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from fusionpipe.fuse.loader import BucketBatchSampler, FusedDataset, collate, make_loader
+from fusionpipe.fuse.loader import BucketBatchSampler, FusedDataset, SharedSlots, collate, make_loader
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract
 from fusionpipe.fuse.view import open_fused
@@ -63,6 +64,32 @@ def test_two_spawned_workers_give_the_main_process_batches(toy_stores):
         for x, y in zip(a, b):
             assert all(torch.equal(s, t) for s, t in zip(x["stacks"], y["stacks"]))
             assert [r.text for r in x["rows"]] == [r.text for r in y["rows"]]
+
+
+@pytest.mark.slow
+def test_workers_build_batches_in_shared_slots_freed_only_when_the_trainer_drops_them(toy_stores, monkeypatch):
+    """Workers align into shared-memory slots the trainer reads in place. One slot per worker here, so
+    slots are reused every batch: dropping each batch (training) and holding them all (no slot free:
+    the ordinary path) both give the main process's numbers, and a held batch is never written over."""
+    _, stores = toy_stores
+    main = [(b["ids"], [s.clone() for s in b["stacks"]]) for b in make_loader(stores, max_frames=60)]
+    loader = make_loader(stores, max_frames=60, num_workers=2)
+    slots = loader.dataset.slots = SharedSlots(2, 1, loader.dataset.slots.nbytes)
+    handed = []
+    hand_out = SharedSlots.hand_out
+    monkeypatch.setattr(SharedSlots, "hand_out", lambda self, batch: handed.append(1) or hand_out(self, batch))
+    assert len(main) > 2
+    for _ in range(2):  # the trainer's way: each batch dropped before the next
+        got = [(b["ids"], [s.clone() for s in b["stacks"]]) for b in loader]
+        assert [g[0] for g in got] == [m[0] for m in main]
+        assert all(torch.equal(x, y) for g, m in zip(got, main) for x, y in zip(g[1], m[1]))
+    assert len(handed) > 2  # more batches came through the 2 slots than there are slots: reused
+    held = list(loader)  # every batch kept: slots stay busy, later batches take the ordinary path
+    assert int(slots.busy.sum()) >= 1
+    assert all(torch.equal(x, y) for b, m in zip(held, main) for x, y in zip(b["stacks"], m[1]))
+    del held
+    gc.collect()
+    assert int(slots.busy.sum()) == 0  # freed once the trainer let go
 
 
 def test_ids_restrict_the_loader_to_a_subset(toy_stores):

@@ -31,14 +31,16 @@ reopens the stores on first use, and workers start with "spawn".
 
 from __future__ import annotations
 
+import math
 import warnings
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.view import FusedView, ViewSpec, open_fused
@@ -56,6 +58,7 @@ class PaddedItems(list):
         super().__init__((u, [s[b, :, :int(lengths[b])] if isinstance(s, torch.Tensor) else s for s in stacks])
                          for b, u in enumerate(ids))
         self.ids, self.stacks, self.lengths, self.rows = ids, stacks, lengths, rows
+        self.slot = None  # (slot, layout) when a worker built the batch in shared memory (SharedSlots)
 
 
 class FusedDataset(Dataset):
@@ -64,9 +67,11 @@ class FusedDataset(Dataset):
     Holds a ViewSpec and opens the stores lazily in whichever process reads.
     """
 
-    def __init__(self, view: FusedView | ViewSpec, rows: list[Utterance] | None = None, compact: bool = False):
+    def __init__(self, view: FusedView | ViewSpec, rows: list[Utterance] | None = None, compact: bool = False,
+                 slots: SharedSlots | None = None):
         self.spec = view.spec if isinstance(view, FusedView) else view
         self.compact = compact  # lossy stores' stacks as CompactStack (`FusedView.read_batch`)
+        self.slots = slots  # worker processes build batches in these (make_loader with num_workers)
         self._view = view if isinstance(view, FusedView) else None
         self.rows = rows  # manifest rows in dataset order, or None
         if rows is not None and len(rows) != len(self.spec.ids):
@@ -88,14 +93,34 @@ class FusedDataset(Dataset):
         return self.spec.ids[i], [s[0] for s in self.view.read_batch([i])]
 
     def __getitems__(self, indices: list[int]) -> PaddedItems:
-        stacks = self.view.read_batch(indices, compact=self.compact)
-        lengths = torch.from_numpy(self.view.lengths[np.asarray(indices, dtype=np.int64)])
+        frames = self.view.lengths[np.asarray(indices, dtype=np.int64)]
+        lengths = torch.from_numpy(frames)
+        slot = self._slot(len(indices) * int(frames.max(initial=0)))
+        try:
+            stacks = self.view.read_batch(indices, compact=self.compact, empty=slot and slot.empty)
+        except BaseException:
+            if slot:
+                self.slots.release(slot.k)
+            raise
         rows = [self.rows[i] for i in indices] if self.rows is not None else None
-        return PaddedItems([self.spec.ids[i] for i in indices], stacks, lengths, rows)
+        items = PaddedItems([self.spec.ids[i] for i in indices], stacks, lengths, rows)
+        items.slot = slot and (slot.k, slot.layout)
+        return items
+
+    def _slot(self, frames: int) -> _Slot | None:
+        """In a worker process: a free shared-memory slot of this worker that holds `frames` padded frames."""
+        info = get_worker_info()
+        if self.slots is None or info is None:
+            return None
+        return self.slots.claim(info.id, frames * self.view.num_layers * sum(self.view.dims) * 4)
 
 
 def collate(items: list[tuple[str, list[torch.Tensor]]], rows: dict[str, Utterance] | None = None) -> dict:
-    """Items -> the batch dict (module docstring). Rows come with PaddedItems, else from ``rows`` by id."""
+    """Items -> the batch dict (module docstring). Rows come with PaddedItems, else from ``rows`` by id.
+    A batch a worker built in a shared slot travels as the slot's number and layout, not as tensors
+    (FusedLoader turns it back into the stacks, in place)."""
+    if isinstance(items, PaddedItems) and items.slot:
+        return {"ids": items.ids, "slot": items.slot, "lengths": items.lengths, "rows": items.rows}
     if isinstance(items, PaddedItems):
         ids, stacks, lengths, got = items.ids, items.stacks, items.lengths, items.rows
     else:
@@ -208,7 +233,8 @@ class BucketBatchSampler(Sampler):
 
 
 class FusedLoader(DataLoader):
-    """A DataLoader whose single-process iteration builds the next `prefetch` batches in a thread."""
+    """A DataLoader whose single-process iteration builds the next `prefetch` batches in a thread, and
+    whose worker processes build batches in shared memory that the trainer reads in place."""
 
     def __init__(self, *args, prefetch: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
@@ -216,7 +242,66 @@ class FusedLoader(DataLoader):
 
     def __iter__(self):
         batches = super().__iter__()
-        return batches if self.num_workers > 0 or self.prefetch <= 0 else _in_thread(batches, self.prefetch)
+        if self.num_workers > 0:
+            slots = self.dataset.slots
+            return batches if slots is None else (slots.hand_out(b) if "slot" in b else b for b in batches)
+        return batches if self.prefetch <= 0 else _in_thread(batches, self.prefetch)
+
+
+class _Slot:
+    """One claimed slot in a worker: hands out float32 tensors carved from it, in order, and records where."""
+
+    def __init__(self, k: int, memory: torch.Tensor):
+        self.k, self.memory, self.used, self.layout = k, memory, 0, []
+
+    def empty(self, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        self.layout.append((self.used, shape))
+        self.used += n
+        return self.memory[self.used - n:self.used].view(shape)
+
+
+class SharedSlots:
+    """Batch memory for the loader's worker processes: a worker aligns its batch straight into one of its
+    own slots of shared memory, sends the slot's number, and the trainer reads the batch in place: no copy
+    through the queue and no fresh shared-memory segment per batch (what torch does with a worker's plain
+    tensors: a copy and a page fault per 4 kB, every batch).
+
+    A slot is free again once every tensor handed out of it is gone: the trainer's tensors are views of
+    one numpy view of the slot, so derived tensors keep it alive, and its finalizer clears the slot's
+    shared flag (the `_BatchMemory` rule, across processes). Each worker has ``per_worker`` slots of
+    ``nbytes`` (the largest batch ``max_frames`` allows; pages are only touched as batches fill them), so
+    host memory is bounded by the batches in flight. A batch that does not fit, or a worker whose slots
+    are all still held (a consumer keeping batches), takes the ordinary path: correct, one copy slower.
+    """
+
+    def __init__(self, workers: int, per_worker: int, nbytes: int):
+        self.per_worker, self.nbytes = per_worker, nbytes
+        self.memory = [torch.empty(0).set_(torch.UntypedStorage._new_shared(nbytes // 4 * 4))
+                       for _ in range(workers * per_worker)]  # float32, shared, untouched
+        self.busy = torch.zeros(workers * per_worker, dtype=torch.int32).share_memory_()
+
+    def claim(self, worker: int, nbytes: int) -> _Slot | None:
+        """Worker side: a free slot of `worker` for a batch of `nbytes`, marked busy; None if none fits."""
+        if nbytes > self.nbytes:
+            return None
+        for k in range(worker * self.per_worker, (worker + 1) * self.per_worker):
+            if not self.busy[k]:
+                self.busy[k] = 1
+                return _Slot(k, self.memory[k])
+        return None
+
+    def release(self, k: int) -> None:
+        self.busy[k] = 0
+
+    def hand_out(self, batch: dict) -> dict:
+        """Trainer side: the batch's stacks, read in place from its slot, which frees itself when they are gone."""
+        k, layout = batch.pop("slot")
+        base = self.memory[k].numpy()[:max((o + math.prod(shape) for o, shape in layout), default=0)]
+        weakref.finalize(base, self.release, k)
+        flat = torch.from_numpy(base)  # its views keep `base` alive (numpy slices would point past it)
+        batch["stacks"] = [flat[o:o + math.prod(shape)].view(shape) for o, shape in layout]
+        return batch
 
 
 def _in_thread(batches, depth: int):
@@ -266,7 +351,10 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
         first = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
         raise FusionpipeError(f"{len(lacking)} utterance(s) of the stores have no manifest row ({first}); "
                               "pass the manifest they were extracted from")
-    dataset = FusedDataset(view, [by_id[u] for u in view.ids], compact)
+    # per worker: the prefetch_factor (2) batches queued for it, and two the trainer may still hold
+    slots = SharedSlots(num_workers, 2 + 2, max_frames * view.num_layers * sum(view.dims) * 4) \
+        if num_workers and not compact else None
+    dataset = FusedDataset(view, [by_id[u] for u in view.ids], compact, slots)
     sampler = BucketBatchSampler(view.lengths, max_frames, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                  order=view.store_order(), shard=shard, deal=deal)
     return FusedLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,

@@ -264,15 +264,18 @@ class FusedView:
         return np.argsort(self._offsets[0], kind="stable")
 
     # ---- the hot path: direct Zarr reads ---------------------------------------------------
-    def read_batch(self, indices, merged: bool = False,
-                   compact: bool = False) -> list[torch.Tensor | CompactStack] | torch.Tensor:
+    def read_batch(self, indices, merged: bool = False, compact: bool = False,
+                   empty=None) -> list[torch.Tensor | CompactStack] | torch.Tensor:
         """Utterances `indices` aligned and zero-padded past their length: per store (B, L, T_max, D_i)
         float32 tensors, or with ``merged`` one (B, L, T_max, D_out) tensor (a list when merge=None).
 
         Each store is read with one Zarr slice per run of utterances that are neighbours in it, so a
         chunk shared by two utterances of the batch is decoded once. With ``compact`` (unmerged only),
         a lossy store's stack is a `CompactStack`: its codes, expanded and aligned by ``.to(device)``.
+        ``empty(*shape)`` allocates the float32 outputs (default: buffers reused once a batch is gone;
+        the loader's worker processes pass their shared-memory slot's).
         """
+        empty = empty or _BATCHES.empty
         indices = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[indices]
         B, L, T = len(indices), self.num_layers, int(lengths.max()) if len(indices) else 0
@@ -295,9 +298,9 @@ class FusedView:
                 stacks[k].reads.append((self.stores[k].read_codes(lo, hi), items(k, run, lo)))
         reads = [r for r in reads if not lossy[r[0]]]
         if merge is None:
-            outs = [stacks[k] if c else _BATCHES.empty(B, L, T, d) for k, (d, c) in enumerate(zip(self.dims, lossy))]
+            outs = [stacks[k] if c else empty(B, L, T, d) for k, (d, c) in enumerate(zip(self.dims, lossy))]
         else:
-            outs = [_BATCHES.empty(B, L, T, self.out_dim)]
+            outs = [empty(B, L, T, self.out_dim)]
         for out in outs:
             for b, n in enumerate(lengths if isinstance(out, torch.Tensor) else ()):
                 out[b, :, n:] = 0  # only the padding: the alignment writes everything else
