@@ -253,6 +253,16 @@ def _numbers(text: str | None) -> list[float] | None:
         raise FusionpipeError(f"expected numbers separated by commas, e.g. 2,8; got {text!r}") from None
 
 
+def _whole_numbers(text: str | None, flag: str) -> list[int] | None:
+    """"0,1,2" -> [0, 1, 2]."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise FusionpipeError(f"{flag}: expected whole numbers separated by commas, e.g. 0,1,2; got {text!r}") from None
+
+
 def _options(pairs: Optional[List[str]]) -> dict:
     """--head-option hidden=64 --head-option layers=1 -> {"hidden": 64, "layers": 1} (ints, floats, booleans
     parsed)."""
@@ -286,6 +296,8 @@ def train(
     lr: Optional[float] = typer.Option(None), optimizer: Optional[str] = typer.Option(None, help="adam or adamw"),
     max_frames: Optional[int] = typer.Option(None, help="padded frames per batch"),
     grad_clip: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    seeds: Optional[str] = typer.Option(None, help="several seeds, e.g. 0,1,2: every variant once per seed, all in "
+                                        "one pass (variants named <fusion>-<merge>@s<seed>)"),
     specaugment: Optional[bool] = typer.Option(None, "--specaugment/--no-specaugment"),
     crop_seconds: Optional[str] = typer.Option(None, help="train on random crops MIN,MAX seconds (SUPERB SV: 2,8)"),
     select: Optional[str] = typer.Option(None, help="dev metric that picks the best checkpoint (e.g. cer)"),
@@ -305,12 +317,13 @@ def train(
     once and train each split or fold from it. Each row must be an utterance the stores hold, the same
     audio (path, num_samples).
     """
-    from fusionpipe.train.config import TrainConfig, variant_name
+    from fusionpipe.train.config import TrainConfig
     from fusionpipe.train.defaults import DEMO, complete, demo_stores, train_manifest, upstream_names
     from fusionpipe.train.loop import train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
-                 grad_clip=grad_clip, seed=seed, specaugment=specaugment, crop_seconds=_numbers(crop_seconds),
+                 grad_clip=grad_clip, seed=seed, seeds=_whole_numbers(seeds, "--seeds"), specaugment=specaugment,
+                 crop_seconds=_numbers(crop_seconds),
                  head_options=_options(head_option) or None, interface_options=_options(interface_option) or None,
                  trials=trials, select=select)
     given = {k: v for k, v in given.items() if v is not None}
@@ -331,7 +344,7 @@ def train(
     say(f"train {cfg.task} on {rows.name} ({len(rows)} utterances) with {upstream_names(cfg.stores)}; "
         f"dev: {len(cfg.dev_stores)} store(s)"
         f"{f' ({Path(dev_manifest).stem})' if dev_manifest else ''}; "
-         f"variants {', '.join(variant_name(f, m) for f, m in cfg.variants())}; {cfg.steps} steps; "
+         f"variants {', '.join(cfg.variant_names())}; {cfg.steps} steps; "
          f"head {cfg.head_options or 'SUPERB'}"
          f" -> {cfg.out}")
     for name, res in run(cfg, resume=resume).items():
