@@ -398,6 +398,48 @@ def evaluate(
         typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 
+# ---- analysis ---------------------------------------------------------------------------------
+@app.command()
+def analyze(
+    targets: List[str] = typer.Argument(..., help="stores of one manifest (any number), or one run directory"),
+    out: Optional[Path] = typer.Option(None, help="where the CSVs and PNGs go (default: analysis/<manifest>-"
+                                       "<upstreams> for stores, <run>/analysis for a run)"),
+    frames: int = typer.Option(4096, help="stores: aligned frames sampled for CKA (memory: frames x sum L_i D_i "
+                                          "float32)"),
+    seed: int = typer.Option(0, help="stores: the seed of the frame sample"),
+    estimator: str = typer.Option("linear", help="stores: linear (Kornblith et al.) or debiased (unbiased HSIC)"),
+    align_time: str = typer.Option("max", help="stores: common T per utterance, max or min (stage 2's rule)"),
+    stores: Optional[List[str]] = typer.Option(None, help="run: score the knockout on these stores (default: the "
+                                               "run's dev stores)"),
+    manifest: Optional[Path] = typer.Option(None, help="run: only these rows of --stores"),
+    trials: Optional[str] = typer.Option(None, help="run, verify: trial list (default: the run's)"),
+    knockout: bool = typer.Option(True, "--knockout/--no-knockout", help="run: score the layer knockout on dev "
+                                  "(else only the weights)"),
+    metric: Optional[str] = typer.Option(None, help="run: the metric the plot shows (default: the first)"),
+    skip_missing: bool = typer.Option(False, help="leave out utterances not usable in every store"),
+    device: str = typer.Option("auto", help="run: where the variants run"),
+):
+    """What the layers say: CKA between every layer of every upstream (STORES), or what each trained
+    interface of a RUN uses (weights, Gumbel shares, layer knockout on dev). CSV + PNG."""
+    if len(targets) == 1 and (Path(targets[0]) / "config.json").is_file():
+        from fusionpipe.analyze.use import describe_use, layer_use, write_layer_use
+
+        run = Path(targets[0])
+        rows = layer_use(run, _list(stores) or None, manifest, trials, device, knockout, skip_missing)
+        paths = write_layer_use(rows, out or run / "analysis", metric, title=run.name)
+        typer.echo(describe_use(rows, metric))
+    else:
+        from fusionpipe.analyze.cka import layer_similarity, write_similarity
+
+        sim = layer_similarity(targets, frames, seed, estimator, align_time, skip_missing)
+        paths = write_similarity(sim, out or Path("analysis") / f"{sim.manifest}-{'+'.join(sim.upstreams)}")
+        for r in sim.summary():
+            if r["upstream_a"] != r["upstream_b"]:
+                typer.echo(f"{r['upstream_a']} ~ {r['upstream_b']}: mean best-match CKA {r['mean_best_match']:.3f}, "
+                           f"max {r['max']:.3f} ({sim.frames} frames, {sim.estimator})")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
 # ---- all stages -------------------------------------------------------------------------------
 @app.command()
 def ablate(recipe: Path, dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, run nothing"),

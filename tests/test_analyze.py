@@ -123,3 +123,65 @@ def test_bad_estimator_and_sample_size_are_refused_naming_the_flag(related_store
         layer_similarity(related_stores, estimator="rbf")
     with pytest.raises(FusionpipeError, match="--frames"):
         layer_similarity(related_stores, frames=2)
+
+
+# ---- layer use of a run --------------------------------------------------------------------------------
+def test_knockout_of_layers_a_single_layer_interface_ignores_changes_nothing(pitch_stores, tmp_path, train_config):
+    from fusionpipe.analyze.use import layer_use
+    from fusionpipe.train.loop import train
+
+    run = tmp_path / "run"
+    train(train_config(pitch_stores, run, fusion=["single-layer"], merge=["add"], interface_options={"layer": 2},
+                       steps=10, eval_every=10), progress=False)
+    rows = layer_use(run, device="cpu")
+    knock = {r["layer"]: r["value"] for r in rows if r["measure"] == "knockout" and r["metric"] == "accuracy"}
+    assert sorted(knock) == [0, 1, 2, 3]  # toy-wavlm has 4 layers, toy-whisper's 3 are aligned to 4
+    assert all(knock[layer] == 0 for layer in (0, 1, 3))
+    dev = next(r["value"] for r in rows if r["measure"] == "dev" and r["metric"] == "accuracy")
+    assert dev > 0.5 and knock[2] != 0  # the layer it reads is what it learned from
+
+
+def test_run_analysis_reads_weights_and_shares_per_seed_and_round_trips(pitch_stores, tmp_path, train_config):
+    import matplotlib.image
+
+    from fusionpipe.analyze.use import describe_use, layer_use, read_layer_use, write_layer_use
+    from fusionpipe.train.loop import train
+
+    run = tmp_path / "run"
+    train(train_config(pitch_stores, run, fusion=["weighted-sum", "gumbel", "hconv"], merge=["add"], seeds=[0, 1],
+                       steps=6, eval_every=6), progress=False)
+    rows = layer_use(run, device="cpu")
+    for seed in (0, 1):
+        weights = [r["value"] for r in rows if r["measure"] == "weight" and r["seed"] == seed]
+        assert len(weights) == 4 and abs(sum(weights) - 1) < 1e-6
+        shares = {r["upstream"]: r["value"] for r in rows if r["measure"] == "share" and r["seed"] == seed}
+        assert set(shares) == {"toy-wavlm", "toy-whisper"} and abs(sum(shares.values()) - 1) < 1e-6
+        layer_shares = [r["value"] for r in rows if r["measure"] == "layer-share" and r["seed"] == seed]
+        assert abs(sum(layer_shares) - 1) < 1e-6
+    assert {r["variant"] for r in rows if r["measure"] == "knockout"} == {"weighted-sum-add", "gumbel-add", "hconv-add"}
+    paths = write_layer_use(rows, tmp_path / "out")
+    back = read_layer_use(tmp_path / "out")
+    assert back == rows
+    assert matplotlib.image.imread(paths[1]).shape[0] > 100
+    assert "weighted-sum-add" in describe_use(rows)
+
+
+def test_cli_analyze_stores_and_a_run(pitch_stores, tmp_path, train_config):
+    from typer.testing import CliRunner
+
+    from fusionpipe.cli import app
+    from fusionpipe.train.loop import train
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["analyze", *pitch_stores["dev"], "--frames", "200", "--out", str(tmp_path / "cka")])
+    assert result.exit_code == 0, result.output
+    assert "toy-wavlm ~ toy-whisper: mean best-match CKA" in result.output
+    assert (tmp_path / "cka" / "cka.png").is_file() and (tmp_path / "cka" / "cka-summary.csv").is_file()
+    run = tmp_path / "run"
+    train(train_config(pitch_stores, run, fusion=["weighted-sum"], merge=["add"], steps=2, eval_every=2),
+          progress=False)
+    result = runner.invoke(app, ["analyze", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (run / "analysis" / "layer-use.csv").is_file() and "weighted-sum-add" in result.output
+    result = runner.invoke(app, ["analyze", *pitch_stores["dev"], "--estimator", "rbf"])
+    assert result.exit_code == 1 and "--estimator" in str(result.exception)
