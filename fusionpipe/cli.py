@@ -432,7 +432,8 @@ def analyze(
         from fusionpipe.analyze.cka import layer_similarity, write_similarity
 
         sim = layer_similarity(targets, frames, seed, estimator, align_time, skip_missing)
-        paths = write_similarity(sim, out or Path("analysis") / f"{sim.manifest}-{'+'.join(sim.upstreams)}")
+        names = "+".join(Path(u).name for u in sim.upstreams)  # an upstream loaded from a directory is named by its path
+        paths = write_similarity(sim, out or Path("analysis") / f"{sim.manifest}-{names}")
         for r in sim.summary():
             if r["upstream_a"] != r["upstream_b"]:
                 typer.echo(f"{r['upstream_a']} ~ {r['upstream_b']}: mean best-match CKA {r['mean_best_match']:.3f}, "

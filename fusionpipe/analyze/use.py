@@ -240,6 +240,7 @@ def plot_layer_use(rows: list[dict], path: str | Path, metric: str | None = None
     ax.set_ylabel("weight (weighted-sum) / share (gumbel)")
     ax.set_title("what the weights say", fontsize=9)
     for a in axes:
+        a.xaxis.get_major_locator().set_params(integer=True)  # layers are whole numbers
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=6)
     fig.suptitle((title + "; " if title else "") + (f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"),
