@@ -253,6 +253,16 @@ def _numbers(text: str | None) -> list[float] | None:
         raise FusionpipeError(f"expected numbers separated by commas, e.g. 2,8; got {text!r}") from None
 
 
+def _whole_numbers(text: str | None, flag: str) -> list[int] | None:
+    """"0,1,2" -> [0, 1, 2]."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise FusionpipeError(f"{flag}: expected whole numbers separated by commas, e.g. 0,1,2; got {text!r}") from None
+
+
 def _options(pairs: Optional[List[str]]) -> dict:
     """--head-option hidden=64 --head-option layers=1 -> {"hidden": 64, "layers": 1} (ints, floats, booleans
     parsed)."""
@@ -286,6 +296,8 @@ def train(
     lr: Optional[float] = typer.Option(None), optimizer: Optional[str] = typer.Option(None, help="adam or adamw"),
     max_frames: Optional[int] = typer.Option(None, help="padded frames per batch"),
     grad_clip: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    seeds: Optional[str] = typer.Option(None, help="several seeds, e.g. 0,1,2: every variant once per seed, all in "
+                                        "one pass (variants named <fusion>-<merge>@s<seed>)"),
     specaugment: Optional[bool] = typer.Option(None, "--specaugment/--no-specaugment"),
     crop_seconds: Optional[str] = typer.Option(None, help="train on random crops MIN,MAX seconds (SUPERB SV: 2,8)"),
     select: Optional[str] = typer.Option(None, help="dev metric that picks the best checkpoint (e.g. cer)"),
@@ -305,12 +317,13 @@ def train(
     once and train each split or fold from it. Each row must be an utterance the stores hold, the same
     audio (path, num_samples).
     """
-    from fusionpipe.train.config import TrainConfig, variant_name
+    from fusionpipe.train.config import TrainConfig
     from fusionpipe.train.defaults import DEMO, complete, demo_stores, train_manifest, upstream_names
     from fusionpipe.train.loop import train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
-                 grad_clip=grad_clip, seed=seed, specaugment=specaugment, crop_seconds=_numbers(crop_seconds),
+                 grad_clip=grad_clip, seed=seed, seeds=_whole_numbers(seeds, "--seeds"), specaugment=specaugment,
+                 crop_seconds=_numbers(crop_seconds),
                  head_options=_options(head_option) or None, interface_options=_options(interface_option) or None,
                  trials=trials, select=select)
     given = {k: v for k, v in given.items() if v is not None}
@@ -331,7 +344,7 @@ def train(
     say(f"train {cfg.task} on {rows.name} ({len(rows)} utterances) with {upstream_names(cfg.stores)}; "
         f"dev: {len(cfg.dev_stores)} store(s)"
         f"{f' ({Path(dev_manifest).stem})' if dev_manifest else ''}; "
-         f"variants {', '.join(variant_name(f, m) for f, m in cfg.variants())}; {cfg.steps} steps; "
+         f"variants {', '.join(cfg.variant_names())}; {cfg.steps} steps; "
          f"head {cfg.head_options or 'SUPERB'}"
          f" -> {cfg.out}")
     for name, res in run(cfg, resume=resume).items():
@@ -383,6 +396,49 @@ def evaluate(
     write_json(run / f"eval-{label}.json", results)
     for name, metrics in results.items():
         typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+# ---- analysis ---------------------------------------------------------------------------------
+@app.command()
+def analyze(
+    targets: List[str] = typer.Argument(..., help="stores of one manifest (any number), or one run directory"),
+    out: Optional[Path] = typer.Option(None, help="where the CSVs and PNGs go (default: analysis/<manifest>-"
+                                       "<upstreams> for stores, <run>/analysis for a run)"),
+    frames: int = typer.Option(4096, help="stores: aligned frames sampled for CKA (memory: frames x sum L_i D_i "
+                                          "float32)"),
+    seed: int = typer.Option(0, help="stores: the seed of the frame sample"),
+    estimator: str = typer.Option("linear", help="stores: linear (Kornblith et al.) or debiased (unbiased HSIC)"),
+    align_time: str = typer.Option("max", help="stores: common T per utterance, max or min (stage 2's rule)"),
+    stores: Optional[List[str]] = typer.Option(None, help="run: score the knockout on these stores (default: the "
+                                               "run's dev stores)"),
+    manifest: Optional[Path] = typer.Option(None, help="run: only these rows of --stores"),
+    trials: Optional[str] = typer.Option(None, help="run, verify: trial list (default: the run's)"),
+    knockout: bool = typer.Option(True, "--knockout/--no-knockout", help="run: score the layer knockout on dev "
+                                  "(else only the weights)"),
+    metric: Optional[str] = typer.Option(None, help="run: the metric the plot shows (default: the first)"),
+    skip_missing: bool = typer.Option(False, help="leave out utterances not usable in every store"),
+    device: str = typer.Option("auto", help="run: where the variants run"),
+):
+    """What the layers say: CKA between every layer of every upstream (STORES), or what each trained
+    interface of a RUN uses (weights, Gumbel shares, layer knockout on dev). CSV + PNG."""
+    if len(targets) == 1 and (Path(targets[0]) / "config.json").is_file():
+        from fusionpipe.analyze.use import describe_use, layer_use, write_layer_use
+
+        run = Path(targets[0])
+        rows = layer_use(run, _list(stores) or None, manifest, trials, device, knockout, skip_missing)
+        paths = write_layer_use(rows, out or run / "analysis", metric, title=run.name)
+        typer.echo(describe_use(rows, metric))
+    else:
+        from fusionpipe.analyze.cka import layer_similarity, write_similarity
+
+        sim = layer_similarity(targets, frames, seed, estimator, align_time, skip_missing)
+        names = "+".join(Path(u).name for u in sim.upstreams)  # an upstream loaded from a directory is named by its path
+        paths = write_similarity(sim, out or Path("analysis") / f"{sim.manifest}-{names}")
+        for r in sim.summary():
+            if r["upstream_a"] != r["upstream_b"]:
+                typer.echo(f"{r['upstream_a']} ~ {r['upstream_b']}: mean best-match CKA {r['mean_best_match']:.3f}, "
+                           f"max {r['max']:.3f} ({sim.frames} frames, {sim.estimator})")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
 # ---- all stages -------------------------------------------------------------------------------

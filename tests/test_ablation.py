@@ -237,6 +237,32 @@ def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe
         run_recipe(load_recipe(tiny_recipe), progress=False, echo=lambda s: None)
 
 
+def test_recipe_seeds_train_in_one_pass_and_report_mean_std_and_layer_pictures(tiny_recipe, tmp_path, monkeypatch):
+    import csv
+
+    from fusionpipe.train import loop as stage3
+
+    r = yaml.safe_load(tiny_recipe.read_text())
+    r["train"]["seeds"] = [0, 1]
+    calls = []
+    real_train = stage3.train
+    monkeypatch.setattr(stage3, "train", lambda cfg, **kw: calls.append(cfg) or real_train(cfg, **kw))
+    run_recipe(load_recipe(_write(tmp_path, r, "seeds.yaml")), progress=False, echo=lambda s: None)
+    assert len(calls) == 1 and calls[0].seeds == [0, 1]  # 2 variants x 2 seeds, one pass
+    out = tmp_path / "results" / "tiny"
+    run_dir = out / "runs" / "classify" / "toy-wavlm"
+    assert set(json.loads((run_dir / "test.json").read_text())) == {
+        "weighted-sum-add@s0", "weighted-sum-add@s1", "hconv-add@s0", "hconv-add@s1"}
+    md = (out / "results.md").read_text()
+    assert "mean ± std over 2 seeds (seeds 0, 1)" in md and " ± " in md.split("| toy-wavlm |")[1].splitlines()[0]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {row["seeds"] for row in rows} == {"2"} and all(row["ours_std"] != "" for row in rows)
+    assert "## What the layers say" in md and "zeroing layer" in md and "within toy-wavlm: mean CKA" in md
+    assert (out / "classify-toy-wavlm-layer-use.png").is_file()
+    assert (out / "analysis" / "cka-toy-wavlm" / "cka.png").is_file()
+    assert (run_dir / "analysis" / "layer-use.csv").is_file()
+
+
 def test_cli_ablate_dry_run_prints_plan(tiny_recipe):
     from typer.testing import CliRunner
 

@@ -6,6 +6,7 @@ The rooms are the three stages, the recipes that drive them, and the shared modu
     extract  stage 1: run the upstreams, cache every layer
     fuse     stage 2: align and merge the caches, lazily; batches for stage 3
     train    stage 3: interface + head, trained from stage 2's batches
+    analyze  what the layers say: CKA between upstreams' layers (stores), layer use of trained interfaces (runs)
     ablate   a recipe's grid over all stages
     cli      the typer app: thin wrappers over the library
     main     `python -m fusionpipe`
@@ -20,7 +21,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fusionpipe"
 
-ROOMS = ("extract", "fuse", "train", "ablate", "cli")  # subpackages, and cli.py; the rest of the top is shared
+ROOMS = ("extract", "fuse", "train", "analyze", "ablate", "cli")  # subpackages, and cli.py; the rest of the top is shared
 
 # importer room -> the rooms it may import (its own included)
 ALLOWED = {
@@ -28,8 +29,9 @@ ALLOWED = {
     "extract": {"shared", "extract"},
     "fuse":    {"shared", "fuse"},
     "train":   {"shared", "fuse", "train"},
-    "ablate":  {"shared", "extract", "fuse", "train", "ablate"},
-    "cli":     {"shared", "extract", "fuse", "train", "ablate", "cli"},
+    "analyze": {"shared", "fuse", "train", "analyze"},
+    "ablate":  {"shared", "extract", "fuse", "train", "analyze", "ablate"},
+    "cli":     {"shared", "extract", "fuse", "train", "analyze", "ablate", "cli"},
     "main":    {"cli"},
 }
 

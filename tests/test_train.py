@@ -52,6 +52,29 @@ def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path, train_
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_seeds_in_one_pass_equal_separate_runs_per_seed(pitch_stores, tmp_path, train_config, logged_losses):
+    kw = dict(steps=6, eval_every=3, fusion=["gumbel"], merge=["add"], specaugment=True)  # init and draws differ
+    together = train(train_config(pitch_stores, tmp_path / "all", seeds=[0, 1], **kw), progress=False)
+    assert sorted(together) == ["gumbel-add@s0", "gumbel-add@s1"]
+    for seed in (0, 1):
+        name = f"gumbel-add@s{seed}"
+        alone = train(train_config(pitch_stores, tmp_path / name, seeds=[seed], **kw), progress=False)
+        assert logged_losses(tmp_path / "all", name) == logged_losses(tmp_path / name, name)
+        assert alone[name]["dev"]["accuracy"] == together[name]["dev"]["accuracy"]
+        a, b = _last(tmp_path / "all", name)["model"], _last(tmp_path / name, name)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(tmp_path / "all", "gumbel-add@s0") != logged_losses(tmp_path / "all", "gumbel-add@s1")
+    plain = train(train_config(pitch_stores, tmp_path / "plain", **kw), progress=False)  # seed 0, no seeds list
+    assert logged_losses(tmp_path / "plain", "gumbel-add") == logged_losses(tmp_path / "all", "gumbel-add@s0")
+    assert set(plain) == {"gumbel-add"}
+
+
+@pytest.mark.parametrize("seeds", [[], [1, 1], [0.5]])
+def test_bad_seeds_are_refused_naming_the_flag(pitch_stores, tmp_path, train_config, seeds):
+    with pytest.raises(FusionpipeError, match="--seeds"):
+        train(train_config(pitch_stores, tmp_path / "run", seeds=seeds), progress=False)
+
+
 def test_random_crops_are_windows_of_each_utterance_within_the_bounds():
     torch.manual_seed(0)
     lengths = torch.tensor([50, 12, 30, 7])

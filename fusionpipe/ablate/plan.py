@@ -69,6 +69,11 @@ class Run:
     reason: str = ""
 
     @property
+    def names(self) -> list[str]:
+        """The names of the run's variants: each (fusion, merge) once per seed of ``seeds`` when set."""
+        return [variant_name(f, m, s) for f, m in self.variants for s in (self.config.get("seeds") or [None])]
+
+    @property
     def label(self) -> str:
         return f"{self.task.name}{'' if self.fold is None else f' fold {self.fold}'} / {set_name(self.upstreams)}"
 
@@ -104,7 +109,9 @@ class Plan:
             what = {"train": f"train   {len(x.variants)} variant(s) x {steps} steps",
                     "resume": f"resume  {len(x.variants)} variant(s) x {steps} steps",
                     "evaluate": "evaluate on test", "done": "done (skipped)", "stale": "STALE"}[x.status]
-            lines.append(f"  {x.label:<48} {what}  ({', '.join(variant_name(f, m) for f, m in x.variants)})")
+            seeds = x.config.get("seeds")
+            lines.append(f"  {x.label:<48} {what}  ({', '.join(variant_name(f, m) for f, m in x.variants)})"
+                         + (f" x seeds {', '.join(map(str, seeds))}" if seeds else ""))
         if self.problems:
             lines.append(f"{len(self.problems)} problem(s): nothing runs until they are fixed")
         return "\n".join(lines)
@@ -320,19 +327,19 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
             run.reason = (f"{out} was trained with other settings ({'; '.join(changes)}); delete that directory to "
                           "retrain it, or restore the recipe")
             return run
-        finished = all((out / variant_name(f, m) / "results.json").is_file() for f, m in variants)
+        finished = all((out / name / "results.json").is_file() for name in run.names)
         if not finished:
             run.status = "resume"
-        elif run.test_stores and not _has_test(out, variants):
+        elif run.test_stores and not _has_test(out, run.names):
             run.status = "evaluate"
         else:
             run.status = "done"
     return run
 
 
-def _has_test(out: Path, variants) -> bool:
+def _has_test(out: Path, names: list[str]) -> bool:
     f = out / "test.json"
-    return f.is_file() and all(variant_name(a, b) in json.loads(f.read_text()) for a, b in variants)
+    return f.is_file() and all(name in json.loads(f.read_text()) for name in names)
 
 
 # ---- running ----------------------------------------------------------------------------------------

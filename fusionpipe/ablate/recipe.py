@@ -29,6 +29,8 @@ The recipe (every key is checked; an unknown, missing or mistyped one is an erro
       fusion: [weighted-sum, gumbel, hconv]
       merge: [add, concat]
     train: {lr: 1.0e-3, max_frames: 4000, seed: 0}   # TrainConfig fields, for every task
+                                      # seeds: [0, 1, 2]: every variant once per seed, in the same pass;
+                                      # the report gives mean +- std over them
     paper:                            # optional: task -> upstream set -> variant -> value in %
       asr: {"wavlm-base-plus+whisper-small": {weighted-sum-add: 4.77, hconv-add: 4.93}}
 
@@ -202,6 +204,9 @@ class _Checker:
             ok = isinstance(value, dict)
         elif t == "list[str]":
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        elif t == "list[int]|None":
+            ok = value is None or (isinstance(value, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value))
         elif t == "list[float]|None":
             ok = value is None or (isinstance(value, list) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))

@@ -43,26 +43,45 @@ def collect(plan: Plan) -> list[dict]:
             runs = [x for x in plan.runs if x.task is spec and x.upstreams == upstreams]
             for fusion, merge in recipe.variants(upstreams):
                 variant = variant_name(fusion, merge)
-                per_fold = [r for r in (_variant_result(x, variant) for x in runs) if r is not None]
-                if not per_fold:
+                # per seed (a run's `seeds`, else its one seed), the folds averaged; then mean and std over seeds
+                per_seed = []
+                for seed in spec.settings.get("seeds") or [None]:
+                    per_fold = [r for r in (_variant_result(x, variant_name(fusion, merge, seed)) for x in runs)
+                                if r is not None]
+                    if per_fold:
+                        per_seed.append(per_fold)
+                if not per_seed:
                     continue
-                split = per_fold[0]["split"]
-                keys = list(dict.fromkeys(k for r in per_fold for k in r["metrics"]))
-                metrics = {k: _mean([r["metrics"].get(k) for r in per_fold]) for k in keys}
+                every = [r for per_fold in per_seed for r in per_fold]
+                split = every[0]["split"]
+                keys = list(dict.fromkeys(k for r in every for k in r["metrics"]))
+                seed_means = [{k: _mean([r["metrics"].get(k) for r in per_fold]) for k in keys} for per_fold in per_seed]
+                metrics = {k: _mean([m.get(k) for m in seed_means]) for k in keys}
+                spread = _std([m.get(metric) for m in seed_means])
                 paper = recipe.paper.get(spec.name, {}).get(set_name(upstreams), {}).get(variant)
                 value = metrics.get(metric)
                 rows.append({
                     "task": spec.name, "upstreams": set_name(upstreams), "fusion": fusion, "merge": merge,
-                    "variant": variant, "folds": len(per_fold), "split": split, "metrics": metrics,
-                    "metric": metric, "ours": None if value is None else round(100 * value, 2), "paper": paper,
-                    "trainable_params": per_fold[0]["trainable_params"],
-                    "interface_params": per_fold[0]["interface_params"],
-                    "train_seconds_per_epoch": _mean([r["train_seconds_per_epoch"] for r in per_fold]),
-                    "inference_seconds": _mean([r["inference_seconds"] for r in per_fold]),
-                    "steps": per_fold[0]["steps"],
-                    "log": per_fold[0]["log"],
+                    "variant": variant, "folds": len(per_seed[0]), "seeds": len(per_seed), "split": split,
+                    "metrics": metrics, "metric": metric, "ours": None if value is None else round(100 * value, 2),
+                    "ours_std": None if spread is None else round(100 * spread, 2), "paper": paper,
+                    "trainable_params": every[0]["trainable_params"],
+                    "interface_params": every[0]["interface_params"],
+                    "train_seconds_per_epoch": _mean([r["train_seconds_per_epoch"] for r in every]),
+                    "inference_seconds": _mean([r["inference_seconds"] for r in every]),
+                    "steps": every[0]["steps"],
+                    "log": every[0]["log"],
                 })
     return rows
+
+
+def _std(values: list) -> float | None:
+    """Sample standard deviation over seeds (None for fewer than two)."""
+    values = [v for v in values if isinstance(v, (int, float))]
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def _mean(values: list) -> float | None:
@@ -107,13 +126,14 @@ def write_report(plan: Plan) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [_write_csv(rows, out / "results.csv")]
     plots = _plot(recipe, rows, out)
-    paths.append(_write_md(recipe, rows, plots, out / "results.md"))
-    return paths + plots
+    layers = layer_pictures(plan, out)
+    paths.append(_write_md(recipe, rows, plots, out / "results.md", layers))
+    return paths + plots + [p for _, p, _ in layers]
 
 
-CSV_HEAD = ("task", "upstreams", "fusion", "merge", "variant", "folds", "split")
+CSV_HEAD = ("task", "upstreams", "fusion", "merge", "variant", "folds", "split", "seeds")
 CSV_TAIL = ("trainable_params", "interface_params", "train_seconds_per_epoch", "inference_seconds", "steps",
-            "metric", "ours", "paper")
+            "metric", "ours", "ours_std", "paper")
 
 
 def _write_csv(rows: list[dict], path: Path) -> Path:
@@ -139,7 +159,8 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
 
-def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path) -> Path:
+def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
+              layers: list[tuple[str, Path, str]] = ()) -> Path:
     lines = [f"# {recipe.name}: results", "",
              f"Recipe `{recipe.source}`. Values in %: each task's metric on its test set (dev where the "
              "task has none), folds averaged; the paper's numbers, where the recipe gives them, in "
@@ -150,8 +171,10 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path) -
         if not task_rows:
             continue
         metric, lower = _primary(spec)
+        seeds = max(r["seeds"] for r in task_rows)
         lines += [f"## {spec.name} ({spec.task}): {metric} % ({'lower' if lower else 'higher'} is better, "
-                  f"{task_rows[0]['split']}{f', mean of {len(spec.folds)} folds' if spec.folds else ''})", ""]
+                  f"{task_rows[0]['split']}{f', mean of {len(spec.folds)} folds' if spec.folds else ''}"
+                  f"{f', mean ± std over {seeds} seeds ({_seed_list(spec)})' if seeds > 1 else ''})", ""]
         lines.append("| upstreams | " + " | ".join(f"{f} / {m}" for f, m in variants) + " |")
         lines.append("|---|" + "---:|" * len(variants))
         single = False
@@ -165,7 +188,7 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path) -
                     single |= trained_elsewhere
                     cells.append("—" if trained_elsewhere else "")
                     continue
-                cell = _fmt(r["ours"])
+                cell = _fmt(r["ours"]) + (f" ± {_fmt(r['ours_std'])}" if r["ours_std"] is not None else "")
                 if r["paper"] is not None:
                     cell += f" ({_fmt(r['paper'])})"
                 cells.append(cell)
@@ -177,6 +200,17 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path) -
             if p.name.startswith(f"{spec.name}-"):
                 lines += ["", f"![{p.stem}]({p.name})"]
         lines.append("")
+
+    if layers:
+        lines += ["## What the layers say", "",
+                  "Per upstream set: which layers each variant uses (left: the dev metric's change when one merged "
+                  "layer is zeroed, every interface on one axis; right: the weighted-sum weights and Gumbel shares; "
+                  "`fusionpipe analyze RUN`), and how alike the upstreams' layers are (linear CKA on a sample of "
+                  "aligned frames of the train stores; `fusionpipe analyze STORES`). A mean best-match CKA near 1 "
+                  "says every layer of one upstream has a near twin in the other; far below 1, they represent the "
+                  "speech differently, which is what makes fusing them worth it.", ""]
+        for title, picture, sentence in layers:
+            lines += [f"### {title}", "", f"![{title}]({picture.relative_to(path.parent).as_posix()})", "", sentence, ""]
 
     lines += ["## Computational overhead of the interfaces", "",
               "Trainable parameters (interface = merge front + interface over the layers; total adds the head), training "
@@ -197,6 +231,70 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path) -
     lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def _seed_list(spec: TaskSpec) -> str:
+    return "seeds " + ", ".join(str(x) for x in spec.settings.get("seeds") or [])
+
+
+def layer_pictures(plan: Plan, out: Path) -> list[tuple[str, Path, str]]:
+    """(title, PNG, sentence) per task x upstream set (the layer use of its variants, first fold) and per
+    upstream set (the CKA of its upstreams' layers). Each run's analysis is kept in <run>/analysis and
+    each set's CKA in <results>/analysis/cka-<set>, so a rerun of the report reads them back."""
+    from fusionpipe.analyze.cka import layer_similarity, read_similarity, write_similarity
+    from fusionpipe.analyze.use import describe_use, layer_use, plot_layer_use, read_layer_use, write_layer_use
+    from fusionpipe.errors import FusionpipeError
+
+    found = []
+    for spec in plan.recipe.tasks.values():
+        metric, _ = _primary(spec)
+        for upstreams in plan.recipe.upstream_sets:
+            x = next((x for x in plan.runs if x.task is spec and x.upstreams == upstreams
+                      and all((x.out / n / "results.json").is_file() for n in x.names)), None)
+            if x is None:
+                continue
+            where = x.out / "analysis"
+            if (where / "layer-use.csv").is_file():
+                rows = read_layer_use(where)
+            else:
+                try:
+                    rows = layer_use(x.out, device=x.config.get("device", "auto"))
+                except FusionpipeError:  # no dev stores: the test stores, else the weights alone
+                    rows = (layer_use(x.out, x.test_stores, x.test_manifest, x.test_trials, x.config.get("device",
+                            "auto")) if x.test_stores else layer_use(x.out, knockout=False))
+                write_layer_use(rows, where, metric, title=x.label)
+            picture = out / f"{spec.name}-{set_name(upstreams)}-layer-use.png"
+            plot_layer_use(rows, picture, metric, title=x.label)
+            found.append((f"layer use: {x.label}", picture, describe_use(rows, metric)))
+    for upstreams in plan.recipe.upstream_sets:
+        x = next((x for x in plan.runs if x.upstreams == upstreams), None)
+        stores = x.config.get("stores") if x is not None else None
+        if not stores:
+            continue
+        where = out / "analysis" / f"cka-{set_name(upstreams)}"
+        try:
+            sim = read_similarity(where) if (where / "cka.csv").is_file() else layer_similarity(stores)
+        except FusionpipeError:
+            continue  # stores not complete: no picture rather than no report
+        write_similarity(sim, where, title=f"layer CKA: {set_name(upstreams)} ({sim.manifest}, {sim.frames} frames)")
+        found.append((f"layer CKA: {set_name(upstreams)}", where / "cka.png", describe_similarity(sim)))
+    return found
+
+
+def describe_similarity(sim) -> str:
+    """A sentence per pair of upstreams: the mean best-match CKA, and what it suggests."""
+    said = []
+    for r in sim.summary():
+        if r["upstream_a"] == r["upstream_b"]:
+            continue
+        x = r["mean_best_match"]
+        kind = ("largely the same representations (little to gain from fusing)" if x > 0.8 else
+                "partly alike layers" if x > 0.5 else "mostly different representations (complementary)")
+        said.append(f"{r['upstream_a']} and {r['upstream_b']}: mean best-match CKA {x:.2f}, most alike pair of "
+                    f"layers {r['max']:.2f}: {kind}")
+    within = [r for r in sim.summary() if r["upstream_a"] == r["upstream_b"] and r["mean"] == r["mean"]]
+    said += [f"within {r['upstream_a']}: mean CKA between its layers {r['mean']:.2f}" for r in within]
+    return "; ".join(said) + f" ({sim.frames} frames, {sim.estimator} CKA)."
 
 
 def _int(v) -> str:
@@ -223,16 +321,20 @@ def _plot(recipe: Recipe, rows: list[dict], out: Path) -> list[Path]:
         colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(variants))]
         fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(sets) + 3.5), 4))
         for i, v in enumerate(variants):
-            xs, ys = [], []
+            xs, ys, errs = [], [], []
             for j, s in enumerate(sets):
                 r = next((r for r in task_rows if r["upstreams"] == s and r["variant"] == v), None)
                 if r is not None:
                     xs.append(j - 0.4 + (i + 0.5) * width)
                     ys.append(r["ours"])
-            ax.bar(xs, ys, width, label=v, color=colors[i])
+                    errs.append(r["ours_std"] or 0.0)
+            ax.bar(xs, ys, width, label=v, color=colors[i], yerr=errs if any(e > 0 for e in errs) else None,
+                   capsize=2)
         ax.set_xticks(range(len(sets)), [s.replace("+", "+\n") for s in sets], fontsize=8)
         ax.set_ylabel(f"{metric} % ({'lower' if lower else 'higher'} is better)")
-        ax.set_title(f"{recipe.name}: {spec.name} ({task_rows[0]['split']})")
+        seeds = max(r["seeds"] for r in task_rows)
+        ax.set_title(f"{recipe.name}: {spec.name} ({task_rows[0]['split']}"
+                     + (f"; mean ± std over {seeds} seeds)" if seeds > 1 else ")"))
         ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
         fig.tight_layout()
         path = out / f"{spec.name}-{metric}.png"

@@ -54,7 +54,8 @@ class TrainConfig:
     specaugment: bool = False                   # time and feature masks on the fused features
     crop_seconds: list[float] | None = None     # train on random crops of [min, max] s each (SUPERB SV: [2, 8])
     select: str | None = None                   # dev metric that picks best.pt (default: the task's primary one)
-    seed: int = 0
+    seed: int = 0                               # initialisation and random draws; the batch order always
+    seeds: list[int] | None = None              # several seeds in ONE pass: every variant once per seed
     head_options: dict = field(default_factory=dict)       # head sizes, e.g. {"hidden": 64}
     interface_options: dict = field(default_factory=dict)  # options of every --fusion, e.g. {"normalize": True}
     align_time: str = "max"
@@ -69,6 +70,14 @@ class TrainConfig:
 
     def variants(self) -> list[tuple[str, str]]:
         return [(f, m) for f in self.fusion for m in self.merge]
+
+    def seeded_variants(self) -> list[tuple[str, str, int | None]]:
+        """(fusion, merge, seed) of every variant the run trains: with ``seeds``, each variant once per
+        seed (named ``<fusion>-<merge>@s<seed>``); without, seed None: the variant trains with ``seed``."""
+        return [(f, m, s) for f, m in self.variants() for s in (self.seeds or [None])]
+
+    def variant_names(self) -> list[str]:
+        return [variant_name(f, m, s) for f, m, s in self.seeded_variants()]
 
     def save(self, path: Path) -> None:
         write_json(path, asdict(self))
@@ -110,6 +119,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 refuse(name, "must be a positive number")
+        if self.seeds is not None and (not isinstance(self.seeds, list) or not self.seeds or len(set(self.seeds))
+                                       != len(self.seeds) or any(isinstance(x, bool) or not isinstance(x, int)
+                                                                 for x in self.seeds)):
+            refuse("seeds", "give distinct whole numbers, e.g. --seeds 0,1,2 (each variant trains once per seed, "
+                            "all in one pass)")
         if self.optimizer not in OPTIMIZERS:
             refuse("optimizer", f"choose {' or '.join(OPTIMIZERS)}")
         if self.crop_seconds is not None:
@@ -200,5 +214,14 @@ def check_upstreams(reference: list[str], given: list[str], given_flag: str, ref
                           f"extracted with the same upstreams, in the order of {reference_flag}")
 
 
-def variant_name(fusion: str, merge: str) -> str:
-    return f"{fusion}-{merge}"
+SEED_MARK = "@s"  # hconv-concat@s1: the variant hconv-concat trained with seed 1 (one of a run's `seeds`)
+
+
+def variant_name(fusion: str, merge: str, seed: int | None = None) -> str:
+    return f"{fusion}-{merge}" + ("" if seed is None else f"{SEED_MARK}{seed}")
+
+
+def split_seed(name: str) -> tuple[str, int | None]:
+    """'hconv-concat@s1' -> ('hconv-concat', 1); a name without a seed -> (name, None)."""
+    base, mark, seed = name.rpartition(SEED_MARK)
+    return (base, int(seed)) if mark and seed.isdigit() else (name, None)

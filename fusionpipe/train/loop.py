@@ -148,16 +148,17 @@ class Variant:
 def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out: Path,
                    device: torch.device) -> list[Variant]:
     variants = []
-    for fusion, merge in cfg.variants():
-        torch.manual_seed(cfg.seed)  # identical initialisation whether trained alone or with others
+    for fusion, merge, seed in cfg.seeded_variants():
+        seed = cfg.seed if seed is None else seed
+        torch.manual_seed(seed)  # identical initialisation whether trained alone or with others
         try:
             interface = Interface(dims, num_layers, fusion=fusion, merge=merge, **cfg.interface_options)
         except ValueError as e:
             raise FusionpipeError(f"variant {variant_name(fusion, merge)}: {e}") from None
         model = VariantModel(interface, task.build_head(interface.out_dim, **cfg.head_options)).to(device)
         if dist.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
-            torch.manual_seed(dist.rank_seed(cfg.seed, dist.rank()))
-        name = variant_name(fusion, merge)
+            torch.manual_seed(dist.rank_seed(seed, dist.rank()))
+        name = variant_name(fusion, merge, None if cfg.seeds is None else seed)
         variants.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr), out / name))
     return variants
 
@@ -476,7 +477,7 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     if not (run / "config.json").exists():
         raise FusionpipeError(f"{run} is not a training run (no config.json); train one with `fusionpipe train`")
     cfg = TrainConfig.load(run / "config.json")
-    names = [variant_name(f, m) for f, m in cfg.variants()]
+    names = cfg.variant_names()
     if variant is not None and variant not in names:
         raise FusionpipeError(f"{run} has no variant {variant}; it has {', '.join(names)}")
     check_upstreams(cfg.stores, stores, "--stores", "the run's --stores")

@@ -1,0 +1,280 @@
+"""ANALYSIS: which layers each trained interface uses, for every variant (and seed) of a run.
+
+    >>> rows = layer_use("runs/classify-toy-wavlm+toy-whisper")       # doctest: +SKIP
+    >>> write_layer_use(rows, "runs/classify-toy-wavlm+toy-whisper/analysis")  # layer-use.csv, .png  # doctest: +SKIP
+
+One row per measure (columns `USE_COLUMNS`), from the variants' best.pt:
+
+    weight       weighted-sum: the softmax weight of each merged layer
+    share        gumbel: the share of output dimensions that select each upstream (argmax of the
+                 logits, as at evaluation); layer left empty
+    layer-share  gumbel: share x that upstream's softmax layer weight: the part of the output that
+                 comes from (upstream, layer)
+    knockout     every interface: the dev metric with merged layer l zeroed in every upstream's
+                 aligned stack, minus the metric without (one row per metric); what puts HConv, which
+                 has no weights to read, on one axis with the others
+    dev          the dev metric without a knockout (layer left empty)
+
+A knockout reads each dev batch once and runs every variant L + 1 times on it (no layer zeroed,
+then each layer), so it costs L + 1 evaluations of the variants' forward passes, not of the reads.
+Zeroing is the simplest ablation and what the issue asked; a layer the interface normalises
+(``normalize``) or whose mean matters may change more under zeros than under its mean, so read the
+size of a change as "how much the interface relies on it", not as information content.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusionpipe.device import resolve_device
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.fuse.loader import make_loader
+from fusionpipe.fuse.view import open_fused
+from fusionpipe.store import FeatureStore
+from fusionpipe.train.checkpoint import load_checkpoint
+from fusionpipe.train.config import TrainConfig, check_upstreams, split_seed, trial_list
+from fusionpipe.train.interfaces import GumbelSelect, WeightedSum
+from fusionpipe.train.loop import build_variants
+from fusionpipe.train.tasks import batch_targets, lower_is_better, task_from_dict
+
+USE_COLUMNS = ("variant", "fusion", "merge", "seed", "measure", "upstream", "layer", "metric", "value")
+MEASURES = ("weight", "share", "layer-share", "knockout", "dev")
+
+
+def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | Path | None = None,
+              trials: str | None = None, device: str = "auto", knockout: bool = True,
+              skip_missing: bool = False) -> list[dict]:
+    """Every measure of every variant of ``run`` (`USE_COLUMNS` rows). The knockout is scored on ``stores``
+    (default: the run's dev stores, with its dev manifest) and needs them; ``knockout=False`` reads
+    only the weights."""
+    run = Path(run)
+    if not (run / "config.json").is_file() or not (run / "task.json").is_file():
+        raise FusionpipeError(f"{run} is not a training run (no config.json / task.json); give a directory "
+                              "`fusionpipe train --out` wrote, or stores to compare (`fusionpipe analyze A.zarr B.zarr`)")
+    cfg = TrainConfig.load(run / "config.json")
+    names = cfg.variant_names()
+    lacking = [n for n in names if not (run / n / "best.pt").is_file()]
+    if lacking:
+        raise FusionpipeError(f"{run}: variant(s) {', '.join(lacking)} have no best.pt yet; finish the run "
+                              "(`fusionpipe train ... --resume` with its flags) first")
+    upstream_names = [FeatureStore.open(s).info.upstream or Path(s).stem for s in cfg.stores]
+    merged = "+".join(upstream_names)
+    if stores is None:
+        stores, manifest = cfg.dev_stores, cfg.dev_manifest if manifest is None else manifest
+    if knockout and not stores:
+        raise FusionpipeError(f"{run} has no dev stores to score a knockout on: give --stores (the run's upstreams, "
+                              "in its order; --manifest for some rows of them), or --no-knockout for the weights only")
+    trials = trials or cfg.trials
+    task = task_from_dict(json.loads((run / "task.json").read_text()), trial_list(trials) if trials else ())
+    device = resolve_device(device)
+    loader = None
+    if knockout:
+        check_upstreams(cfg.stores, stores, "--stores", "the run's --stores")
+        loader = make_loader(stores, manifest, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
+                             align_layers=cfg.align_layers, skip_missing=skip_missing, prefetch=1)
+        view = loader.dataset.view
+    else:
+        view = open_fused(cfg.stores, None, cfg.align_time, cfg.align_layers, skip_missing=True)
+    variants = build_variants(cfg, task, view.dims, view.num_layers, run, device)
+    for v in variants:
+        v.model.load_state_dict(load_checkpoint(run / v.name / "best.pt")["model"])
+        v.model.eval()
+
+    def head(name: str) -> dict:  # the columns that say which variant and seed
+        base, seed = split_seed(name)
+        fusion, merge = next((f, m) for f, m in cfg.variants() if f"{f}-{m}" == base)
+        return {"variant": base, "fusion": fusion, "merge": merge, "seed": cfg.seed if seed is None else seed}
+
+    rows = [{**head(v.name), **r} for v in variants for r in _weights(v.model.fusion.interface, upstream_names, merged)]
+    if loader is not None:
+        for name, scored in _knockout(variants, task, loader, view.num_layers, device).items():
+            baseline = scored[None]
+            for metric, value in baseline.items():
+                rows.append({**head(name), "measure": "dev", "upstream": merged, "layer": None, "metric": metric,
+                             "value": value})
+                rows += [{**head(name), "measure": "knockout", "upstream": merged, "layer": layer, "metric": metric,
+                          "value": scored[layer][metric] - value} for layer in range(view.num_layers)]
+    return rows
+
+
+def _weights(interface, upstreams: list[str], merged: str) -> list[dict]:
+    """The rows an interface's parameters give directly: weighted-sum weights, Gumbel shares."""
+    rows = []
+    if isinstance(interface, WeightedSum):
+        w = torch.softmax(interface.weights.detach().float(), 0)
+        rows += [{"measure": "weight", "upstream": merged, "layer": i, "metric": None, "value": float(x)}
+                 for i, x in enumerate(w)]
+    elif isinstance(interface, GumbelSelect):
+        picked = interface.logits.detach().argmax(0)  # (D,): the upstream each dimension takes at evaluation
+        for k, (name, ws) in enumerate(zip(upstreams, interface.sums)):
+            share = float((picked == k).float().mean())
+            rows.append({"measure": "share", "upstream": name, "layer": None, "metric": None, "value": share})
+            w = torch.softmax(ws.weights.detach().float(), 0)
+            rows += [{"measure": "layer-share", "upstream": name, "layer": i, "metric": None,
+                      "value": share * float(x)} for i, x in enumerate(w)]
+    return rows
+
+
+@torch.no_grad()
+def _knockout(variants, task, loader, num_layers: int, device) -> dict[str, dict]:
+    """{variant: {None: dev metrics, layer: metrics with that merged layer zeroed}}, reading each batch once."""
+    knock = [None, *range(num_layers)]
+    preds = {(v.name, k): [] for v in variants for k in knock}
+    targets: dict[str, list] = {}
+    for batch in loader:
+        stacks = [s.to(device) for s in batch["stacks"]]  # N x (B, L, T, D_i)
+        lengths = batch["lengths"].to(device)
+        for k in knock:
+            kept = None
+            if k is not None:
+                kept = [s[:, k].clone() for s in stacks]
+                for s in stacks:
+                    s[:, k] = 0
+            for v in variants:
+                preds[(v.name, k)].extend(task.predict(v.model.head, v.model.features(stacks, lengths), lengths))
+            if kept is not None:
+                for s, x in zip(stacks, kept):
+                    s[:, k] = x
+        for c, values in batch_targets(batch["rows"]).items():
+            targets.setdefault(c, []).extend(values)
+    out: dict[str, dict] = {}
+    for v in variants:
+        try:
+            out[v.name] = {k: task.metrics(preds[(v.name, k)], targets) for k in knock}
+        except ValueError as e:
+            raise FusionpipeError(f"scoring {v.name}: {e}") from None
+    return out
+
+
+# ---- files ----------------------------------------------------------------------------------------
+def write_layer_use(rows: list[dict], out: str | Path, metric: str | None = None, title: str = "") -> list[Path]:
+    """layer-use.csv and layer-use.png under ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "layer-use.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(USE_COLUMNS)
+        for r in rows:
+            w.writerow(["" if r[k] is None else (repr(r[k]) if isinstance(r[k], float) else r[k])
+                        for k in USE_COLUMNS])
+    return [out / "layer-use.csv", plot_layer_use(rows, out / "layer-use.png", metric, title)]
+
+
+def read_layer_use(path: str | Path) -> list[dict]:
+    """The rows back from a layer-use.csv (a directory holding it, or the file)."""
+    path = Path(path)
+    path = path / "layer-use.csv" if path.is_dir() else path
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            r["seed"] = int(r["seed"])
+            r["layer"] = int(r["layer"]) if r["layer"] else None
+            r["metric"] = r["metric"] or None
+            r["value"] = float(r["value"])
+        return rows
+    except (OSError, KeyError, ValueError) as e:
+        raise FusionpipeError(f"{path} is not a layer-use.csv written by `fusionpipe analyze` ({type(e).__name__}: "
+                              f"{e}); run `fusionpipe analyze RUN` again") from None
+
+
+def mean_std(rows: list[dict], measure: str, metric: str | None = None) -> dict[tuple, tuple[float, float, int]]:
+    """{(variant, upstream, layer): (mean, std, seeds)} of one measure over the seeds (std 0 for one seed)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["measure"] == measure and (metric is None or r["metric"] == metric):
+            groups.setdefault((r["variant"], r["upstream"], r["layer"]), []).append(r["value"])
+    return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
+
+
+def knockout_metric(rows: list[dict], metric: str | None = None) -> str | None:
+    """The metric the knockout is shown in: ``metric`` when the rows have it, else the first one they have."""
+    have = list(dict.fromkeys(r["metric"] for r in rows if r["measure"] == "knockout"))
+    return metric if metric in have else (have[0] if have else None)
+
+
+def plot_layer_use(rows: list[dict], path: str | Path, metric: str | None = None, title: str = "") -> Path:
+    """Left: the knockout profile of every variant (metric change per zeroed layer); right: the layer
+    weights (weighted-sum) and Gumbel layer shares. Mean over seeds, error bars one std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = knockout_metric(rows, metric)
+    seeds = len({r["seed"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
+    ax = axes[0]
+    if metric is not None:
+        stats = mean_std(rows, "knockout", metric)
+        for v in variants:
+            pts = sorted((k[2], m, s) for k, (m, s, _) in stats.items() if k[0] == v)
+            if pts:
+                x, m, s = zip(*pts)
+                ax.errorbar(x, m, yerr=s if seeds > 1 else None, label=v, color=colors[v], marker="o", ms=3,
+                            capsize=2, linewidth=1)
+        ax.axhline(0, color="grey", linewidth=0.6)
+        direction = "up = worse" if lower_is_better(metric) else "down = worse"
+        ax.set_ylabel(f"dev {metric} change ({direction})")
+        ax.set_title("knockout: one merged layer zeroed", fontsize=9)
+    else:
+        ax.set_title("knockout: not scored (no dev stores)", fontsize=9)
+    ax.set_xlabel("merged layer")
+    ax = axes[1]
+    for measure, style in (("weight", "-"), ("layer-share", "--")):
+        stats = mean_std(rows, measure)
+        for key in sorted({(k[0], k[1]) for k in stats}):
+            pts = sorted((k[2], m, s) for k, (m, s, _) in stats.items() if (k[0], k[1]) == key)
+            x, m, s = zip(*pts)
+            label = key[0] if measure == "weight" else f"{key[0]}: {key[1]}"
+            ax.errorbar(x, m, yerr=s if seeds > 1 else None, label=label, color=colors[key[0]], linestyle=style,
+                        marker="o", ms=3, capsize=2, linewidth=1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("weight (weighted-sum) / share (gumbel)")
+    ax.set_title("what the weights say", fontsize=9)
+    for a in axes:
+        a.xaxis.get_major_locator().set_params(integer=True)  # layers are whole numbers
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=6)
+    fig.suptitle((title + "; " if title else "") + (f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"),
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def describe_use(rows: list[dict], metric: str | None = None) -> str:
+    """One sentence per variant of what the rows show: the layer whose knockout costs most, and for
+    weighted-sum the layer it weighs most."""
+    metric = knockout_metric(rows, metric)
+    parts = []
+    knock = mean_std(rows, "knockout", metric) if metric else {}
+    weights = mean_std(rows, "weight")
+    shares = mean_std(rows, "share")
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        said = []
+        ko = [(k[2], m) for k, (m, _, _) in knock.items() if k[0] == v]
+        if ko:
+            worst = max(ko, key=lambda p: p[1] if lower_is_better(metric) else -p[1])
+            spread = max(abs(m) for _, m in ko)
+            said.append(f"zeroing layer {worst[0]} costs most ({worst[1]:+.3f} {metric})" if spread > 0
+                        else "no single layer's knockout changes it")
+        w = [(k[2], m) for k, (m, _, _) in weights.items() if k[0] == v]
+        if w:
+            top = max(w, key=lambda p: p[1])
+            said.append(f"its largest weight is layer {top[0]} ({top[1]:.2f}; uniform {1 / len(w):.2f})")
+        s = [(k[1], m) for k, (m, _, _) in shares.items() if k[0] == v]
+        if s:
+            said.append("dimensions selected from " + ", ".join(f"{u} {m:.0%}" for u, m in s))
+        if said:
+            parts.append(f"{v}: " + "; ".join(said))
+    return ". ".join(parts) + "." if parts else ""
+
