@@ -14,6 +14,10 @@ and prints, measured side by side in one run (best of --repeat, interleaved):
   (b) merge     read_batch(merged=True) / read_batch(merged=False) on the loader's batches
   (c) dask      view.to_dask(i).compute() per utterance / view[i] per utterance
   naive         per-utterance reads in random order (what a shuffled map-style dataset does) / raw
+  feeding a GPU the loader's CPU cost per GB of float32 batches delivered (worker processes' CPU
+                included) and the cores it implies to feed a consumer of --feed GB/s (a BiLSTM-CTC step
+                on base features ate 2.1 GB/s on an H100), and peak resident memory of the loader's
+                processes against the in-flight bound (batches queued + held)
 Frames are target frames (common T); MB are decoded fp16 source bytes. On a busy machine compare
 the CPU column too: wall-clock ratios there depend on what else runs.
 """
@@ -74,11 +78,26 @@ def raw_read(urls: list[str]) -> None:
             s.hidden[c * s.chunk_frames:(c + 1) * s.chunk_frames]
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall, CPU) seconds of fn(); CPU counts this process's threads, not worker processes."""
-    t, c = time.perf_counter(), time.process_time()
+def timed(fn, pids=()) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(); CPU counts this process's threads and those of processes `pids`
+    (the loader's workers: their CPU column is the whole cost)."""
+    t, c = time.perf_counter(), time.process_time() + sum(map(cpu_seconds, pids))
     fn()
-    return time.perf_counter() - t, time.process_time() - c
+    return time.perf_counter() - t, time.process_time() + sum(map(cpu_seconds, pids)) - c
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss(pid: int | str = "self") -> int:
+    """Peak resident bytes of a process (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def drain(it) -> None:
@@ -95,6 +114,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of this process (DataLoader workers always run 1)")
     ap.add_argument("--dir", help="build the stores here (default: a temporary directory)")
+    ap.add_argument("--feed", type=float, default=2.1, help="GB/s of float32 batches a GPU step consumes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -130,8 +150,10 @@ def bench_pair(name: str, stores: list[str], args) -> list[tuple]:
     order = np.random.default_rng(0).permutation(len(view))
     best: dict[str, tuple[float, float]] = {}
 
+    pids = [w.pid for w in loaders["workers"]._iterator._workers]
+
     def measure(key, fn):
-        w, c = timed(fn)
+        w, c = timed(fn, pids if key == "loader-workers" else ())
         best[key] = min(best.get(key, (w, c)), (w, c))
 
     def epoch(loader):
@@ -153,17 +175,18 @@ def bench_pair(name: str, stores: list[str], args) -> list[tuple]:
     for _ in range(args.repeat):
         for key, fn in tasks.items():
             measure(key, fn)
+    gb = sum(int(np.prod(s.shape)) * 4 for b in batches for s in view.read_batch(b)) / 1e9  # float32 delivered
+    rss = {"main": peak_rss(), **{f"worker {i}": peak_rss(p) for i, p in enumerate(pids)}}
+    slots = loaders["workers"].dataset.slots
     for loader in loaders.values():
         if loader._iterator is not None:
             loader._iterator._shutdown_workers()
 
     def row(what, key, base=None, goal="", cost=False):
-        (w, c), in_process = best[key], key != "loader-workers"
-        ratios = ["", ""]
+        (w, c), ratios = best[key], ["", ""]
         if base is not None:
-            pairs = [(w, best[base][0]), (c, best[base][1])] if in_process else [(w, best[base][0])]
-            ratios = [f"{a / b:.2f}" if cost else f"{b / a:.2f}" for a, b in pairs] + ["-"] * (2 - len(pairs))
-        return name, what, w, f"{c:.2f}" if in_process else "-", frames / w, mb / w, *ratios, goal
+            ratios = [f"{a / b:.2f}" if cost else f"{b / a:.2f}" for a, b in ((w, best[base][0]), (c, best[base][1]))]
+        return name, what, w, f"{c:.2f}", frames / w, mb / w, *ratios, goal
 
     out = [row("raw sequential chunk reads", "raw"),
            row("(a) loader, thread prefetch / raw", "loader-thread", "raw", ">= 0.8"),
@@ -176,6 +199,15 @@ def bench_pair(name: str, stores: list[str], args) -> list[tuple]:
     out += [row("view[i] per utterance / raw", "direct", "raw"),
             row("(c) to_dask(i).compute() / view[i]", "dask", "direct"),
             row("naive: per-utterance, shuffled / raw", "naive", "raw")]
+    print(f"\n{name}: feeding a GPU {args.feed} GB/s of float32 batches ({gb:.2f} GB per epoch here)")
+    for key, what in (("raw", "raw chunk reads (fp16 decoded, no align)"), ("loader-plain", "loader, in the loop"),
+                      ("loader-thread", "loader, thread prefetch"),
+                      ("loader-workers", f"loader, {args.workers} worker processes (their CPU counted)")):
+        w, c = best[key]
+        print(f"  {what:<55} {gb / c:5.2f} GB/s per CPU core -> {args.feed / (gb / c):4.1f} cores; "
+              f"{gb / w:5.2f} GB/s wall")
+    print(f"  peak resident: {', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in rss.items())}; shared slots "
+          f"{len(slots.memory)} x {slots.nbytes / 2**30:.2f} GiB (the in-flight bound, touched only as filled)")
     return out
 
 
