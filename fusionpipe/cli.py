@@ -160,7 +160,8 @@ def extract(
 def inspect(store: str = typer.Argument(..., help="store directory or URL (memory://, s3://...)"),
             as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Shape, layers, dtype, codec, size, bytes per audio-second, completeness, fingerprint of a store."""
-    from fusionpipe.store import FeatureStore, describe
+    from fusionpipe.store import FeatureStore
+    from fusionpipe.verify import describe
 
     d = describe(FeatureStore.open(store))
     if as_json:
@@ -193,7 +194,8 @@ def verify(store: str = typer.Argument(..., help="store directory or URL (memory
     Exit 1 on any fault. With --repair, bad chunks are deleted and the command to recompute them printed.
     """
     from fusionpipe.errors import redact
-    from fusionpipe.store import FeatureStore, lock, verify as check
+    from fusionpipe.store import FeatureStore, lock
+    from fusionpipe.verify import verify as check
 
     shown = redact(store)
     with lock(store) if repair else nullcontext():

@@ -335,7 +335,7 @@ class FeatureStore:
     def chunk_key(self, c: int) -> str:
         return f"{self.hidden.path}/c/{c}/0/0"
 
-    def _chunk_keys(self) -> tuple[np.ndarray, list[str]]:
+    def chunk_keys(self) -> tuple[np.ndarray, list[str]]:
         """(chunks whose exact key exists, every other key under hidden/c/: stray files)."""
         done = np.zeros(self.num_chunks, dtype=bool)
         prefix = f"{self.hidden.path}/c/"
@@ -355,11 +355,11 @@ class FeatureStore:
         Only a chunk's exact key counts: a ``*.partial`` file (a write killed before its rename)
         or any other stray key never marks a chunk done.
         """
-        return self._chunk_keys()[0]
+        return self.chunk_keys()[0]
 
     def stray_keys(self) -> list[str]:
         """Keys under hidden/c/ that are not chunks (left by a killed write); `remove_stray` deletes them."""
-        return self._chunk_keys()[1]
+        return self.chunk_keys()[1]
 
     def remove_stray(self) -> list[str]:
         """Delete the stray keys (call with the store's `lock` held: another writer's .partial is not stray)."""
@@ -526,7 +526,7 @@ class FeatureStore:
             if why:
                 raise FusionpipeError(
                     f"{self} chunk {c} (frames {c * self.chunk_frames}..) is corrupt ({why}); it holds "
-                    f"{_ids(self.utterances_in([c]))}. Run `fusionpipe verify --repair {self}` to delete "
+                    f"{list_ids(self.utterances_in([c]))}. Run `fusionpipe verify --repair {self}` to delete "
                     "the bad chunks, then rerun `fusionpipe extract` to recompute exactly them"
                 ) from None
 
@@ -581,127 +581,9 @@ async def _sizes(store, prefix: str) -> dict[str, int]:
     return {k: await store.getsize(k) async for k in store.list_prefix(prefix)}
 
 
-def _ids(ids: list[str], show: int = 5) -> str:
+def list_ids(ids: list[str], show: int = 5) -> str:
+    """A message's list of utterance ids: the first few and how many more."""
     return ", ".join(ids[:show]) + (f" and {len(ids) - show} more" if len(ids) > show else "") if ids else "no utterance"
-
-
-def describe(store: FeatureStore) -> dict:
-    """What `fusionpipe inspect` prints: shape, fingerprint, completeness, bytes."""
-    done = store.done_chunks()
-    done_utts = store.done_utterances(done)
-    sizes = store.key_sizes()  # listed once: the total and the chunks of `hidden` both come from it
-    size = sum(sizes.values())
-    seconds = store.total_frames / store.frame_rate if store.total_frames else 0.0
-    skipped = store.skipped()
-    first = np.flatnonzero(done) * store.chunk_frames
-    done_frames = int((np.minimum(first + store.chunk_frames, store.total_frames) - first).sum())
-    fp16 = done_frames * store.num_layers * store.hidden_size * 2
-    return {
-        "store": str(store),
-        "format": store.info.format,
-        "shape": [store.total_frames, store.num_layers, store.hidden_size],
-        "utterances": len(store),
-        "utterances_done": int(done_utts.sum()),
-        "chunks_done": f"{int(done.sum())}/{store.num_chunks}",
-        "complete": bool(done.all()),
-        "dtype": store.info.dtype,
-        "codec": store.info.codec,
-        "compute": store.attrs.get("compute"),
-        "chunk_frames": store.chunk_frames,
-        "size_on_disk_bytes": size,
-        "bytes_per_audio_second": round(size / seconds) if seconds else None,
-        # the chunks on disk against the same frames as raw float16 (the cache's unit of cost)
-        "ratio_to_float16": round(store.hidden_bytes(sizes) / fp16, 4) if fp16 else None,
-        "measured_error": store.measured_error(done),
-        "skipped": skipped,
-        "upstream": store.attrs.get("upstream"),
-        "manifest": store.attrs.get("manifest"),
-    }
-
-
-def verify(store: FeatureStore, repair: bool = False) -> list[str]:
-    """Every fault of a store: metadata against the fingerprint, the index, every expected chunk.
-
-    Each chunk must exist (missing ones are reported, with their utterances), decode (checksum),
-    and hold finite values. ``repair`` deletes the bad chunks and stray keys so that a rerun of
-    `fusionpipe extract` recomputes exactly them; faults of the metadata or the index are not
-    repairable that way (they need --overwrite) and are only reported.
-    """
-    faults = _metadata_faults(store) + _index_faults(store)
-    if faults:  # chunk positions mean nothing under a wrong shape or index
-        return faults
-    done, stray = store._chunk_keys()
-    faults += [f"stray key {k} (a write killed before its rename)" for k in stray]
-    missing = np.flatnonzero(~done)
-    if len(missing):
-        faults.append(f"{len(missing)} of {store.num_chunks} chunks missing (chunks {_ranges(missing)}): "
-                      f"{_ids(store.utterances_in(missing))} not extracted yet; rerun `fusionpipe extract`")
-    bad = []
-    for c in np.flatnonzero(done):
-        why = store.chunk_fault(int(c))
-        if why:
-            bad.append(int(c))
-            faults.append(f"chunk {c} (frames {int(c) * store.chunk_frames}..): {why}; it holds "
-                          f"{_ids(store.utterances_in([c]))}")
-    if repair:
-        for c in bad:
-            store.delete_chunk(c)
-        store.remove_stray()
-    return faults
-
-
-def _metadata_faults(store: FeatureStore) -> list[str]:
-    a, h = store.attrs, store.hidden
-    faults = []
-    for key, actual in (("total_frames", store.total_frames), ("num_layers", store.num_layers),
-                        ("hidden_size", store.hidden_size), ("chunk_frames", store.chunk_frames),
-                        ("dtype", str(h.dtype)), ("num_utterances", len(store.ids))):
-        if a.get(key) != actual:
-            faults.append(f"metadata: attribute {key}={a.get(key)!r} but the array says {actual!r}")
-    up = a.get("upstream") or {}
-    for key in ("num_layers", "hidden_size"):
-        if key in up and up[key] != a.get(key):
-            faults.append(f"metadata: upstream {key}={up[key]!r} but the store has {a.get(key)!r}")
-    if a.get("codec") in CODECS and a.get("format") == FORMAT:
-        want = [c.to_dict() for c in compressors(a["codec"])]
-        have = [c.to_dict() for c in h.compressors]
-        if want != have:
-            faults.append(f"metadata: codec {a['codec']!r} but the chunks are encoded with {have}")
-        if a["codec"] in LOSSY and h.serializer.to_dict() != serializer(a["codec"]).to_dict():
-            faults.append(f"metadata: codec {a['codec']!r} but the chunks are serialized with "
-                          f"{h.serializer.to_dict()}")
-    elif a.get("codec") not in CODECS:
-        faults.append(f"metadata: codec {a.get('codec')!r} is not known")
-    return faults
-
-
-def _index_faults(store: FeatureStore) -> list[str]:
-    ids, offsets, lengths = store.ids, store.offsets, store.lengths
-    faults = []
-    if not (len(ids) == len(offsets) == len(lengths) == len(store)):
-        return [f"index: {len(ids)} ids, {len(offsets)} offsets, {len(lengths)} lengths for {len(store)} utterances"]
-    if len(set(ids)) != len(ids):
-        faults.append("index: duplicate utterance ids")
-    expect = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
-    if (lengths < 0).any() or not np.array_equal(offsets, expect) or int(lengths.sum()) != store.total_frames:
-        bad = np.flatnonzero(offsets != expect)
-        faults.append(f"index: offsets/lengths do not tile the {store.total_frames} frames of the hidden array"
-                      + (f" (first mismatch at utterance {ids[bad[0]]})" if len(bad) else ""))
-    recorded = store.info.index_sha256
-    if recorded is not None and recorded != index_hash(ids, lengths):
-        faults.append("index: ids or frame counts differ from those recorded at extraction (index_sha256)")
-    skipped = store.skipped()
-    for i in np.flatnonzero(lengths <= 0):
-        if ids[i] not in skipped:
-            faults.append(f"utterance {ids[i]}: zero frames")
-    return faults
-
-
-def _ranges(cs: np.ndarray, show: int = 5) -> str:
-    """[1,2,3,7] -> '1-3, 7'."""
-    runs = np.split(cs, np.flatnonzero(np.diff(cs) != 1) + 1)
-    text = [f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs[:show]]
-    return ", ".join(text) + (" ..." if len(runs) > show else "")
 
 
 # ---- one writer per store ------------------------------------------------------------------------

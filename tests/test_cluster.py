@@ -17,7 +17,8 @@ from fusionpipe.extract.cluster import connect, extract_on_cluster, work_units
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract, plan
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.store import FeatureStore, chunk_span, verify
+from fusionpipe.store import FeatureStore, chunk_span
+from fusionpipe.verify import verify
 from fusionpipe.extract.upstreams import load_upstream
 
 

@@ -12,7 +12,8 @@ from transformers import AutoFeatureExtractor, AutoModel
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract, plan
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.store import FeatureStore, verify
+from fusionpipe.store import FeatureStore
+from fusionpipe.verify import verify
 from fusionpipe.extract.upstreams import load_upstream
 
 

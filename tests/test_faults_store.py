@@ -24,7 +24,8 @@ from fusionpipe.fuse.loader import make_loader
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.extract.run import compute_dtype, extract
 from fusionpipe.fuse.view import open_fused
-from fusionpipe.store import FeatureStore, lock, verify
+from fusionpipe.store import FeatureStore, lock
+from fusionpipe.verify import verify
 
 runner = CliRunner()
 CHUNK = 16  # frames per chunk: several chunks per utterance, several utterances per chunk

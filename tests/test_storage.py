@@ -17,7 +17,8 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract
 from fusionpipe.fuse.loader import make_loader
 from fusionpipe.fuse.view import CompactStack
-from fusionpipe.store import LOSSY, FeatureStore, Layout, compressors, describe, serializer, verify
+from fusionpipe.store import LOSSY, FeatureStore, Layout, compressors, serializer
+from fusionpipe.verify import describe, verify
 
 # (bound on ||decoded - x|| / ||x|| per layer, on channels of very different scales)
 BOUNDS = {"int8": 0.01, "int8-std08": 0.028, "int8-std10": 0.035, "int8-std20": 0.07}
