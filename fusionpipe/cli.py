@@ -116,9 +116,9 @@ def extract(
     device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("float16", help="storage dtype: float16 or float32"),
     codec: str = typer.Option("zstd", help="lossless: zstd (default), blosc-zstd, blosc-zstd-bitshuffle, blosc-lz4, "
-                                           "none; lossy int8 codes: int8 (2.4x smaller than float16, recommended "
-                                           "for large corpora), int8-std08 (3.1x), int8-std10 (3.3x), int8-std20 "
-                                           "(3.8x); see docs/decisions.md"),
+                                           "none; lossy int8 codes (smaller than float16): int8 (2.4x), int8-std08 "
+                                           "(3.1x), int8-std10 (3.3x), int8-std20 (3.8x); for large corpora: "
+                                           "int8-std08 (store.RECOMMENDED_LOSSY; docs/decisions.md)"),
     max_seconds: float = typer.Option(160.0, help="padded audio seconds per batch"),
     chunk_frames: Optional[int] = typer.Option(None, help="frames per Zarr chunk (default: about 4 MB)"),
     skip_bad: bool = typer.Option(False, help="record unusable utterances and go on instead of stopping"),

@@ -240,3 +240,12 @@ def test_training_on_codes_expanded_by_the_trainer_equals_training_on_the_loader
 
 def untimed(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
+
+
+def test_the_extract_help_recommends_the_recommended_representation():
+    import inspect
+
+    from fusionpipe import cli
+    from fusionpipe.store import RECOMMENDED_LOSSY
+    help_text = inspect.signature(cli.extract).parameters["codec"].default.help
+    assert f"for large corpora: {RECOMMENDED_LOSSY} (store.RECOMMENDED_LOSSY" in help_text
