@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from numcodecs import Zstd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,6 +80,8 @@ def codec_speed(chunks: list[np.ndarray], codec: str) -> tuple[float, float]:
     z = Zstd(level=3)
     q = SERIALIZERS[codec]() if codec in LOSSY else None
     mb = sum(c.nbytes for c in chunks) / 1e6
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: the decoder's torch ops would use every core
     if q:  # the first torch call of a process pays torch's start-up: not the codec's cost
         decode(encode(chunks[0], q.step, q.predict_layers), chunks[0].shape, np.float16, np.nan, q.predict_layers)
     t0 = time.perf_counter()
@@ -91,6 +94,7 @@ def codec_speed(chunks: list[np.ndarray], codec: str) -> tuple[float, float]:
         else:
             np.frombuffer(raw, np.float16).reshape(c.shape)
     t2 = time.perf_counter()
+    torch.set_num_threads(threads)
     return mb / (t1 - t0), mb / (t2 - t1)
 
 

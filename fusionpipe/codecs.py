@@ -95,8 +95,8 @@ def expand(deltas: torch.Tensor, steps: torch.Tensor, predict_layers: bool) -> t
     on whatever device the tensors are on: the one implementation of the decoder's arithmetic, so a GPU
     expands a chunk to exactly the numbers `decode` gives (the same float32 operations in the same order
     as `encode`'s closed loop)."""
-    codes = torch.cumsum(deltas, dim=-3, dtype=torch.int32).bitwise_and_(255).to(torch.uint8).view(torch.int8)
-    values = codes.to(torch.float32).mul_(steps.unsqueeze(-3))
+    codes = torch.cumsum(deltas, dim=-3, dtype=torch.uint8).view(torch.int8)  # uint8 sums wrap: mod 256
+    values = torch.mul(codes, steps.unsqueeze(-3))  # int8 x float32 -> float32, one pass
     if predict_layers:
         for layer in range(1, values.shape[-2]):
             values[..., layer, :].add_(values[..., layer - 1, :])
