@@ -1,0 +1,333 @@
+"""STAGE 1 in several processes: the process that holds the upstream runs only its forward and the copy out.
+
+    readers  (processes)  rows -> audio.load -> front end (normalisation, Whisper's log-mel) -> input slot
+    main                  input slot -> upstream.run -> device-to-host copy -> output slot
+    writers  (processes)  output slot -> cast, finiteness check -> whole chunks -> store.write_chunk
+
+Why processes. On a GPU the stages around the forward added up instead of overlapping: the main thread
+was the bottleneck, and making its Python faster made the whole slower (GIL hand-offs between threads);
+only more processes helped (docs/benchmarks.md). Here the main process does no decoding, no log-mel, no
+cast, no check and no compression.
+
+Slots. Batches travel through shared memory, never through pipes: DEPTH input slots and DEPTH output
+slots, each sized for the plan's largest batch and reused in turn (pinned on a GPU, so the copy out is
+one DMA). Batch k + DEPTH is read into input slot k % DEPTH once batch k's forward has consumed it; an
+output slot is refilled once the writers are done with the batch it held. Host memory is bounded by
+these 2 x DEPTH slots (and the processes), whatever the corpus. The readers share each batch by
+utterance, the writers by chunk, so a batch is read and written by all of them at once.
+
+Same store. The plan, the batches and each chunk's frames are run.run_batches': the same utterances go
+through the same forward with the same padding (bad audio is left out of the forward, as there), the
+writers cast with the same rounding, so the store is byte-identical to the one-process path's on the
+same kind of device (tests/test_extract_pipeline.py). Chunks inside one batch's frames are written
+straight from its slot; a chunk under a batch edge is put together in the main process from its parts
+(a few MB, as cluster.py does with the chunks under unit edges) and handed to a writer whole. No two
+writers ever share a chunk, and a chunk on disk is still whole and still the done flag.
+
+Failures. A reader's or writer's error (bad audio without --skip-bad, activations fp16 cannot hold)
+comes back with the utterance ids; a process that dies (kill -9, out of memory) breaks its pool, and
+the run stops with an error naming the batch instead of hanging. Rerunning resumes from the chunks on
+disk, byte-identically, like after any crash.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack, contextmanager
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+import torch
+
+from fusionpipe import audio
+from fusionpipe.errors import FusionpipeError
+from fusionpipe.extract.upstreams import FrontEnd, Upstream
+from fusionpipe.manifest import Manifest
+from fusionpipe.store import ChunkAssembler, Edge, FeatureStore, chunk_span
+
+DEPTH = 2  # batches in flight at each end: the one being read (written) and the next
+MAX_PROCESSES = 16
+# share of the processes that read: Whisper's log-mel costs about what compression does, SSL front
+# ends (a normalisation at most) about a quarter of it (bench/extract.py, per-stage costs)
+READ_SHARE = {"whisper": 0.5, "ssl": 0.25}
+
+
+def default_processes(device_type: str) -> int:
+    """0 (the one-process path, threads) on a CPU, where the forward uses every core and extraction already
+    equals the bare forward; on a GPU every core but the main process's, at least 2, at most MAX_PROCESSES."""
+    if device_type == "cpu":
+        return 0
+    return max(2, min(MAX_PROCESSES, (os.cpu_count() or 2) - 1))
+
+
+def split(processes: int, family: str) -> tuple[int, int]:
+    """(readers, writers) for `processes` helper processes (at least 2: one of each)."""
+    if processes < 2:
+        raise FusionpipeError(f"--processes {processes}: give 0 (decode and write in threads of one process) or "
+                              "at least 2 (one reader and one writer process)")
+    readers = min(processes - 1, max(1, round(processes * READ_SHARE[family])))
+    return readers, processes - readers
+
+
+# ---- the main process ------------------------------------------------------------------------------
+def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, batches: list[list[int]],
+                done: np.ndarray, skip_bad: bool, processes: int, on_batch=None) -> tuple[int, list[Edge]]:
+    """run.run_batches with the readers and writers in `processes` other processes; the same store bytes."""
+    n_readers, n_writers = split(processes, upstream.family)
+    offsets, lengths, ids = p.layout.offsets, p.layout.lengths, p.layout.ids
+    L, D, F, total = store.num_layers, store.hidden_size, store.chunk_frames, store.total_frames
+    precision = getattr(torch, store.info.compute_dtype)
+    out_dtype = np.dtype(store.info.compute_dtype)
+    front: FrontEnd = upstream.front_end
+    device = upstream.device
+    layouts = [front.rows([audio.target_num_samples(manifest[p.rows[i]]) for i in b]) for b in batches]
+    in_bytes = max((4 * math.prod(x.shape) for x in layouts), default=1)
+    out_bytes = max((int(lengths[b].sum()) * L * D * out_dtype.itemsize for b in batches), default=1)
+    skipped = 0
+    with ExitStack() as stack:
+        pin = device.type == "cuda"
+        ins = stack.enter_context(_Slots(in_bytes, pin))
+        outs = stack.enter_context(_Slots(out_bytes, pin))
+        stack.enter_context(_one_thread_per_child())
+        spawn = multiprocessing.get_context("spawn")  # fork would copy torch's threads and the model
+        readers = stack.enter_context(_pool(n_readers, spawn, _init_reader, (manifest, front, ins.names, skip_bad)))
+        writers = stack.enter_context(_pool(n_writers, spawn, _init_writer,
+                                            (store.url, ids, lengths, outs.names, store.info.dtype, upstream.name)))
+        reads: dict[int, list[tuple[list[int], Future]]] = {}
+        writes: list[list[Future]] = [[] for _ in range(DEPTH)]  # per output slot: the writes of its batch
+        edge_writes: deque[tuple[int, Future]] = deque()
+        edges = ChunkAssembler(total, F, skip=done)
+
+        def batch_ids(k: int, positions=None) -> str:
+            b = batches[k]
+            return _names([ids[b[j]] for j in (range(len(b)) if positions is None else positions)])
+
+        def result(future: Future, what: str, k: int):
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                raise FusionpipeError(
+                    f"{store}: a {what} process died (killed, or out of memory?) during batch {k} ({batch_ids(k)}); "
+                    "rerun the same command: it resumes from the chunks on disk") from None
+
+        def read(k: int) -> None:
+            rows = [p.rows[i] for i in batches[k]]
+            groups = [list(range(r, len(rows), n_readers)) for r in range(n_readers)]
+            reads[k] = [(g, readers.submit(_read, k % DEPTH, k, rows, g)) for g in groups if g]
+
+        for k in range(min(DEPTH, len(batches))):
+            read(k)
+        for k, batch in enumerate(batches):
+            bad: dict[int, str] = {}
+            for group, future in reads.pop(k):
+                bad.update(result(future, "reader", k))
+            inputs = layouts[k]
+            inputs.values = ins.view(k % DEPTH, inputs.shape, np.float32)
+            good = [j for j in range(len(batch)) if j not in bad]
+            if bad:  # left out of the forward, as in the one-process path: the others' padding changes
+                inputs = inputs.subset(good)
+            feats = iter(upstream.run(inputs, precision) if good else [])
+            layouts[k] = inputs = None  # the forward has consumed the slot (run returns after the copy in)
+            if k + DEPTH < len(batches):
+                read(k + DEPTH)
+
+            slot = k % DEPTH
+            for future in writes[slot]:  # the batch this slot held is written
+                result(future, "writer", k - DEPTH)
+            lo, hi = int(offsets[batch[0]]), int(offsets[batch[-1]] + lengths[batch[-1]])
+            out = outs.view(slot, (hi - lo, L, D), out_dtype)
+            parts = []
+            for j, i in enumerate(batch):
+                if j in bad:
+                    skipped += 1
+                    store.mark_skipped(ids[i], bad[j])
+                    parts.append(torch.zeros(int(lengths[i]), L, D, dtype=precision, device=device))
+                else:
+                    parts.append(next(feats))
+            if device.type == "cpu":
+                torch.cat(parts, out=torch.from_numpy(out))
+            else:  # one copy of the whole batch into the pinned slot
+                torch.from_numpy(out).copy_(torch.cat(parts), non_blocking=True)
+                torch.cuda.synchronize(device)
+            del parts, feats
+
+            whole = []
+            for c in range(*chunk_span(lo, hi, F)):
+                c0, c1 = c * F, min((c + 1) * F, total)
+                if done[c]:
+                    continue
+                if lo <= c0 and c1 <= hi:
+                    whole.append(c)
+                else:  # under a batch edge: its part, copied out of the slot
+                    a, b = max(lo, c0), min(hi, c1)
+                    for c_, frames in edges.add(a, out[a - lo:b - lo]):
+                        edge_writes.append((k, writers.submit(_write_edge, c_, frames)))
+            writes[slot] = [writers.submit(_write, slot, lo, hi - lo, out_dtype.str, [int(c) for c in group])
+                            for group in np.array_split(whole, max(1, min(n_writers, len(whole)))) if len(group)]
+            del out
+            while edge_writes and edge_writes[0][1].done():
+                result(edge_writes[0][1], "writer", edge_writes.popleft()[0])
+            if on_batch is not None:
+                on_batch(k)
+        for slot, futures in enumerate(writes):
+            for future in futures:
+                result(future, "writer", len(batches) - 1)
+        while edge_writes:
+            result(edge_writes[0][1], "writer", edge_writes.popleft()[0])
+        return skipped, edges.edges()
+
+
+def _names(ids: list[str], show: int = 5) -> str:
+    return ", ".join(ids[:show]) + (f" and {len(ids) - show} more" if len(ids) > show else "")
+
+
+class _Slots:
+    """DEPTH shared-memory buffers of `nbytes` each; on a GPU registered as pinned memory for the copies."""
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.shm = [SharedMemory(create=True, size=max(1, nbytes)) for _ in range(DEPTH)]
+        self.names = [s.name for s in self.shm]
+        self.pinned = []
+        if pin:
+            cudart = torch.cuda.cudart()
+            for s in self.shm:
+                ptr = np.frombuffer(s.buf, np.uint8).ctypes.data
+                if int(cudart.cudaHostRegister(ptr, s.size, 0)) == 0:
+                    self.pinned.append(ptr)
+
+    def view(self, i: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.ndarray(shape, dtype, buffer=self.shm[i].buf)
+
+    def __enter__(self) -> _Slots:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for ptr in self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        for s in self.shm:
+            try:
+                s.close()
+            except BufferError:  # a view still alive (an error unwinding): the mapping goes with the process
+                pass
+            s.unlink()
+
+
+@contextmanager
+def _pool(n: int, context, initializer, initargs):
+    pool = ProcessPoolExecutor(n, mp_context=context, initializer=initializer, initargs=initargs)
+    try:
+        yield pool
+    finally:  # an error stops the queued work; the tasks already running finish (whole chunks)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _one_thread_per_child():
+    """Children spawned meanwhile use one BLAS/OpenMP thread each: they are many, one per core."""
+    keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---- in the reader and writer processes ------------------------------------------------------------
+_state: dict = {}  # what the initializer gave this process
+
+
+def _init_reader(manifest: Manifest, front: FrontEnd, slots: list[str], skip_bad: bool) -> None:
+    torch.set_num_threads(1)
+    _state.update(manifest=manifest, front=front, slots=[SharedMemory(name=n) for n in slots], skip_bad=skip_bad)
+
+
+def _read(slot: int, k: int, rows: list[int], mine: list[int]) -> dict[int, str]:
+    """Load the batch positions `mine` of batch `k` (manifest `rows`) into input slot `slot`; {position: why}
+    for the bad ones (--skip-bad)."""
+    m, front = _state["manifest"], _state["front"]
+    try:
+        inputs = front.rows([audio.target_num_samples(m[r]) for r in rows])
+        values = np.ndarray(inputs.shape, np.float32, buffer=_state["slots"][slot].buf)
+        bad = {}
+        for j in mine:
+            try:
+                wave = audio.load(m, rows[j])
+            except audio.BadAudio as e:
+                if not _state["skip_bad"]:
+                    raise FusionpipeError(f"{e} (or pass --skip-bad to record it and go on)") from None
+                bad[j] = str(e)
+                continue
+            front.fill(inputs, j, wave, values)
+        return bad
+    except FusionpipeError:
+        raise
+    except Exception as e:
+        raise FusionpipeError(f"reading batch {k} ({_names([m[rows[j]].id for j in mine])}): "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def _init_writer(url: str, ids: list[str], lengths: np.ndarray, slots: list[str], dtype: str, model: str) -> None:
+    torch.set_num_threads(1)
+    store = FeatureStore.open(url, mode="r+")
+    _state.update(store=store, ids=ids, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                  slots=[SharedMemory(name=n) for n in slots], dtype=np.dtype(dtype), model=model)
+
+
+def _write(slot: int, lo: int, n: int, dtype: str, chunks: list[int]) -> None:
+    """Write `chunks`, whole inside output slot `slot`, which holds frames [lo, lo + n) in `dtype`."""
+    store = _state["store"]
+    frames = np.ndarray((n, store.num_layers, store.hidden_size), np.dtype(dtype), buffer=_state["slots"][slot].buf)
+    F = store.chunk_frames
+    for c in chunks:
+        _write_chunk(c, frames[c * F - lo:min((c + 1) * F, store.total_frames) - lo])
+
+
+def _write_edge(c: int, frames: np.ndarray) -> None:
+    _write_chunk(c, frames)
+
+
+def _write_chunk(c: int, x: np.ndarray) -> None:
+    """Cast to the storage dtype (rounding as torch's cast: IEEE nearest-even), refuse what it cannot hold."""
+    store = _state["store"]
+    try:
+        frames = x.astype(_state["dtype"], copy=False)
+        finite = np.isfinite(frames).reshape(len(frames), -1).all(axis=1)
+        if not finite.all():
+            raise _not_finite(c * store.chunk_frames, x, finite)
+        store.write_chunk(c, frames)
+    except FusionpipeError:
+        raise
+    except Exception as e:
+        start = c * store.chunk_frames
+        raise FusionpipeError(f"writing chunk {c} ({_names(_utterances(start, start + len(x)))}): "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def _utterances(lo: int, hi: int) -> list[str]:
+    offsets, ids = _state["offsets"], _state["ids"]
+    first = int(np.searchsorted(offsets, lo, side="right")) - 1
+    last = int(np.searchsorted(offsets, hi, side="left"))
+    return ids[first:last]
+
+
+def _not_finite(start: int, x: np.ndarray, finite: np.ndarray) -> FusionpipeError:
+    """The error of run._to_storage, for the first utterance with a frame the storage dtype cannot hold."""
+    f = int(np.flatnonzero(~finite)[0])
+    utt = _utterances(start + f, start + f + 1)[0]
+    offsets, i = _state["offsets"], _state["ids"].index(utt)
+    mine = x[max(0, int(offsets[i]) - start):int(offsets[i + 1]) - start]
+    model, dtype = _state["model"], _state["dtype"].name
+    if np.isfinite(mine).all():
+        return FusionpipeError(f"{model} on {utt}: activations exceed the {dtype} range (|x| max "
+                               f"{np.abs(mine).max():.3g}); extract this model with --dtype float32")
+    return FusionpipeError(f"{model} on {utt}: the upstream produced NaN/inf activations")
