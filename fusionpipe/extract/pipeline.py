@@ -113,7 +113,8 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
             except BrokenProcessPool:
                 raise FusionpipeError(
                     f"{store}: a {what} process died (killed, or out of memory?) during batch {k} ({batch_ids(k)}); "
-                    "rerun the same command: it resumes from the chunks on disk") from None
+                    "rerun the same command: it resumes from the chunks on disk. (Called from a script? Spawned "
+                    "processes import it again: its code must be under `if __name__ == '__main__':`.)") from None
 
         def read(k: int) -> None:
             rows = [p.rows[i] for i in batches[k]]
