@@ -35,11 +35,13 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import shutil
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,8 +88,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
     front: FrontEnd = upstream.front_end
     device = upstream.device
     layouts = [front.rows([audio.target_num_samples(manifest[p.rows[i]]) for i in b]) for b in batches]
-    in_bytes = max((4 * math.prod(x.shape) for x in layouts), default=1)
-    out_bytes = max((int(lengths[b].sum()) * L * D * out_dtype.itemsize for b in batches), default=1)
+    in_bytes, out_bytes = slot_bytes(layouts, [int(lengths[b].sum()) for b in batches], L * D * out_dtype.itemsize)
     skipped = 0
     with ExitStack() as stack:
         pin = device.type == "cuda"
@@ -183,6 +184,12 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
         return skipped, edges.edges()
 
 
+def slot_bytes(layouts: list, frames: list[int], frame_bytes: int) -> tuple[int, int]:
+    """Bytes of one input slot and one output slot: the largest batch's inputs (float32) and features."""
+    return (max((4 * math.prod(x.shape) for x in layouts), default=1),
+            max((n * frame_bytes for n in frames), default=1))
+
+
 def _names(ids: list[str], show: int = 5) -> str:
     return ", ".join(ids[:show]) + (f" and {len(ids) - show} more" if len(ids) > show else "")
 
@@ -191,6 +198,12 @@ class _Slots:
     """DEPTH shared-memory buffers of `nbytes` each; on a GPU registered as pinned memory for the copies."""
 
     def __init__(self, nbytes: int, pin: bool):
+        shm = Path("/dev/shm")
+        if shm.is_dir() and shutil.disk_usage(shm).free < DEPTH * nbytes:  # else a SIGBUS on first touch
+            free = shutil.disk_usage(shm).free / 2**20
+            raise FusionpipeError(f"the pipeline needs {DEPTH * nbytes / 2**20:.0f} MB more of /dev/shm, {free:.0f} MB "
+                                  "are free: lower --max-seconds, give the container more (docker --shm-size), or "
+                                  "pass --processes 0")
         self.shm = [SharedMemory(create=True, size=max(1, nbytes)) for _ in range(DEPTH)]
         self.names = [s.name for s in self.shm]
         self.pinned = []

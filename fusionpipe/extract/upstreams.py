@@ -252,10 +252,12 @@ class FrontEnd:
         for r in (r for r, o in enumerate(inputs.owners) if o == wave_index):
             if self.family == "whisper":  # the feature extractor pads each window to its full length
                 piece = wave[inputs.starts[r]:inputs.starts[r] + self.window_samples]
-                values[r] = self.feature_extractor(piece, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
+                mel = self.feature_extractor(piece, sampling_rate=SAMPLE_RATE, return_tensors="np")
+                values[r] = mel.input_features[0]
             else:  # it normalises over the whole input, so it sees one utterance at a time
                 n = inputs.lengths[r]
-                values[r, :n] = self.feature_extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]
+                x = self.feature_extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np")
+                values[r, :n] = x.input_values[0]
                 values[r, n:] = 0
 
     def prepare(self, waves: list[np.ndarray]) -> Inputs:
