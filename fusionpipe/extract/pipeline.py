@@ -122,6 +122,11 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
             groups = [list(range(r, len(rows), n_readers)) for r in range(n_readers)]
             reads[k] = [(g, readers.submit(_read, k % DEPTH, k, rows, g)) for g in groups if g]
 
+        # start every process now (the pools spawn them on demand: a writer would start, importing torch,
+        # only once the first batch is done, and hold up the second)
+        starting = [pool.submit(_ready) for pool, n in ((readers, n_readers), (writers, n_writers)) for _ in range(n)]
+        for future in starting:
+            result(future, "newly started", 0)
         for k in range(min(DEPTH, len(batches))):
             read(k)
         for k, batch in enumerate(batches):
@@ -236,8 +241,10 @@ def _pool(n: int, context, initializer, initargs):
     pool = ProcessPoolExecutor(n, mp_context=context, initializer=initializer, initargs=initargs)
     try:
         yield pool
-    finally:  # an error stops the queued work; the tasks already running finish (whole chunks)
+    except BaseException:  # the queued work is dropped; the tasks running finish before the store's lock goes
         pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=False)  # all done: the processes exit on their own (seconds of interpreter teardown)
 
 
 @contextmanager
@@ -258,6 +265,10 @@ def _one_thread_per_child():
 
 # ---- in the reader and writer processes ------------------------------------------------------------
 _state: dict = {}  # what the initializer gave this process
+
+
+def _ready() -> None:
+    pass
 
 
 def _init_reader(manifest: Manifest, front: FrontEnd, slots: list[str], skip_bad: bool) -> None:
@@ -311,13 +322,11 @@ def _write_edge(c: int, frames: np.ndarray) -> None:
 
 
 def _write_chunk(c: int, x: np.ndarray) -> None:
-    """Cast to the storage dtype (rounding as torch's cast: IEEE nearest-even), refuse what it cannot hold."""
     store = _state["store"]
     try:
-        frames = x.astype(_state["dtype"], copy=False)
-        finite = np.isfinite(frames).reshape(len(frames), -1).all(axis=1)
-        if not finite.all():
-            raise _not_finite(c * store.chunk_frames, x, finite)
+        frames = _to_storage(x, _state["dtype"])
+        if frames is None:
+            raise _not_finite(c * store.chunk_frames, x)
         store.write_chunk(c, frames)
     except FusionpipeError:
         raise
@@ -327,6 +336,18 @@ def _write_chunk(c: int, x: np.ndarray) -> None:
                               f"{type(e).__name__}: {e}") from None
 
 
+def _to_storage(x: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """x cast to the storage dtype by torch (the rounding of run._to_storage), or None if it holds a NaN, an
+    inf or a value the storage dtype cannot hold. One max over |x| decides (NaN propagates through max; float32
+    rounds to float16's inf from 65520 up): a tenth of the cost of isfinite over the cast."""
+    if x.dtype == np.float16:  # exponent bits all ones: inf or NaN
+        return x if (x.view(np.uint16) & 0x7FFF).max(initial=0) < 0x7C00 else None
+    limit = 65520.0 if dtype == np.float16 else np.inf
+    if not np.abs(x).max(initial=0) < limit:
+        return None
+    return x if x.dtype == dtype else torch.from_numpy(x).to(getattr(torch, dtype.name)).numpy()
+
+
 def _utterances(lo: int, hi: int) -> list[str]:
     offsets, ids = _state["offsets"], _state["ids"]
     first = int(np.searchsorted(offsets, lo, side="right")) - 1
@@ -334,8 +355,9 @@ def _utterances(lo: int, hi: int) -> list[str]:
     return ids[first:last]
 
 
-def _not_finite(start: int, x: np.ndarray, finite: np.ndarray) -> FusionpipeError:
+def _not_finite(start: int, x: np.ndarray) -> FusionpipeError:
     """The error of run._to_storage, for the first utterance with a frame the storage dtype cannot hold."""
+    finite = np.isfinite(x.astype(_state["dtype"])).reshape(len(x), -1).all(axis=1)
     f = int(np.flatnonzero(~finite)[0])
     utt = _utterances(start + f, start + f + 1)[0]
     offsets, i = _state["offsets"], _state["ids"].index(utt)
