@@ -83,7 +83,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="fp-bench-"))
     try:
-        processes = args.processes or max(2, min(pipeline.MAX_PROCESSES, (os.cpu_count() or 2) - 1))
+        processes = args.processes or max(1, min(pipeline.MAX_PROCESSES, (os.cpu_count() or 2) - 1))
         like = args.like or ("whisper-base" if args.kind == "whisper" else "base")
         null_bench(corpus(args.null_seconds), NullUpstream(like, args.device), processes, args.max_seconds, tmp)
         if not args.only_null:
@@ -95,10 +95,8 @@ def main() -> None:
 def null_bench(m: Manifest, up: NullUpstream, processes: int, max_seconds: float, tmp: Path) -> None:
     """(a)-(c): the pipeline's own costs and ceiling, with features at memory speed."""
     cores = os.cpu_count() or 1
-    readers, writers = pipeline.split(processes, up.family)
     print(f"null upstream {up.name} (L={up.num_layers} D={up.hidden_size}) on {up.device}; {len(m)} utterances, "
-          f"{m.duration:.0f} s audio; {cores} cores; pipeline {processes} processes ({readers} readers, "
-          f"{writers} writers)")
+          f"{m.duration:.0f} s audio; {cores} cores; pipeline: {processes} helper processes")
     costs = stage_costs(m, up, max_seconds, tmp)
     total = sum(costs.values())
     print("\n(a) one core, ms per audio-second: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in costs.items())
@@ -146,7 +144,7 @@ def stage_costs(m: Manifest, up: NullUpstream, max_seconds: float, tmp: Path) ->
     scale = store.num_chunks / len(chunks)
     t0 = time.perf_counter()
     cast = []
-    for c in chunks:  # as the writers do
+    for c in chunks:  # as the helpers do
         cast.append(pipeline._to_storage(c, np.dtype(np.float16)))
     t["cast + check"] = (time.perf_counter() - t0) * scale
     import google_crc32c

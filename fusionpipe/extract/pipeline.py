@@ -1,30 +1,32 @@
 """STAGE 1 in several processes: the process that holds the upstream runs only its forward and the copy out.
 
-    readers  (processes)  rows -> audio.load -> front end (normalisation, Whisper's log-mel) -> input slot
-    main                  input slot -> upstream.run -> device-to-host copy -> output slot
-    writers  (processes)  output slot -> cast, finiteness check -> whole chunks -> store.write_chunk
+    helpers  read   rows -> audio.load -> front end (normalisation, Whisper's log-mel) -> input slot
+    main            input slot -> upstream.run -> device-to-host copy -> output slot
+    helpers  write  output slot -> cast, finiteness check -> whole chunks -> store.write_chunk
 
 Why processes. On a GPU the stages around the forward added up instead of overlapping: the main thread
 was the bottleneck, and making its Python faster made the whole slower (GIL hand-offs between threads);
 only more processes helped (docs/benchmarks.md). Here the main process does no decoding, no log-mel, no
-cast, no check and no compression.
+cast, no check and no compression. The helper processes (`processes` of them) all take both kinds of
+task, first come first served, so the split between reading and writing follows the costs by itself
+(Whisper's log-mel costs about what compression does, an SSL front end far less).
 
 Slots. Batches travel through shared memory, never through pipes: DEPTH input slots and DEPTH output
 slots, each sized for the plan's largest batch and reused in turn (pinned on a GPU, so the copy out is
 one DMA). Batch k + DEPTH is read into input slot k % DEPTH once batch k's forward has consumed it; an
-output slot is refilled once the writers are done with the batch it held. Host memory is bounded by
-these 2 x DEPTH slots (and the processes), whatever the corpus. The readers share each batch by
-utterance, the writers by chunk, so a batch is read and written by all of them at once.
+output slot is refilled once its batch is written. Host memory is bounded by these 2 x DEPTH slots
+(and the processes), whatever the corpus. A batch is read in `processes` tasks (its utterances dealt
+out) and written in as many (its chunks cut in runs), so every helper can work on every batch.
 
 Same store. The plan, the batches and each chunk's frames are run.run_batches': the same utterances go
 through the same forward with the same padding (bad audio is left out of the forward, as there), the
-writers cast with the same rounding, so the store is byte-identical to the one-process path's on the
+helpers cast with the same rounding, so the store is byte-identical to the one-process path's on the
 same kind of device (tests/test_extract_pipeline.py). Chunks inside one batch's frames are written
 straight from its slot; a chunk under a batch edge is put together in the main process from its parts
-(a few MB, as cluster.py does with the chunks under unit edges) and handed to a writer whole. No two
-writers ever share a chunk, and a chunk on disk is still whole and still the done flag.
+(a few MB, as cluster.py does with the chunks under unit edges) and handed to a helper whole. No two
+processes ever share a chunk, and a chunk on disk is still whole and still the done flag.
 
-Failures. A reader's or writer's error (bad audio without --skip-bad, activations fp16 cannot hold)
+Failures. A helper's error (bad audio without --skip-bad, activations fp16 cannot hold)
 comes back with the utterance ids; a process that dies (kill -9, out of memory) breaks its pool, and
 the run stops with an error naming the batch instead of hanging. Rerunning resumes from the chunks on
 disk, byte-identically, like after any crash.
@@ -54,33 +56,20 @@ from fusionpipe.store import ChunkAssembler, Edge, FeatureStore, chunk_span
 
 DEPTH = 2  # batches in flight at each end: the one being read (written) and the next
 MAX_PROCESSES = 16
-# share of the processes that read: Whisper's log-mel costs about what compression does, SSL front
-# ends (a normalisation at most) about a quarter of it (bench/extract.py, per-stage costs)
-READ_SHARE = {"whisper": 0.5, "ssl": 0.25}
 
 
 def default_processes(device_type: str) -> int:
     """0 (the one-process path, threads) on a CPU, where the forward uses every core and extraction already
-    equals the bare forward; on a GPU every core but the main process's, at least 2, at most MAX_PROCESSES."""
+    equals the bare forward; on a GPU every core but the main process's, at least 1, at most MAX_PROCESSES."""
     if device_type == "cpu":
         return 0
-    return max(2, min(MAX_PROCESSES, (os.cpu_count() or 2) - 1))
-
-
-def split(processes: int, family: str) -> tuple[int, int]:
-    """(readers, writers) for `processes` helper processes (at least 2: one of each)."""
-    if processes < 2:
-        raise FusionpipeError(f"--processes {processes}: give 0 (decode and write in threads of one process) or "
-                              "at least 2 (one reader and one writer process)")
-    readers = min(processes - 1, max(1, round(processes * READ_SHARE[family])))
-    return readers, processes - readers
+    return max(1, min(MAX_PROCESSES, (os.cpu_count() or 2) - 1))
 
 
 # ---- the main process ------------------------------------------------------------------------------
 def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, batches: list[list[int]],
                 done: np.ndarray, skip_bad: bool, processes: int, on_batch=None) -> tuple[int, list[Edge]]:
-    """run.run_batches with the readers and writers in `processes` other processes; the same store bytes."""
-    n_readers, n_writers = split(processes, upstream.family)
+    """run.run_batches with reading and writing in `processes` other processes; the same store bytes."""
     offsets, lengths, ids = p.layout.offsets, p.layout.lengths, p.layout.ids
     L, D, F, total = store.num_layers, store.hidden_size, store.chunk_frames, store.total_frames
     precision = getattr(torch, store.info.compute_dtype)
@@ -96,9 +85,8 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
         outs = stack.enter_context(_Slots(out_bytes, pin))
         stack.enter_context(_one_thread_per_child())
         spawn = multiprocessing.get_context("spawn")  # fork would copy torch's threads and the model
-        readers = stack.enter_context(_pool(n_readers, spawn, _init_reader, (manifest, front, ins.names, skip_bad)))
-        writers = stack.enter_context(_pool(n_writers, spawn, _init_writer,
-                                            (store.url, ids, lengths, outs.names, store.info.dtype, upstream.name)))
+        helpers = stack.enter_context(_pool(processes, spawn, _init, (
+            manifest, front, skip_bad, ins.names, outs.names, store.url, ids, lengths, store.info.dtype, upstream.name)))
         reads: dict[int, list[tuple[list[int], Future]]] = {}
         writes: list[list[Future]] = [[] for _ in range(DEPTH)]  # per output slot: the writes of its batch
         edge_writes: deque[tuple[int, Future]] = deque()
@@ -119,20 +107,19 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
 
         def read(k: int) -> None:
             rows = [p.rows[i] for i in batches[k]]
-            groups = [list(range(r, len(rows), n_readers)) for r in range(n_readers)]
-            reads[k] = [(g, readers.submit(_read, k % DEPTH, k, rows, g)) for g in groups if g]
+            groups = [list(range(r, len(rows), processes)) for r in range(processes)]
+            reads[k] = [(g, helpers.submit(_read, k % DEPTH, k, rows, g)) for g in groups if g]
 
-        # start every process now (the pools spawn them on demand: a writer would start, importing torch,
+        # start every process now (the pool spawns them on demand: one would start, importing torch,
         # only once the first batch is done, and hold up the second)
-        starting = [pool.submit(_ready) for pool, n in ((readers, n_readers), (writers, n_writers)) for _ in range(n)]
-        for future in starting:
+        for future in [helpers.submit(_ready) for _ in range(processes)]:
             result(future, "newly started", 0)
         for k in range(min(DEPTH, len(batches))):
             read(k)
         for k, batch in enumerate(batches):
             bad: dict[int, str] = {}
             for group, future in reads.pop(k):
-                bad.update(result(future, "reader", k))
+                bad.update(result(future, "helper (reading)", k))
             inputs = layouts[k]
             inputs.values = ins.view(k % DEPTH, inputs.shape, np.float32)
             good = [j for j in range(len(batch)) if j not in bad]
@@ -145,7 +132,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
 
             slot = k % DEPTH
             for future in writes[slot]:  # the batch this slot held is written
-                result(future, "writer", k - DEPTH)
+                result(future, "helper (writing)", k - DEPTH)
             lo, hi = int(offsets[batch[0]]), int(offsets[batch[-1]] + lengths[batch[-1]])
             out = outs.view(slot, (hi - lo, L, D), out_dtype)
             parts = []
@@ -173,19 +160,19 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
                 else:  # under a batch edge: its part, copied out of the slot
                     a, b = max(lo, c0), min(hi, c1)
                     for c_, frames in edges.add(a, out[a - lo:b - lo]):
-                        edge_writes.append((k, writers.submit(_write_edge, c_, frames)))
-            writes[slot] = [writers.submit(_write, slot, lo, hi - lo, out_dtype.str, [int(c) for c in group])
-                            for group in np.array_split(whole, max(1, min(n_writers, len(whole)))) if len(group)]
+                        edge_writes.append((k, helpers.submit(_write_edge, c_, frames)))
+            writes[slot] = [helpers.submit(_write, slot, lo, hi - lo, out_dtype.str, [int(c) for c in group])
+                            for group in np.array_split(whole, max(1, min(processes, len(whole)))) if len(group)]
             del out
             while edge_writes and edge_writes[0][1].done():
-                result(edge_writes[0][1], "writer", edge_writes.popleft()[0])
+                result(edge_writes[0][1], "helper (writing)", edge_writes.popleft()[0])
             if on_batch is not None:
                 on_batch(k)
         for slot, futures in enumerate(writes):
             for future in futures:
-                result(future, "writer", len(batches) - 1)
+                result(future, "helper (writing)", len(batches) - 1)
         while edge_writes:
-            result(edge_writes[0][1], "writer", edge_writes.popleft()[0])
+            result(edge_writes[0][1], "helper (writing)", edge_writes.popleft()[0])
         return skipped, edges.edges()
 
 
@@ -263,7 +250,7 @@ def _one_thread_per_child():
                 os.environ[k] = v
 
 
-# ---- in the reader and writer processes ------------------------------------------------------------
+# ---- in the helper processes ------------------------------------------------------------
 _state: dict = {}  # what the initializer gave this process
 
 
@@ -271,9 +258,13 @@ def _ready() -> None:
     pass
 
 
-def _init_reader(manifest: Manifest, front: FrontEnd, slots: list[str], skip_bad: bool) -> None:
+def _init(manifest: Manifest, front: FrontEnd, skip_bad: bool, ins: list[str], outs: list[str], url: str,
+          ids: list[str], lengths: np.ndarray, dtype: str, model: str) -> None:
     torch.set_num_threads(1)
-    _state.update(manifest=manifest, front=front, slots=[SharedMemory(name=n) for n in slots], skip_bad=skip_bad)
+    _state.update(manifest=manifest, front=front, skip_bad=skip_bad, ins=[SharedMemory(name=n) for n in ins],
+                  outs=[SharedMemory(name=n) for n in outs], store=FeatureStore.open(url, mode="r+"), ids=ids,
+                  offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), dtype=np.dtype(dtype),
+                  model=model)
 
 
 def _read(slot: int, k: int, rows: list[int], mine: list[int]) -> dict[int, str]:
@@ -282,7 +273,7 @@ def _read(slot: int, k: int, rows: list[int], mine: list[int]) -> dict[int, str]
     m, front = _state["manifest"], _state["front"]
     try:
         inputs = front.rows([audio.target_num_samples(m[r]) for r in rows])
-        values = np.ndarray(inputs.shape, np.float32, buffer=_state["slots"][slot].buf)
+        values = np.ndarray(inputs.shape, np.float32, buffer=_state["ins"][slot].buf)
         bad = {}
         for j in mine:
             try:
@@ -301,17 +292,10 @@ def _read(slot: int, k: int, rows: list[int], mine: list[int]) -> dict[int, str]
                               f"{type(e).__name__}: {e}") from None
 
 
-def _init_writer(url: str, ids: list[str], lengths: np.ndarray, slots: list[str], dtype: str, model: str) -> None:
-    torch.set_num_threads(1)
-    store = FeatureStore.open(url, mode="r+")
-    _state.update(store=store, ids=ids, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                  slots=[SharedMemory(name=n) for n in slots], dtype=np.dtype(dtype), model=model)
-
-
 def _write(slot: int, lo: int, n: int, dtype: str, chunks: list[int]) -> None:
     """Write `chunks`, whole inside output slot `slot`, which holds frames [lo, lo + n) in `dtype`."""
     store = _state["store"]
-    frames = np.ndarray((n, store.num_layers, store.hidden_size), np.dtype(dtype), buffer=_state["slots"][slot].buf)
+    frames = np.ndarray((n, store.num_layers, store.hidden_size), np.dtype(dtype), buffer=_state["outs"][slot].buf)
     F = store.chunk_frames
     for c in chunks:
         _write_chunk(c, frames[c * F - lo:min((c + 1) * F, store.total_frames) - lo])

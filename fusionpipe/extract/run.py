@@ -4,7 +4,7 @@
              -> [audio thread] load -> [main] upstream.forward -> [writer thread] whole chunks
 
 That is the one-process path, the default on a CPU (the forward takes every core). On a GPU the
-readers and writers are processes instead (`processes`; pipeline.py), the same batches and bytes.
+reading and writing run in other processes instead (`processes`; pipeline.py): same batches and bytes.
 
 The batch plan is a pure function of the manifest and the budget, so a rerun after a crash
 forms exactly the same batches and writes byte-identical chunks; it only recomputes the
@@ -32,7 +32,7 @@ from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
 from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, StoreInfo, chunk_span, lock
 from fusionpipe.extract import pipeline
-from fusionpipe.extract.pipeline import default_processes, split
+from fusionpipe.extract.pipeline import default_processes
 from fusionpipe.extract.upstreams import Upstream, load_upstream
 
 IO_THREADS = min(8, max(2, os.cpu_count() or 2))     # audio decoding
@@ -176,7 +176,7 @@ def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cach
     """Extract every hidden layer of `model` over `manifest` into a store; resume if one is there.
 
     One extraction per store at a time: a second one is refused naming the holder (``wait``: waits).
-    ``processes``: reader and writer processes beside this one (pipeline.py); 0 decodes and writes in
+    ``processes``: helper processes that decode and write beside this one (pipeline.py); 0 does it in
     threads of this process; None: pipeline.default_processes (0 on a CPU). A memory:// store lives in
     this process only, so it always takes the one-process path.
     """
@@ -184,8 +184,9 @@ def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cach
     url = url or store_url(cache, manifest.name, upstream.name)
     if processes is None or url.startswith("memory://"):
         processes = 0 if url.startswith("memory://") else default_processes(upstream.device.type)
-    if processes:
-        split(processes, upstream.family)  # refuse 1 before any work
+    if processes < 0:
+        raise FusionpipeError(f"--processes {processes}: give 0 (decode and write in threads of this process) or "
+                              "a number of helper processes")
     with lock(url, wait):
         return _extract(manifest, upstream, url, progress, processes, dtype=dtype, codec=codec,
                         max_seconds=max_seconds, skip_bad=skip_bad, overwrite=overwrite, chunk_frames=chunk_frames)
