@@ -96,30 +96,40 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
             b = batches[k]
             return _names([ids[b[j]] for j in (range(len(b)) if positions is None else positions)])
 
-        def result(future: Future, what: str, k: int):
+        def died(k: int) -> FusionpipeError:
+            return FusionpipeError(
+                f"{store}: a helper process died (killed, or out of memory?) with batch {max(k, 0)} "
+                f"({batch_ids(max(k, 0))}) in flight; rerun the same command: it resumes from the chunks on disk. "
+                "(Called from a script? Spawned processes import it again: its code must be under "
+                "`if __name__ == '__main__':`.)")
+
+        def result(future: Future, k: int):
             try:
                 return future.result()
             except BrokenProcessPool:
-                raise FusionpipeError(
-                    f"{store}: a {what} process died (killed, or out of memory?) during batch {k} ({batch_ids(k)}); "
-                    "rerun the same command: it resumes from the chunks on disk. (Called from a script? Spawned "
-                    "processes import it again: its code must be under `if __name__ == '__main__':`.)") from None
+                raise died(k) from None
+
+        def submit(k: int, fn, *args) -> Future:
+            try:
+                return helpers.submit(fn, *args)
+            except BrokenProcessPool:  # seen here first when the death came between two batches
+                raise died(k) from None
 
         def read(k: int) -> None:
             rows = [p.rows[i] for i in batches[k]]
             groups = [list(range(r, len(rows), processes)) for r in range(processes)]
-            reads[k] = [(g, helpers.submit(_read, k % DEPTH, k, rows, g)) for g in groups if g]
+            reads[k] = [(g, submit(k, _read, k % DEPTH, k, rows, g)) for g in groups if g]
 
         # start every process now (the pool spawns them on demand: one would start, importing torch,
         # only once the first batch is done, and hold up the second)
-        for future in [helpers.submit(_ready) for _ in range(processes)]:
-            result(future, "newly started", 0)
+        for future in [submit(0, _ready) for _ in range(processes)]:
+            result(future, 0)
         for k in range(min(DEPTH, len(batches))):
             read(k)
         for k, batch in enumerate(batches):
             bad: dict[int, str] = {}
             for group, future in reads.pop(k):
-                bad.update(result(future, "helper (reading)", k))
+                bad.update(result(future, k))
             inputs = layouts[k]
             inputs.values = ins.view(k % DEPTH, inputs.shape, np.float32)
             good = [j for j in range(len(batch)) if j not in bad]
@@ -132,7 +142,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
 
             slot = k % DEPTH
             for future in writes[slot]:  # the batch this slot held is written
-                result(future, "helper (writing)", k - DEPTH)
+                result(future, k - DEPTH)
             lo, hi = int(offsets[batch[0]]), int(offsets[batch[-1]] + lengths[batch[-1]])
             out = outs.view(slot, (hi - lo, L, D), out_dtype)
             parts = []
@@ -160,19 +170,19 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
                 else:  # under a batch edge: its part, copied out of the slot
                     a, b = max(lo, c0), min(hi, c1)
                     for c_, frames in edges.add(a, out[a - lo:b - lo]):
-                        edge_writes.append((k, helpers.submit(_write_edge, c_, frames)))
-            writes[slot] = [helpers.submit(_write, slot, lo, hi - lo, out_dtype.str, [int(c) for c in group])
+                        edge_writes.append((k, submit(k, _write_edge, c_, frames)))
+            writes[slot] = [submit(k, _write, slot, lo, hi - lo, out_dtype.str, [int(c) for c in group])
                             for group in np.array_split(whole, max(1, min(processes, len(whole)))) if len(group)]
             del out
             while edge_writes and edge_writes[0][1].done():
-                result(edge_writes[0][1], "helper (writing)", edge_writes.popleft()[0])
+                result(edge_writes[0][1], edge_writes.popleft()[0])
             if on_batch is not None:
                 on_batch(k)
         for slot, futures in enumerate(writes):
             for future in futures:
-                result(future, "helper (writing)", len(batches) - 1)
+                result(future, len(batches) - 1)
         while edge_writes:
-            result(edge_writes[0][1], "helper (writing)", edge_writes.popleft()[0])
+            result(edge_writes[0][1], edge_writes.popleft()[0])
         return skipped, edges.edges()
 
 
