@@ -12,7 +12,7 @@ Prints, measured side by side in one run:
   (b) ideal        the throughput those costs allow on this machine's cores, all busy
   (c) reached      what extraction reaches with the null upstream: the pipeline (--processes, default the
                    GPU default for this machine) and the one-process path; reached / ideal (goal >= 0.8),
-                   after start-up (spawning and importing) and with it, and peak host memory (this
+                   after start-up (spawning and importing) and with it, and peak host memory (PSS of this
                    process and its children, sampled) beside the pipeline's shared-memory slots
   (d) extract / bare  wall time of `extract()` over the batches of its plan divided by the bare
                    upstream forward (+ device->host copy) over the same batches, audio preloaded;
@@ -96,7 +96,8 @@ def null_bench(m: Manifest, up: NullUpstream, processes: int, max_seconds: float
     """(a)-(c): the pipeline's own costs and ceiling, with features at memory speed."""
     cores = os.cpu_count() or 1
     print(f"null upstream {up.name} (L={up.num_layers} D={up.hidden_size}) on {up.device}; {len(m)} utterances, "
-          f"{m.duration:.0f} s audio; {cores} cores; pipeline: {processes} helper processes")
+          f"{m.duration:.0f} s audio; {cores} cores, load average {os.getloadavg()[0]:.1f} (other jobs take cores "
+          "from the ideal)")
     costs = stage_costs(m, up, max_seconds, tmp)
     total = sum(costs.values())
     print("\n(a) one core, ms per audio-second: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in costs.items())
@@ -104,10 +105,11 @@ def null_bench(m: Manifest, up: NullUpstream, processes: int, max_seconds: float
     ideal = cores / total
     print(f"(b) ideal on {cores} cores: {ideal:.0f} audio-s/s ({ideal:.0f}x real time)")
     print("(c) reached with the null upstream (audio-s/s; steady: after the first batch, i.e. without start-up):")
-    for name, n in (("one-process path", 0), (f"pipeline, {processes} processes", processes)):
+    for name, n in (("one-process path", 0), *((f"pipeline, {n} helper processes", n)
+                                                  for n in sorted({processes, cores}))):
         r = null_run(m, up, n, max_seconds, tmp)
-        print(f"    {name:<26} steady {r['steady']:>7.0f} ({r['steady'] / ideal:.2f} of ideal)   with start-up "
-              f"{r['whole']:>7.0f} ({r['whole'] / ideal:.2f})   peak RSS {r['peak_mb']:.0f} MB" +
+        print(f"    {name:<32} steady {r['steady']:>7.0f} ({r['steady'] / ideal:.2f} of ideal)   with start-up "
+              f"{r['whole']:>7.0f} ({r['whole'] / ideal:.2f})   peak PSS {r['peak_mb']:.0f} MB" +
               (f" (slots {r['slots_mb']:.0f} MB)" if n else ""))
 
 
@@ -190,7 +192,8 @@ def null_run(m: Manifest, up: NullUpstream, processes: int, max_seconds: float, 
 
 
 class PeakRSS:
-    """Peak of the summed RSS of this process and its children, sampled every 50 ms."""
+    """Peak of the summed PSS of this process and its children, sampled every 100 ms (PSS, not RSS: the
+    shared-memory slots are mapped by every process and would be counted once per process)."""
 
     def __enter__(self):
         self.mb, self._stop = 0.0, threading.Event()
@@ -200,11 +203,11 @@ class PeakRSS:
 
     def _sample(self):
         me = psutil.Process()
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(0.1):
             total = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    total += proc.memory_full_info().pss
                 except psutil.Error:
                     pass
             self.mb = max(self.mb, total / 2**20)
