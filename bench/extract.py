@@ -192,7 +192,7 @@ def null_run(m: Manifest, up: NullUpstream, processes: int, max_seconds: float, 
 
 
 class PeakRSS:
-    """Peak of the summed PSS of this process and its children, sampled every 100 ms (PSS, not RSS: the
+    """Peak of the summed PSS of this process and its children, sampled every 0.5 s (PSS, not RSS: the
     shared-memory slots are mapped by every process and would be counted once per process)."""
 
     def __enter__(self):
@@ -203,7 +203,7 @@ class PeakRSS:
 
     def _sample(self):
         me = psutil.Process()
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(0.5):
             total = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
