@@ -142,8 +142,8 @@ def stage_costs(m: Manifest, up: NullUpstream, max_seconds: float, tmp: Path) ->
             torch.cuda.synchronize()
         t["copy (main)"] += time.perf_counter() - t0
         chunks += [slot[i:i + F].numpy().copy() for i in range(0, n, F)][:max(1, 64 // len(p.batches))]
-    # cast + check, compress, write: on as many chunks as kept, scaled to the whole store
-    scale = store.num_chunks / len(chunks)
+    # cast + check, compress, write: on the chunks kept, scaled to the whole store by frames
+    scale = store.total_frames / sum(len(c) for c in chunks)  # the last chunk of a batch may be short
     t0 = time.perf_counter()
     cast = []
     for c in chunks:  # as the helpers do

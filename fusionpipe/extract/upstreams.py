@@ -383,15 +383,18 @@ class Upstream:
 class NullUpstream(Upstream):
     """For benchmarks only: a real model's front end and output shape, and no model.
 
-    `run` returns slices of one precomputed random tensor, at memory speed, so that bench/extract.py can
+    `run` returns slices of one precomputed random tensor (SPREAD frames longer than the longest utterance, so
+    that no two utterances of a chunk are the same bytes), at memory speed, so that bench/extract.py can
     measure the pipeline's own ceiling (decode, log-mel, cast, compress, write) on any machine. Not in the
     registry, so never loaded by name. like: "base" (WavLM base: 13 x 768 at 50 Hz, group-norm convs)
     or "whisper-base" (7 x 512, 30 s windows, the real log-mel).
     """
 
+    SPREAD = 4096
+
     def __init__(self, like: str = "base", device: str = "cpu", scale: float = 1.0):
         if like == "whisper-base":
-            num_layers, hidden_size = 7, 512
+            num_layers, hidden_size = 7, 512  # openai/whisper-base's encoder
             front_end = FrontEnd("whisper", WhisperFeatureExtractor(feature_size=80))
             self.frame_rate = whisper_frame_rate(front_end.feature_extractor.hop_length)
         elif like == "base":
@@ -406,18 +409,23 @@ class NullUpstream(Upstream):
         self.device = resolve_device(device)
         self.family, self.num_layers, self.hidden_size = front_end.family, num_layers, hidden_size
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.scale, self._lock, self._pool = scale, threading.Lock(), {}
+        self.scale, self._lock, self._pool, self._next = scale, threading.Lock(), {}, 0
 
     def run(self, inputs: Inputs, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         dtype = dtype or self.dtype
-        need = max(inputs.frames, default=0)
+        need = max(inputs.frames, default=0) + self.SPREAD
         pool = self._pool.get(dtype)
         if pool is None or len(pool) < need:  # grown rarely: batches are sorted longest first
             g = torch.Generator().manual_seed(0)
-            pool = (self.scale * torch.randn(max(need, 1), self.num_layers, self.hidden_size, generator=g)).to(
+            pool = (self.scale * torch.randn(need, self.num_layers, self.hidden_size, generator=g)).to(
                 self.device, dtype)
             self._pool[dtype] = pool
-        return [pool[:t] for t in inputs.frames]
+        out = []
+        for t in inputs.frames:  # each utterance from another place: repeated frames would compress unlike real ones
+            start = self._next % (len(pool) - t + 1)
+            self._next += 1009
+            out.append(pool[start:start + t])
+        return out
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
