@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import psutil
+import threadpoolctl  # with scikit-learn
 
 import numpy as np
 import torch
@@ -117,6 +118,8 @@ def stage_costs(m: Manifest, up: NullUpstream, max_seconds: float, tmp: Path) ->
     """Seconds per audio-second of each stage, one core, over the whole manifest."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # numpy's BLAS too (the log-mel's filter bank is a matmul): one core, as in each helper process
+    limit = threadpoolctl.threadpool_limits(1)
     p = plan(m, up, max_seconds)
     dtype = compute_dtype("float16", up.device.type)
     t = {}
@@ -162,6 +165,7 @@ def stage_costs(m: Manifest, up: NullUpstream, max_seconds: float, tmp: Path) ->
         store.write_chunk(k, c)
     t["write"] = max(0.0, (time.perf_counter() - t0) * scale - t["compress"])
     torch.set_num_threads(threads)
+    limit.restore_original_limits()
     return {k: v / m.duration for k, v in t.items()}
 
 
