@@ -87,14 +87,13 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
         spawn = multiprocessing.get_context("spawn")  # fork would copy torch's threads and the model
         helpers = stack.enter_context(_pool(processes, spawn, _init, (
             manifest, front, skip_bad, ins.names, outs.names, store.url, ids, lengths, store.info.dtype, upstream.name)))
-        reads: dict[int, list[tuple[list[int], Future]]] = {}
+        reads: dict[int, list[Future]] = {}  # per batch: its read tasks
         writes: list[list[Future]] = [[] for _ in range(DEPTH)]  # per output slot: the writes of its batch
         edge_writes: deque[tuple[int, Future]] = deque()
         edges = ChunkAssembler(total, F, skip=done)
 
-        def batch_ids(k: int, positions=None) -> str:
-            b = batches[k]
-            return _names([ids[b[j]] for j in (range(len(b)) if positions is None else positions)])
+        def batch_ids(k: int) -> str:
+            return _names([ids[i] for i in batches[k]])
 
         def died(k: int) -> FusionpipeError:
             return FusionpipeError(
@@ -118,7 +117,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
         def read(k: int) -> None:
             rows = [p.rows[i] for i in batches[k]]
             groups = [list(range(r, len(rows), processes)) for r in range(processes)]
-            reads[k] = [(g, submit(k, _read, k % DEPTH, k, rows, g)) for g in groups if g]
+            reads[k] = [submit(k, _read, k % DEPTH, k, rows, g) for g in groups if g]
 
         # start every process now (the pool spawns them on demand: one would start, importing torch,
         # only once the first batch is done, and hold up the second)
@@ -128,7 +127,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
             read(k)
         for k, batch in enumerate(batches):
             bad: dict[int, str] = {}
-            for group, future in reads.pop(k):
+            for future in reads.pop(k):
                 bad.update(result(future, k))
             inputs = layouts[k]
             inputs.values = ins.view(k % DEPTH, inputs.shape, np.float32)
@@ -136,7 +135,8 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, 
             if bad:  # left out of the forward, as in the one-process path: the others' padding changes
                 inputs = inputs.subset(good)
             feats = iter(upstream.run(inputs, precision) if good else [])
-            layouts[k] = inputs = None  # the forward has consumed the slot (run returns after the copy in)
+            # run has copied the inputs to the device (on a CPU: finished reading them): the slot is free
+            layouts[k] = inputs = None
             if k + DEPTH < len(batches):
                 read(k + DEPTH)
 
