@@ -119,7 +119,7 @@ def stage_costs(m: Manifest, up: NullUpstream, max_seconds: float, tmp: Path) ->
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # numpy's BLAS too (the log-mel's filter bank is a matmul): one core, as in each helper process
-    limit = threadpoolctl.threadpool_limits(1)
+    limit = threadpoolctl.threadpool_limits(1, user_api="blas")
     p = plan(m, up, max_seconds)
     dtype = compute_dtype("float16", up.device.type)
     t = {}
