@@ -83,10 +83,12 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fp-bench-"))
+    threads = torch.get_num_threads()
     try:
-        processes = args.processes or max(1, min(pipeline.MAX_PROCESSES, (os.cpu_count() or 2) - 1))
+        processes = args.processes or pipeline.default_processes("cuda")  # the GPU default, on any machine
         like = args.like or ("whisper-base" if args.kind == "whisper" else "base")
         null_bench(corpus(args.null_seconds), NullUpstream(like, args.device), processes, args.max_seconds, tmp)
+        assert torch.get_num_threads() == threads, "the stage costs must leave torch's threads as they were"
         if not args.only_null:
             real_bench(args, processes, tmp)
     finally:
@@ -117,9 +119,9 @@ def null_bench(m: Manifest, up: NullUpstream, processes: int, max_seconds: float
 def stage_costs(m: Manifest, up: NullUpstream, max_seconds: float, tmp: Path) -> dict[str, float]:
     """Seconds per audio-second of each stage, one core, over the whole manifest."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     # numpy's BLAS too (the log-mel's filter bank is a matmul): one core, as in each helper process
     limit = threadpoolctl.threadpool_limits(1, user_api="blas")
+    torch.set_num_threads(1)
     p = plan(m, up, max_seconds)
     dtype = compute_dtype("float16", up.device.type)
     t = {}
@@ -164,8 +166,8 @@ def stage_costs(m: Manifest, up: NullUpstream, max_seconds: float, tmp: Path) ->
     for k, c in enumerate(cast):
         store.write_chunk(k, c)
     t["write"] = max(0.0, (time.perf_counter() - t0) * scale - t["compress"])
-    torch.set_num_threads(threads)
     limit.restore_original_limits()
+    torch.set_num_threads(threads)
     return {k: v / m.duration for k, v in t.items()}
 
 
