@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.extract.pipeline import MAX_PROCESSES, default_processes
 from fusionpipe.extract.run import extract
 from fusionpipe.extract.upstreams import NullUpstream
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
@@ -73,6 +74,12 @@ def test_an_error_writing_names_the_utterance(varied_manifest, tmp_path):
     with pytest.raises(FusionpipeError, match=r"null-base on varied-\d+: activations exceed the float16 range"
                                               r".*--dtype float32"):
         extract(varied_manifest, loud, tmp_path, processes=1, **SMALL)
+
+
+def test_a_cpu_extracts_in_one_process_by_default_a_gpu_with_helpers():
+    """On a CPU the forward takes every core (extract / bare forward is already ~1.0): bench/extract.py (d)."""
+    assert default_processes("cpu") == 0
+    assert 1 <= default_processes("cuda") <= MAX_PROCESSES
 
 
 def test_null_upstream_has_the_real_shape_and_frame_arithmetic():

@@ -44,6 +44,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,6 +54,9 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.upstreams import FrontEnd, Upstream
 from fusionpipe.manifest import Manifest
 from fusionpipe.store import ChunkAssembler, Edge, FeatureStore, chunk_span
+
+if TYPE_CHECKING:  # run imports this module
+    from fusionpipe.extract.run import Plan
 
 DEPTH = 2  # batches in flight at each end: the one being read (written) and the next
 MAX_PROCESSES = 16
@@ -67,7 +71,7 @@ def default_processes(device_type: str) -> int:
 
 
 # ---- the main process ------------------------------------------------------------------------------
-def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p, batches: list[list[int]],
+def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, batches: list[list[int]],
                 done: np.ndarray, skip_bad: bool, processes: int, on_batch=None) -> tuple[int, list[Edge]]:
     """run.run_batches with reading and writing in `processes` other processes; the same store bytes."""
     offsets, lengths, ids = p.layout.offsets, p.layout.lengths, p.layout.ids
