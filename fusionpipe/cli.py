@@ -125,6 +125,9 @@ def extract(
     overwrite: bool = typer.Option(False, help="replace a store that holds another extraction"),
     wait: bool = typer.Option(False, help="when another process is extracting into the same store, wait for it "
                                           "(default: stop and say who holds it)"),
+    processes: Optional[int] = typer.Option(None, help="reader and writer processes beside the one running the "
+                                            "upstream (0: threads of that process; default: 0 on a CPU, the "
+                                            "cores less one on a GPU)"),
     cluster: Optional[str] = typer.Option(None, help="'local': run the upstream on a Dask LocalCluster"),
     workers: Optional[int] = typer.Option(None, help="LocalCluster worker processes (default: one per GPU, or 1)"),
     scheduler: Optional[str] = typer.Option(None, help="run on an existing Dask cluster: tcp://HOST:8786"),
@@ -137,6 +140,9 @@ def extract(
                    chunk_frames=chunk_frames, wait=wait)
     if workers is not None and cluster is None:
         raise FusionpipeError("--workers sizes a LocalCluster: add --cluster local (or drop --workers)")
+    if processes is not None and (cluster is not None or scheduler is not None):
+        raise FusionpipeError("--processes is for one machine's extraction; a cluster's workers decode and write "
+                              "in threads (drop --processes, or --cluster/--scheduler)")
     if cluster is None and scheduler is None:
         from fusionpipe.extract.run import extract as run
         from fusionpipe.extract.upstreams import load_upstream
@@ -144,7 +150,7 @@ def extract(
         for name in models:
             upstream = load_upstream(name, device=device)
             for m in manifests:
-                typer.echo(run(m, upstream, cache, **options).summary())
+                typer.echo(run(m, upstream, cache, processes=processes, **options).summary())
         return
     from fusionpipe.extract.cluster import connect, extract_on_cluster
 

@@ -2,6 +2,7 @@
 
     upstreams  the registry, loading through transformers, the batch-independent forward
     run        plan (header checks, frame counts, store order, batches) and extract
+    pipeline   the same batches, decoding and writing in helper processes (the GPU default)
     cluster    the same plan on dask.distributed workers
 
     >>> from fusionpipe.extract import extract                       # doctest: +SKIP

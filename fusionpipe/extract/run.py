@@ -3,6 +3,9 @@
     manifest -> header check -> frame counts -> layout (store order) -> batch plan
              -> [audio thread] load -> [main] upstream.forward -> [writer thread] whole chunks
 
+That is the one-process path, the default on a CPU (the forward takes every core). On a GPU the
+reading and writing run in other processes instead (`processes`; pipeline.py): same batches and bytes.
+
 The batch plan is a pure function of the manifest and the budget, so a rerun after a crash
 forms exactly the same batches and writes byte-identical chunks; it only recomputes the
 batches that touch a chunk not yet on disk. cluster.py runs the same plan on Dask workers.
@@ -28,6 +31,8 @@ from fusionpipe import audio
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
 from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, StoreInfo, chunk_span, lock
+from fusionpipe.extract import pipeline
+from fusionpipe.extract.pipeline import default_processes
 from fusionpipe.extract.upstreams import Upstream, load_upstream
 
 IO_THREADS = min(8, max(2, os.cpu_count() or 2))     # audio decoding
@@ -166,19 +171,29 @@ class Result:
 def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cache", *, url: str | None = None,
             device: str = "auto", dtype: str = "float16", codec: str = DEFAULT_CODEC,
             max_seconds: float = 160.0, skip_bad: bool = False, overwrite: bool = False,
-            chunk_frames: int | None = None, progress: bool = True, wait: bool = False) -> Result:
+            chunk_frames: int | None = None, progress: bool = True, wait: bool = False,
+            processes: int | None = None) -> Result:
     """Extract every hidden layer of `model` over `manifest` into a store; resume if one is there.
 
     One extraction per store at a time: a second one is refused naming the holder (``wait``: waits).
+    ``processes``: helper processes that decode and write beside this one (pipeline.py); 0 does it in
+    threads of this process; None: pipeline.default_processes (0 on a CPU). A memory:// store lives in
+    this process only, so it always takes the one-process path.
     """
     upstream = model if isinstance(model, Upstream) else load_upstream(model, device=device)
     url = url or store_url(cache, manifest.name, upstream.name)
+    if processes is None or url.startswith("memory://"):
+        processes = 0 if url.startswith("memory://") else default_processes(upstream.device.type)
+    if processes < 0:
+        raise FusionpipeError(f"--processes {processes}: give 0 (decode and write in threads of this process) or "
+                              "a number of helper processes")
     with lock(url, wait):
-        return _extract(manifest, upstream, url, progress, dtype=dtype, codec=codec, max_seconds=max_seconds,
-                        skip_bad=skip_bad, overwrite=overwrite, chunk_frames=chunk_frames)
+        return _extract(manifest, upstream, url, progress, processes, dtype=dtype, codec=codec,
+                        max_seconds=max_seconds, skip_bad=skip_bad, overwrite=overwrite, chunk_frames=chunk_frames)
 
 
-def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, **options) -> Result:
+def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, processes: int,
+             **options) -> Result:
     opened = open_store(manifest, upstream, url, device_type=upstream.device.type, **options)
     if isinstance(opened, Result):
         return opened
@@ -191,8 +206,12 @@ def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, *
     batch_seconds = [sum(manifest[p.rows[i]].duration for i in b) for b in todo]
     bar = progress_bar(sum(batch_seconds), f"extract {upstream.name}", progress)
     try:
-        skipped, edges = run_batches(manifest, upstream, store, p, todo, done, skip_bad,
-                                     on_batch=lambda k: bar.update(batch_seconds[k]))
+        on_batch = lambda k: bar.update(batch_seconds[k])  # noqa: E731
+        if processes:
+            skipped, edges = pipeline.run_batches(manifest, upstream, store, p, todo, done, skip_bad, processes,
+                                                  on_batch=on_batch)
+        else:
+            skipped, edges = run_batches(manifest, upstream, store, p, todo, done, skip_bad, on_batch=on_batch)
     finally:
         bar.close()
     assert not edges, "every chunk a batch touches is filled when all its batches run"

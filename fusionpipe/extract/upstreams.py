@@ -173,12 +173,108 @@ def make_local_model(kind: str, out_dir: str | Path, size: str = "tiny", seed: i
     return out_dir
 
 
+# ---- the front end: everything an upstream does on the CPU before its forward ------------------------------
+@dataclass
+class Inputs:
+    """One batch as the model takes it, laid out from sample counts alone (`FrontEnd.rows`) so that other
+    processes can fill the values one utterance at a time (`FrontEnd.fill`; extract/pipeline.py).
+
+    A row is one utterance (SSL: its feature-extractor output, zero-padded) or one Whisper window (its log-mel).
+    """
+
+    frames: list[int]       # output frames of each wave (0: too short for the convs, no row)
+    owners: list[int]       # the wave of each row
+    starts: list[int]       # first sample of each row in its wave (Whisper windows; 0 for SSL)
+    lengths: list[int]      # real length of each row: samples (SSL) or output frames (Whisper window)
+    shape: tuple[int, ...]  # of `values`: (rows, samples) SSL, (windows, n_mels, n_frames) Whisper
+    values: np.ndarray | None = None  # float32
+
+    def subset(self, waves: list[int]) -> Inputs:
+        """The batch of only `waves` (the others were bad audio), as `rows` lays it out for them alone."""
+        pick = {w: j for j, w in enumerate(waves)}
+        rows = [r for r, o in enumerate(self.owners) if o in pick]
+        lengths = [self.lengths[r] for r in rows]
+        shape = (len(rows), *self.shape[1:])
+        if len(self.shape) == 2:  # SSL: padded to the longest remaining utterance
+            shape = (len(rows), max(lengths, default=0))
+        values = np.ascontiguousarray(self.values[rows][:, :shape[1]]) if self.values is not None else None
+        return Inputs([self.frames[w] for w in waves], [pick[self.owners[r]] for r in rows],
+                      [self.starts[r] for r in rows], lengths, shape, values)
+
+
+class FrontEnd:
+    """The CPU half of an upstream: frame arithmetic and the feature extractor (normalisation, Whisper's log-mel).
+
+    It holds no weights, so it pickles small into the pipeline's reader processes. Frame counts are integer
+    arithmetic on the config's conv kernels and strides (transformers' _get_feat_extract_output_lengths, without
+    torch ops: it runs per utterance).
+    """
+
+    def __init__(self, family: str, feature_extractor, conv_kernel=(), conv_stride=()):
+        self.family, self.feature_extractor = family, feature_extractor
+        self.convs = list(zip(conv_kernel, conv_stride))
+
+    @property
+    def window_samples(self) -> int | None:
+        return self.feature_extractor.n_samples if self.family == "whisper" else None
+
+    def num_frames(self, num_samples: int) -> int:
+        if self.family == "whisper":
+            full, rest = divmod(num_samples, self.window_samples)
+            return full * self.window_frames(self.window_samples) + self.window_frames(rest)
+        n = num_samples
+        for kernel, stride in self.convs:
+            n = (n - kernel) // stride + 1
+        return max(0, n)
+
+    def window_frames(self, num_samples: int) -> int:
+        # the frames whose centre lies in the audio: ceil(n / hop) mel frames, as the feature extractor's
+        # attention mask counts them, then the encoder's stride-2 conv (kernel 3, padding 1)
+        mel = -(-num_samples // self.feature_extractor.hop_length)
+        return (mel - 1) // 2 + 1
+
+    def rows(self, num_samples: list[int]) -> Inputs:
+        """The layout of a batch of waves of these lengths, without their values."""
+        frames = [self.num_frames(n) for n in num_samples]
+        if self.family == "whisper":
+            window = self.window_samples
+            pieces = [(i, s) for i, n in enumerate(num_samples) for s in range(0, n, window)]
+            lengths = [self.window_frames(min(window, num_samples[i] - s)) for i, s in pieces]
+            fe = self.feature_extractor
+            return Inputs(frames, [i for i, _ in pieces], [s for _, s in pieces], lengths,
+                          (len(pieces), fe.feature_size, fe.nb_max_frames))
+        keep = [i for i, t in enumerate(frames) if t > 0]  # shorter than one conv receptive field: no frames
+        lengths = [num_samples[i] for i in keep]
+        return Inputs(frames, keep, [0] * len(keep), lengths, (len(keep), max(lengths, default=0)))
+
+    def fill(self, inputs: Inputs, wave_index: int, wave: np.ndarray, values: np.ndarray) -> None:
+        """Write the rows of wave `wave_index` into `values` (inputs.shape), padding included."""
+        for r in (r for r, o in enumerate(inputs.owners) if o == wave_index):
+            if self.family == "whisper":  # the feature extractor pads each window to its full length
+                piece = wave[inputs.starts[r]:inputs.starts[r] + self.window_samples]
+                mel = self.feature_extractor(piece, sampling_rate=SAMPLE_RATE, return_tensors="np")
+                values[r] = mel.input_features[0]
+            else:  # it normalises over the whole input, so it sees one utterance at a time
+                n = inputs.lengths[r]
+                x = self.feature_extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np")
+                values[r, :n] = x.input_values[0]
+                values[r, n:] = 0
+
+    def prepare(self, waves: list[np.ndarray]) -> Inputs:
+        inputs = self.rows([len(w) for w in waves])
+        inputs.values = np.empty(inputs.shape, np.float32)
+        for i, w in enumerate(waves):
+            self.fill(inputs, i, w, inputs.values)
+        return inputs
+
+
 # ---- the upstream ----------------------------------------------------------------------------------------
 class Upstream:
     """A frozen upstream in eval mode. forward(waves) -> one (T_i, L, D) tensor per wave, T_i == num_frames.
 
     An utterance's features never depend on the other utterances of its batch: each equals the single-utterance
     forward of plain transformers (feature extractor on that utterance alone, then the model).
+    forward = run(front_end.prepare(waves)): the pipeline (extract/pipeline.py) prepares in other processes.
     """
 
     sample_rate = SAMPLE_RATE
@@ -195,9 +291,11 @@ class Upstream:
             self.num_layers = config.encoder_layers + 1
             assert (model.conv1.stride[0], model.conv2.stride[0]) == (1, 2), "Whisper's encoder convs changed"
             self.frame_rate = whisper_frame_rate(feature_extractor.hop_length)
+            self.front_end = FrontEnd(self.family, feature_extractor)
         else:
             self.num_layers = config.num_hidden_layers + 1
             self.frame_rate = ssl_frame_rate(config.conv_stride)
+            self.front_end = FrontEnd(self.family, feature_extractor, config.conv_kernel, config.conv_stride)
         self._group_norm = getattr(config, "feat_extract_norm", "layer") == "group"
         self._lock = threading.Lock()
 
@@ -212,20 +310,11 @@ class Upstream:
     @property
     def window_seconds(self) -> float | None:
         """Whisper's fixed input window (every window costs the same compute); None for the SSL models."""
-        return self.feature_extractor.n_samples / SAMPLE_RATE if self.family == "whisper" else None
+        return self.front_end.window_samples / SAMPLE_RATE if self.family == "whisper" else None
 
     def num_frames(self, num_samples: int) -> int:
         """Frames forward() returns for num_samples 16 kHz samples (0 when too short for the convs)."""
-        if self.family == "whisper":
-            full, rest = divmod(num_samples, self.feature_extractor.n_samples)
-            return full * self._window_frames(self.feature_extractor.n_samples) + self._window_frames(rest)
-        return max(0, int(self.model._get_feat_extract_output_lengths(torch.tensor(num_samples))))
-
-    def _window_frames(self, num_samples: int) -> int:
-        # the frames whose centre lies in the audio: ceil(n / hop) mel frames, as the feature extractor's
-        # attention mask counts them, then the encoder's stride-2 conv
-        mel = -(-num_samples // self.feature_extractor.hop_length)
-        return int(self.model._get_feat_extract_output_lengths(torch.tensor(mel)))
+        return self.front_end.num_frames(num_samples)
 
     def forward(self, waves: list[np.ndarray], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """waves: mono 16 kHz 1-D float arrays of any lengths -> [(T_i, L, D)] on self.device.
@@ -237,11 +326,17 @@ class Upstream:
         if any(w.ndim != 1 for w in waves):
             raise FusionpipeError(f"{self.name}: forward expects mono 1-D waveforms, got shapes "
                                   f"{[w.shape for w in waves]}")
+        return self.run(self.front_end.prepare(waves), dtype)
+
+    def run(self, inputs: Inputs, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """The model on a prepared batch -> [(T_i, L, D)] per wave, on self.device (see `forward`)."""
         dtype = dtype or self.dtype
+        if not inputs.owners:
+            return [self._empty(dtype) for _ in inputs.frames]
         # one call at a time: batch independence swaps modules in for the call (cluster workers run 2 units)
         with self._lock, torch.inference_mode(), \
                 torch.autocast(self.device.type, dtype=torch.float16, enabled=dtype == torch.float16):
-            return self._forward_whisper(waves, dtype) if self.family == "whisper" else self._forward_ssl(waves, dtype)
+            return self._run_whisper(inputs, dtype) if self.family == "whisper" else self._run_ssl(inputs, dtype)
 
     def _hidden_states(self, out, dtype: torch.dtype) -> torch.Tensor:  # L x (B, T, D) -> (B, T, L, D)
         # transformers 5 records the last block's output BEFORE the final layer norm of stable-layer-norm models
@@ -252,20 +347,10 @@ class Upstream:
     def _empty(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(0, self.num_layers, self.hidden_size, device=self.device, dtype=dtype)
 
-    def _forward_ssl(self, waves: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
-        frames = [self.num_frames(len(w)) for w in waves]
-        keep = [i for i, t in enumerate(frames) if t > 0]  # shorter than one conv receptive field: no frames
-        out = [self._empty(dtype) for _ in waves]
-        if not keep:
-            return out
-        # the feature extractor normalises over the whole input, so it sees one utterance at a time
-        inputs = [self.feature_extractor(waves[i], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values[0]
-                  for i in keep]
-        lengths = [len(x) for x in inputs]
-        input_values = torch.zeros(len(inputs), max(lengths))  # (B, S)
-        attention_mask = torch.zeros(len(inputs), max(lengths), dtype=torch.long)
-        for b, x in enumerate(inputs):
-            input_values[b, :len(x)], attention_mask[b, :len(x)] = x, 1
+    def _run_ssl(self, inputs: Inputs, dtype: torch.dtype) -> list[torch.Tensor]:
+        lengths, frames = inputs.lengths, inputs.frames
+        input_values = torch.from_numpy(inputs.values)  # (B, S), zero-padded
+        attention_mask = (torch.arange(input_values.shape[1]) < torch.tensor(lengths)[:, None]).long()
         with ExitStack() as stack:
             if self._group_norm:
                 first = self.model.feature_extractor.conv_layers[0]
@@ -275,28 +360,72 @@ class Upstream:
             if self.model.config.model_type == "data2vec-audio":
                 encoder = self.model.encoder
                 stack.enter_context(swapped(encoder, "pos_conv_embed", PerUtterancePosConv(
-                    encoder.pos_conv_embed, [frames[i] for i in keep])))
+                    encoder.pos_conv_embed, [frames[i] for i in inputs.owners])))
             result = self.model(input_values.to(self.device), attention_mask=attention_mask.to(self.device),
                                 output_hidden_states=True)
         hidden = self._hidden_states(result, dtype)  # (B, T, L, D)
-        for b, i in enumerate(keep):
+        out = [self._empty(dtype) for _ in frames]
+        for b, i in enumerate(inputs.owners):
             out[i] = hidden[b, :frames[i]]
         return out
 
-    def _forward_whisper(self, waves: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+    def _run_whisper(self, inputs: Inputs, dtype: torch.dtype) -> list[torch.Tensor]:
         """Whisper's encoder only accepts full windows (30 s = 3000 mel frames for the real models): every window
         is padded by the feature extractor, all windows of the batch run together, each is cut to its real frames."""
-        window = self.feature_extractor.n_samples
-        pieces = [(i, w[s:s + window]) for i, w in enumerate(waves) for s in range(0, len(w), window)]
-        out = [[] for _ in waves]
-        if pieces:
-            mel = torch.cat([self.feature_extractor(p, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-                             for _, p in pieces])  # (W, n_mels, 3000)
-            out_w = self.model(mel.to(self.device), output_hidden_states=True)
-            hidden = self._hidden_states(out_w, dtype)  # (W, 1500, L, D)
-            for (i, p), h in zip(pieces, hidden):
-                out[i].append(h[:self._window_frames(len(p))])
+        out_w = self.model(torch.from_numpy(inputs.values).to(self.device), output_hidden_states=True)
+        hidden = self._hidden_states(out_w, dtype)  # (W, 1500, L, D)
+        out = [[] for _ in inputs.frames]
+        for i, n, h in zip(inputs.owners, inputs.lengths, hidden):
+            out[i].append(h[:n])
         return [torch.cat(hs) if hs else self._empty(dtype) for hs in out]
+
+
+class NullUpstream(Upstream):
+    """For benchmarks only: a real model's front end and output shape, and no model.
+
+    `run` returns slices of one precomputed random tensor (SPREAD frames longer than the longest utterance, so
+    that no two utterances of a chunk are the same bytes), at memory speed, so that bench/extract.py can
+    measure the pipeline's own ceiling (decode, log-mel, cast, compress, write) on any machine. Not in the
+    registry, so never loaded by name. like: "base" (WavLM base: 13 x 768 at 50 Hz, group-norm convs)
+    or "whisper-base" (7 x 512, 30 s windows, the real log-mel).
+    """
+
+    SPREAD = 4096
+
+    def __init__(self, like: str = "base", device: str = "cpu", scale: float = 1.0):
+        if like == "whisper-base":
+            num_layers, hidden_size = 7, 512  # openai/whisper-base's encoder
+            front_end = FrontEnd("whisper", WhisperFeatureExtractor(feature_size=80))
+            self.frame_rate = whisper_frame_rate(front_end.feature_extractor.hop_length)
+        elif like == "base":
+            config = WavLMConfig()
+            num_layers, hidden_size = config.num_hidden_layers + 1, config.hidden_size
+            front_end = FrontEnd("ssl", _ssl_feature_extractor(config), config.conv_kernel, config.conv_stride)
+            self.frame_rate = ssl_frame_rate(config.conv_stride)
+        else:
+            raise FusionpipeError(f"NullUpstream: like must be 'base' or 'whisper-base', got {like!r}")
+        self.name, self.model_id, self.revision = f"null-{like}", f"null:{like}", "0"
+        self.model, self.feature_extractor, self.front_end = None, front_end.feature_extractor, front_end
+        self.device = resolve_device(device)
+        self.family, self.num_layers, self.hidden_size = front_end.family, num_layers, hidden_size
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.scale, self._lock, self._pool, self._next = scale, threading.Lock(), {}, 0
+
+    def run(self, inputs: Inputs, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        dtype = dtype or self.dtype
+        need = max(inputs.frames, default=0) + self.SPREAD
+        pool = self._pool.get(dtype)
+        if pool is None or len(pool) < need:  # grown rarely: batches are sorted longest first
+            g = torch.Generator().manual_seed(0)
+            pool = (self.scale * torch.randn(need, self.num_layers, self.hidden_size, generator=g)).to(
+                self.device, dtype)
+            self._pool[dtype] = pool
+        out = []
+        for t in inputs.frames:  # each utterance from another place: repeated frames would compress unlike real ones
+            start = self._next % (len(pool) - t + 1)
+            self._next += 1009
+            out.append(pool[start:start + t])
+        return out
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
