@@ -16,7 +16,8 @@ from fusionpipe.extract.pipeline import MAX_PROCESSES, default_processes
 from fusionpipe.extract.run import extract
 from fusionpipe.extract.upstreams import NullUpstream
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.store import FeatureStore, verify
+from fusionpipe.store import FeatureStore
+from fusionpipe.verify import verify
 
 # chunks of 16 frames under batches of one or two utterances: most chunks straddle a batch edge
 SMALL = dict(max_seconds=5.0, chunk_frames=16, device="cpu", progress=False)
