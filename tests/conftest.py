@@ -196,18 +196,47 @@ def _run_extract(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
-def _kill_extract_midway(cmd: list[str], chunk_dir: Path) -> None:
-    """Start `cmd` and SIGKILL it once 3 chunks are on disk (a real kill -9, mid-extraction)."""
+def _start_extract_midway(cmd: list[str], chunk_dir: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start `cmd` and return it, still running, once 3 chunks are on disk."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if chunk_dir.is_dir() and len(os.listdir(chunk_dir)) >= 3:
             break
         time.sleep(0.01)
     assert proc.poll() is None, "extraction finished before it could be killed: make the manifest longer"
+    return proc
+
+
+def _kill_extract_midway(cmd: list[str], chunk_dir: Path) -> None:
+    """Start `cmd` and SIGKILL it once 3 chunks are on disk (a real kill -9, mid-extraction)."""
+    proc = _start_extract_midway(cmd, chunk_dir)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def _with_nan_row(manifest: Manifest, out: Path, samples: int) -> Manifest:
+    """`manifest` plus a row "nan" whose header is fine and whose samples hold a NaN: found while reading,
+    not by the plan's header checks. Written as `out`/withnan.tsv."""
+    x = np.zeros(samples, np.float32)
+    x[100] = np.nan
+    sf.write(manifest.root / "nan.wav", x, 16000, subtype="FLOAT")
+    m = Manifest("withnan", manifest.root, [*manifest.utterances, Utterance("nan", "nan.wav", samples, 16000)])
+    write_manifest(m, out / "withnan.tsv")
+    return read_manifest(out / "withnan.tsv")
+
+
+@pytest.fixture(scope="session")
+def with_nan_row():
+    """`with_nan_row(manifest, out_dir, samples)`: the manifest plus a row of audio holding a NaN."""
+    return _with_nan_row
+
+
+@pytest.fixture
+def start_extract_midway():
+    """`start_extract_midway(cmd, chunk_dir, stderr=...)`: the running process, once 3 chunks are on disk."""
+    return _start_extract_midway
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
@@ -16,7 +15,6 @@ from fusionpipe.cli import app
 from fusionpipe.extract.cluster import connect, extract_on_cluster, work_units
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract, plan
-from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 from fusionpipe.store import FeatureStore, chunk_span
 from fusionpipe.verify import verify
 from fusionpipe.extract.upstreams import load_upstream
@@ -114,14 +112,9 @@ def test_two_workers_with_one_killed_mid_run_give_the_single_process_store(long_
 
 
 @pytest.fixture
-def nan_manifest(speech_manifest, tmp_path):
+def nan_manifest(speech_manifest, tmp_path, with_nan_row):
     """The speech manifest plus a file whose header is fine and whose samples hold a NaN (found at read time)."""
-    x = np.zeros(16000, np.float32)
-    x[100] = np.nan
-    sf.write(speech_manifest.root / "nan.wav", x, 16000, subtype="FLOAT")
-    m = Manifest("withnan", speech_manifest.root, [*speech_manifest.utterances, Utterance("nan", "nan.wav", 16000, 16000)])
-    write_manifest(m, tmp_path / "withnan.tsv")
-    return read_manifest(tmp_path / "withnan.tsv")
+    return with_nan_row(speech_manifest, tmp_path, 16000)
 
 
 @pytest.mark.slow

@@ -3,19 +3,16 @@
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-import soundfile as sf
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.pipeline import MAX_PROCESSES, default_processes
 from fusionpipe.extract.run import extract
 from fusionpipe.extract.upstreams import NullUpstream
-from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 from fusionpipe.store import FeatureStore
 from fusionpipe.verify import verify
 
@@ -43,19 +40,9 @@ def test_pipeline_store_is_byte_identical_to_the_one_process_store(model, varied
     assert _files(one.url) == _files(many.url)
 
 
-def _with_nan_row(manifest, tmp_path) -> Manifest:
-    """`manifest` plus a row whose header is fine and whose samples hold a NaN: found while reading, not by the plan."""
-    x = np.zeros(40000, np.float32)
-    x[100] = np.nan
-    sf.write(manifest.root / "nan.wav", x, 16000, subtype="FLOAT")
-    m = Manifest("withnan", manifest.root, [*manifest.utterances, Utterance("nan", "nan.wav", 40000, 16000)])
-    write_manifest(m, tmp_path / "withnan.tsv")
-    return read_manifest(tmp_path / "withnan.tsv")
-
-
-def test_bad_audio_is_left_out_as_in_the_one_process_path(varied_manifest, tmp_path):
+def test_bad_audio_is_left_out_as_in_the_one_process_path(varied_manifest, tmp_path, with_nan_row):
     """--skip-bad: the bad row is recorded, zeros stored, and its batch runs without it (same bytes)."""
-    m = _with_nan_row(varied_manifest, tmp_path)
+    m = with_nan_row(varied_manifest, tmp_path, 40000)
     one = extract(m, "toy-wavlm", tmp_path / "one", processes=0, skip_bad=True, **SMALL)
     many = extract(m, "toy-wavlm", tmp_path / "many", processes=2, skip_bad=True, **SMALL)
     assert one.skipped == many.skipped == 1
@@ -63,8 +50,8 @@ def test_bad_audio_is_left_out_as_in_the_one_process_path(varied_manifest, tmp_p
     assert _files(one.url) == _files(many.url) and verify(FeatureStore.open(many.url)) == []
 
 
-def test_an_error_reading_names_the_utterance(varied_manifest, tmp_path):
-    m = _with_nan_row(varied_manifest, tmp_path)
+def test_an_error_reading_names_the_utterance(varied_manifest, tmp_path, with_nan_row):
+    m = with_nan_row(varied_manifest, tmp_path, 40000)
     with pytest.raises(FusionpipeError, match=r"withnan.tsv row \d+ \(id nan\).*NaN.*--skip-bad"):
         extract(m, "toy-wavlm", tmp_path, processes=2, **SMALL)
 
@@ -95,20 +82,13 @@ def test_null_upstream_has_the_real_shape_and_frame_arithmetic():
 
 @pytest.mark.slow
 def test_kill_9_of_a_helper_fails_cleanly_and_the_rerun_is_byte_identical(long_manifest, tmp_path, extract_cmd,
-                                                                          run_extract):
+                                                                          run_extract, start_extract_midway):
     """A real SIGKILL of one helper process: the run stops with an error naming the batch (no hang), and
     rerunning the same command completes the store with every byte of the uninterrupted one."""
     run_extract(extract_cmd(long_manifest, tmp_path / "ref", "--processes", "0"))
     cmd = extract_cmd(long_manifest, tmp_path / "killed", "--processes", "3")
     chunk_dir = tmp_path / "killed" / long_manifest.name / "toy-wavlm.zarr" / "hidden" / "c"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if chunk_dir.is_dir() and len(os.listdir(chunk_dir)) >= 3:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "extraction finished before it could be killed: make the manifest longer"
+    proc = start_extract_midway(cmd, chunk_dir, stderr=subprocess.PIPE)
     children = [c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
     assert len(children) >= 2
     os.kill(children[-1].pid, signal.SIGKILL)
