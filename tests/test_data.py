@@ -2,6 +2,7 @@
 
 import gc
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -90,6 +91,20 @@ def test_workers_build_batches_in_shared_slots_freed_only_when_the_trainer_drops
     del held
     gc.collect()
     assert int(slots.busy.sum()) == 0  # freed once the trainer let go
+
+
+def test_worker_slots_fit_in_dev_shm_or_the_loader_warns_and_takes_the_ordinary_path(toy_stores, monkeypatch):
+    from fusionpipe.fuse import loader as module
+
+    _, stores = toy_stores
+    batch = 60 * 4 * (32 + 40) * 4  # max_frames x L x sum(D) x float32
+    for free, per_worker in ((10**12, 4), (2 * 3 * batch, 3)):  # room for 4 each, for 3 each
+        monkeypatch.setattr(module.shutil, "disk_usage", lambda path, free=free: shutil._ntuple_diskusage(0, 0, free))
+        slots = make_loader(stores, max_frames=60, num_workers=2).dataset.slots
+        assert slots.nbytes == batch and slots.per_worker == per_worker and len(slots.memory) == 2 * per_worker
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, batch))
+    with pytest.warns(UserWarning, match=r"--num-workers 2: /dev/shm .*--shm-size"):
+        assert make_loader(stores, max_frames=60, num_workers=2).dataset.slots is None
 
 
 def test_ids_restrict_the_loader_to_a_subset(toy_stores):

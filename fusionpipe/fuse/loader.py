@@ -32,6 +32,7 @@ reopens the stores on first use, and workers start with "spawn".
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 import weakref
 from collections import deque
@@ -261,6 +262,23 @@ class _Slot:
         return self.memory[self.used - n:self.used].view(shape)
 
 
+SHM = Path("/dev/shm")
+
+
+def shared_slots(workers: int, nbytes: int, per_worker: int = 2 + 2) -> SharedSlots | None:
+    """Slots for `workers` worker processes: per worker the prefetch_factor (2) batches queued for it and
+    two the trainer may still hold, fewer if /dev/shm has no room for them (a slot touched past the room
+    is a SIGBUS), none (the ordinary path, with a warning) if it has no room for one per worker."""
+    free = shutil.disk_usage(SHM).free if SHM.is_dir() else math.inf
+    fits = int(min(per_worker, free // (workers * nbytes)))
+    if fits < 1:
+        warnings.warn(f"--num-workers {workers}: /dev/shm has {free / 2**20:.0f} MB free, less than one batch of "
+                      f"--max-frames ({nbytes / 2**20:.0f} MB) per worker, so batches take torch's slower path; give "
+                      "the container more shared memory (docker --shm-size) or lower --max-frames", stacklevel=3)
+        return None
+    return SharedSlots(workers, fits, nbytes)
+
+
 class SharedSlots:
     """Batch memory for the loader's worker processes: a worker aligns its batch straight into one of its
     own slots of shared memory, sends the slot's number, and the trainer reads the batch in place: no copy
@@ -351,8 +369,7 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
         first = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
         raise FusionpipeError(f"{len(lacking)} utterance(s) of the stores have no manifest row ({first}); "
                               "pass the manifest they were extracted from")
-    # per worker: the prefetch_factor (2) batches queued for it, and two the trainer may still hold
-    slots = SharedSlots(num_workers, 2 + 2, max_frames * view.num_layers * sum(view.dims) * 4) \
+    slots = shared_slots(num_workers, max_frames * view.num_layers * sum(view.dims) * 4) \
         if num_workers and not compact else None
     dataset = FusedDataset(view, [by_id[u] for u in view.ids], compact, slots)
     sampler = BucketBatchSampler(view.lengths, max_frames, shuffle=shuffle, seed=seed, drop_last=drop_last,
