@@ -251,24 +251,15 @@ def _list(values: Optional[List[str]]) -> List[str]:
     return [x.strip() for v in values or [] for x in str(v).split(",") if x.strip()]
 
 
-def _numbers(text: str | None) -> list[float] | None:
-    """"2,8" -> [2.0, 8.0]."""
+def _numbers(text: str | None, flag: str, kind=float) -> list | None:
+    """"2,8" -> [2.0, 8.0]; with kind=int, "0,1,2" -> [0, 1, 2]."""
     if text is None:
         return None
     try:
-        return [float(x) for x in text.split(",")]
+        return [kind(x) for x in text.split(",")]
     except ValueError:
-        raise FusionpipeError(f"expected numbers separated by commas, e.g. 2,8; got {text!r}") from None
-
-
-def _whole_numbers(text: str | None, flag: str) -> list[int] | None:
-    """"0,1,2" -> [0, 1, 2]."""
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise FusionpipeError(f"{flag}: expected whole numbers separated by commas, e.g. 0,1,2; got {text!r}") from None
+        what, example = ("whole numbers", "0,1,2") if kind is int else ("numbers", "2,8")
+        raise FusionpipeError(f"{flag}: expected {what} separated by commas, e.g. {example}; got {text!r}") from None
 
 
 def _options(pairs: Optional[List[str]]) -> dict:
@@ -330,8 +321,8 @@ def train(
     from fusionpipe.train.loop import train as run
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
-                 grad_clip=grad_clip, seed=seed, seeds=_whole_numbers(seeds, "--seeds"), specaugment=specaugment,
-                 crop_seconds=_numbers(crop_seconds),
+                 grad_clip=grad_clip, seed=seed, seeds=_numbers(seeds, "--seeds", int), specaugment=specaugment,
+                 crop_seconds=_numbers(crop_seconds, "--crop-seconds"),
                  head_options=_options(head_option) or None, interface_options=_options(interface_option) or None,
                  trials=trials, select=select)
     given = {k: v for k, v in given.items() if v is not None}
