@@ -173,10 +173,6 @@ class Quantize(ArrayBytesCodec):
     def compute_encoded_size(self, input_byte_length: int, _chunk_spec: ArraySpec) -> int:
         raise NotImplementedError(f"{NAME} chunks vary in size")
 
-    def roundtrip(self, x: np.ndarray) -> np.ndarray:
-        """What reading `x` back after writing it gives (the writer measures its error with this)."""
-        return decode(encode(x, self.step, self.predict_layers), x.shape, x.dtype, np.nan, self.predict_layers)
-
 
 register_codec(NAME, Quantize)
 
@@ -198,10 +194,6 @@ class Codes:
     def to(self, device, non_blocking: bool = False) -> Codes:
         return Codes(self.deltas.to(device, non_blocking=non_blocking), self.steps.to(device, non_blocking=non_blocking),
                      self.start, self.frames, self.predict_layers, self.dtype)
-
-    def pin_memory(self) -> Codes:
-        return Codes(self.deltas.pin_memory(), self.steps.pin_memory(), self.start, self.frames,
-                     self.predict_layers, self.dtype)
 
     def expand(self) -> torch.Tensor:
         """(frames, L, D) values in the store's dtype, on the tensors' device."""

@@ -418,7 +418,7 @@ class FeatureStore:
         the fill value first, as zarr pads it."""
         spec = self._chunk_spec()
         if len(frames) != self.chunk_frames:
-            full = np.full(spec.shape, np.nan, dtype=self.hidden.dtype)
+            full = np.full(spec.shape, spec.fill_value, dtype=self.hidden.dtype)
             full[:len(frames)] = frames
             frames = full
         nd = spec.prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(frames, dtype=self.hidden.dtype))

@@ -202,9 +202,6 @@ class CompactStack:
                 align_into(block[o:o + n], out[b, :, :self.lengths[b]], accumulate=False)
         return out
 
-    def pin_memory(self) -> CompactStack:
-        return CompactStack(self.shape, self.lengths, [(c.pin_memory(), i) for c, i in self.reads])
-
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c, _ in self.reads)
