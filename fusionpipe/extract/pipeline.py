@@ -53,7 +53,7 @@ from fusionpipe import audio
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.upstreams import FrontEnd, Upstream
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import ChunkAssembler, Edge, FeatureStore, chunk_span
+from fusionpipe.store import ChunkAssembler, Edge, FeatureStore, chunk_span, list_ids
 
 if TYPE_CHECKING:  # run imports this module
     from fusionpipe.extract.run import Plan
@@ -97,7 +97,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
         edges = ChunkAssembler(total, F, skip=done)
 
         def batch_ids(k: int) -> str:
-            return _names([ids[i] for i in batches[k]])
+            return list_ids([ids[i] for i in batches[k]])
 
         def died(k: int) -> FusionpipeError:
             return FusionpipeError(
@@ -174,7 +174,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
                 else:  # under a batch edge: its part, copied out of the slot
                     a, b = max(lo, c0), min(hi, c1)
                     for c_, frames in edges.add(a, out[a - lo:b - lo]):
-                        edge_writes.append((k, submit(k, _write_edge, c_, frames)))
+                        edge_writes.append((k, submit(k, _write_chunk, c_, frames)))
             writes[slot] = [submit(k, _write, slot, lo, hi - lo, out_dtype.str, [int(c) for c in group])
                             for group in np.array_split(whole, max(1, min(processes, len(whole)))) if len(group)]
             del out
@@ -194,10 +194,6 @@ def slot_bytes(layouts: list, frames: list[int], frame_bytes: int) -> tuple[int,
     """Bytes of one input slot and one output slot: the largest batch's inputs (float32) and features."""
     return (max((4 * math.prod(x.shape) for x in layouts), default=1),
             max((n * frame_bytes for n in frames), default=1))
-
-
-def _names(ids: list[str], show: int = 5) -> str:
-    return ", ".join(ids[:show]) + (f" and {len(ids) - show} more" if len(ids) > show else "")
 
 
 class _Slots:
@@ -302,7 +298,7 @@ def _read(slot: int, k: int, rows: list[int], mine: list[int]) -> dict[int, str]
     except FusionpipeError:
         raise
     except Exception as e:
-        raise FusionpipeError(f"reading batch {k} ({_names([m[rows[j]].id for j in mine])}): "
+        raise FusionpipeError(f"reading batch {k} ({list_ids([m[rows[j]].id for j in mine])}): "
                               f"{type(e).__name__}: {e}") from None
 
 
@@ -313,10 +309,6 @@ def _write(slot: int, lo: int, n: int, dtype: str, chunks: list[int]) -> None:
     F = store.chunk_frames
     for c in chunks:
         _write_chunk(c, frames[c * F - lo:min((c + 1) * F, store.total_frames) - lo])
-
-
-def _write_edge(c: int, frames: np.ndarray) -> None:
-    _write_chunk(c, frames)
 
 
 def _write_chunk(c: int, x: np.ndarray) -> None:
@@ -330,7 +322,7 @@ def _write_chunk(c: int, x: np.ndarray) -> None:
         raise
     except Exception as e:
         start = c * store.chunk_frames
-        raise FusionpipeError(f"writing chunk {c} ({_names(_utterances(start, start + len(x)))}): "
+        raise FusionpipeError(f"writing chunk {c} ({list_ids(_utterances(start, start + len(x)))}): "
                               f"{type(e).__name__}: {e}") from None
 
 
