@@ -39,7 +39,7 @@ from fusionpipe.store import FeatureStore
 from fusionpipe.train.checkpoint import load_checkpoint
 from fusionpipe.train.config import TrainConfig, check_upstreams, split_seed, trial_list
 from fusionpipe.train.interfaces import GumbelSelect, WeightedSum
-from fusionpipe.train.loop import build_variants
+from fusionpipe.train.loop import build_variants, expands_on
 from fusionpipe.train.tasks import batch_targets, lower_is_better, task_from_dict
 
 USE_COLUMNS = ("variant", "fusion", "merge", "seed", "measure", "upstream", "layer", "metric", "value")
@@ -76,7 +76,8 @@ def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | 
     if knockout:
         check_upstreams(cfg.stores, stores, "--stores", "the run's --stores")
         loader = make_loader(stores, manifest, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
-                             align_layers=cfg.align_layers, skip_missing=skip_missing, prefetch=1)
+                             align_layers=cfg.align_layers, skip_missing=skip_missing, prefetch=1,
+                             compact=expands_on(device))
         view = loader.dataset.view
     else:
         view = open_fused(cfg.stores, None, cfg.align_time, cfg.align_layers, skip_missing=True)
