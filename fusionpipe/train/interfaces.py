@@ -40,6 +40,56 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:])
 
 
+class Standardize(nn.Module):
+    """Every (layer, channel) of every upstream to zero mean and unit variance over the training frames.
+
+    Buffers ``mean_<k>`` and ``std_<k>`` (L, D_k) per upstream k, set once before training from the
+    train stores (`set_statistics`; `FusedView.layer_stats`) and saved with the model, so evaluating
+    and predicting use the training statistics. Why (docs/method.md): pretrained hidden states have a
+    few channels 50-100x larger than the rest and nearly constant in time (real Whisper-base: |x| up
+    to 350, most below 6); a learned mix of channels (HConv's convs, a concat projection) then moves
+    mostly those channels, loses the frame-to-frame signal, and stalls on the CTC blank plateau.
+    A checkpoint saved without these buffers (before they existed) loads as the identity.
+    """
+
+    def __init__(self, dims: list[int], num_layers: int):
+        super().__init__()
+        self.dims = list(dims)
+        for k, d in enumerate(self.dims):
+            self.register_buffer(f"mean_{k}", torch.zeros(num_layers, d))
+            self.register_buffer(f"std_{k}", torch.ones(num_layers, d))
+
+    def set_statistics(self, stats: list[tuple]) -> None:
+        """``stats``: one (mean, std) pair of (L, D_k) arrays per upstream, in the order of the stacks.
+        A channel (nearly) constant over the training frames, std <= 1e-6 of its layer's median std,
+        carries nothing and is set to zero (std = inf), so it cannot blow up on other data."""
+        if len(stats) != len(self.dims):
+            raise ValueError(f"statistics of {len(stats)} upstreams for an interface of {len(self.dims)}")
+        for k, (mean, std) in enumerate(stats):
+            mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+            if mean.shape != self.get_buffer(f"mean_{k}").shape or std.shape != mean.shape:
+                raise ValueError(f"statistics of upstream {k}: shape {tuple(mean.shape)}, expected "
+                                 f"{tuple(self.get_buffer(f'mean_{k}').shape)} (L, D)")
+            constant = std <= 1e-6 * std.median(dim=1, keepdim=True).values
+            self.get_buffer(f"mean_{k}").copy_(mean)
+            self.get_buffer(f"std_{k}").copy_(torch.where(constant, torch.inf, std))
+
+    def forward(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+        # (B, L, T, D_k) - (L, 1, D_k): every frame, padded ones too (the interface masks them out)
+        return [(x - getattr(self, f"mean_{k}")[:, None]) / getattr(self, f"std_{k}")[:, None]
+                for k, x in enumerate(stacks)]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if not any(key.startswith(prefix) for key in state_dict):  # saved before standardisation: identity
+            for k in range(len(self.dims)):
+                self.get_buffer(f"mean_{k}").zero_()
+                self.get_buffer(f"std_{k}").fill_(1.0)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
 class HConv(nn.Module):
     """Hierarchical convolution over the layer axis (SSL_Interface hconvInterface.py).
 
@@ -223,6 +273,8 @@ class GumbelSelect(nn.Module):
         return self.projection(merged)
 
 
+# options every interface takes
+COMMON_OPTIONS = {"standardize"}
 _OPTIONS = {
     "hconv": {"kernel_size", "stride", "normalize"},
     "weighted-sum": {"normalize"},
@@ -234,7 +286,7 @@ _OPTIONS = {
 
 def interface_option_names(fusion: str) -> set[str]:
     """The options (interface_options keys) the interface named ``fusion`` takes."""
-    return _OPTIONS[fusion] | (set() if fusion == "gumbel" else {"project"})
+    return _OPTIONS[fusion] | COMMON_OPTIONS | (set() if fusion == "gumbel" else {"project"})
 
 
 class Interface(nn.Module):
@@ -262,6 +314,10 @@ class Interface(nn.Module):
             raise ValueError("interface 'single-layer' needs layer=k (which layer to use)")
         self.dims, self.num_layers = list(dims), num_layers
         self.fusion, self.merge = fusion, merge
+        standardize = opts.pop("standardize", True)
+        if not isinstance(standardize, bool):
+            raise ValueError(f"standardize={standardize!r}: give true or false")
+        self.standardize = Standardize(self.dims, num_layers) if standardize else None
         # the modules keep their names (front, interface): they are the keys of saved checkpoints
         if fusion == "gumbel":
             self.front = None
@@ -273,6 +329,12 @@ class Interface(nn.Module):
             self.interface = cls(num_layers, self.front.out_dim, **opts)
         self.out_dim = self.interface.out_dim
 
+    def set_statistics(self, stats: list[tuple]) -> None:
+        """Per-upstream (mean, std) of every (layer, channel) over the training frames (`Standardize`);
+        without ``standardize`` nothing to set."""
+        if self.standardize is not None:
+            self.standardize.set_statistics(stats)
+
     def set_progress(self, fraction: float) -> None:
         """Tell the interface how far training is (0..1): anneals the Gumbel temperature."""
         if isinstance(self.interface, GumbelSelect):
@@ -280,6 +342,8 @@ class Interface(nn.Module):
 
     def forward(self, stacks: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         self._check(stacks)
+        if self.standardize is not None:
+            stacks = self.standardize(stacks)
         if self.front is None:
             out = self.interface(stacks, lengths)
         else:

@@ -51,8 +51,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,6 +95,47 @@ class VariantModel(nn.Module):
         return task.loss(self.head, feats, lengths, targets, reduction=reduction)
 
 
+# Standardize's statistics come from this many training frames at most (about 1 h of audio at 50 Hz, drawn
+# from the whole corpus): plenty for a mean and a std per channel, and the cost stays flat in the corpus size
+STATISTICS_FRAMES = 200_000
+# the CTC blank plateau: every dev output empty at this many evaluations in a row, the last of them
+# past this share of the steps (before it, an all-blank output is the normal start of CTC training)
+PLATEAU_EVALS = 3
+PLATEAU_FROM = 1 / 3
+
+
+@dataclass
+class Plateau:
+    """Whether a CTC variant is stuck on the blank plateau: its dev output all blank, evaluation after
+    evaluation (it then predicts only the blank and learns nothing; docs/method.md says why and what helps)."""
+
+    blank_evals: int = 0            # evaluations in a row, up to the last, whose every dev output was empty
+    since: int | None = None        # the step of the first of them
+    warned: bool = False
+
+    def update(self, step: int, metrics: dict, steps: int) -> str | None:
+        """Record an evaluation; what to tell the user, if anything: that the variant has just been found
+        stuck (once per episode), or that it has left the plateau after such a warning."""
+        if metrics.get("blank", 0.0) < 1.0:
+            left = self.warned
+            self.blank_evals, self.since, self.warned = 0, None, False
+            return f"left the CTC blank plateau at step {step}: it learns again" if left else None
+        self.blank_evals += 1
+        self.since = step if self.since is None else self.since
+        if self.stuck(step, steps) and not self.warned:
+            self.warned = True
+            return (f"is stuck on the CTC blank plateau: every dev output has been empty at {self.blank_evals} "
+                    f"evaluations in a row (steps {self.since}-{step}). Try a lower --lr (e.g. a third), more "
+                    "--steps, or, if you turned it off, --interface-option standardize=true (docs/method.md)")
+        return None
+
+    def stuck(self, step: int, steps: int) -> bool:
+        """Stuck now: PLATEAU_EVALS all-blank evaluations in a row past PLATEAU_FROM of the steps, or a run
+        whose last evaluation, at its last step, was all blank (it ended having learned nothing usable)."""
+        return (self.blank_evals >= PLATEAU_EVALS and step >= PLATEAU_FROM * steps) or \
+            (step >= steps and self.blank_evals > 0)
+
+
 class Variant:
     """One (fusion, merge) under training: model, optimizer and its own RNG stream.
 
@@ -108,6 +151,7 @@ class Variant:
         self.best: float | None = None
         self.best_metrics: dict | None = None
         self.train_seconds = 0.0
+        self.plateau = Plateau()
 
     @contextmanager
     def own_rng(self):
@@ -128,6 +172,7 @@ class Variant:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self.rng,
                 "cuda_rng": self.cuda_rng, "best": self.best, "best_metrics": self.best_metrics,
                 "train_seconds": self.train_seconds,
+                "plateau": [self.plateau.blank_evals, self.plateau.since, self.plateau.warned],
                 **({"rank_rngs": [list(r) for r in rank_rngs]} if rank_rngs and len(rank_rngs) > 1 else {})}
 
     def restore(self, ckpt: dict) -> None:
@@ -135,6 +180,7 @@ class Variant:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.best, self.best_metrics = ckpt["best"], ckpt.get("best_metrics")
         self.train_seconds = ckpt["train_seconds"]
+        self.plateau = Plateau(*ckpt.get("plateau", ()))  # last.pt of an older fusionpipe: none recorded
         rngs = ckpt.get("rank_rngs") or [(ckpt["rng"], ckpt["cuda_rng"])]
         if len(rngs) == dist.world_size() or dist.rank() == 0:
             self.rng, self.cuda_rng = rngs[dist.rank()]
@@ -207,6 +253,16 @@ def _check_resumable(cfg: TrainConfig, out: Path) -> None:
                               "which may stand at different steps; retrain into another --out")
 
 
+def set_statistics(variants: list[Variant], view, seed: int) -> None:
+    """Give every variant's `Standardize` the per-(layer, channel) mean and std of the training frames
+    (at most STATISTICS_FRAMES of them, drawn with ``seed``): one read, shared by all variants."""
+    if all(v.model.fusion.standardize is None for v in variants):
+        return
+    stats = view.layer_stats(max_frames=STATISTICS_FRAMES, seed=seed)
+    for v in variants:
+        v.model.fusion.set_statistics(stats)
+
+
 def expands_on(device: torch.device) -> bool:
     """Whether lossy stores' batches cross to `device` as codes and expand there (`make_loader(compact=)`):
     on an accelerator, yes; on the CPU expanding in the loader's thread overlaps the training step instead."""
@@ -230,13 +286,15 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         except ValueError as e:
             raise FusionpipeError(f"task {cfg.task} on {cfg.manifest or view.describe()['manifest']}: {e}") from None
     variants = build_variants(cfg, task, view.dims, view.num_layers, out, device)
+    checkpoint = out / "last.pt"
+    if not (resume and checkpoint.exists()):  # a resumed run keeps the statistics its checkpoint holds
+        set_statistics(variants, view, cfg.seed)
     dev = make_loader(cfg.dev_stores, cfg.dev_manifest, max_frames=cfg.max_frames, shuffle=False,
                       num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
                       skip_missing=cfg.skip_missing, shard=(rank, world), deal=True,
                       compact=expands_on(device)) if cfg.dev_stores else None
     if dev is not None and trials:
         _check_trials(trials, dev, cfg.trials)
-    checkpoint = out / "last.pt"
     step, position = 0, (0, 0)
     if resume and checkpoint.exists():
         step, position = restore_checkpoints(variants, load_checkpoint(checkpoint), checkpoint)
@@ -319,6 +377,12 @@ def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, c
                     logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
                 if v.name in metrics:
                     _keep_best(v, metrics[v.name], cfg)
+                    said = v.plateau.update(step, metrics[v.name], cfg.steps)
+                    if said and main:
+                        bar.write(f"variant {v.name} {said}", file=sys.stderr)
+            stuck = [v.name for v in variants if v.plateau.stuck(step, cfg.steps)]
+            if stuck:
+                bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}", stuck=",".join(stuck))
             if _due(cfg, step):
                 save_checkpoints(variants, step, (epoch, k + 1), logs.values(), checkpoint)
                 saved = step
@@ -464,6 +528,9 @@ def _results(v: Variant, cfg: TrainConfig, step: int, batches_per_epoch: int, de
            "train_seconds_per_epoch": round(v.train_seconds / max(step, 1) * batches_per_epoch, 3)}
     if dev is not None:  # the metrics best.pt was chosen by: no second pass over the dev set
         res["dev"] = v.best_metrics or load_checkpoint(v.out / "best.pt")["metrics"]
+        if "blank" in res["dev"]:  # a CTC task: say whether it ended on the blank plateau
+            res["plateau"] = {"stuck": v.plateau.stuck(step, cfg.steps), "blank_evaluations": v.plateau.blank_evals,
+                              "since": v.plateau.since}
     return res
 
 

@@ -46,7 +46,8 @@ from fusionpipe.train.heads import ClassifierHead, CTCHead, SpeakerHead, Transfo
 
 TASKS = ("asr", "classify", "verify", "multilingual")
 # each task's dev metrics, the primary one first (it picks best.pt and heads the report's tables);
-# multilingual also reports cer/<language> for every language of the eval set
+# multilingual also reports cer/<language> for every language of the eval set; the CTC tasks also report
+# blank, the share of outputs decoded to nothing (a diagnostic: the plateau detector reads it, --select does not)
 METRICS = {"asr": ("wer", "cer"), "multilingual": ("cer",), "classify": ("accuracy", "macro_f1"),
            "verify": ("eer",)}
 HIGHER_IS_BETTER = frozenset({"accuracy", "macro_f1"})  # every other metric is an error rate
@@ -143,6 +144,11 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     return float(jiwer.wer(list(refs), list(hyps)))
 
 
+def blank_share(hyps: Sequence[str]) -> float:
+    """Share of CTC outputs decoded to nothing (every frame blank): 1.0 is the blank plateau."""
+    return sum(not h for h in hyps) / max(len(hyps), 1)
+
+
 def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """Character error rate over the whole set (jiwer), as a fraction."""
     return float(jiwer.cer(list(refs), list(hyps)))
@@ -225,7 +231,7 @@ class AsrTask:
 
     def metrics(self, preds: Sequence[str], targets) -> dict[str, float]:
         refs = _column(targets, "text", self.name)
-        return {"wer": wer(refs, preds), "cer": cer(refs, preds)}
+        return {"wer": wer(refs, preds), "cer": cer(refs, preds), "blank": blank_share(preds)}
 
     def to_dict(self) -> dict:
         return {"task": self.name, "vocab": self.vocab.tokens}
@@ -245,7 +251,8 @@ class MultilingualTask(AsrTask):
     def metrics(self, preds: Sequence[str], targets) -> dict[str, float]:
         refs = _column(targets, "text", self.name)
         per_language = cer_per_language(refs, preds, _column(targets, "language", self.name))
-        return {"cer": cer(refs, preds), **{f"cer/{k}": v for k, v in per_language.items()}}
+        return {"cer": cer(refs, preds), "blank": blank_share(preds),
+                **{f"cer/{k}": v for k, v in per_language.items()}}
 
 
 @dataclass
