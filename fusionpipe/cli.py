@@ -421,11 +421,14 @@ def analyze(
     """What the layers say: CKA between every layer of every upstream (STORES), or what each trained
     interface of a RUN uses (weights, Gumbel shares, layer knockout on dev). CSV + PNG."""
     if len(targets) == 1 and (Path(targets[0]) / "config.json").is_file():
-        from fusionpipe.analyze.use import describe_use, layer_use, write_layer_use
+        from fusionpipe.analyze.use import describe_use, layer_use, stuck_variants, write_layer_use
 
         run = Path(targets[0])
         rows = layer_use(run, _list(stores) or None, manifest, trials, device, knockout, skip_missing)
         paths = write_layer_use(rows, out or run / "analysis", metric, title=run.name)
+        stuck = stuck_variants(run)
+        if stuck:
+            typer.echo(f"left out, ended on the CTC blank plateau (nothing learned to read): {', '.join(stuck)}")
         typer.echo(describe_use(rows, metric))
     else:
         from fusionpipe.analyze.cka import layer_similarity, write_similarity

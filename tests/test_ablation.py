@@ -261,6 +261,26 @@ def test_recipe_seeds_train_in_one_pass_and_report_mean_std_and_layer_pictures(t
     assert (out / "classify-toy-wavlm-layer-use.png").is_file()
     assert (out / "analysis" / "cka-toy-wavlm" / "cka.png").is_file()
     assert (run_dir / "analysis" / "layer-use.csv").is_file()
+    assert "stuck" not in md.split("## What the layers say")[0] and {row["stuck"] for row in rows} == {"0"}
+
+
+def test_the_report_flags_seeds_stuck_on_the_blank_plateau(tiny_recipe, tmp_path):
+    import csv
+
+    from fusionpipe.ablate.report import write_report
+
+    r = yaml.safe_load(tiny_recipe.read_text())
+    r["train"]["seeds"] = [0, 1]
+    plan = run_recipe(load_recipe(_write(tmp_path, r, "seeds.yaml")), progress=False, echo=lambda s: None)
+    results = tmp_path / "results" / "tiny" / "runs" / "classify" / "toy-wavlm" / "hconv-add@s1" / "results.json"
+    saved = json.loads(results.read_text())
+    results.write_text(json.dumps({**saved, "plateau": {"stuck": True, "blank_evaluations": 3, "since": 2}}))
+    write_report(plan)
+    md = (tmp_path / "results" / "tiny" / "results.md").read_text()
+    row = md.split("| toy-wavlm |")[1].splitlines()[0]
+    assert row.count("† 1/2 stuck") == 1 and "k of the n seeds ended on the CTC blank plateau" in md
+    rows = {row["variant"]: row["stuck"] for row in csv.DictReader(open(tmp_path / "results" / "tiny" / "results.csv"))}
+    assert rows == {"weighted-sum-add": "0", "hconv-add": "1"}
 
 
 def test_cli_ablate_dry_run_prints_plan(tiny_recipe):

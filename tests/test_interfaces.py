@@ -91,14 +91,14 @@ def test_last_and_single_layer_pick_one_layer():
 
 
 def test_add_of_equal_dims_adds_no_parameters(stacks):
-    fusion = Interface([8, 8], 5, fusion="weighted-sum", merge="add")
+    fusion = Interface([8, 8], 5, fusion="weighted-sum", merge="add", output_norm=False)
     assert n_params(fusion) == 5
     lengths = torch.tensor([6, 6])
     assert torch.allclose(fusion(stacks, lengths), (stacks[0] + stacks[1]).mean(1), atol=1e-6)
 
 
 def test_add_of_unequal_dims_projects_every_upstream_to_the_largest():
-    fusion = Interface([8, 12], 5, fusion="last-layer", merge="add")
+    fusion = Interface([8, 12], 5, fusion="last-layer", merge="add", output_norm=False)
     p0, p1 = fusion.front.projections
     assert (p0.in_features, p0.out_features, p1.in_features, p1.out_features) == (8, 12, 12, 12)
     a, b = torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 12)
@@ -123,7 +123,7 @@ def test_concat_without_projection_feeds_the_sum_of_dims_to_the_interface():
 
 @pytest.mark.parametrize("merge", ["add", "concat"])
 def test_one_upstream_is_passed_through_unmerged(merge):
-    fusion = Interface([8], 5, fusion="last-layer", merge=merge)
+    fusion = Interface([8], 5, fusion="last-layer", merge=merge, output_norm=False)
     x = torch.randn(2, 5, 3, 8)
     assert n_params(fusion) == 0
     assert torch.equal(fusion([x], torch.tensor([3, 3])), x[:, -1])
@@ -225,15 +225,27 @@ def test_fusion_hconv_and_classifier_learn_to_separate_two_classes():
 
 
 # ---- Standardize: the default front of every interface (docs/method.md, "The blank plateau") ----------
-def test_every_interface_standardizes_by_default_and_takes_the_option():
+def test_every_interface_standardizes_and_norms_its_output_by_default_and_takes_the_options():
     for fusion in INTERFACES:
-        assert Interface([8], 5, fusion=fusion, **OPTS.get(fusion, {})).standardize is not None
-        assert Interface([8], 5, fusion=fusion, standardize=False, **OPTS.get(fusion, {})).standardize is None
+        default = Interface([8], 5, fusion=fusion, **OPTS.get(fusion, {}))
+        assert default.standardize is not None and default.output_norm is True
+        plain = Interface([8], 5, fusion=fusion, standardize=False, output_norm=False, **OPTS.get(fusion, {}))
+        assert plain.standardize is None and plain.output_norm is False
 
 
-def test_standardize_false_is_exactly_the_reference_hconv():
+def test_output_norm_is_a_parameter_free_layer_norm_of_each_output_frame(stacks):
     torch.manual_seed(0)
-    interface = Interface([16], 7, fusion="hconv", standardize=False)
+    normed = Interface([8, 8], 5, fusion="hconv", merge="concat")
+    plain = Interface([8, 8], 5, fusion="hconv", merge="concat", output_norm=False)
+    plain.load_state_dict(normed.state_dict())
+    lengths = torch.tensor([6, 4])
+    expected = F.layer_norm(plain(stacks, lengths), (normed.out_dim,)) * (torch.arange(6) < lengths[:, None])[..., None]
+    assert n_params(normed) == n_params(plain) and torch.allclose(normed(stacks, lengths), expected, atol=1e-5)
+
+
+def test_standardize_and_output_norm_false_is_exactly_the_reference_hconv():
+    torch.manual_seed(0)
+    interface = Interface([16], 7, fusion="hconv", standardize=False, output_norm=False)
     x = torch.randn(2, 7, 5, 16) * 40
     lengths = torch.tensor([5, 5])
     assert torch.equal(interface([x], lengths), interface.interface(x, lengths))
@@ -254,7 +266,7 @@ def test_standardized_interface_equals_the_reference_on_standardized_input(stack
     torch.manual_seed(0)
     ours = Interface([8, 8], 5, fusion="hconv", merge="concat")
     torch.manual_seed(0)
-    reference = Interface([8, 8], 5, fusion="hconv", merge="concat", standardize=False)
+    reference = Interface([8, 8], 5, fusion="hconv", merge="concat", standardize=False)  # output_norm as ours
     stats = [(torch.full((5, 8), 2.0), torch.full((5, 8), 4.0)), (torch.zeros(5, 8), torch.full((5, 8), 0.5))]
     ours.set_statistics(stats)
     lengths = torch.tensor([6, 4])

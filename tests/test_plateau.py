@@ -48,7 +48,8 @@ def ctc_run(store, out, steps, **kw) -> TrainConfig:
 
 
 def test_reference_hconv_on_outlier_channels_is_stuck_and_the_detector_says_so(outlier_store, tmp_path, capsys):
-    res = train(ctc_run(outlier_store, tmp_path / "ref", 60, interface_options={"standardize": False}),
+    res = train(ctc_run(outlier_store, tmp_path / "ref", 60,
+                        interface_options={"standardize": False, "output_norm": False}),
                 progress=False)["hconv-add"]
     assert res["dev"]["cer"] == 1.0 and res["dev"]["blank"] == 1.0
     assert res["plateau"] == {"stuck": True, "blank_evaluations": 6, "since": 10}
@@ -100,6 +101,43 @@ def test_tasks_without_ctc_are_never_on_the_plateau():
 
 
 @pytest.mark.parametrize("value", ["no", 1, None, "true"])
-def test_standardize_takes_only_true_or_false(value):
-    with pytest.raises(ValueError, match="standardize"):
-        Interface([8], 5, fusion="hconv", standardize=value)
+@pytest.mark.parametrize("option", ["standardize", "output_norm"])
+def test_standardize_and_output_norm_take_only_true_or_false(option, value):
+    with pytest.raises(ValueError, match=option):
+        Interface([8], 5, fusion="hconv", **{option: value})
+
+
+def test_analyze_leaves_out_variants_that_ended_stuck_and_names_them(outlier_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from fusionpipe.analyze.use import layer_use, stuck_variants
+    from fusionpipe.cli import app
+
+    run = tmp_path / "run"
+    train(ctc_run(outlier_store, run, 4, seeds=[0, 1]), progress=False)
+    for seed, stuck in ((0, False), (1, True)):  # 4 steps end all blank: say which one the test calls stuck
+        results = run / f"hconv-add@s{seed}" / "results.json"
+        saved = json.loads(results.read_text())
+        results.write_text(json.dumps({**saved, "plateau": {"stuck": stuck, "blank_evaluations": 1, "since": 4}}))
+    assert stuck_variants(run) == ["hconv-add@s1"]
+    assert {r["seed"] for r in layer_use(run, device="cpu")} == {0}
+    result = CliRunner().invoke(app, ["analyze", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "left out, ended on the CTC blank plateau (nothing learned to read): hconv-add@s1" in result.output
+
+
+def test_a_knocked_out_layer_is_its_training_mean_which_standardizes_to_zero():
+    from types import SimpleNamespace
+
+    from fusionpipe.analyze.use import _knocked
+
+    torch.manual_seed(0)
+    interface = Interface([4, 6], 3, fusion="hconv")
+    interface.set_statistics([(torch.randn(3, 4), torch.rand(3, 4) + 0.5), (torch.randn(3, 6), torch.rand(3, 6) + 0.5)])
+    stacks = [torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 6)]
+    for s, value in zip(stacks, _knocked(SimpleNamespace(model=SimpleNamespace(fusion=interface)), 1)):
+        s[:, 1] = value
+    for out in interface.standardize(stacks):
+        assert torch.allclose(out[:, 1], torch.zeros_like(out[:, 1]), atol=1e-6) and out[:, 0].abs().sum() > 0
+    reference = Interface([4, 6], 3, fusion="hconv", standardize=False)
+    assert _knocked(SimpleNamespace(model=SimpleNamespace(fusion=reference)), 1) == [0.0, 0.0]

@@ -274,7 +274,7 @@ class GumbelSelect(nn.Module):
 
 
 # options every interface takes
-COMMON_OPTIONS = {"standardize"}
+COMMON_OPTIONS = {"standardize", "output_norm"}
 _OPTIONS = {
     "hconv": {"kernel_size", "stride", "normalize"},
     "weighted-sum": {"normalize"},
@@ -314,9 +314,10 @@ class Interface(nn.Module):
             raise ValueError("interface 'single-layer' needs layer=k (which layer to use)")
         self.dims, self.num_layers = list(dims), num_layers
         self.fusion, self.merge = fusion, merge
-        standardize = opts.pop("standardize", True)
-        if not isinstance(standardize, bool):
-            raise ValueError(f"standardize={standardize!r}: give true or false")
+        standardize, self.output_norm = opts.pop("standardize", True), opts.pop("output_norm", True)
+        for name, value in (("standardize", standardize), ("output_norm", self.output_norm)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r}: give true or false")
         self.standardize = Standardize(self.dims, num_layers) if standardize else None
         # the modules keep their names (front, interface): they are the keys of saved checkpoints
         if fusion == "gumbel":
@@ -348,6 +349,8 @@ class Interface(nn.Module):
             out = self.interface(stacks, lengths)
         else:
             out = self.interface(self.front(stacks), lengths)
+        if self.output_norm:
+            out = _layer_norm(out)
         return out * frame_mask(lengths, out.shape[1])[..., None].to(out.dtype)
 
     def _check(self, stacks: list[torch.Tensor]) -> None:
