@@ -4,6 +4,8 @@
     python bench/method.py --model /path/real-whisper-base                  # 10 seeds, asr + classify
     python bench/method.py --model ... --seeds 5 --asr-steps 300 --tasks asr # what fits a 2-core CPU in ~1 h
     python bench/method.py --model ... --interface-option standardize=false  # the reference interfaces
+    python bench/method.py --model ... --tasks asr --paper --device cuda --asr-steps 5000 --eval-every 250
+                                                                  # the paper's ASR head and lr (a GPU's job)
     python bench/method.py --model ... --diagnose                            # what holds HConv on the plateau
     python bench/method.py --model toy-whisper --work /tmp/toy --diagnose    # the same on a random-weight toy
 
@@ -61,21 +63,33 @@ def dev_curve(run: Path, variant: str, metric: str) -> list[tuple[int, float]]:
         return [(int(r["step"]), json.loads(r["metrics"])[metric]) for r in csv.DictReader(f) if r["metrics"]]
 
 
+def paper_asr() -> dict:
+    """The paper recipe's ASR head and learning rate (stages/paper-table1-librispeech.yaml)."""
+    from fusionpipe.ablate import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "stages" / "paper-table1-librispeech.yaml")
+    settings = recipe.tasks["asr"].settings
+    return {"head_options": settings["head_options"], "lr": settings.get("lr", TrainConfig.lr)}
+
+
 def seeds_table(task: str, s: dict[str, str], seeds: list[int], steps: int, eval_every: int, fusions: list[str],
-                options: dict, work: Path) -> None:
+                options: dict, work: Path, paper: bool = False, device: str = "cpu") -> None:
     metric = "cer" if task == "asr" else "accuracy"
     head = DEMO["head_options"] if task == "asr" else {"proj": DEMO["head_options"]["proj"]}
-    tag = _tag(options).replace(", ", "-")
+    lr = DEMO["lr"]
+    if paper:
+        head, lr = paper_asr()["head_options"], paper_asr()["lr"]
+    tag = _tag(options).replace(", ", "-") + ("-paper" if paper else "")
     out = work / f"run-{task}-{tag}-{len(seeds)}seeds-{steps}"
     cfg = TrainConfig(stores=[s["demo-train"]], dev_stores=[s["demo-dev"]], task=task, fusion=fusions, merge=["add"],
-                      out=str(out), steps=steps, eval_every=eval_every, lr=DEMO["lr"], max_frames=2000,
-                      head_options=head, interface_options=options, seeds=seeds, device="cpu")
+                      out=str(out), steps=steps, eval_every=eval_every, lr=lr, max_frames=2000,
+                      head_options=head, interface_options=options, seeds=seeds, device=device)
     t0 = time.perf_counter()
     results = train(cfg, resume=(out / "config.json").exists(), progress=False)
     seconds = time.perf_counter() - t0
-    test = evaluate(out, [s["demo-test"]], device="cpu")
+    test = evaluate(out, [s["demo-test"]], device=device)
     print(f"\n### {task}: {len(fusions)} interfaces x {len(seeds)} seeds in one pass, {steps} steps "
-          f"({seconds / 60:.0f} min), interface options {tag}; test {metric}\n")
+          f"({seconds / 60:.0f} min on {device}), lr {lr}, head {head}, interface options {tag}; test {metric}\n")
     print(f"| interface | mean +- sd | per seed ({', '.join(map(str, seeds))}) |" +
           (" leaves the plateau at step (per seed) | stuck (detector) |" if task == "asr" else ""))
     print("|---|---|---|" + ("---|---|" if task == "asr" else ""))
@@ -178,6 +192,8 @@ def main() -> None:
     ap.add_argument("--classify-steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--interface-option", action="append", default=[], help="k=v, e.g. standardize=false")
+    ap.add_argument("--paper", action="store_true", help="asr with the paper recipe's head and lr (a GPU's job)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--diagnose", action="store_true")
     ap.add_argument("--diagnose-steps", type=int, default=200)
     args = ap.parse_args()
@@ -194,7 +210,8 @@ def main() -> None:
     options = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.interface_option)}
     for task in args.tasks.split(","):
         steps = args.asr_steps if task == "asr" else args.classify_steps
-        seeds_table(task, s, list(range(args.seeds)), steps, args.eval_every, args.fusions.split(","), options, work)
+        seeds_table(task, s, list(range(args.seeds)), steps, args.eval_every, args.fusions.split(","), options, work,
+                    paper=args.paper and task == "asr", device=args.device)
 
 
 if __name__ == "__main__":

@@ -302,7 +302,8 @@ def train(
     select: Optional[str] = typer.Option(None, help="dev metric that picks the best checkpoint (e.g. cer)"),
     head_option: Optional[List[str]] = typer.Option(None, help="head size, key=value (repeatable), e.g. hidden=64"),
     interface_option: Optional[List[str]] = typer.Option(None, help="option of every --fusion, key=value "
-                                                         "(repeatable), e.g. normalize=true"),
+                                                         "(repeatable), e.g. normalize=true; standardize=false "
+                                                         "output_norm=false: the reference interfaces"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list over the dev utterances"),
     skip_missing: bool = typer.Option(False, help="leave out utterances skipped (--skip-bad) or unfinished in some "
                                                    "store, train and dev (default: stop and say which)"),
