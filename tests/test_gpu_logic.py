@@ -8,9 +8,11 @@ worker takes, which random state a variant resumes with) are pure functions of w
 
 from contextlib import contextmanager
 from multiprocessing.shared_memory import SharedMemory
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from fusionpipe import cuda
 from fusionpipe.device import cgroup_cpus, resolve_device
@@ -18,8 +20,13 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.cluster import Worker, assign_devices, cluster_device
 from fusionpipe.extract.pipeline import default_processes, pin, unpin
 from fusionpipe.fuse.align import align_into
+from fusionpipe.train.augment import random_crop
+from fusionpipe.train.interfaces import Interface
+from fusionpipe.train.loop import Variant, VariantModel, check_frames, resumed_device_rng, train_step
+from fusionpipe.train.tasks import build_task
 
 META = torch.device("meta")
+
 
 # ---- 1. alignment on the device --------------------------------------------------------------------------
 @pytest.mark.parametrize("stored, target", [((40, 7, 8), (13, 41)), ((41, 13, 8), (13, 40)), ((9, 3, 4), (5, 30))])
@@ -182,6 +189,110 @@ def test_devices_the_workers_cannot_run_are_refused_with_the_fix(device, gpus, m
         cluster_device(device, gpus)
 
 
+# ---- 6. random states: per variant, per device, whatever GPUs the resume sees -------------------------------
+def _variant(device, fake=None) -> Variant:
+    model = nn.Linear(2, 2)
+    return Variant("v", model, torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device(device))
+
+
+def test_each_variant_draws_from_its_own_gpu_stream_on_its_gpu(fake_cuda):
+    fake = fake_cuda(2)
+    gpu = torch.device("cuda", 1)
+    a = _variant(gpu)
+    fake.states[1] = torch.full((16,), 50, dtype=torch.uint8)  # the next variant's seed
+    b = _variant(gpu)
+    with a.own_rng():
+        fake.draw(gpu)
+        fake.draw(gpu)
+    with b.own_rng():
+        assert fake.get_rng_state(gpu)[0] == 50  # b's stream, untouched by a's draws
+        fake.draw(gpu)
+    assert a.cuda_rng[0] == 3 and b.cuda_rng[0] == 51 and fake.states[0][0] == 0  # GPU 0 never touched
+
+
+def test_a_cpu_variant_never_calls_cuda(fake_cuda):
+    fake_cuda(0)  # any call for a GPU would raise
+    v = _variant("cpu")
+    with v.own_rng():
+        torch.rand(3)
+    assert v.cuda_rng is None and v.state()["cuda_rng"] is None
+
+
+@pytest.mark.parametrize("saved, device, expected", [
+    (None, "cpu", None),                                   # a CPU run keeps no device state
+    (torch.full((16,), 7, dtype=torch.uint8), "cpu", None),  # a GPU checkpoint resumed on a CPU
+    (None, "cuda:0", "fresh"),                             # a CPU checkpoint resumed on a GPU: its own stream
+    (torch.full((16,), 7, dtype=torch.uint8), "cuda:1", 7),
+    ([torch.full((16,), 4, dtype=torch.uint8), torch.full((16,), 5, dtype=torch.uint8)], "cuda:1", 5),  # older
+    ([torch.full((16,), 4, dtype=torch.uint8)], "cuda:3", "fresh"),  # saved seeing fewer GPUs than cuda:3
+])
+def test_the_resumed_device_state_is_a_function_of_the_checkpoint_and_the_device(saved, device, expected):
+    fresh = torch.full((16,), 99, dtype=torch.uint8)
+    got = resumed_device_rng(saved, torch.device(device), fresh)
+    if expected is None:
+        assert got is None
+    else:
+        assert torch.equal(got, fresh if expected == "fresh" else torch.full((16,), expected, dtype=torch.uint8))
+
+
+def test_resuming_with_fewer_gpus_or_from_a_cpu_run_keeps_every_variant_its_own_stream(fake_cuda):
+    fake = fake_cuda(1)
+    gpu = torch.device("cuda", 0)
+    old = {"model": nn.Linear(2, 2).state_dict(), "optimizer": _variant("cpu").optimizer.state_dict(),
+           "rng": torch.get_rng_state(), "best": None, "train_seconds": 0.0}
+    a, b = _variant(gpu), _variant(gpu)
+    a.restore({**old, "cuda_rng": [torch.full((16,), 4, dtype=torch.uint8), torch.full((16,), 5, dtype=torch.uint8)]})
+    fake.states[0] = torch.full((16,), 30, dtype=torch.uint8)
+    b.restore({**old, "cuda_rng": None})  # checkpointed on a CPU
+    with a.own_rng():
+        fake.draw(gpu)
+    with b.own_rng():
+        assert fake.get_rng_state(gpu)[0] == 0  # b's fresh stream (built before the 30), not a's
+    assert a.cuda_rng[0] == 5 and b.cuda_rng is not None
+
+
+# ---- the training step: no host syncs ---------------------------------------------------------------------
+@pytest.mark.parametrize("fusion, task", [("hconv", "classify"), ("weighted-sum", "classify"),
+                                          ("gumbel", "classify"), ("hconv", "asr"), ("single-layer", "multilingual")])
+def test_a_training_step_on_a_device_waits_for_nothing(host_syncs, monkeypatch, fusion, task):
+    """Crop, SpecAugment, the interface, the head, the loss, backward, clipping and the optimizer, on `meta`.
+    torch's ctc_loss has no meta kernel: a stand-in of its shape checks that it gets the lengths on the host,
+    where torch's CUDA kernel reads them (its own waits inside are torch's: tasks.ctc_loss)."""
+    lengths_seen = []
+
+    def ctc_loss(log_probs, targets, input_lengths, target_lengths, **kw):
+        lengths_seen.append((input_lengths.device.type, target_lengths.device.type, targets.device.type))
+        return log_probs.sum((0, 2))
+
+    monkeypatch.setattr("torch.nn.functional.ctc_loss", ctc_loss)
+    rows = {"label": ["a", "b", "a"], "text": ["AB A", "B", "AA B"], "id": ["u0", "u1", "u2"],
+            "language": ["x", "x", "y"]}
+    t = build_task(task, rows)
+    opts = {"layer": 1} if fusion == "single-layer" else {}
+    interface = Interface([8, 6], 4, fusion=fusion, merge="concat", **opts)
+    sizes = {"classify": dict(proj=8), "asr": dict(proj=8, hidden=4, layers=2),
+             "multilingual": dict(proj=12, d_model=8, heads=2, ffn=8, layers=1)}[task]
+    model = VariantModel(interface, t.build_head(interface.out_dim, **sizes)).to(META)
+    v = Variant("v", model, torch.optim.Adam(model.parameters()), None, META)
+    stacks = [torch.randn(3, 4, 40, d).to(META) for d in (8, 6)]
+    lengths = torch.tensor([40, 31, 22])  # on the host, as the loader hands them over
+    cfg = SimpleNamespace(steps=10, specaugment=True, grad_clip=1.0)
+    with host_syncs() as syncs:
+        for step in range(2):
+            with v.own_rng():
+                x, n = random_crop(stacks, lengths, 12, 30)
+                check_frames(n, model.head, [SimpleNamespace(id=i) for i in rows["id"]])
+                loss = train_step(v, t, x, n, rows, cfg, step, None)
+    assert syncs.calls == [] and loss.device == META and loss.shape == ()
+    assert all(seen == ("cpu", "cpu", "meta") for seen in lengths_seen) and len(lengths_seen) == 2 * (task != "classify")
+
+
+def test_too_short_utterances_are_named_before_the_step():
+    head = build_task("multilingual", {"text": ["A"], "language": ["x"]}).build_head(8, proj=12, d_model=8, heads=2,
+                                                                                    ffn=8, layers=1)
+    with pytest.raises(FusionpipeError, match=r"needs at least 7 frames.*u1 have fewer"):
+        check_frames(torch.tensor([9, 6]), head, [SimpleNamespace(id="u0"), SimpleNamespace(id="u1")])
+
 
 def test_the_device_is_resolved_through_the_seam(fake_cuda):
     fake_cuda(2)
@@ -190,3 +301,21 @@ def test_the_device_is_resolved_through_the_seam(fake_cuda):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(FusionpipeError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_the_losses_are_read_back_together_not_every_step(pitch_stores, train_config, logged_losses, tmp_path,
+                                                          monkeypatch):
+    """The trainer's one host sync: READ_LOSSES_EVERY steps' losses at once (and at evaluations and the end);
+    the log still has every step's loss, the same as when each step is read (eval_every=1)."""
+    from fusionpipe.train import loop
+    reads = []
+    read = loop._read_losses
+    monkeypatch.setattr(loop, "_read_losses", lambda pending, variants: reads.append(len(pending)) or
+                        read(pending, variants))
+    steps = loop.READ_LOSSES_EVERY + 5
+    loop.train(train_config(pitch_stores, tmp_path / "a", steps=steps, eval_every=steps), progress=False)
+    assert reads == [loop.READ_LOSSES_EVERY, 5]
+    reads.clear()
+    loop.train(train_config(pitch_stores, tmp_path / "b", steps=steps, eval_every=1), progress=False)
+    assert reads == [1] * steps
+    assert logged_losses(tmp_path / "a", "hconv-concat") == logged_losses(tmp_path / "b", "hconv-concat")
