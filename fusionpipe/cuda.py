@@ -9,6 +9,8 @@ Nothing here initialises CUDA unless a GPU is asked for: `--device cpu` on a GPU
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every GPU, not only the current one
@@ -90,3 +92,27 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+class Stopwatch:
+    """The seconds a stretch of work takes on `device`, measured without waiting for it: on a GPU two CUDA
+    events around the work, read (`seconds`) only once the host has waited for the device anyway; on a CPU,
+    where the work is done when the call returns, the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.gpu = device.type == "cuda"
+        if self.gpu:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> Stopwatch:
+        if self.gpu:
+            self._end.record()
+        else:
+            self._elapsed = time.perf_counter() - self._t0
+        return self
+
+    def seconds(self) -> float:
+        return self._start.elapsed_time(self._end) / 1000 if self.gpu else self._elapsed

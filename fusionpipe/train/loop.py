@@ -331,7 +331,7 @@ def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, c
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
                desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
     saved = step
-    pending = []  # (step, its batch's dataset rows, (K,) losses on the device) not read back yet
+    pending = []  # (step, its batch's dataset rows, (K,) losses on the device, K stopwatches) not read back yet
     with bar:
         for epoch, k, batch in batches(loader, position, cfg.steps - step):
             stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
@@ -343,15 +343,16 @@ def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, c
             # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
             weight = shard(rows, rank, world)[1] if world > 1 else None
             losses = []
+            watches = []  # each variant's step, timed on the device (read with the losses)
             for v in variants:
-                t0 = time.perf_counter()
+                watch = cuda.Stopwatch(device)
                 with v.own_rng():
                     x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
                     check_frames(n, v.model.head, batch["rows"])
                     losses.append(train_step(v, task, x, n, targets, cfg, step, weight))
-                v.train_seconds += time.perf_counter() - t0
+                watches.append(watch.stop())
             step += 1
-            pending.append((step, rows, dist.mean_over_ranks(torch.stack(losses))))
+            pending.append((step, rows, dist.mean_over_ranks(torch.stack(losses)), watches))
             bar.update(1)
             if not (_due(cfg, step) or step % READ_LOSSES_EVERY == 0):
                 continue
@@ -378,9 +379,13 @@ def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, c
 
 
 def _read_losses(pending: list, variants: list[Variant]) -> list[tuple[int, list[int], dict[str, float]]]:
-    """(step, rows, {variant: loss}) of every pending step, read back to the host in one copy."""
-    values = torch.stack([t for _, _, t in pending]).tolist()  # the one host sync of these steps
-    return [(s, rows, dict(zip((v.name for v in variants), row))) for (s, rows, _), row in zip(pending, values)]
+    """(step, rows, {variant: loss}) of every pending step, read back to the host in one copy; the variants'
+    train_seconds take the device time of those steps (done now, as the losses are)."""
+    values = torch.stack([t for _, _, t, _ in pending]).tolist()  # the one host sync of these steps
+    for *_, watches in pending:
+        for v, watch in zip(variants, watches):
+            v.train_seconds += watch.seconds()
+    return [(s, rows, dict(zip((v.name for v in variants), row))) for (s, rows, _, _), row in zip(pending, values)]
 
 
 def check_frames(lengths: torch.Tensor, head, rows) -> None:
