@@ -319,3 +319,27 @@ def test_the_losses_are_read_back_together_not_every_step(pitch_stores, train_co
     loop.train(train_config(pitch_stores, tmp_path / "b", steps=steps, eval_every=1), progress=False)
     assert reads == [1] * steps
     assert logged_losses(tmp_path / "a", "hconv-concat") == logged_losses(tmp_path / "b", "hconv-concat")
+
+
+def test_a_gpu_step_is_timed_on_the_device_without_a_wait(monkeypatch):
+    """cuda.Stopwatch on a GPU records two events around the work and reads them only when asked (after the
+    trainer's one sync); milliseconds between them become seconds."""
+    recorded = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            recorded.append(self)
+
+        def elapsed_time(self, end):
+            assert recorded == [self, end]  # both recorded, in order, before anything is read
+            return 1500.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    watch = cuda.Stopwatch(torch.device("cuda", 0))
+    assert len(recorded) == 1
+    assert watch.stop().seconds() == 1.5
+    cpu = cuda.Stopwatch(torch.device("cpu")).stop()
+    assert 0 <= cpu.seconds() < 1 and len(recorded) == 2
