@@ -128,17 +128,20 @@ def compact(ctx):
     lossy = extract(ctx.train, ctx.model, url=str(ctx.tmp / "lossy.zarr"), device=ctx.device, codec="int8-std08",
                     progress=False).url
     device = torch.device(ctx.device)
-    worst = 0.0
+    worst, scale = 0.0, 0.0
     for codes, floats in zip(make_loader([lossy], max_frames=4000, compact=True),
                              make_loader([lossy], max_frames=4000, compact=False)):
         for s, f in zip(codes["stacks"], floats["stacks"]):
             worst = max(worst, float((s.to(device) - f.to(device)).abs().max()))
+            scale = max(scale, float(f.abs().max()))
     run = ctx.tmp / "runs" / "compact"
     train(TrainConfig(stores=[lossy], task="classify", fusion=["hconv"], merge=["add"], out=str(run), steps=20,
                       eval_every=10, max_frames=4000, head_options={"proj": 64}, device=ctx.device), progress=False)
     losses = [float(r.split(",")[1]) for r in (run / "hconv-add" / "log.csv").read_text().splitlines()[1:]]
-    ok = worst == 0.0 and len(losses) == 20 and all(math.isfinite(x) for x in losses)
-    return ("PASS" if ok else "FAIL"), f"codes vs float32 batches max |diff| {worst:.3g}; 20 steps, last loss {losses[-1]:.3f}"
+    # the same arithmetic on either side; a GPU may fuse a multiply-add where the CPU rounds twice
+    ok = worst <= 1e-6 * scale and len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    return ("PASS" if ok else "FAIL"), (f"codes expanded on {device} vs float32 batches: max |diff| {worst:.3g} "
+                                        f"(max |x| {scale:.3g}); 20 steps, last loss {losses[-1]:.3f}")
 
 
 @check("syncs", gpus_needed=1)
