@@ -167,6 +167,8 @@ def test_dask_workers_named_by_address_spread_over_their_hosts_gpus():
     assert sorted(devices[a] for a in ("tcp://a:9", "tcp://a:10")) == ["cuda:0", "cuda:1"]
     assert devices["tcp://b:9"] == devices["tcp://b:10"] == "cuda:0"  # one GPU there: shared
     assert assign_devices("cuda:1", workers) == dict.fromkeys(workers, "cuda:1")
+    with pytest.raises(FusionpipeError, match="worker tcp://c:9 sees no GPU.*--device cpu"):  # a late joiner
+        assign_devices("cuda", {"tcp://c:9": Worker("tcp://c:9", "", 0)})
 
 
 def test_the_workers_gpus_decide_the_device_not_the_clients(fake_cuda):

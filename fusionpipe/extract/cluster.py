@@ -168,6 +168,9 @@ def assign_devices(kind: str, workers: dict[str, Worker]) -> dict[str, str]:
             named.setdefault(workers[a].host, []).append(a)
     devices = {}
     for a, w in workers.items():
+        if not w.gpus:  # cluster_device refuses these up front; this is a worker that joined later
+            raise FusionpipeError(f"worker {a} sees no GPU and the run computes on cuda; start it on a GPU "
+                                  "machine, or rerun with --device cpu")
         i = w.name if isinstance(w.name, int) else named[w.host].index(a)
         devices[a] = f"cuda:{i % w.gpus}"
     return devices
