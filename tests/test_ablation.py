@@ -195,8 +195,11 @@ def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe
     calls = []
     real_train = stage3.train
     monkeypatch.setattr(stage3, "train", lambda cfg, **kw: calls.append(cfg) or real_train(cfg, **kw))
+    devices, real_evaluate = [], stage3.evaluate
+    monkeypatch.setattr(stage3, "evaluate", lambda *a, **kw: devices.append(kw["device"]) or real_evaluate(*a, **kw))
     run_recipe(recipe, progress=False, echo=lambda s: None)
     assert len(calls) == 1 and sorted(calls[0].fusion) == ["hconv", "weighted-sum"]  # both variants, one pass
+    assert devices == [calls[0].device]  # the test set is scored where the run trained
 
     out = tmp_path / "results" / "tiny"
     md = (out / "results.md").read_text()

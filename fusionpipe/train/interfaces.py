@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusionpipe import cuda
 from fusionpipe.fuse.view import MERGES
 
 INTERFACES = ("hconv", "weighted-sum", "gumbel", "last-layer", "single-layer")
@@ -130,10 +131,14 @@ class HConv(nn.Module):
         if self.normalize:
             x = _layer_norm(x)
         x = x.permute(0, 2, 3, 1)  # (B, L, T, D) -> (B, T, D, L)
-        mask = frame_mask(lengths, T) if lengths is not None else x.new_ones(B, T, dtype=torch.bool)
-        y = self.convs(x[mask]).flatten(1)  # (N_valid, D, L) -> (N_valid, D // L', L') -> (N_valid, out)
+        if lengths is None:
+            return self.convs(x.reshape(B * T, D, L)).flatten(1).view(B, T, self.out_dim)
+        # the (utterance, frame) pairs of the valid frames, found where the lengths are (the host, in training)
+        # and copied over: a boolean mask on the device would make the host wait for its count of True
+        b, t = cuda.upload(frame_mask(lengths, T).nonzero(), x.device).unbind(1)  # (N_valid,) each
+        y = self.convs(x[b, t]).flatten(1)  # (N_valid, D, L) -> (N_valid, D // L', L') -> (N_valid, out)
         out = y.new_zeros(B, T, self.out_dim)
-        out[mask] = y
+        out[b, t] = y
         return out
 
 
@@ -250,17 +255,21 @@ class GumbelSelect(nn.Module):
         n_in = self.out_dim * (len(dims) if merge == "concat" else 1)
         self.projection = nn.Linear(n_in, self.out_dim)
         self.merge, self.tau_start, self.tau_end = merge, tau_start, tau_end
-        self.register_buffer("tau", torch.tensor(float(tau_start)))
+        self.register_buffer("tau", torch.tensor(float(tau_start)))  # in checkpoints; `_tau` is what is read
+        self._tau = float(tau_start)
 
     def set_progress(self, fraction: float) -> None:
         """Anneal the temperature: fraction of training done, 0 -> tau_start, 1 -> tau_end."""
         fraction = min(max(float(fraction), 0.0), 1.0)
-        self.tau.fill_(self.tau_start * (self.tau_end / self.tau_start) ** fraction)
+        # kept as a number too (set_progress runs before every training forward): float(self.tau) of a buffer
+        # on a GPU would make the host wait for the device at every step
+        self._tau = self.tau_start * (self.tau_end / self.tau_start) ** fraction
+        self.tau.fill_(self._tau)
 
     def selection(self) -> torch.Tensor:
         """(N, D) weights of each upstream per dimension; they sum to 1 over N."""
         if self.training:
-            return F.gumbel_softmax(self.logits, tau=float(self.tau), hard=False, dim=0)
+            return F.gumbel_softmax(self.logits, tau=self._tau, hard=False, dim=0)
         picked = self.logits.argmax(dim=0)
         return F.one_hot(picked, len(self.sums)).T.to(self.logits.dtype)
 
@@ -351,7 +360,7 @@ class Interface(nn.Module):
             out = self.interface(self.front(stacks), lengths)
         if self.output_norm:
             out = _layer_norm(out)
-        return out * frame_mask(lengths, out.shape[1])[..., None].to(out.dtype)
+        return out * cuda.upload(frame_mask(lengths, out.shape[1]), out.device)[..., None].to(out.dtype)
 
     def _check(self, stacks: list[torch.Tensor]) -> None:
         if len(stacks) != len(self.dims):

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fusionpipe import cuda
 from fusionpipe.atomic import remove_leftovers, write_json
 from fusionpipe.device import resolve_device
 from fusionpipe.errors import FusionpipeError
@@ -146,11 +147,12 @@ class Variant:
     step calls, its DistributedDataParallel wrapper under torchrun.
     """
 
-    def __init__(self, name: str, model: VariantModel, optimizer: torch.optim.Optimizer, out: Path):
-        self.name, self.model, self.optimizer, self.out = name, model, optimizer, out
+    def __init__(self, name: str, model: VariantModel, optimizer: torch.optim.Optimizer, out: Path,
+                 device: torch.device):
+        self.name, self.model, self.optimizer, self.out, self.device = name, model, optimizer, out, device
         self.trainer: nn.Module = model
         self.rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.cuda_rng = device_rng(device)
         self.best: float | None = None
         self.best_metrics: dict | None = None
         self.train_seconds = 0.0
@@ -158,16 +160,17 @@ class Variant:
 
     @contextmanager
     def own_rng(self):
-        """Dropout, masks and Gumbel noise draw from this variant's stream only."""
+        """Dropout, masks and Gumbel noise draw from this variant's stream only (the CPU generator's, and on a
+        GPU that GPU's: the one device this process trains on)."""
         torch.set_rng_state(self.rng)
         if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
+            cuda.set_rng_state(self.cuda_rng, self.device)
         try:
             yield
         finally:
             self.rng = torch.get_rng_state()
             if self.cuda_rng is not None:
-                self.cuda_rng = torch.cuda.get_rng_state_all()
+                self.cuda_rng = cuda.get_rng_state(self.device)
 
     def state(self, rank_rngs: list | None = None) -> dict:
         """This variant's part of last.pt (tensors and plain containers only: `load_checkpoint`);
@@ -186,12 +189,37 @@ class Variant:
         self.plateau = Plateau(*ckpt.get("plateau", ()))  # last.pt of an older fusionpipe: none recorded
         rngs = ckpt.get("rank_rngs") or [(ckpt["rng"], ckpt["cuda_rng"])]
         if len(rngs) == dist.world_size() or dist.rank() == 0:
-            self.rng, self.cuda_rng = rngs[dist.rank()]
+            rng, saved = rngs[dist.rank()]
+            self.rng, self.cuda_rng = rng, resumed_device_rng(saved, self.device, self.cuda_rng)
         # else: saved with another number of ranks; this rank keeps the fresh stream of its seed
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def device_rng(device: torch.device) -> torch.Tensor | None:
+    """The state of the device generator a variant on `device` draws from: None on a CPU (its draws are the
+    CPU generator's, `Variant.rng`), so that a CPU run never initialises CUDA."""
+    return cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def resumed_device_rng(saved, device: torch.device, fresh: torch.Tensor | None) -> torch.Tensor | None:
+    """The device RNG state a resumed variant continues from, given the checkpoint's `cuda_rng` (`saved`), the
+    device it resumes on and the state it was built with (`fresh`: its seed's own stream). A pure function of
+    the checkpoint and the device, whatever GPUs this process sees:
+    - on a CPU, none;
+    - a state saved on a GPU: that state;
+    - nothing saved (checkpointed on a CPU, resumed on a GPU): the fresh stream, kept per variant;
+    - a list, one state per GPU the saving process saw (checkpoints before this rule): the one of this device's
+      index, or the fresh stream if that process saw fewer GPUs.
+    """
+    if device.type != "cuda":
+        return None
+    if isinstance(saved, (list, tuple)):
+        index = device.index or 0
+        return saved[index] if index < len(saved) else fresh
+    return fresh if saved is None else saved
 
 
 def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out: Path,
@@ -208,7 +236,8 @@ def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out
         if dist.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
             torch.manual_seed(dist.rank_seed(seed, dist.rank()))
         name = variant_name(fusion, merge, None if cfg.seeds is None else seed)
-        variants.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr), out / name))
+        variants.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr), out / name,
+                                device))
     return variants
 
 
@@ -346,32 +375,56 @@ def batches(loader, position: tuple[int, int], count: int):
         epoch, skip = epoch + 1, 0
 
 
+READ_LOSSES_EVERY = 25  # steps between reads of the training losses (and at every evaluation and the end)
+
+
 def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, crop, device: torch.device,
                  logs: dict, step: int, position: tuple[int, int], checkpoint: Path, progress: bool) -> int:
     """Steps from ``step`` (at data ``position``) to cfg.steps: train, log, evaluate, keep best.pt, save
-    last.pt every eval_every steps and at the end; returns the step reached."""
+    last.pt every eval_every steps and at the end; returns the step reached.
+
+    The losses stay on the device and are read back every READ_LOSSES_EVERY steps, all at once: on a GPU,
+    reading each step's loss would make the host wait for that step to finish before it could queue the next.
+    A non-finite loss still stops the run before anything of its step is logged or saved (every read comes
+    before an evaluation or a checkpoint), after at most READ_LOSSES_EVERY - 1 steps more of computation.
+    """
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
                desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
     saved = step
+    pending = []  # (step, its batch's dataset rows, (K,) losses on the device, K stopwatches) not read back yet
     with bar:
         for epoch, k, batch in batches(loader, position, cfg.steps - step):
             stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
-            lengths = batch["lengths"].to(device)
+            # the lengths stay on the host: the crop, the masks and CTC read them there, and the modules copy
+            # them to the device without waiting (fusionpipe.cuda.upload)
+            lengths = batch["lengths"]
             targets = batch_targets(batch["rows"])
+            rows = loader.batch_sampler.batches()[k]
             # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
-            weight = shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
+            weight = shard(rows, rank, world)[1] if world > 1 else None
             losses = []
+            watches = []  # each variant's step, timed on the device (read with the losses)
             for v in variants:
-                t0 = time.perf_counter()
+                watch = cuda.Stopwatch(device)
                 with v.own_rng():
                     x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
-                    losses.append(_step(v, task, x, n, targets, cfg, step, weight))
-                v.train_seconds += time.perf_counter() - t0
-            losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
+                    check_frames(n, v.model.head, batch["rows"])
+                    losses.append(train_step(v, task, x, n, targets, cfg, step, weight))
+                watches.append(watch.stop())
             step += 1
-            _stop_if_not_finite(losses, step, lambda: _batch_ids(loader, k), checkpoint, saved)
+            pending.append((step, rows, dist.mean_over_ranks(torch.stack(losses)), watches))
             bar.update(1)
+            if not (_due(cfg, step) or step % READ_LOSSES_EVERY == 0):
+                continue
+            read, pending = _read_losses(pending, variants), []
+            for s, rows_s, values in read:
+                _stop_if_not_finite(values, s, lambda: [loader.dataset.rows[i].id for i in rows_s], checkpoint,
+                                    saved)
+                if main and s != step:
+                    for v in variants:
+                        logs[v.name].write(s, values[v.name], {})
+            losses = read[-1][2]
             bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
 
             metrics = maybe_evaluate(variants, task, dev, device, cfg, step)
@@ -390,6 +443,26 @@ def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, c
                 save_checkpoints(variants, step, (epoch, k + 1), logs.values(), checkpoint)
                 saved = step
     return step
+
+
+def _read_losses(pending: list, variants: list[Variant]) -> list[tuple[int, list[int], dict[str, float]]]:
+    """(step, rows, {variant: loss}) of every pending step, read back to the host in one copy; the variants'
+    train_seconds take the device time of those steps (done now, as the losses are)."""
+    values = torch.stack([t for _, _, t, _ in pending]).tolist()  # the one host sync of these steps
+    for *_, watches in pending:
+        for v, watch in zip(variants, watches):
+            v.train_seconds += watch.seconds()
+    return [(s, rows, dict(zip((v.name for v in variants), row))) for (s, rows, _, _), row in zip(pending, values)]
+
+
+def check_frames(lengths: torch.Tensor, head, rows) -> None:
+    """Every utterance (after the crop) is long enough for the head, checked on the host lengths: the heads
+    check only lengths on the CPU (on a GPU reading them back would cost a sync per step)."""
+    short = [u.id for u, n in zip(rows, lengths.tolist()) if n < head.min_frames]
+    if short:
+        raise FusionpipeError(f"{type(head).__name__} needs at least {head.min_frames} frames per utterance; "
+                              f"{', '.join(short[:5])} have fewer: leave them out of the manifest (in training, "
+                              "or give a longer --crop-seconds minimum)")
 
 
 def _due(cfg: TrainConfig, step: int) -> bool:
@@ -432,11 +505,6 @@ def restore_checkpoints(variants: list[Variant], state: dict, path: Path) -> tup
                               "train it again into another --out") from None
 
 
-def _batch_ids(loader, k: int) -> list[str]:
-    """The utterance ids of global batch ``k`` of the loader's epoch (every rank's part)."""
-    return [loader.dataset.rows[i].id for i in loader.batch_sampler.batches()[k]]
-
-
 def _stop_if_not_finite(losses: dict[str, float], step: int, batch_ids, checkpoint: Path, saved: int) -> None:
     """Stop at a NaN or infinite loss (of the global batch: every rank stops), naming the variant(s), the
     step and the utterances of the batch (``batch_ids()``), before anything of the step is logged or saved."""
@@ -460,8 +528,10 @@ def _check_trials(trials, dev, path: str) -> None:
                               f"utterances, e.g. {', '.join(missing[:3])}; give the trial list of the dev stores")
 
 
-def _step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: int, weight: float | None) -> float:
-    """One optimizer step; returns this rank's loss (with ``weight``: its weighted sum of per-utterance losses)."""
+def train_step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: int,
+          weight: float | None) -> torch.Tensor:
+    """One optimizer step; returns this rank's loss (with ``weight``: its weighted sum of per-utterance losses),
+    on the device and detached: the caller reads it back later, not now (`_train_steps`)."""
     v.model.train()
     v.model.fusion.set_progress(step / max(1, cfg.steps))
     if weight is None:
@@ -472,7 +542,7 @@ def _step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: in
     loss.backward()  # DDP: the gradient all-reduce (an average over ranks) happens here
     nn.utils.clip_grad_norm_(v.model.parameters(), cfg.grad_clip)
     v.optimizer.step()
-    return loss.item()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -488,10 +558,11 @@ def evaluate_variants(variants: list[Variant], task, loader, device: torch.devic
     for v in variants:
         v.model.eval()
     for j, batch in enumerate(loader):
-        stacks = [s.to(device) for s in batch["stacks"]]
-        lengths = batch["lengths"].to(device)
+        stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
+        lengths = batch["lengths"]  # on the host, as in training
         preds = {}
         for v in variants:
+            check_frames(lengths, v.model.head, batch["rows"])
             t0 = time.perf_counter()
             preds[v.name] = task.predict(v.model.head, v.model.features(stacks, lengths), lengths)
             seconds[v.name] += time.perf_counter() - t0

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, roc_curve
 from torch import nn
 
+from fusionpipe import cuda
 from fusionpipe.train.heads import ClassifierHead, CTCHead, SpeakerHead, TransformerCTCHead, XVectorHead
 
 TASKS = ("asr", "classify", "verify", "multilingual")
@@ -127,15 +128,19 @@ def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str
     ``reduction="none"``: those (B,) per-utterance terms, as torch's "mean" computes them).
     Characters missing from the vocabulary are skipped: they cannot be predicted anyway.
     zero_infinity: an utterance with more targets than frames gives 0, not inf."""
-    ids = [vocab.encode(t, unknown="skip") for t in texts]
-    targets = torch.tensor([i for seq in ids for i in seq], dtype=torch.long, device=log_probs.device)
-    target_lengths = torch.tensor([len(seq) for seq in ids], dtype=torch.long, device=log_probs.device)
-    args = (log_probs.transpose(0, 1), targets, lengths.to(log_probs.device), target_lengths)
-    if reduction == "mean":
-        return F.ctc_loss(*args, blank=0, zero_infinity=True)
-    if reduction != "none":
+    if reduction not in ("mean", "none"):
         raise ValueError(f"ctc_loss: reduction {reduction!r}; use 'mean' or 'none'")
-    return F.ctc_loss(*args, blank=0, zero_infinity=True, reduction="none") / target_lengths.clamp(min=1)
+    ids = [vocab.encode(t, unknown="skip") for t in texts]
+    targets = cuda.upload(torch.tensor([i for seq in ids for i in seq], dtype=torch.long), log_probs.device)
+    target_lengths = torch.tensor([len(seq) for seq in ids], dtype=torch.long)
+    # both lengths as given (the trainer's are on the host): torch's CUDA ctc_loss reads them on the host, and
+    # would copy lengths on the device back, waiting for it; its "mean" (the division below, then the mean)
+    # would copy the target lengths up with a wait, hence reduction="none" here. Justified, not removable here:
+    # the CUDA kernel itself still copies lengths and offsets up with waits of its own (at::tensor and .cuda()
+    # in LossCTC.cu), a few syncs per CTC forward and backward that only torch can remove.
+    losses = F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=0, zero_infinity=True,
+                        reduction="none") / cuda.upload(target_lengths.clamp(min=1), log_probs.device)
+    return losses.mean() if reduction == "mean" else losses
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -281,7 +286,7 @@ class ClassifyTask:
 
     def loss(self, head, feats, lengths, targets, reduction: str = "mean") -> torch.Tensor:
         logits, _ = head(feats, lengths)
-        labels = self.indices(_column(targets, "label", self.name)).to(logits.device)
+        labels = cuda.upload(self.indices(_column(targets, "label", self.name)), logits.device)
         return F.cross_entropy(logits, labels, reduction=reduction)
 
     def predict(self, head, feats, lengths) -> list[str]:
@@ -339,7 +344,7 @@ class VerifyTask:
         if unknown:
             raise ValueError(f"speakers {unknown[:5]} are not among the {len(index)} train speakers")
         hidden, _ = head(feats, lengths)
-        labels = torch.tensor([index[s] for s in names], dtype=torch.long, device=hidden.device)
+        labels = cuda.upload(torch.tensor([index[s] for s in names], dtype=torch.long), hidden.device)
         return head.amsoftmax(hidden, labels, reduction)
 
     def predict(self, head, feats, lengths) -> list[np.ndarray]:
