@@ -260,7 +260,7 @@ def test_recipe_seeds_train_in_one_pass_and_report_mean_std_and_layer_pictures(t
     assert "mean ± std over 2 seeds (seeds 0, 1)" in md and " ± " in md.split("| toy-wavlm |")[1].splitlines()[0]
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {row["seeds"] for row in rows} == {"2"} and all(row["ours_std"] != "" for row in rows)
-    assert "## What the layers say" in md and "zeroing layer" in md and "within toy-wavlm: mean CKA" in md
+    assert "## What the layers say" in md and "knocking out layer" in md and "within toy-wavlm: mean CKA" in md
     assert (out / "classify-toy-wavlm-layer-use.png").is_file()
     assert (out / "analysis" / "cka-toy-wavlm" / "cka.png").is_file()
     assert (run_dir / "analysis" / "layer-use.csv").is_file()

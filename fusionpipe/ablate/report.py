@@ -212,7 +212,8 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
     if layers:
         lines += ["## What the layers say", "",
                   "Per upstream set: which layers each variant uses (left: the dev metric's change when one merged "
-                  "layer is zeroed, every interface on one axis; right: the weighted-sum weights and Gumbel shares; "
+                  "layer is knocked out, set to its training mean, every interface on one axis; right: the "
+                  "weighted-sum weights and Gumbel shares; "
                   "`fusionpipe analyze RUN`), and how alike the upstreams' layers are (linear CKA on a sample of "
                   "aligned frames of the train stores; `fusionpipe analyze STORES`). A mean best-match CKA near 1 "
                   "says every layer of one upstream has a near twin in the other; far below 1, they represent the "

@@ -230,7 +230,7 @@ def knockout_metric(rows: list[dict], metric: str | None = None) -> str | None:
 
 
 def plot_layer_use(rows: list[dict], path: str | Path, metric: str | None = None, title: str = "") -> Path:
-    """Left: the knockout profile of every variant (metric change per zeroed layer); right: the layer
+    """Left: the knockout profile of every variant (metric change per knocked-out layer); right: the layer
     weights (weighted-sum) and Gumbel layer shares. Mean over seeds, error bars one std."""
     import matplotlib
 
@@ -254,7 +254,7 @@ def plot_layer_use(rows: list[dict], path: str | Path, metric: str | None = None
         ax.axhline(0, color="grey", linewidth=0.6)
         direction = "up = worse" if lower_is_better(metric) else "down = worse"
         ax.set_ylabel(f"dev {metric} change ({direction})")
-        ax.set_title("knockout: one merged layer zeroed", fontsize=9)
+        ax.set_title("knockout: one merged layer at its training mean", fontsize=9)
     else:
         ax.set_title("knockout: not scored (no dev stores)", fontsize=9)
     ax.set_xlabel("merged layer")
@@ -296,7 +296,7 @@ def describe_use(rows: list[dict], metric: str | None = None) -> str:
         if ko:
             worst = max(ko, key=lambda p: p[1] if lower_is_better(metric) else -p[1])
             spread = max(abs(m) for _, m in ko)
-            said.append(f"zeroing layer {worst[0]} costs most ({worst[1]:+.3f} {metric})" if spread > 0
+            said.append(f"knocking out layer {worst[0]} costs most ({worst[1]:+.3f} {metric})" if spread > 0
                         else "no single layer's knockout changes it")
         w = [(k[2], m) for k, (m, _, _) in weights.items() if k[0] == v]
         if w:
