@@ -12,7 +12,8 @@ from fusionpipe.train.config import TrainConfig
 
 
 # Used when `fusionpipe train` is given no stores: the bundled demo corpus, sized for a CPU.
-# 1500 steps: about 3.5 min on 2 cores; CTC on toy features leaves the blank plateau only after ~500.
+# 1500 steps: about 3.5 min on 2 cores; CTC on toy features leaves the blank plateau after ~200 (the loss below 3
+# from step ~180 with the default interface options; dev CER 0.78 at step 500, 0.75 at 1500).
 DEMO = {"steps": 1500, "eval_every": 500, "lr": 2e-3, "max_frames": 4000,
         "head_options": {"proj": 64, "hidden": 64, "layers": 1}}
 
