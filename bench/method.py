@@ -81,7 +81,7 @@ def seeds_table(task: str, s: dict[str, str], seeds: list[int], steps: int, eval
     if paper:
         head, lr = paper_asr()["head_options"], paper_asr()["lr"]
     tag = _tag(options).replace(", ", "-") + ("-paper" if paper else "")
-    out = work / f"run-{task}-{tag}-{len(seeds)}seeds-{steps}" + ("-cer" if task == "asr" else "")
+    out = work / (f"run-{task}-{tag}-{len(seeds)}seeds-{steps}" + ("-cer" if task == "asr" else ""))
     cfg = TrainConfig(stores=[s["demo-train"]], dev_stores=[s["demo-dev"]], task=task, fusion=fusions, merge=["add"],
                       out=str(out), steps=steps, eval_every=eval_every, lr=lr, max_frames=2000,
                       head_options=head, interface_options=options, seeds=seeds, device=device,
