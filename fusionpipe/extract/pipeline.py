@@ -34,10 +34,13 @@ disk, byte-identically, like after any crash.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -90,7 +93,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
         stack.enter_context(_one_thread_per_child())
         spawn = multiprocessing.get_context("spawn")  # fork would copy torch's threads and the model
         helpers = stack.enter_context(_pool(processes, spawn, _init, (
-            manifest, front, skip_bad, ins.names, outs.names, store.url, ids, lengths, store.info.dtype, upstream.name)))
+            os.getpid(), manifest, front, skip_bad, ins.names, outs.names, store.url, ids, lengths, store.info.dtype, upstream.name)))
         reads: dict[int, list[Future]] = {}  # per batch: its read tasks
         writes: list[list[Future]] = [[] for _ in range(DEPTH)]  # per output slot: the writes of its batch
         edge_writes: deque[tuple[int, Future]] = deque()
@@ -264,12 +267,28 @@ def _one_thread_per_child():
 _state: dict = {}  # what the initializer gave this process
 
 
+def die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent (pid `parent`) dies, however it dies (kill -9,
+    SIGTERM, the OOM killer): an orphaned helper would hold its slots, keep the resource tracker (which
+    unlinks the slots and semaphores once every process of the run is gone) alive, and keep a caller's
+    stdout open. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op. The parent calls submit() from
+    its main thread, so "the parent dies" is the thread that spawned us exiting, which is the process."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the prctl: nothing would signal us
+        os._exit(1)
+
+
 def _ready() -> None:
     pass
 
 
-def _init(manifest: Manifest, front: FrontEnd, skip_bad: bool, ins: list[str], outs: list[str], url: str,
+def _init(parent: int, manifest: Manifest, front: FrontEnd, skip_bad: bool, ins: list[str], outs: list[str], url: str,
           ids: list[str], lengths: np.ndarray, dtype: str, model: str) -> None:
+    die_with(parent)
     torch.set_num_threads(1)
     _state.update(manifest=manifest, front=front, skip_bad=skip_bad, ins=[SharedMemory(name=n) for n in ins],
                   outs=[SharedMemory(name=n) for n in outs], store=FeatureStore.open(url, mode="r+"), ids=ids,
