@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -100,53 +99,3 @@ def test_kill_9_of_a_helper_fails_cleanly_and_the_rerun_is_byte_identical(long_m
     run_extract(cmd)
     assert _files(tmp_path / "ref" / long_manifest.name / "toy-wavlm.zarr") == _files(chunk_dir.parents[1])
 
-
-def _shm_files(pids: list[int]) -> set[str]:
-    """The /dev/shm files (slots, semaphores) the processes `pids` have mapped."""
-    out = set()
-    for pid in pids:
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text()
-        except OSError:
-            continue
-        out |= {line.split()[-1] for line in maps.splitlines() if "/dev/shm/" in line}
-    return {f.removesuffix(" (deleted)") for f in out if not f.endswith("(deleted)")}
-
-
-def _running(procs: list, within: float) -> list:
-    """Those of `procs` still running after up to `within` seconds (a zombie, exited but not reaped by the
-    pid 1 of a container, counts as gone)."""
-    deadline = time.time() + within
-    while True:
-        alive = []
-        for p in procs:
-            try:
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.time() > deadline:
-            return alive
-        time.sleep(0.1)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killing_the_main_process_leaves_no_process_and_no_shared_memory(long_manifest, tmp_path, extract_cmd,
-                                                                         start_extract_midway, sig):
-    """kill -9 / kill -TERM of `extract --processes 2`: within seconds no helper, no resource tracker and no
-    /dev/shm segment or semaphore of the run is left (they used to live on, reparented to pid 1)."""
-    cmd = extract_cmd(long_manifest, tmp_path / "c", "--processes", "2")
-    proc = start_extract_midway(cmd, tmp_path / "c" / long_manifest.name / "toy-wavlm.zarr" / "hidden" / "c")
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert len(children) >= 3  # two helpers and the resource tracker
-    names = {c.pid: " ".join(c.cmdline()) for c in children}
-    shm = _shm_files([proc.pid, *names])
-    assert any("psm_" in f for f in shm)
-    os.kill(proc.pid, sig)
-    proc.wait()
-    alive = _running(children, within=15)
-    for c in alive:  # not to leave them to the next test
-        c.kill()
-    assert not alive, [names[c.pid] for c in alive]
-    assert not [f for f in shm if Path(f).exists()]

@@ -35,6 +35,7 @@ disk, byte-identically, like after any crash.
 from __future__ import annotations
 
 import ctypes
+import errno
 import math
 import multiprocessing
 import os
@@ -203,13 +204,24 @@ class _Slots:
     """DEPTH shared-memory buffers of `nbytes` each; on a GPU registered as pinned memory for the copies."""
 
     def __init__(self, nbytes: int, pin: bool):
-        shm = Path("/dev/shm")
-        if shm.is_dir() and shutil.disk_usage(shm).free < DEPTH * nbytes:  # else a SIGBUS on first touch
-            free = shutil.disk_usage(shm).free / 2**20
-            raise FusionpipeError(f"the pipeline needs {DEPTH * nbytes / 2**20:.0f} MB more of /dev/shm, {free:.0f} MB "
-                                  "are free: lower --max-seconds, give the container more (docker --shm-size), or "
-                                  "pass --processes 0")
-        self.shm = [SharedMemory(create=True, size=max(1, nbytes)) for _ in range(DEPTH)]
+        self.shm = []
+        try:
+            for _ in range(DEPTH):
+                self.shm.append(SharedMemory(create=True, size=max(1, nbytes)))
+                # reserve the pages now: a page of tmpfs first touched when /dev/shm is full (too small, or
+                # filled by another process meanwhile) is a SIGBUS, no message; here it is ENOSPC
+                os.posix_fallocate(self.shm[-1]._fd, 0, self.shm[-1].size)
+        except OSError as e:
+            for s in self.shm:
+                s.close()
+                s.unlink()
+            if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+                raise
+            free = shutil.disk_usage("/dev/shm").free / 2**20 if Path("/dev/shm").is_dir() else 0
+            raise FusionpipeError(
+                f"the pipeline needs {DEPTH * nbytes / 2**20:.0f} MB more of shared memory (/dev/shm), "
+                f"{free:.0f} MB are free: give the container more (docker --shm-size), lower --max-seconds "
+                "(smaller batches), or pass --processes 0 (no helper processes, no shared memory)") from None
         self.names = [s.name for s in self.shm]
         self.pinned = []
         if pin:
