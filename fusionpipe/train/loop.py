@@ -71,7 +71,7 @@ from fusionpipe.train.config import (OPTIMIZERS, RESUMABLE, TrainConfig, check_u
                                      trial_list, variant_name)
 from fusionpipe.train.interfaces import Interface
 from fusionpipe.train.log import Log
-from fusionpipe.train.tasks import batch_targets, build_task, lower_is_better, primary_metric, task_from_dict
+from fusionpipe.train.tasks import batch_targets, build_task, check_head, lower_is_better, primary_metric, task_from_dict
 
 
 class VariantModel(nn.Module):
@@ -155,6 +155,7 @@ def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out
             interface = Interface(dims, num_layers, fusion=fusion, merge=merge, **cfg.interface_options)
         except ValueError as e:
             raise FusionpipeError(f"variant {variant_name(fusion, merge)}: {e}") from None
+        check_head(task, interface.out_dim, cfg.head_options, device)
         model = VariantModel(interface, task.build_head(interface.out_dim, **cfg.head_options)).to(device)
         if dist.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
             torch.manual_seed(dist.rank_seed(seed, dist.rank()))
