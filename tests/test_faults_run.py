@@ -233,11 +233,24 @@ def _cli(args, monkeypatch, capsys) -> tuple[int, str]:
     (lambda s: ["--grad-clip", "0"], "--grad-clip (grad_clip=0.0)"),
     (lambda s: ["--max-frames", "0"], "--max-frames (max_frames=0)"),
     (lambda s: ["--optimizer", "sgd"], "--optimizer (optimizer='sgd'): choose adam or adamw"),
-    (lambda s: ["--head-option", "hidden=8"], "--head-option (head_options={'hidden': 8}): the classify head takes "
-                                             "no hidden"),
+    (lambda s: ["--head-option", "hidden=8"], "--head-option (head_options={'hidden': 8}): hidden: unknown to the "
+                                             "classify head, which takes proj"),
     (lambda s: ["--crop-seconds", "8,2"], "--crop-seconds"),
+    (lambda s: ["--head-option", "proj=-5"], "proj: expected a whole number from 1 to"),
+    (lambda s: ["--head-option", "proj=0"], "proj: expected a whole number from 1 to"),
+    (lambda s: ["--head-option", "proj=1.5"], "proj: expected a whole number from 1 to"),
+    (lambda s: ["--head-option", "proj=1e9"], "proj: expected a whole number from 1 to"),
+    (lambda s: ["--task", "asr", "--head-option", "hidden=1000000"], "--head-option {'hidden': 1000000}: the asr "
+                                                                      "head would have"),
+    (lambda s: ["--interface-option", "stride=1"], "stride: expected a whole number from 2 to 64"),
+    (lambda s: ["--interface-option", "normalize=maybe"], "normalize: expected true or false"),
+    (lambda s: ["--seed", str(2**64)], "--seed (seed=18446744073709551616): must be a whole number from 0"),
+    (lambda s: ["--seeds", f"0,{2**64}"], "--seeds (seeds=[0, 18446744073709551616]): each seed"),
+    (lambda s: ["--num-workers", "-3"], "--num-workers (num_workers=-3): must be a whole number from 0"),
 ], ids=["dev-order", "dev-count", "dev-model", "select", "verify-trials", "steps-0", "steps-negative",
-        "eval-every", "lr", "grad-clip", "max-frames", "optimizer", "head", "crop"])
+        "eval-every", "lr", "grad-clip", "max-frames", "optimizer", "head", "crop", "head-negative", "head-zero",
+        "head-fraction", "head-1e9", "head-too-big", "stride-1", "normalize-text", "seed-65-bits", "seeds-65-bits",
+        "num-workers-negative"])
 def test_a_flag_that_cannot_work_is_an_error_before_anything_runs(extra, message, pitch_stores, tmp_path,
                                                                    monkeypatch, capsys):
     out = tmp_path / "run"

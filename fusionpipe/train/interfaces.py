@@ -251,8 +251,7 @@ def interface_option_problems(fusion: str, options: dict) -> list[tuple[str, str
     out = []
     for name, value in options.items():
         if name not in allowed:
-            out.append((name, f"interface {fusion} takes no option {name!r}; it takes "
-                              f"{', '.join(sorted(allowed)) or 'none'}"))
+            out.append((name, f"unknown to interface {fusion}, which takes {', '.join(sorted(allowed)) or 'none'}"))
         elif (why := value_problem(_OPTION_VALUES[name], value)) is not None:
             out.append((name, f"{why} (interface {fusion})"))
     if fusion == "single-layer" and "layer" not in options:

@@ -422,7 +422,7 @@ def head_option_problems(task: str, options: dict) -> list[tuple[str, str]]:
     out = []
     for name, value in options.items():
         if name not in allowed:
-            out.append((name, f"the {task} head takes no {name}; it takes {', '.join(sorted(allowed))}"))
+            out.append((name, f"unknown to the {task} head, which takes {', '.join(sorted(allowed))}"))
         elif (why := value_problem(_HEAD_OPTION_VALUES.get(name, whole(1)), value)) is not None:
             out.append((name, f"{why} (the {task} head)"))
     return out
