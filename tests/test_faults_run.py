@@ -305,3 +305,38 @@ def test_resume_of_a_run_with_per_variant_checkpoints_is_refused(pitch_stores, f
     shutil.copy(finished_run / "last.pt", finished_run / "hconv-concat" / "last.pt")
     with pytest.raises(FusionpipeError, match="per-variant checkpoints of an older fusionpipe"):
         train(cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
+
+
+# ---- a run directory is not tied to its path ---------------------------------------------------------
+def test_a_moved_run_directory_resumes_and_evaluates(pitch_stores, tmp_path, cfg):
+    """`out` is where the run is, not a setting: a copied or moved run resumes (it was refused with
+    out: 'runs/a' -> 'runs/b') and its loss curve continues as if it had never moved."""
+    from fusionpipe.train.loop import evaluate
+
+    straight = tmp_path / "straight"
+    train(cfg(pitch_stores, straight, steps=4), progress=False)
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    train(cfg(pitch_stores, a, steps=2), progress=False)
+    b.parent.mkdir()
+    shutil.move(a, b)
+    train(cfg(pitch_stores, b, steps=4), resume=True, progress=False)
+    assert _losses(b, "hconv-concat") == _losses(straight, "hconv-concat")
+    assert json.loads((b / "config.json").read_text())["out"] == str(b)
+    assert "hconv-concat" in evaluate(b, pitch_stores["dev"])
+
+
+def test_an_edited_config_or_checkpoint_is_refused_naming_the_file(pitch_stores, tmp_path, cfg):
+    from fusionpipe.train.checkpoint import save_checkpoint
+    from fusionpipe.train.loop import evaluate
+
+    run = tmp_path / "run"
+    train(cfg(pitch_stores, run, steps=2), progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "head_options": {"proj": 1e12}}))
+    with pytest.raises(FusionpipeError, match=r"config\.json: --head-option .*proj: expected a whole number"):
+        evaluate(run, pitch_stores["dev"])
+    (run / "config.json").write_text(json.dumps(saved))
+    state = load_checkpoint(run / "last.pt")
+    save_checkpoint({**state, "step": -5}, run / "last.pt")
+    with pytest.raises(FusionpipeError, match=r"last\.pt does not fit this run .*step -5"):
+        train(cfg(pitch_stores, run, steps=4), resume=True, progress=False)

@@ -22,6 +22,8 @@ NOT_COMPARED = ("device", "num_workers")
 # ... and what a --resume may change besides: more steps continue the run (a Gumbel temperature
 # schedule, which follows step / steps, then stretches from the resumed step on)
 RESUMABLE = (*NOT_COMPARED, "steps")
+# where the run directory is: no setting (a copied or moved run resumes and evaluates; `config_changes`)
+WHERE = ("out",)
 # config.json fields renamed since: the old name -> the field it is now (read either)
 LEGACY_FIELDS = {"head": "head_options", "interface": "interface_options"}
 # what makes two stores' features interchangeable: the upstream that computed them
@@ -90,9 +92,14 @@ class TrainConfig:
             for old, new in LEGACY_FIELDS.items():  # runs saved before the rename still evaluate and resume
                 if old in saved and new not in saved:
                     saved[new] = saved.pop(old)
-            return cls(**saved)
+            cfg = cls(**saved)
         except (ValueError, TypeError) as e:  # not JSON, or other fields than a TrainConfig's
             raise FusionpipeError(f"{path} is not a fusionpipe training config ({e})") from None
+        try:  # an edited file (hidden: 1e12) is refused here, not by the allocator
+            cfg.check_settings()
+        except FusionpipeError as e:
+            raise FusionpipeError(f"{path}: {e}; restore the file, or train again into another --out") from None
+        return cfg
 
     def check(self) -> None:
         """Refuse settings that cannot train or evaluate, before any data is read or any step taken.
@@ -201,7 +208,8 @@ def config_changes(saved: dict, given: TrainConfig, exempt: tuple[str, ...] = NO
     """``key: saved -> given`` for each field (but ``exempt``) in which ``given`` differs from a saved
     config.json: a rerun (ablation plan) or --resume must train what the run directory holds."""
     new = json.loads(json.dumps(asdict(given)))  # as config.json holds it: tuples are lists
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in new.items() if k not in exempt and saved.get(k) != v]
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in new.items()
+            if k not in exempt and k not in WHERE and saved.get(k) != v]
 
 
 def _upstream(url: str) -> dict:

@@ -360,7 +360,10 @@ def restore_checkpoints(variants: list[Variant], state: dict, path: Path) -> tup
     try:
         for v in variants:
             v.restore(saved[v.name])
-        return int(state["step"]), tuple(state["position"])
+        step, position = int(state["step"]), tuple(int(x) for x in state["position"])
+        if step < 0 or len(position) != 2 or min(position) < 0:  # an edited file: nothing trains from there
+            raise ValueError(f"step {step}, data position {position}")
+        return step, position
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise FusionpipeError(f"{path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
                               "train it again into another --out") from None
