@@ -127,6 +127,28 @@ def index_hash(ids, lengths) -> str:
     return hashlib.sha256(json.dumps([[str(i) for i in ids], [int(n) for n in lengths]]).encode()).hexdigest()
 
 
+# A chunk is encoded, written, read and decoded whole, in memory (and numcodecs' codecs stop at 2 GB).
+MAX_CHUNK_BYTES = 2**30
+
+
+def need_backend(url: str) -> None:
+    """Refuse a URL whose fsspec filesystem is not installed (s3:// without s3fs, http:// without aiohttp),
+    naming the package, before zarr's double ImportError traceback."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("", "file", "memory"):
+        return
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as e:
+        raise FusionpipeError(f"{redact(url)}: {scheme}:// stores need a package that is not installed ({e}); "
+                              "install it into this environment (pip install ...), or use a local path") from None
+    except ValueError:
+        raise FusionpipeError(f"{redact(url)}: no filesystem knows the protocol {scheme}://; give a local path or an "
+                              "fsspec URL (s3://, gs://, memory://, ...)") from None
+
+
 IDENTITY = "identity_sha256"  # the attribute that holds `identity_hash` of all the others
 
 
@@ -272,7 +294,27 @@ class FeatureStore:
             raise FusionpipeError(f"dtype {dtype!r} is not supported; choose one of {DTYPES}")
         if codec not in CODECS:
             raise FusionpipeError(f"codec {codec!r} is not known; choose one of {sorted(CODECS)}")
+        frame_bytes = num_layers * hidden_size * np.dtype(dtype).itemsize
+        if chunk_frames is not None and (not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool)
+                                         or not 1 <= chunk_frames <= MAX_CHUNK_BYTES // frame_bytes):
+            raise FusionpipeError(
+                f"--chunk-frames {chunk_frames}: give a whole number from 1 to {MAX_CHUNK_BYTES // frame_bytes} (a "
+                f"chunk holds every layer of its frames, {frame_bytes:,} bytes each here, and is written and read "
+                f"whole; at most {MAX_CHUNK_BYTES // 2**20} MB), or leave it out for about {CHUNK_BYTES // 2**20} MB")
         chunk_frames = chunk_frames or default_chunk_frames(num_layers, hidden_size, dtype)
+        need_backend(str(url))
+        try:
+            return cls._create(url, layout, num_layers, hidden_size, dtype, codec, chunk_frames, attrs, overwrite)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FusionpipeError(f"{redact(str(url))}: the disk is full ({e.strerror}) while the store is created; "
+                                      "free some space (or choose another --cache) and rerun with --overwrite"
+                                      ) from None
+            raise
+
+    @classmethod
+    def _create(cls, url, layout: Layout, num_layers: int, hidden_size: int, dtype: str, codec: str,
+                chunk_frames: int, attrs: dict | None, overwrite: bool) -> FeatureStore:
         group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
         n = len(layout.ids)
         # Zarr refuses zero-length chunks; an empty manifest still gets a valid (empty) store.
@@ -303,6 +345,7 @@ class FeatureStore:
 
     @classmethod
     def open(cls, url: str | Path, mode: str = "r") -> FeatureStore:
+        need_backend(str(url))
         try:
             group = zarr.open_group(str(url), mode=mode)
             if "hidden" not in group or group.attrs.get("format") not in READABLE_FORMATS:
@@ -319,6 +362,7 @@ class FeatureStore:
 
     @staticmethod
     def exists(url: str | Path) -> bool:
+        need_backend(str(url))
         try:
             zarr.open_group(str(url), mode="r")
             return True

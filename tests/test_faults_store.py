@@ -273,7 +273,33 @@ def small_disk(tmp_path, monkeypatch):
     yield root, lambda: budget.update(left=10**12)
 
 
-def test_a_full_disk_names_the_store_and_a_rerun_resumes(small_disk, speech_manifest, tmp_path):
+def test_a_store_that_cannot_fit_is_refused_before_the_model_runs(small_disk, speech_manifest):
+    root, _ = small_disk
+    with pytest.raises(FusionpipeError, match=r"the store needs about .* GiB more \(zstd\).*choose another --cache"):
+        extract(speech_manifest, "toy-wavlm", url=str(root / "big.zarr"), device="cpu", progress=False,
+                chunk_frames=CHUNK)
+    assert not (root / "big.zarr").exists()
+
+
+def test_a_disk_full_while_the_store_is_created_is_named(small_disk, speech_manifest, monkeypatch):
+    """Past the estimate (another process took the room): the store's own metadata does not fit."""
+    from fusionpipe.extract import run
+
+    root, _ = small_disk
+    if not os.path.ismount(root):
+        pytest.skip("needs the 64 kB tmpfs (root)")
+    monkeypatch.setattr(run, "check_disk", lambda *a: None)
+    subprocess.run(["dd", "if=/dev/zero", f"of={root / 'filler'}", "bs=4k", "count=15"], capture_output=True)
+    with pytest.raises(FusionpipeError, match=r"the disk is full .* while the store is created; .*--overwrite"):
+        extract(speech_manifest, "toy-wavlm", url=str(root / "x.zarr"), device="cpu", progress=False,
+                chunk_frames=CHUNK)
+
+
+def test_a_full_disk_names_the_store_and_a_rerun_resumes(small_disk, speech_manifest, tmp_path, monkeypatch):
+    """The disk fills during the run (the up-front estimate passed: another process took the room)."""
+    from fusionpipe.extract import run
+
+    monkeypatch.setattr(run, "check_disk", lambda *a: None)
     root, grow = small_disk
     url = str(root / "full.zarr")
     ref = extract(speech_manifest, "toy-wavlm", url=str(tmp_path / "ref.zarr"), device="cpu", progress=False,

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fusionpipe.atomic import remove_leftovers, write_json
+from fusionpipe.atomic import check_writable, remove_leftovers, write_json
 from fusionpipe.device import resolve_device
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.loader import make_loader, shard
@@ -172,6 +172,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     cfg = complete(cfg)
     cfg.check()
     out = Path(cfg.out)
+    check_writable(out, "--out")
     if (out / "config.json").exists():
         if not resume:
             raise FusionpipeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
