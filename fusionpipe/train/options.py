@@ -46,9 +46,11 @@ def value_problem(rule: Rule, value) -> str | None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if rule.kind == "whole":
         if not isinstance(value, int) or isinstance(value, bool) or not rule.low <= value < rule.high:
-            span = (f"from {int(rule.low)} to {int(rule.high) - 1}" if rule.low > -math.inf
-                    else f"up to {int(rule.high) - 1}")
-            return f"expected a whole number {span}, e.g. {max(int(min(64, rule.high - 1)), 0)}; got {value!r}"
+            if rule.low > -math.inf:
+                span, example = f"from {int(rule.low)} to {int(rule.high) - 1}", int(min(64, rule.high - 1))
+            else:  # an index: negative ones count from the end
+                span, example = f"up to {int(rule.high) - 1}", -1
+            return f"expected a whole number {span}, e.g. {example}; got {value!r}"
         return None
     low_ok = number and (value > rule.low if rule.open_low else value >= rule.low)
     if not (number and low_ok and value < rule.high and math.isfinite(value)):
