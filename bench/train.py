@@ -78,7 +78,7 @@ def main() -> None:
     rows = {u.id: i for i, u in enumerate(m)}
 
     def cached(batch):
-        return [s.to(device) for s in batch["stacks"]], batch["lengths"].to(device)
+        return [s.to(device) for s in batch["stacks"]], batch["lengths"]  # lengths on the host, as the trainer
 
     def on_the_fly(batch):
         waves = [audio.load(m, rows[u]) for u in batch["ids"]]
@@ -88,7 +88,7 @@ def main() -> None:
         x = torch.zeros(len(feats), upstream.num_layers, int(lengths.max()), upstream.hidden_size, device=device)
         for b, f in enumerate(feats):
             x[b, :, :f.shape[0]] = f.float().transpose(0, 1)  # (T, L, D) -> (L, T, D)
-        return [x], lengths.to(device)
+        return [x], lengths
 
     t_cache = min(epoch_time(model, task, batches, device, cached) for _ in range(2))
     t_fly = epoch_time(model, task, batches, device, on_the_fly)

@@ -306,7 +306,8 @@ def train(
     select: Optional[str] = typer.Option(None, help="dev metric that picks the best checkpoint (e.g. cer)"),
     head_option: Optional[List[str]] = typer.Option(None, help="head size, key=value (repeatable), e.g. hidden=64"),
     interface_option: Optional[List[str]] = typer.Option(None, help="option of every --fusion, key=value "
-                                                         "(repeatable), e.g. normalize=true"),
+                                                         "(repeatable), e.g. normalize=true; standardize=false "
+                                                         "output_norm=false: the reference interfaces"),
     trials: Optional[str] = typer.Option(None, help="verify: trial list over the dev utterances"),
     skip_missing: bool = typer.Option(False, help="leave out utterances skipped (--skip-bad) or unfinished in some "
                                                    "store, train and dev (default: stop and say which)"),
@@ -425,11 +426,14 @@ def analyze(
     """What the layers say: CKA between every layer of every upstream (STORES), or what each trained
     interface of a RUN uses (weights, Gumbel shares, layer knockout on dev). CSV + PNG."""
     if len(targets) == 1 and (Path(targets[0]) / "config.json").is_file():
-        from fusionpipe.analyze.use import describe_use, layer_use, write_layer_use
+        from fusionpipe.analyze.use import describe_use, layer_use, stuck_variants, write_layer_use
 
         run = Path(targets[0])
         rows = layer_use(run, _list(stores) or None, manifest, trials, device, knockout, skip_missing)
         paths = write_layer_use(rows, out or run / "analysis", metric, title=run.name)
+        stuck = stuck_variants(run)
+        if stuck:
+            typer.echo(f"left out, ended on the CTC blank plateau (nothing learned to read): {', '.join(stuck)}")
         typer.echo(describe_use(rows, metric))
     else:
         from fusionpipe.analyze.cka import layer_similarity, write_similarity

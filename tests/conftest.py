@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+from torch.overrides import TorchFunctionMode
 
 from fusionpipe.extract.run import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
@@ -255,3 +257,116 @@ def run_extract():
 def kill_extract_midway():
     """`kill_extract_midway(cmd, chunk_dir)`: start an extraction and kill -9 it after 3 chunks."""
     return _kill_extract_midway
+
+
+# ---- a GPU where there is none: the seam of fusionpipe/cuda.py, and a counter of host syncs ----------------
+class FakeCuda:
+    """Stands in for fusionpipe.cuda with `gpus` GPUs: one random state per GPU (16 bytes, as torch's), the
+    host registrations it was asked for (`registered`: (size, device, flags)), and `fail` to make them fail."""
+
+    def __init__(self, gpus: int, fail: str | None = None):
+        self.gpus, self.fail = gpus, fail
+        self.states = {i: torch.full((16,), i, dtype=torch.uint8) for i in range(gpus)}
+        self.registered, self.unregistered, self.synced = [], [], []
+
+    def _index(self, device) -> int:
+        d = torch.device(device)
+        assert d.type == "cuda", f"a CUDA call for {d}"
+        index = 0 if d.index is None else d.index
+        if index >= self.gpus:  # as torch: no generator, no context for a GPU that is not there
+            raise IndexError(f"cuda:{index} with {self.gpus} GPU(s)")
+        return index
+
+    def available(self) -> bool:
+        return self.gpus > 0
+
+    def device_count(self) -> int:
+        return self.gpus
+
+    def get_rng_state(self, device) -> torch.Tensor:
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, state, device) -> None:
+        self.states[self._index(device)] = state.clone()
+
+    def draw(self, device) -> None:
+        """What a dropout mask on that GPU does to its generator: moves it on."""
+        self.states[self._index(device)] += 1
+
+    def register_host(self, ptr, size, device):
+        self._index(device)
+        self.registered.append((ptr, size, torch.device(device)))
+        return self.fail
+
+    def unregister_host(self, ptr, device):
+        self.unregistered.append((ptr, torch.device(device)))
+        return None
+
+    def synchronize(self, device) -> None:
+        self.synced.append(torch.device(device))
+
+    def empty_cache(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """`fake_cuda(gpus, fail=None)`: fusionpipe.cuda's GPU calls answered by a `FakeCuda` for this test."""
+    from fusionpipe import cuda
+
+    def install(gpus: int, fail: str | None = None) -> FakeCuda:
+        fake = FakeCuda(gpus, fail)
+        for name in ("available", "device_count", "get_rng_state", "set_rng_state", "register_host",
+                     "unregister_host", "synchronize", "empty_cache"):
+            monkeypatch.setattr(cuda, name, getattr(fake, name))
+        return fake
+    return install
+
+
+class HostSyncs(TorchFunctionMode):
+    """Records every call that makes a GPU's host wait for the device, for code run on the `meta` device (every
+    tensor not on the CPU counts as the accelerator's): reading a value back (item, tolist, int(), float(),
+    bool(), .cpu(), .numpy(), .to(cpu)) and copying up with a wait (.to(device) or copy_ without non_blocking,
+    torch.tensor(..., device=)). A read-back on `meta` also raises, which a test sees as well."""
+
+    READ = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    @staticmethod
+    def _on_device(x) -> bool:
+        return isinstance(x, torch.Tensor) and x.device.type != "cpu"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in self.READ and args and self._on_device(args[0]):
+            self.calls.append(f"{name} of a device tensor")
+        elif name == "copy_":  # dst.copy_(src, non_blocking=False)
+            blocking = not kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+            self._copy(name, args[1].device, args[0].device, blocking)
+        elif name in ("to", "cuda") and args and isinstance(args[0], torch.Tensor):
+            target = kwargs.get("device") or next((a.device if isinstance(a, torch.Tensor) else a for a in args[1:]
+                                                  if isinstance(a, (torch.device, str, torch.Tensor))),
+                                                 "cuda" if name == "cuda" else None)
+            if target is not None:
+                self._copy(name, args[0].device, torch.device(target), not kwargs.get("non_blocking", False))
+        elif name in ("tensor", "as_tensor") and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]).type != "cpu":
+            self.calls.append(f"torch.{name}(..., device={kwargs['device']}) with a wait")
+        return func(*args, **kwargs)
+
+
+    def _copy(self, name: str, src: torch.device, dst: torch.device, blocking: bool) -> None:
+        if blocking and src.type == "cpu" and dst.type != "cpu":
+            self.calls.append(f"{name} up to {dst} with a wait")
+        elif src.type != "cpu" and dst.type == "cpu":
+            self.calls.append(f"{name} back to the host")
+
+
+@pytest.fixture
+def host_syncs():
+    """A `HostSyncs` recorder to run code under: `with host_syncs() as syncs: ...; assert syncs.calls == []`."""
+    return HostSyncs

@@ -218,8 +218,11 @@ def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe
     calls = []
     real_train = stage3.train
     monkeypatch.setattr(stage3, "train", lambda cfg, **kw: calls.append(cfg) or real_train(cfg, **kw))
+    devices, real_evaluate = [], stage3.evaluate
+    monkeypatch.setattr(stage3, "evaluate", lambda *a, **kw: devices.append(kw["device"]) or real_evaluate(*a, **kw))
     run_recipe(recipe, progress=False, echo=lambda s: None)
     assert len(calls) == 1 and sorted(calls[0].fusion) == ["hconv", "weighted-sum"]  # both variants, one pass
+    assert devices == [calls[0].device]  # the test set is scored where the run trained
 
     out = tmp_path / "results" / "tiny"
     md = (out / "results.md").read_text()
@@ -280,10 +283,30 @@ def test_recipe_seeds_train_in_one_pass_and_report_mean_std_and_layer_pictures(t
     assert "mean ± std over 2 seeds (seeds 0, 1)" in md and " ± " in md.split("| toy-wavlm |")[1].splitlines()[0]
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {row["seeds"] for row in rows} == {"2"} and all(row["ours_std"] != "" for row in rows)
-    assert "## What the layers say" in md and "zeroing layer" in md and "within toy-wavlm: mean CKA" in md
+    assert "## What the layers say" in md and "knocking out layer" in md and "within toy-wavlm: mean CKA" in md
     assert (out / "classify-toy-wavlm-layer-use.png").is_file()
     assert (out / "analysis" / "cka-toy-wavlm" / "cka.png").is_file()
     assert (run_dir / "analysis" / "layer-use.csv").is_file()
+    assert "stuck" not in md.split("## What the layers say")[0] and {row["stuck"] for row in rows} == {"0"}
+
+
+def test_the_report_flags_seeds_stuck_on_the_blank_plateau(tiny_recipe, tmp_path):
+    import csv
+
+    from fusionpipe.ablate.report import write_report
+
+    r = yaml.safe_load(tiny_recipe.read_text())
+    r["train"]["seeds"] = [0, 1]
+    plan = run_recipe(load_recipe(_write(tmp_path, r, "seeds.yaml")), progress=False, echo=lambda s: None)
+    results = tmp_path / "results" / "tiny" / "runs" / "classify" / "toy-wavlm" / "hconv-add@s1" / "results.json"
+    saved = json.loads(results.read_text())
+    results.write_text(json.dumps({**saved, "plateau": {"stuck": True, "blank_evaluations": 3, "since": 2}}))
+    write_report(plan)
+    md = (tmp_path / "results" / "tiny" / "results.md").read_text()
+    row = md.split("| toy-wavlm |")[1].splitlines()[0]
+    assert row.count("† 1/2 stuck") == 1 and "k of the n seeds ended on the CTC blank plateau" in md
+    rows = {row["variant"]: row["stuck"] for row in csv.DictReader(open(tmp_path / "results" / "tiny" / "results.csv"))}
+    assert rows == {"weighted-sum-add": "0", "hconv-add": "1"}
 
 
 def test_cli_ablate_dry_run_prints_plan(tiny_recipe):

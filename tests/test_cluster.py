@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from fusionpipe.cli import app
 from fusionpipe.extract.cluster import connect, extract_on_cluster, work_units
+from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract, plan
 from fusionpipe.store import FeatureStore, chunk_span
@@ -73,7 +74,7 @@ def test_two_workers_with_one_killed_mid_run_give_the_single_process_store(long_
     """Chunk-aligned units on 2 worker processes, one SIGKILLed mid-run: its units are rerun, nothing is lost,
     and the store is byte-identical to `extract` in one process."""
     client, threads = local_cluster
-    assert threads == max(1, (os.cpu_count() or 1) // 2)
+    assert threads == max(1, usable_cores() // 2)
     options = dict(max_seconds=6, chunk_frames=64, dtype="float16")
     ref = extract(long_manifest, "toy-wavlm", url=str(tmp_path / "ref.zarr"), device="cpu", progress=False, **options)
 
@@ -135,6 +136,18 @@ def test_a_unit_error_stops_the_run_with_the_workers_message(nan_manifest, tmp_p
     with pytest.raises(FusionpipeError, match="nan.wav.*NaN.*--skip-bad"):
         extract_on_cluster(nan_manifest, "toy-hubert", client, url=str(tmp_path / "c.zarr"), device="cpu",
                            unit_seconds=1, progress=False)
+
+
+@pytest.mark.slow
+def test_the_workers_not_the_client_decide_the_device(speech_manifest, tmp_path, local_cluster, fake_cuda):
+    """A client with GPUs (faked here) driving CPU-only workers: --device cuda is refused naming the workers,
+    before any store is made (the client used to decide from its own GPUs)."""
+    client, _ = local_cluster
+    fake_cuda(2)
+    with pytest.raises(FusionpipeError, match=r"--device cuda: workers tcp://.* see no GPU"):
+        extract_on_cluster(speech_manifest, "toy-hubert", client, url=str(tmp_path / "c.zarr"), device="cuda",
+                           progress=False)
+    assert not (tmp_path / "c.zarr").exists()
 
 
 @pytest.mark.slow

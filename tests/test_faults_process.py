@@ -90,10 +90,11 @@ def test_killing_the_main_process_leaves_no_process_and_no_shared_memory(long_ma
 
 SLOTS = """
 import numpy as np
+import torch
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.pipeline import _Slots
 
-slots = _Slots(1 << 20, False)  # 2 x 1 MB of the 4 MB
+slots = _Slots(1 << 20, torch.device("cpu"))  # 2 x 1 MB of the 4 MB
 with open("/dev/shm/filler", "wb") as f:  # another process takes the rest
     try:
         while True:
@@ -105,7 +106,7 @@ for i in range(2):  # every page of the slots: reserved, so no SIGBUS
     slots.view(i, (1 << 20,), np.uint8)[:] = 1
 print("touched")
 try:
-    _Slots(1 << 20, False)
+    _Slots(1 << 20, torch.device("cpu"))
 except FusionpipeError as e:
     print("refused:", e)
 """

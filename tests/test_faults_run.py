@@ -273,7 +273,10 @@ def test_evaluate_refuses_stores_of_fewer_or_other_upstreams_than_the_run(pitch_
 
 
 # ---- non-finite features ---------------------------------------------------------------------------
-def test_a_non_finite_loss_stops_naming_variant_step_and_utterances(pitch_stores, tmp_path, cfg):
+@pytest.mark.parametrize("eval_every", [1, 24])
+def test_a_non_finite_loss_stops_naming_variant_step_and_utterances(pitch_stores, tmp_path, cfg, eval_every):
+    """Every step read back (eval_every 1), or the losses read together later (24): the same step is named and
+    nothing of it is logged or saved."""
     stores = [str(shutil.copytree(s, tmp_path / Path(s).name)) for s in pitch_stores["train"]]
     group = zarr.open_group(stores[0], mode="r+")
     ids = [str(i) for i in group["index/ids"][:]]
@@ -282,14 +285,16 @@ def test_a_non_finite_loss_stops_naming_variant_step_and_utterances(pitch_stores
     group["hidden"][start:start + length] = np.nan
     run = tmp_path / "run"
     with pytest.raises(FusionpipeError) as e:
-        train(cfg({"train": stores, "dev": []}, run, steps=24, eval_every=1), progress=False)
+        train(cfg({"train": stores, "dev": []}, run, steps=24, eval_every=eval_every), progress=False)
     msg = str(e.value)
     assert msg.startswith("variant hconv-concat: the training loss is nan at step ") and "train-05" in msg
     step = int(msg.split(" at step ")[1].split(",")[0])
-    if step > 1:  # the checkpoint before it is intact and finite
+    if step > 1 and eval_every == 1:  # the checkpoint before it is intact and finite
         state = load_checkpoint(run / "last.pt")
         assert state["step"] == step - 1 and f"{run / 'last.pt'} still holds step {step - 1}" in msg
         assert all(torch.isfinite(t).all() for t in state["variants"]["hconv-concat"]["model"].values())
+    if eval_every == 24:
+        assert "no checkpoint was written yet" in msg and not (run / "last.pt").exists()
     assert _log(run, "hconv-concat")[-1][0] == (str(step - 1) if step > 1 else "step")  # nothing of that step
 
 

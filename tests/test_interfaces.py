@@ -91,14 +91,14 @@ def test_last_and_single_layer_pick_one_layer():
 
 
 def test_add_of_equal_dims_adds_no_parameters(stacks):
-    fusion = Interface([8, 8], 5, fusion="weighted-sum", merge="add")
+    fusion = Interface([8, 8], 5, fusion="weighted-sum", merge="add", output_norm=False)
     assert n_params(fusion) == 5
     lengths = torch.tensor([6, 6])
     assert torch.allclose(fusion(stacks, lengths), (stacks[0] + stacks[1]).mean(1), atol=1e-6)
 
 
 def test_add_of_unequal_dims_projects_every_upstream_to_the_largest():
-    fusion = Interface([8, 12], 5, fusion="last-layer", merge="add")
+    fusion = Interface([8, 12], 5, fusion="last-layer", merge="add", output_norm=False)
     p0, p1 = fusion.front.projections
     assert (p0.in_features, p0.out_features, p1.in_features, p1.out_features) == (8, 12, 12, 12)
     a, b = torch.randn(2, 5, 6, 8), torch.randn(2, 5, 6, 12)
@@ -123,7 +123,7 @@ def test_concat_without_projection_feeds_the_sum_of_dims_to_the_interface():
 
 @pytest.mark.parametrize("merge", ["add", "concat"])
 def test_one_upstream_is_passed_through_unmerged(merge):
-    fusion = Interface([8], 5, fusion="last-layer", merge=merge)
+    fusion = Interface([8], 5, fusion="last-layer", merge=merge, output_norm=False)
     x = torch.randn(2, 5, 3, 8)
     assert n_params(fusion) == 0
     assert torch.equal(fusion([x], torch.tensor([3, 3])), x[:, -1])
@@ -222,3 +222,82 @@ def test_fusion_hconv_and_classifier_learn_to_separate_two_classes():
     with torch.no_grad():
         predicted = head(fusion(stacks, lengths), lengths).output.argmax(-1)
     assert (predicted == labels).float().mean() > 0.8
+
+
+# ---- Standardize: the default front of every interface (docs/method.md, "The blank plateau") ----------
+def test_every_interface_standardizes_and_norms_its_output_by_default_and_takes_the_options():
+    for fusion in INTERFACES:
+        default = Interface([8], 5, fusion=fusion, **OPTS.get(fusion, {}))
+        assert default.standardize is not None and default.output_norm is True
+        plain = Interface([8], 5, fusion=fusion, standardize=False, output_norm=False, **OPTS.get(fusion, {}))
+        assert plain.standardize is None and plain.output_norm is False
+
+
+def test_output_norm_is_a_parameter_free_layer_norm_of_each_output_frame(stacks):
+    torch.manual_seed(0)
+    normed = Interface([8, 8], 5, fusion="hconv", merge="concat")
+    plain = Interface([8, 8], 5, fusion="hconv", merge="concat", output_norm=False)
+    plain.load_state_dict(normed.state_dict())
+    lengths = torch.tensor([6, 4])
+    expected = F.layer_norm(plain(stacks, lengths), (normed.out_dim,)) * (torch.arange(6) < lengths[:, None])[..., None]
+    assert n_params(normed) == n_params(plain) and torch.allclose(normed(stacks, lengths), expected, atol=1e-5)
+
+
+def test_standardize_and_output_norm_false_is_exactly_the_reference_hconv():
+    torch.manual_seed(0)
+    interface = Interface([16], 7, fusion="hconv", standardize=False, output_norm=False)
+    x = torch.randn(2, 7, 5, 16) * 40
+    lengths = torch.tensor([5, 5])
+    assert torch.equal(interface([x], lengths), interface.interface(x, lengths))
+
+
+def test_standardize_maps_every_layer_and_channel_to_zero_mean_unit_std():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 40, 8) * torch.linspace(0.1, 300, 8) + torch.linspace(-50, 50, 8)  # outlier channels
+    flat = x.permute(1, 0, 2, 3).reshape(5, -1, 8)  # (L, frames, D)
+    interface = Interface([8], 5, fusion="last-layer")
+    interface.set_statistics([(flat.mean(1).numpy(), flat.std(1, unbiased=False).numpy())])
+    out = interface.standardize([x])[0].permute(1, 0, 2, 3).reshape(5, -1, 8)
+    assert torch.allclose(out.mean(1), torch.zeros(5, 8), atol=1e-4)
+    assert torch.allclose(out.std(1, unbiased=False), torch.ones(5, 8), atol=1e-4)
+
+
+def test_standardized_interface_equals_the_reference_on_standardized_input(stacks):
+    torch.manual_seed(0)
+    ours = Interface([8, 8], 5, fusion="hconv", merge="concat")
+    torch.manual_seed(0)
+    reference = Interface([8, 8], 5, fusion="hconv", merge="concat", standardize=False)  # output_norm as ours
+    stats = [(torch.full((5, 8), 2.0), torch.full((5, 8), 4.0)), (torch.zeros(5, 8), torch.full((5, 8), 0.5))]
+    ours.set_statistics(stats)
+    lengths = torch.tensor([6, 4])
+    expected = reference([(stacks[0] - 2) / 4, stacks[1] / 0.5], lengths)
+    assert torch.allclose(ours(stacks, lengths), expected, atol=1e-5)
+
+
+def test_statistics_are_saved_with_the_model_and_an_older_checkpoint_loads_as_identity(stacks):
+    ours = Interface([8, 8], 5, fusion="weighted-sum")
+    ours.set_statistics([(torch.ones(5, 8), torch.full((5, 8), 3.0))] * 2)
+    again = Interface([8, 8], 5, fusion="weighted-sum")
+    again.load_state_dict(ours.state_dict())
+    assert torch.equal(again.standardize.std_1, torch.full((5, 8), 3.0))
+    older = {k: v for k, v in ours.state_dict().items() if not k.startswith("standardize.")}
+    again.load_state_dict(older)  # saved before standardisation existed: the identity, as it trained
+    reference = Interface([8, 8], 5, fusion="weighted-sum", standardize=False)
+    reference.load_state_dict(older)
+    lengths = torch.tensor([6, 6])
+    assert torch.equal(again(stacks, lengths), reference(stacks, lengths))
+
+
+def test_statistics_of_the_wrong_shape_are_refused():
+    interface = Interface([8], 5, fusion="hconv")
+    with pytest.raises(ValueError, match="expected"):
+        interface.set_statistics([(torch.zeros(4, 8), torch.ones(4, 8))])
+    with pytest.raises(ValueError, match="statistics of 2 upstreams for an interface of 1"):
+        interface.set_statistics([(torch.zeros(5, 8), torch.ones(5, 8))] * 2)
+
+
+def test_a_channel_constant_in_training_comes_out_zero_not_blown_up():
+    interface = Interface([4], 2, fusion="last-layer")
+    interface.set_statistics([(torch.zeros(2, 4), torch.tensor([[2.0, 2.0, 2.0, 0.0]] * 2))])
+    out = interface.standardize([torch.ones(1, 2, 3, 4)])[0]
+    assert torch.equal(out[..., 3], torch.zeros(1, 2, 3)) and torch.equal(out[..., :3], torch.full((1, 2, 3, 3), 0.5))

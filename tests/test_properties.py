@@ -16,7 +16,7 @@ from fusionpipe.ablate import load_recipe, run_recipe
 from fusionpipe.cli import _numbers, _options
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.train.config import TrainConfig
-from fusionpipe.train.interfaces import INTERFACES, Interface, interface_option_problems
+from fusionpipe.train.interfaces import INTERFACES, Interface, interface_option_names, interface_option_problems
 from fusionpipe.train.loop import train
 from fusionpipe.train.tasks import build_task, check_head, head_option_names, head_option_problems
 
@@ -24,8 +24,19 @@ from fusionpipe.train.tasks import build_task, check_head, head_option_names, he
 VALUES = st.one_of(st.integers(), st.integers(-3, 70), st.floats(allow_nan=True, allow_infinity=True),
                    st.booleans(), st.text(max_size=8), st.none(), st.lists(st.integers(-2, 9), max_size=3))
 HEAD_KEYS = sorted(set().union(*(head_option_names(t) for t in ("asr", "classify", "verify", "multilingual"))))
-INTERFACE_KEYS = ["kernel_size", "stride", "normalize", "project", "tau_start", "tau_end", "layer"]
+INTERFACE_KEYS = sorted(set().union(*(interface_option_names(f) for f in INTERFACES)))
 SETTINGS = dict(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_every_option_has_a_value_rule():
+    """An option added to a registry without its rule would pass unchecked (or fail with a KeyError)."""
+    for f in INTERFACES:
+        for name in interface_option_names(f):
+            interface_option_problems(f, {name: object()})  # no KeyError: a rule exists, and refuses this
+            assert interface_option_problems(f, {name: object()})
+    for task in ("asr", "classify", "verify", "multilingual"):
+        for name in head_option_names(task):
+            assert head_option_problems(task, {name: object()})
 
 
 @given(st.text(max_size=30))

@@ -151,6 +151,23 @@ def test_compact_batches_expand_on_the_device_to_the_loaders_numbers(tmp_path, s
 
 
 @pytest.mark.slow
+def test_compact_batches_from_worker_processes_keep_the_lossless_stacks_in_shared_slots(tmp_path, speech_manifest):
+    """With worker processes, a compact batch's lossless stacks are still built in the shared slots (they used to
+    be turned off for every store) and its lossy ones travel as codes beside them, each in its place."""
+    stores = [extract(speech_manifest, model, tmp_path / codec, device="cpu", progress=False, codec=codec,
+                      chunk_frames=16).url for model, codec in (("toy-wavlm", "int8-std08"), ("toy-whisper", "zstd"))]
+    loader = make_loader(stores, max_frames=300, compact=True, num_workers=1)
+    view = loader.dataset.view
+    assert loader.dataset.slots.nbytes == 300 * view.num_layers * view.dims[1] * 4  # sized for toy-whisper's only
+    plain = list(make_loader(stores, max_frames=300))
+    got = list(loader)
+    assert [b["ids"] for b in got] == [b["ids"] for b in plain]
+    for p, q in zip(plain, got):
+        assert isinstance(q["stacks"][0], CompactStack) and isinstance(q["stacks"][1], torch.Tensor)
+        assert torch.equal(q["stacks"][0].to("cpu"), p["stacks"][0]) and torch.equal(q["stacks"][1], p["stacks"][1])
+
+
+@pytest.mark.slow
 def test_kill_9_then_rerun_of_a_lossy_extraction_is_byte_identical(long_manifest, tmp_path, extract_cmd, run_extract,
                                                                    kill_extract_midway):
     def cmd(cache):

@@ -387,7 +387,8 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
             echo(f"train {x.label}: {len(x.variants)} variant(s) in one pass -> {x.out}")
             stage3.train(stage3.TrainConfig(**x.config), resume=x.status == "resume", progress=progress)
         if x.status != "done" and x.test_stores:
-            metrics = stage3.evaluate(x.out, x.test_stores, trials=x.test_trials, manifest=x.test_manifest)
+            metrics = stage3.evaluate(x.out, x.test_stores, trials=x.test_trials, manifest=x.test_manifest,
+                                      device=stage3.TrainConfig(**x.config).device)  # the run's device, not auto
             write_json(x.out / "test.json", metrics)
     paths = write_report(plan)
     echo("wrote " + ", ".join(str(p) for p in paths))

@@ -70,6 +70,7 @@ def collect(plan: Plan) -> list[dict]:
                     "train_seconds_per_epoch": _mean([r["train_seconds_per_epoch"] for r in every]),
                     "inference_seconds": _mean([r["inference_seconds"] for r in every]),
                     "steps": every[0]["steps"],
+                    "stuck": sum(any(r["stuck"] for r in per_fold) for per_fold in per_seed),
                     "log": every[0]["log"],
                 })
     return rows
@@ -103,7 +104,7 @@ def _variant_result(x: Run, variant: str) -> dict | None:
     return {"split": split, "metrics": metrics, "inference_seconds": inference,
             "trainable_params": res.get("trainable_params"), "interface_params": interface_params(x.out / variant),
             "train_seconds_per_epoch": res.get("train_seconds_per_epoch"), "steps": res.get("steps"),
-            "log": x.out / variant / "log.csv"}
+            "stuck": bool((res.get("plateau") or {}).get("stuck")), "log": x.out / variant / "log.csv"}
 
 
 def interface_params(variant_dir: Path) -> int | None:
@@ -115,7 +116,7 @@ def interface_params(variant_dir: Path) -> int | None:
 
     state = load_checkpoint(ckpt)["model"]
     return int(sum(v.numel() for k, v in state.items() if k.startswith("fusion.") and v.is_floating_point()
-                   and not k.endswith(".tau")))
+                   and not k.endswith(".tau") and ".standardize." not in k))  # buffers, not parameters
 
 
 def write_report(plan: Plan) -> list[Path]:
@@ -131,7 +132,7 @@ def write_report(plan: Plan) -> list[Path]:
     return paths + plots + [p for _, p, _ in layers]
 
 
-CSV_HEAD = ("task", "upstreams", "fusion", "merge", "variant", "folds", "split", "seeds")
+CSV_HEAD = ("task", "upstreams", "fusion", "merge", "variant", "folds", "split", "seeds", "stuck")
 CSV_TAIL = ("trainable_params", "interface_params", "train_seconds_per_epoch", "inference_seconds", "steps",
             "metric", "ours", "ours_std", "paper")
 
@@ -177,7 +178,7 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
                   f"{f', mean ± std over {seeds} seeds ({_seed_list(spec)})' if seeds > 1 else ''})", ""]
         lines.append("| upstreams | " + " | ".join(f"{f} / {m}" for f, m in variants) + " |")
         lines.append("|---|" + "---:|" * len(variants))
-        single = False
+        single = stuck = False
         for upstreams in recipe.upstream_sets:
             name = set_name(upstreams)
             cells = []
@@ -191,11 +192,18 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
                 cell = _fmt(r["ours"]) + (f" ± {_fmt(r['ours_std'])}" if r["ours_std"] is not None else "")
                 if r["paper"] is not None:
                     cell += f" ({_fmt(r['paper'])})"
+                if r["stuck"]:
+                    cell += f" † {r['stuck']}/{r['seeds']} stuck"
+                    stuck = True
                 cells.append(cell)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if single:
             lines += ["", f"— : merging one upstream is the identity; trained once, shown under "
                           f"{recipe.merge[0]}."]
+        if stuck:
+            lines += ["", "† k/n stuck: k of the n seeds ended on the CTC blank plateau (every dev output empty; "
+                          "the trainer's detector, results.json `plateau`); they count in the mean with their "
+                          "error rate of 100 %. docs/method.md says what causes it and what helps."]
         for p in plots:
             if p.name.startswith(f"{spec.name}-"):
                 lines += ["", f"![{p.stem}]({p.name})"]
@@ -204,7 +212,8 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
     if layers:
         lines += ["## What the layers say", "",
                   "Per upstream set: which layers each variant uses (left: the dev metric's change when one merged "
-                  "layer is zeroed, every interface on one axis; right: the weighted-sum weights and Gumbel shares; "
+                  "layer is knocked out, set to its training mean, every interface on one axis; right: the "
+                  "weighted-sum weights and Gumbel shares; "
                   "`fusionpipe analyze RUN`), and how alike the upstreams' layers are (linear CKA on a sample of "
                   "aligned frames of the train stores; `fusionpipe analyze STORES`). A mean best-match CKA near 1 "
                   "says every layer of one upstream has a near twin in the other; far below 1, they represent the "

@@ -10,16 +10,21 @@ One row per measure (columns `USE_COLUMNS`), from the variants' best.pt:
                  logits, as at evaluation); layer left empty
     layer-share  gumbel: share x that upstream's softmax layer weight: the part of the output that
                  comes from (upstream, layer)
-    knockout     every interface: the dev metric with merged layer l zeroed in every upstream's
+    knockout     every interface: the dev metric with merged layer l knocked out in every upstream's
                  aligned stack, minus the metric without (one row per metric); what puts HConv, which
                  has no weights to read, on one axis with the others
     dev          the dev metric without a knockout (layer left empty)
 
-A knockout reads each dev batch once and runs every variant L + 1 times on it (no layer zeroed,
+A knockout reads each dev batch once and runs every variant L + 1 times on it (no layer knocked out,
 then each layer), so it costs L + 1 evaluations of the variants' forward passes, not of the reads.
-Zeroing is the simplest ablation and what the issue asked; a layer the interface normalises
-(``normalize``) or whose mean matters may change more under zeros than under its mean, so read the
-size of a change as "how much the interface relies on it", not as information content.
+A knocked-out layer is set to its training mean (what the variant's `Standardize` recorded; zero once
+standardized), or to zeros for a variant trained without standardize: zeros would put the huge
+outlier channels of a pretrained model (|x| ~ 300) at -mean/std after standardisation, far outside
+anything seen in training. Read the size of a change as "how much the interface relies on it", not
+as information content.
+
+Variants that ended on the CTC blank plateau (results.json ``plateau``) have learned nothing to read:
+`layer_use` leaves them out (`stuck_variants` names them) instead of averaging them into the seeds.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | 
                               "`fusionpipe train --out` wrote, or stores to compare (`fusionpipe analyze A.zarr B.zarr`)")
     cfg = TrainConfig.load(run / "config.json")
     names = cfg.variant_names()
+    stuck = stuck_variants(run)
+    if stuck and set(names) <= set(stuck):
+        raise FusionpipeError(f"{run}: every variant ended on the CTC blank plateau ({', '.join(stuck)}); there is "
+                              "no layer use to read. docs/method.md says what helps; train again")
     lacking = [n for n in names if not (run / n / "best.pt").is_file()]
     if lacking:
         raise FusionpipeError(f"{run}: variant(s) {', '.join(lacking)} have no best.pt yet; finish the run "
@@ -81,7 +90,7 @@ def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | 
         view = loader.dataset.view
     else:
         view = open_fused(cfg.stores, None, cfg.align_time, cfg.align_layers, skip_missing=True)
-    variants = build_variants(cfg, task, view.dims, view.num_layers, run, device)
+    variants = [v for v in build_variants(cfg, task, view.dims, view.num_layers, run, device) if v.name not in stuck]
     for v in variants:
         v.model.load_state_dict(load_checkpoint(run / v.name / "best.pt")["model"])
         v.model.eval()
@@ -101,6 +110,18 @@ def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | 
                 rows += [{**head(name), "measure": "knockout", "upstream": merged, "layer": layer, "metric": metric,
                           "value": scored[layer][metric] - value} for layer in range(view.num_layers)]
     return rows
+
+
+def stuck_variants(run: str | Path) -> list[str]:
+    """The variants of a run whose results.json says they ended on the CTC blank plateau."""
+    run = Path(run)
+    names = TrainConfig.load(run / "config.json").variant_names()
+    out = []
+    for name in names:
+        path = run / name / "results.json"
+        if path.is_file() and (json.loads(path.read_text()).get("plateau") or {}).get("stuck"):
+            out.append(name)
+    return out
 
 
 def _weights(interface, upstreams: list[str], merged: str) -> list[dict]:
@@ -123,7 +144,8 @@ def _weights(interface, upstreams: list[str], merged: str) -> list[dict]:
 
 @torch.no_grad()
 def _knockout(variants, task, loader, num_layers: int, device) -> dict[str, dict]:
-    """{variant: {None: dev metrics, layer: metrics with that merged layer zeroed}}, reading each batch once."""
+    """{variant: {None: dev metrics, layer: metrics with that merged layer at its training mean (`_knocked`)}},
+    reading each batch once."""
     knock = [None, *range(num_layers)]
     preds = {(v.name, k): [] for v in variants for k in knock}
     targets: dict[str, list] = {}
@@ -131,12 +153,11 @@ def _knockout(variants, task, loader, num_layers: int, device) -> dict[str, dict
         stacks = [s.to(device) for s in batch["stacks"]]  # N x (B, L, T, D_i)
         lengths = batch["lengths"].to(device)
         for k in knock:
-            kept = None
-            if k is not None:
-                kept = [s[:, k].clone() for s in stacks]
-                for s in stacks:
-                    s[:, k] = 0
+            kept = None if k is None else [s[:, k].clone() for s in stacks]
             for v in variants:
+                if k is not None:
+                    for s, value in zip(stacks, _knocked(v, k)):
+                        s[:, k] = value
                 preds[(v.name, k)].extend(task.predict(v.model.head, v.model.features(stacks, lengths), lengths))
             if kept is not None:
                 for s, x in zip(stacks, kept):
@@ -150,6 +171,15 @@ def _knockout(variants, task, loader, num_layers: int, device) -> dict[str, dict
         except ValueError as e:
             raise FusionpipeError(f"scoring {v.name}: {e}") from None
     return out
+
+
+def _knocked(v, layer: int) -> list:
+    """What merged layer ``layer`` of each upstream becomes in a knockout of variant ``v``: its training mean
+    (D_i,), which its Standardize maps to zero; 0 without standardize."""
+    front = v.model.fusion.standardize
+    if front is None:
+        return [0.0] * len(v.model.fusion.dims)
+    return [front.get_buffer(f"mean_{k}")[layer] for k in range(len(v.model.fusion.dims))]
 
 
 # ---- files ----------------------------------------------------------------------------------------
@@ -200,7 +230,7 @@ def knockout_metric(rows: list[dict], metric: str | None = None) -> str | None:
 
 
 def plot_layer_use(rows: list[dict], path: str | Path, metric: str | None = None, title: str = "") -> Path:
-    """Left: the knockout profile of every variant (metric change per zeroed layer); right: the layer
+    """Left: the knockout profile of every variant (metric change per knocked-out layer); right: the layer
     weights (weighted-sum) and Gumbel layer shares. Mean over seeds, error bars one std."""
     import matplotlib
 
@@ -224,7 +254,7 @@ def plot_layer_use(rows: list[dict], path: str | Path, metric: str | None = None
         ax.axhline(0, color="grey", linewidth=0.6)
         direction = "up = worse" if lower_is_better(metric) else "down = worse"
         ax.set_ylabel(f"dev {metric} change ({direction})")
-        ax.set_title("knockout: one merged layer zeroed", fontsize=9)
+        ax.set_title("knockout: one merged layer at its training mean", fontsize=9)
     else:
         ax.set_title("knockout: not scored (no dev stores)", fontsize=9)
     ax.set_xlabel("merged layer")
@@ -266,7 +296,7 @@ def describe_use(rows: list[dict], metric: str | None = None) -> str:
         if ko:
             worst = max(ko, key=lambda p: p[1] if lower_is_better(metric) else -p[1])
             spread = max(abs(m) for _, m in ko)
-            said.append(f"zeroing layer {worst[0]} costs most ({worst[1]:+.3f} {metric})" if spread > 0
+            said.append(f"knocking out layer {worst[0]} costs most ({worst[1]:+.3f} {metric})" if spread > 0
                         else "no single layer's knockout changes it")
         w = [(k[2], m) for k, (m, _, _) in weights.items() if k[0] == v]
         if w:

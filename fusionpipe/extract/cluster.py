@@ -24,7 +24,6 @@ on disk, as `extract` does.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -34,11 +33,12 @@ import numpy as np
 import torch
 from distributed import Client, LocalCluster, as_completed, get_worker
 
+from fusionpipe import cuda
+from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import Plan, Result, needed, open_store, progress_bar, run_batches, store_url
 from fusionpipe.manifest import Manifest
 from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, chunk_span, lock
-from fusionpipe.device import resolve_device
 from fusionpipe.extract.upstreams import Upstream, load_upstream
 
 UNIT_SECONDS = 1800.0  # audio per work unit: ~3 s of an H100, ~15 min of a CPU core on a base model
@@ -93,8 +93,11 @@ def extract_on_cluster(manifest: Manifest, model: str, client, cache: str = "cac
     if url.startswith("memory://"):
         raise FusionpipeError(f"{url}: a memory:// store lives in one process, the workers cannot reach it; "
                               "give --cache a directory they share or an object store URL")
+    # the workers' GPUs decide, not the client's: a laptop may drive a GPU cluster through --scheduler
+    workers = _worker_info(client)
+    kind = cluster_device(device, {a: w.gpus for a, w in workers.items()})
     with lock(url, wait):  # the client holds it for its workers
-        opened = open_store(manifest, upstream, url, device_type=resolve_device(device).type, dtype=dtype,
+        opened = open_store(manifest, upstream, url, device_type=torch.device(kind).type, dtype=dtype,
                             codec=codec, max_seconds=max_seconds, skip_bad=skip_bad, overwrite=overwrite,
                             chunk_frames=chunk_frames)
         if isinstance(opened, Result):
@@ -102,12 +105,86 @@ def extract_on_cluster(manifest: Manifest, model: str, client, cache: str = "cac
         store, p = opened
         name = upstream.name
         del upstream, opened  # the workers load their own
-        return _run_units(manifest, model, client, store, p, name, device=device, skip_bad=skip_bad,
-                          unit_seconds=unit_seconds, threads=threads, progress=progress)
+        return _run_units(manifest, model, client, store, p, name, devices=assign_devices(kind, workers), kind=kind,
+                          skip_bad=skip_bad, unit_seconds=unit_seconds, threads=threads, progress=progress)
 
 
-def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: Plan, name: str, *, device: str,
-               skip_bad: bool, unit_seconds: float, threads: int | None, progress: bool) -> Result:
+# ---- which device each worker uses: pure functions of what the workers see ------------------------
+@dataclass(frozen=True)
+class Worker:
+    """What the client knows of a worker: its Dask name (LocalCluster: 0..n-1; `dask worker`: its address or
+    --name), its host and the GPUs it sees."""
+
+    name: object
+    host: str
+    gpus: int
+
+
+def cluster_device(device: str, gpus: dict[str, int]) -> str:
+    """The device every worker runs on, from --device and the GPUs each worker (by address) sees: "cpu",
+    "cuda" (each worker one of its host's GPUs, `assign_devices`) or "cuda:N" (that GPU on every worker).
+
+    One store holds features of one kind of device (the store records it and a resume checks it), so
+    under "auto" either every worker has a GPU or none is used.
+    """
+    try:
+        asked = torch.device(device) if device != "auto" else None
+    except RuntimeError:
+        raise FusionpipeError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    without = sorted(a for a, n in gpus.items() if n == 0)
+    if asked is not None and asked.type == "cpu":
+        return "cpu"
+    if asked is None:
+        if len(without) == len(gpus):
+            return "cpu"
+        if without:
+            raise FusionpipeError(f"--device auto: workers {', '.join(without)} see no GPU and the others do; one "
+                                  "store is computed on one kind of device: give --device cpu, or run the "
+                                  "workers without a GPU elsewhere")
+        return "cuda"
+    if asked.type != "cuda":
+        raise FusionpipeError(f"--device {device}: the cluster path runs on cpu or cuda; use auto, cpu, cuda or "
+                              "cuda:N")
+    if without:
+        raise FusionpipeError(f"--device {device}: workers {', '.join(without)} see no GPU (CUDA_VISIBLE_DEVICES, "
+                              "or no driver where they run); give --device cpu or start them on GPU machines")
+    if asked.index is not None:
+        short = sorted(a for a, n in gpus.items() if n <= asked.index)
+        if short:
+            raise FusionpipeError(f"--device {device}: workers {', '.join(short)} see fewer than "
+                                  f"{asked.index + 1} GPUs; give --device cuda to spread the workers over theirs")
+    return str(asked)
+
+
+def assign_devices(kind: str, workers: dict[str, Worker]) -> dict[str, str]:
+    """Worker address -> its device. "cuda": round robin over each worker's GPUs, worker i of a LocalCluster
+    (named 0..n-1) on GPU i % gpus, and the workers named otherwise (`dask worker`) by their place among the
+    addresses of such workers on the same host; "cpu" and "cuda:N" are the same for all."""
+    if kind != "cuda":
+        return {a: kind for a in workers}
+    named = {}  # host -> addresses of its workers without a number for a name, in order
+    for a in sorted(workers):
+        if not isinstance(workers[a].name, int):
+            named.setdefault(workers[a].host, []).append(a)
+    devices = {}
+    for a, w in workers.items():
+        if not w.gpus:  # cluster_device refuses these up front; this is a worker that joined later
+            raise FusionpipeError(f"worker {a} sees no GPU and the run computes on cuda; start it on a GPU "
+                                  "machine, or rerun with --device cpu")
+        i = w.name if isinstance(w.name, int) else named[w.host].index(a)
+        devices[a] = f"cuda:{i % w.gpus}"
+    return devices
+
+
+def _worker_info(client) -> dict[str, Worker]:
+    gpus = client.run(_visible_gpus)  # address -> GPUs that worker process sees
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    return {a: Worker(w.get("name"), w.get("host", a), gpus.get(a, 0)) for a, w in info.items() if a in gpus}
+
+
+def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: Plan, name: str, *,
+               devices: dict[str, str], kind: str, skip_bad: bool, unit_seconds: float, threads: int | None,
+               progress: bool) -> Result:
     url = store.url
     t0 = time.perf_counter()
     done = store.done_chunks()
@@ -116,7 +193,7 @@ def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: P
     bar = progress_bar(sum(u.seconds for u in units), f"extract {name} on {_workers(client)} worker(s)", progress)
     skipped = 0
     manifest_f, plan_f, done_f = client.scatter([manifest, p, done], broadcast=True)  # sent once per worker
-    futures = {client.submit(_run_unit, manifest_f, plan_f, done_f, u.batches, url, model, device, threads,
+    futures = {client.submit(_run_unit, manifest_f, plan_f, done_f, u.batches, url, model, devices, kind, threads,
                              skip_bad, retries=2, pure=False): u for u in units}
     try:
         for future in as_completed(futures):
@@ -142,14 +219,22 @@ def _workers(client) -> int:
 
 
 # ---- on the workers --------------------------------------------------------------------------------
+def _visible_gpus() -> int:
+    return cuda.device_count()  # looked up in the worker's own fusionpipe.cuda (client.run pickles by name)
+
+
 _loaded: dict[tuple[str, str], Upstream] = {}  # the one upstream this worker process holds
 _loading = threading.Lock()
 
 
 def _run_unit(manifest: Manifest, p: Plan, done: np.ndarray, batches: list[list[int]], url: str, model: str,
-              device: str, threads: int | None, skip_bad: bool):
+              devices: dict[str, str], kind: str, threads: int | None, skip_bad: bool):
     if threads:
         torch.set_num_threads(threads)
+    worker = get_worker()
+    device = devices.get(worker.address)
+    if device is None:  # joined (or was restarted under a new address) after the client assigned the devices
+        device = assign_devices(kind, {worker.address: Worker(worker.name, "", cuda.device_count())})[worker.address]
     upstream = _upstream(model, device)
     store = FeatureStore.open(url, mode="r+")  # per unit: a long-lived worker must not keep a stale index
     # a copy: the writer marks chunks done as it goes, and a retry on this worker must not trust those marks
@@ -157,16 +242,13 @@ def _run_unit(manifest: Manifest, p: Plan, done: np.ndarray, batches: list[list[
 
 
 def _upstream(model: str, device: str) -> Upstream:
-    """Load the upstream once per worker process, on this worker's GPU when there are GPUs."""
-    if device == "auto" and torch.cuda.is_available():
-        index = get_worker().name  # LocalCluster names its workers 0..n-1: one GPU each, round robin
-        device = f"cuda:{index % torch.cuda.device_count() if isinstance(index, int) else 0}"
+    """Load the upstream once per worker process, on `device`."""
     key = (model, device)
     with _loading:
         if key not in _loaded:
             _loaded.clear()  # one model per process: drop the previous one (and its GPU memory) first
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            if torch.device(device).type == "cuda":
+                cuda.empty_cache()
             _loaded[key] = load_upstream(model, device=device)
         return _loaded[key]
 
@@ -177,7 +259,7 @@ def connect(cluster: str | None = None, workers: int | None = None, scheduler: s
     """A dask.distributed Client: on a LocalCluster of `workers` processes, or on the scheduler at `scheduler`.
 
     Yields (client, threads): torch CPU threads per worker for a local CPU cluster (the cores shared
-    out), else None. LocalCluster's default of one GPU per worker comes from `_upstream`.
+    out), else None. LocalCluster's one GPU per worker comes from `assign_devices`.
     """
     if (cluster is None) == (scheduler is None):
         raise FusionpipeError("give exactly one of --cluster local (with --workers N) or --scheduler tcp://HOST:PORT")
@@ -193,13 +275,13 @@ def connect(cluster: str | None = None, workers: int | None = None, scheduler: s
     if cluster != "local":
         raise FusionpipeError(f"--cluster {cluster!r}: only 'local' is built in; for other clusters start a Dask "
                               "scheduler and workers and pass --scheduler")
-    gpus = torch.cuda.device_count()
+    gpus = cuda.device_count()
     workers = workers or gpus or 1
     if workers < 1:
         raise FusionpipeError(f"--workers must be at least 1, got {workers}")
     # CPU: the cores shared out, one unit at a time. GPU: two units in flight per worker, so one
     # unit's decoding and writing overlap the other's forward passes (Upstream.forward is serialised)
-    threads = None if gpus else max(1, (os.cpu_count() or 1) // workers)
+    threads = None if gpus else max(1, usable_cores() // workers)
     with LocalCluster(n_workers=workers, threads_per_worker=2 if gpus else 1, processes=True,
                       dashboard_address=None, silence_logs=logging.ERROR) as lc, Client(lc) as client:
         yield client, threads

@@ -42,6 +42,7 @@ import os
 import shutil
 import signal
 import sys
+import warnings
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -53,7 +54,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fusionpipe import audio
+from fusionpipe import audio, cuda
+from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.upstreams import FrontEnd, Upstream
 from fusionpipe.manifest import Manifest
@@ -68,10 +70,11 @@ MAX_PROCESSES = 16
 
 def default_processes(device_type: str) -> int:
     """0 (the one-process path, threads) on a CPU, where the forward uses every core and extraction already
-    equals the bare forward; on a GPU every core but the main process's, at least 1, at most MAX_PROCESSES."""
+    equals the bare forward; on a GPU every usable core but the main process's, at least 1, at most
+    MAX_PROCESSES."""
     if device_type == "cpu":
         return 0
-    return max(1, min(MAX_PROCESSES, (os.cpu_count() or 2) - 1))
+    return max(1, min(MAX_PROCESSES, usable_cores() - 1))
 
 
 # ---- the main process ------------------------------------------------------------------------------
@@ -88,13 +91,13 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
     in_bytes, out_bytes = slot_bytes(layouts, [int(lengths[b].sum()) for b in batches], L * D * out_dtype.itemsize)
     skipped = 0
     with ExitStack() as stack:
-        pin = device.type == "cuda"
-        ins = stack.enter_context(_Slots(in_bytes, pin))
-        outs = stack.enter_context(_Slots(out_bytes, pin))
+        ins = stack.enter_context(_Slots(in_bytes, device))
+        outs = stack.enter_context(_Slots(out_bytes, device))
         stack.enter_context(_one_thread_per_child())
         spawn = multiprocessing.get_context("spawn")  # fork would copy torch's threads and the model
         helpers = stack.enter_context(_pool(processes, spawn, _init, (
-            os.getpid(), manifest, front, skip_bad, ins.names, outs.names, store.url, ids, lengths, store.info.dtype, upstream.name)))
+            os.getpid(), manifest, front, skip_bad, ins.names, outs.names, store.url, ids, lengths, store.info.dtype,
+            upstream.name)))
         reads: dict[int, list[Future]] = {}  # per batch: its read tasks
         writes: list[list[Future]] = [[] for _ in range(DEPTH)]  # per output slot: the writes of its batch
         edge_writes: deque[tuple[int, Future]] = deque()
@@ -165,7 +168,7 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
                 torch.cat(parts, out=torch.from_numpy(out))
             else:  # one copy of the whole batch into the pinned slot
                 torch.from_numpy(out).copy_(torch.cat(parts), non_blocking=True)
-                torch.cuda.synchronize(device)
+                cuda.synchronize(device)  # the helpers read the slot next: the copy must have landed
             del parts, feats
 
             whole = []
@@ -201,9 +204,9 @@ def slot_bytes(layouts: list, frames: list[int], frame_bytes: int) -> tuple[int,
 
 
 class _Slots:
-    """DEPTH shared-memory buffers of `nbytes` each; on a GPU registered as pinned memory for the copies."""
+    """DEPTH shared-memory buffers of `nbytes` each; on a GPU registered as pinned memory for `device`'s copies."""
 
-    def __init__(self, nbytes: int, pin: bool):
+    def __init__(self, nbytes: int, device: torch.device):
         self.shm = []
         try:
             for _ in range(DEPTH):
@@ -223,13 +226,7 @@ class _Slots:
                 f"{free:.0f} MB are free: give the container more (docker --shm-size), lower --max-seconds "
                 "(smaller batches), or pass --processes 0 (no helper processes, no shared memory)") from None
         self.names = [s.name for s in self.shm]
-        self.pinned = []
-        if pin:
-            cudart = torch.cuda.cudart()
-            for s in self.shm:
-                ptr = np.frombuffer(s.buf, np.uint8).ctypes.data
-                if int(cudart.cudaHostRegister(ptr, s.size, 0)) == 0:
-                    self.pinned.append(ptr)
+        self.device, self.pinned = device, pin(self.shm, device)
 
     def view(self, i: int, shape: tuple[int, ...], dtype) -> np.ndarray:
         return np.ndarray(shape, dtype, buffer=self.shm[i].buf)
@@ -238,14 +235,39 @@ class _Slots:
         return self
 
     def __exit__(self, *exc) -> None:
-        for ptr in self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
+        unpin(self.pinned, self.device)
         for s in self.shm:
             try:
                 s.close()
             except BufferError:  # a view still alive (an error unwinding): the mapping goes with the process
                 pass
             s.unlink()
+
+
+def pin(buffers: list[SharedMemory], device: torch.device) -> list[int]:
+    """Register `buffers` as pinned memory for copies to and from `device` (a GPU; nothing on a CPU): the
+    addresses pinned. One that cannot be pinned is only slower (its copies go through CUDA's staging
+    buffers): a warning, and the run goes on (`cuda.register_host` has taken CUDA's error)."""
+    pinned = []
+    if device.type != "cuda":
+        return pinned
+    for b in buffers:
+        ptr = np.frombuffer(b.buf, np.uint8).ctypes.data
+        why = cuda.register_host(ptr, b.size, device)
+        if why is None:
+            pinned.append(ptr)
+        else:
+            warnings.warn(f"extraction on {device}: a {b.size / 2**20:.0f} MB slot is not pinned ({why}); the "
+                          "copies out of the GPU will be slower (a container's locked-memory limit? `ulimit -l`)",
+                          stacklevel=2)
+    return pinned
+
+
+def unpin(pinned: list[int], device: torch.device) -> None:
+    for ptr in pinned:
+        why = cuda.unregister_host(ptr, device)
+        if why is not None:  # the buffer is unmapped all the same; its pages go with the process
+            warnings.warn(f"extraction on {device}: {why}", stacklevel=2)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ The hot path (`align_into`) and the Dask path (`aligned_block`) run the same cod
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,20 +27,35 @@ ALIGN_TIME = ("max", "min")
 ALIGN_LAYERS = ("interpolate", "none")
 
 
-@lru_cache(maxsize=4096)
-def _lerp_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, torch.Tensor]:
-    """Output k samples input position k*(n_in-1)/(n_out-1): (left index, right index, right weight,
-    a run of outputs whose inputs are two shifted slices, the outputs outside it).
+class _Lerp(NamedTuple):
+    """Output k samples input position k*(n_in-1)/(n_out-1), in two parts: a `run` of consecutive outputs whose
+    inputs are two shifted slices (f[k0 : k0 + m] and f[k0 + 1 : k0 + 1 + m], weights `w_run`), and the outputs
+    outside it, `rest`, gathered from inputs `left` and `right` with weights `w`.
 
-    The run saves two gathers: it is the whole utterance but its ends when T differs by one frame
-    (Whisper against an SSL model), the common case.
+    The run saves two gathers: it is the whole utterance but its ends when T differs by one frame (Whisper
+    against an SSL model), the common case.
     """
+
+    run: slice
+    k0: int
+    w_run: torch.Tensor
+    rest: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    w: torch.Tensor
+
+
+@lru_cache(maxsize=4096)
+def _lerp_index(n_in: int, n_out: int, device: torch.device) -> _Lerp:
+    """The interpolation of n_in entries to n_out, its tensors on `device`: computed and copied there once per
+    (n_in, n_out, device), so that a GPU aligning a batch neither uploads indices nor reads one back."""
     pos = np.zeros(n_out)
     if n_out > 1:
         pos = np.arange(n_out) * ((n_in - 1) / (n_out - 1))
         pos[-1] = n_in - 1  # the last output is the last input exactly, whatever the rounding
     left = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
     right = np.minimum(left + 1, n_in - 1)
+    w = (pos - left).astype(np.float32)
     # left is monotone, so the outputs of one shift (left - k) are consecutive: take the most common one
     shift = np.where(right == left + 1, left - np.arange(n_out), n_in)  # n_in: not sliceable
     run = slice(0, 0)
@@ -48,23 +64,27 @@ def _lerp_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torc
         k = np.flatnonzero(shift == values[counts.argmax()])
         run = slice(int(k[0]), int(k[-1]) + 1)
     rest = np.r_[0:run.start, run.stop:n_out]
-    return (torch.from_numpy(left), torch.from_numpy(right), torch.from_numpy((pos - left).astype(np.float32)),
-            run, torch.from_numpy(rest))
+
+    def on(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return _Lerp(run, int(left[run.start]) if run.stop > run.start else 0, on(w[run]), on(rest),
+                 on(left[rest]), on(right[rest]), on(w[rest]))
 
 
 def _lerp(f: torch.Tensor, dim: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """f (float32) resampled to n entries along `dim`, ends exact; into `out` when given."""
-    left, right, w, run, rest = (t.to(f.device) if isinstance(t, torch.Tensor) else t
-                                 for t in _lerp_index(f.shape[dim], n))
+    ix = _lerp_index(f.shape[dim], n, f.device)
     shape = [1] * f.dim()
     shape[dim] = -1
     g = torch.empty(*f.shape[:dim], n, *f.shape[dim + 1:], device=f.device) if out is None else out
-    if run.stop > run.start:
-        k, m = int(left[run.start]), run.stop - run.start
-        torch.lerp(f.narrow(dim, k, m), f.narrow(dim, k + 1, m), w[run].view(shape), out=g.narrow(dim, run.start, m))
-    if len(rest):
-        g.index_copy_(dim, rest, torch.lerp(f.index_select(dim, left[rest]), f.index_select(dim, right[rest]),
-                                            w[rest].view(shape)))
+    m = ix.run.stop - ix.run.start
+    if m:
+        torch.lerp(f.narrow(dim, ix.k0, m), f.narrow(dim, ix.k0 + 1, m), ix.w_run.view(shape),
+                   out=g.narrow(dim, ix.run.start, m))
+    if len(ix.rest):
+        g.index_copy_(dim, ix.rest, torch.lerp(f.index_select(dim, ix.left), f.index_select(dim, ix.right),
+                                               ix.w.view(shape)))
     return g
 
 

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.view import FusedView, ViewSpec, open_fused
 from fusionpipe.manifest import Manifest, Utterance, check_subset, read_manifest
-from fusionpipe.store import FeatureStore
+from fusionpipe.store import LOSSY, FeatureStore
 
 
 class PaddedItems(list):
@@ -111,19 +111,22 @@ class FusedDataset(Dataset):
         return items
 
     def _slot(self, frames: int) -> _Slot | None:
-        """In a worker process: a free shared-memory slot of this worker that holds `frames` padded frames."""
+        """In a worker process: a free shared-memory slot of this worker that holds `frames` padded frames of
+        the float32 stacks (`slot_dims`: a compact batch's lossy stacks travel as codes, outside it)."""
         info = get_worker_info()
         if self.slots is None or info is None:
             return None
-        return self.slots.claim(info.id, frames * self.view.num_layers * sum(self.view.dims) * 4)
+        return self.slots.claim(info.id, frames * self.view.num_layers * sum(slot_dims(self.view, self.compact)) * 4)
 
 
 def collate(items: list[tuple[str, list[torch.Tensor]]], rows: dict[str, Utterance] | None = None) -> dict:
     """Items -> the batch dict (module docstring). Rows come with PaddedItems, else from ``rows`` by id.
     A batch a worker built in a shared slot travels as the slot's number and layout, not as tensors
     (FusedLoader turns it back into the stacks, in place)."""
-    if isinstance(items, PaddedItems) and items.slot:
-        return _to_trainer({"ids": items.ids, "slot": items.slot, "lengths": items.lengths, "rows": items.rows})
+    if isinstance(items, PaddedItems) and items.slot:  # compact stacks (codes, small) travel as they are
+        compact = [(k, s) for k, s in enumerate(items.stacks) if not isinstance(s, torch.Tensor)]
+        return _to_trainer({"ids": items.ids, "slot": items.slot, "compact": compact, "lengths": items.lengths,
+                            "rows": items.rows})
     if isinstance(items, PaddedItems):
         ids, stacks, lengths, got = items.ids, items.stacks, items.lengths, items.rows
     else:
@@ -375,6 +378,8 @@ class SharedSlots:
         weakref.finalize(base, self.release, k)
         flat = torch.from_numpy(base)  # its views keep `base` alive (numpy slices would point past it)
         batch["stacks"] = [flat[o:o + math.prod(shape)].view(shape) for o, shape in layout]
+        for k, stack in batch.pop("compact", []):  # in store order: each goes back to its place
+            batch["stacks"].insert(k, stack)
         return batch
 
 
@@ -425,14 +430,21 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
         first = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
         raise FusionpipeError(f"{len(lacking)} utterance(s) of the stores have no manifest row ({first}); "
                               "pass the manifest they were extracted from")
-    slots = shared_slots(num_workers, max_frames * view.num_layers * sum(view.dims) * 4) \
-        if num_workers and not compact else None
+    # a compact batch's lossless stacks use the slots too; only its lossy ones travel as codes
+    dims = slot_dims(view, compact)
+    slots = shared_slots(num_workers, max_frames * view.num_layers * sum(dims) * 4) if num_workers and dims else None
     dataset = FusedDataset(view, [by_id[u] for u in view.ids], compact, slots)
     sampler = BucketBatchSampler(view.lengths, max_frames, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                  order=view.store_order(), shard=shard, deal=deal)
     return FusedLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                        multiprocessing_context="spawn" if num_workers else None,
                        persistent_workers=num_workers > 0, prefetch=prefetch)
+
+
+def slot_dims(view: FusedView, compact: bool) -> list[int]:
+    """Hidden sizes of the stores whose stacks a worker builds as float32 (all but, when `compact`, the lossy
+    ones, which `FusedView.read_batch` hands on as codes)."""
+    return [d for d, s in zip(view.dims, view.stores) if not (compact and s.info.codec in LOSSY)]
 
 
 def recorded_manifest(view: FusedView) -> Manifest:

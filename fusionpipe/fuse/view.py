@@ -351,12 +351,14 @@ class FusedView:
             return da.concatenate(parts, axis=-1)
         return parts
 
-    def layer_stats(self) -> tuple[np.ndarray, np.ndarray] | list[tuple[np.ndarray, np.ndarray]]:
+    def layer_stats(self, max_frames: int | None = None,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray] | list[tuple[np.ndarray, np.ndarray]]:
         """Per-layer mean and std (L, D_out), float32, of the merged features over every frame of the view.
 
         A Dask reduction over groups of neighbouring utterances (one task reads and aligns one group
         and returns its sums), so memory holds a few groups, never the corpus. merge=None: one
-        (mean, std) per store.
+        (mean, std) per store. ``max_frames``: only groups drawn at random (``seed``) until about that
+        many frames, so the cost stays flat in the corpus size.
         """
         import dask
         import dask.array as da
@@ -372,9 +374,17 @@ class FusedView:
                                 out.square().sum(dim=(0, 2), dtype=torch.float64)]).numpy()
 
         groups = self._groups(GROUP_BYTES // (4 * L * width))
+        if max_frames is not None and int(self.lengths.sum()) > max_frames:
+            drawn, frames = [], 0
+            for g in np.random.default_rng(seed).permutation(len(groups)):
+                drawn.append(groups[g])
+                frames += int(self.lengths[groups[g]].sum())
+                if frames >= max_frames:
+                    break
+            groups = drawn
         parts = [da.from_delayed(dask.delayed(moments)(g), shape=(2, L, width), dtype=np.float64) for g in groups]
         sums = da.stack(parts).sum(axis=0).compute() if parts else np.zeros((2, L, width))
-        n = max(int(self.lengths.sum()), 1)
+        n = max(sum(int(self.lengths[g].sum()) for g in groups), 1)
         mean = sums[0] / n
         std = np.sqrt(np.maximum(sums[1] / n - mean ** 2, 0.0))
         edges = np.concatenate([[0], np.cumsum(dims)])

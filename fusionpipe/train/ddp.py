@@ -77,8 +77,10 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     ddp = nn.parallel.DistributedDataParallel
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
         else "broadcast_buffers"  # its older name
-    ids = [device.index] if device.type == "cuda" else None
-    return ddp(model, device_ids=ids, **{no_sync: False})
+    # device_ids=None, also on a GPU (allowed for a module on one device): with ids, DDP copies every tensor
+    # argument to that GPU before the forward, the batch's lengths too, which the trainer keeps on the host on
+    # purpose (the crop, the masks and CTC read them there without a sync); the batch is on the device already
+    return ddp(model, device_ids=None, **{no_sync: False})
 
 
 def rank_seed(seed: int, r: int) -> int:
@@ -86,13 +88,14 @@ def rank_seed(seed: int, r: int) -> int:
     return seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
 
 
-def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise mean of `values` over the ranks (one all-reduce)."""
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean of `values` over the ranks (one all-reduce), on their device: nothing is read back
+    (the trainer reads the losses later, `loop._read_losses`)."""
     if world_size() == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = values.to(torch.float64)
     dist.all_reduce(t)
-    return (t / world_size()).tolist()
+    return t / world_size()
 
 
 def gather(obj) -> list:

@@ -7,9 +7,10 @@
     >>> logits.shape
     torch.Size([2, 4])
 
-Every head takes features (B, T, D) and ``lengths`` (B,) long (valid frames) and returns a
-`HeadOutput` (output, lengths): ``lengths`` are the valid frames of a frame-level output
-and None for an utterance-level one. Padding never leaks into valid outputs: masked
+Every head takes features (B, T, D) and ``lengths`` (B,) long (valid frames; the trainer keeps them
+on the host, and a head copies them to the device itself) and returns a `HeadOutput` (output, lengths):
+``lengths`` are the valid frames of a frame-level output, where the input's were, and None for an
+utterance-level one. Padding never leaks into valid outputs: masked
 pooling, a BiLSTM whose backward direction reads each sequence reversed within its length
 (`BiLSTM`, no packing), key padding masks, convolutions that only count fully valid windows.
 ``min_frames`` is the shortest input a head accepts; shorter ones raise ValueError, so a data
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusionpipe import cuda
 from fusionpipe.train.interfaces import frame_mask
 
 
@@ -34,6 +36,8 @@ class HeadOutput(NamedTuple):
 
 
 def _check_min_frames(head: nn.Module, lengths: torch.Tensor) -> None:
+    if lengths.device.type != "cpu":  # reading them back would cost a sync: the trainer checks its host copy
+        return
     if int(lengths.min()) < head.min_frames:
         raise ValueError(f"{type(head).__name__} needs at least {head.min_frames} frames per "
                          f"utterance, got {int(lengths.min())}; drop or pad shorter utterances")
@@ -41,12 +45,14 @@ def _check_min_frames(head: nn.Module, lengths: torch.Tensor) -> None:
 
 def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B, T, D) -> (B, D), mean over the valid frames only."""
+    lengths = cuda.upload(lengths, x.device)
     mask = frame_mask(lengths, x.shape[1])[..., None].to(x.dtype)
     return (x * mask).sum(1) / lengths[:, None].to(x.dtype)
 
 
 def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """(B, T, D) -> (B, 2D): mean and (population) standard deviation over the valid frames."""
+    lengths = cuda.upload(lengths, x.device)
     mask = frame_mask(lengths, x.shape[1])[..., None].to(x.dtype)
     mean = (x * mask).sum(1) / lengths[:, None].to(x.dtype)
     var = (((x - mean[:, None]) * mask) ** 2).sum(1) / lengths[:, None].to(x.dtype)
@@ -77,7 +83,7 @@ class BiLSTM(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, 2H)
-        lengths = lengths.to(x.device)
+        lengths = cuda.upload(lengths, x.device)
         for i, (fw, bw) in enumerate(zip(self.forward_lstms, self.backward_lstms)):
             if i:
                 x = self.dropout(x)  # between layers, as nn.LSTM(dropout=...)
@@ -249,5 +255,5 @@ class TransformerCTCHead(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> HeadOutput:
         _check_min_frames(self, lengths)
         h, out_lengths = self.subsample(self.proj(x), lengths)  # (B, T', d_model)
-        h = self.encoder(h, src_key_padding_mask=~frame_mask(out_lengths, h.shape[1]))
+        h = self.encoder(h, src_key_padding_mask=~frame_mask(cuda.upload(out_lengths, h.device), h.shape[1]))
         return HeadOutput(self.out(h).log_softmax(-1), out_lengths)

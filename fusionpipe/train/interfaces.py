@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusionpipe import cuda
 from fusionpipe.fuse.view import MERGES
 from fusionpipe.train.options import BOOL, real, value_problem, whole
 
@@ -39,6 +40,56 @@ def frame_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     # Parameter-free, over D, separately for every layer and frame (s3prl's `normalize`).
     return F.layer_norm(x, x.shape[-1:])
+
+
+class Standardize(nn.Module):
+    """Every (layer, channel) of every upstream to zero mean and unit variance over the training frames.
+
+    Buffers ``mean_<k>`` and ``std_<k>`` (L, D_k) per upstream k, set once before training from the
+    train stores (`set_statistics`; `FusedView.layer_stats`) and saved with the model, so evaluating
+    and predicting use the training statistics. Why (docs/method.md): pretrained hidden states have a
+    few channels 50-100x larger than the rest and nearly constant in time (real Whisper-base: |x| up
+    to 350, most below 6); a learned mix of channels (HConv's convs, a concat projection) then moves
+    mostly those channels, loses the frame-to-frame signal, and stalls on the CTC blank plateau.
+    A checkpoint saved without these buffers (before they existed) loads as the identity.
+    """
+
+    def __init__(self, dims: list[int], num_layers: int):
+        super().__init__()
+        self.dims = list(dims)
+        for k, d in enumerate(self.dims):
+            self.register_buffer(f"mean_{k}", torch.zeros(num_layers, d))
+            self.register_buffer(f"std_{k}", torch.ones(num_layers, d))
+
+    def set_statistics(self, stats: list[tuple]) -> None:
+        """``stats``: one (mean, std) pair of (L, D_k) arrays per upstream, in the order of the stacks.
+        A channel (nearly) constant over the training frames, std <= 1e-6 of its layer's median std,
+        carries nothing and is set to zero (std = inf), so it cannot blow up on other data."""
+        if len(stats) != len(self.dims):
+            raise ValueError(f"statistics of {len(stats)} upstreams for an interface of {len(self.dims)}")
+        for k, (mean, std) in enumerate(stats):
+            mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+            if mean.shape != self.get_buffer(f"mean_{k}").shape or std.shape != mean.shape:
+                raise ValueError(f"statistics of upstream {k}: shape {tuple(mean.shape)}, expected "
+                                 f"{tuple(self.get_buffer(f'mean_{k}').shape)} (L, D)")
+            constant = std <= 1e-6 * std.median(dim=1, keepdim=True).values
+            self.get_buffer(f"mean_{k}").copy_(mean)
+            self.get_buffer(f"std_{k}").copy_(torch.where(constant, torch.inf, std))
+
+    def forward(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+        # (B, L, T, D_k) - (L, 1, D_k): every frame, padded ones too (the interface masks them out)
+        return [(x - getattr(self, f"mean_{k}")[:, None]) / getattr(self, f"std_{k}")[:, None]
+                for k, x in enumerate(stacks)]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if not any(key.startswith(prefix) for key in state_dict):  # saved before standardisation: identity
+            for k in range(len(self.dims)):
+                self.get_buffer(f"mean_{k}").zero_()
+                self.get_buffer(f"std_{k}").fill_(1.0)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class HConv(nn.Module):
@@ -81,10 +132,14 @@ class HConv(nn.Module):
         if self.normalize:
             x = _layer_norm(x)
         x = x.permute(0, 2, 3, 1)  # (B, L, T, D) -> (B, T, D, L)
-        mask = frame_mask(lengths, T) if lengths is not None else x.new_ones(B, T, dtype=torch.bool)
-        y = self.convs(x[mask]).flatten(1)  # (N_valid, D, L) -> (N_valid, D // L', L') -> (N_valid, out)
+        if lengths is None:
+            return self.convs(x.reshape(B * T, D, L)).flatten(1).view(B, T, self.out_dim)
+        # the (utterance, frame) pairs of the valid frames, found where the lengths are (the host, in training)
+        # and copied over: a boolean mask on the device would make the host wait for its count of True
+        b, t = cuda.upload(frame_mask(lengths, T).nonzero(), x.device).unbind(1)  # (N_valid,) each
+        y = self.convs(x[b, t]).flatten(1)  # (N_valid, D, L) -> (N_valid, D // L', L') -> (N_valid, out)
         out = y.new_zeros(B, T, self.out_dim)
-        out[mask] = y
+        out[b, t] = y
         return out
 
 
@@ -201,17 +256,21 @@ class GumbelSelect(nn.Module):
         n_in = self.out_dim * (len(dims) if merge == "concat" else 1)
         self.projection = nn.Linear(n_in, self.out_dim)
         self.merge, self.tau_start, self.tau_end = merge, tau_start, tau_end
-        self.register_buffer("tau", torch.tensor(float(tau_start)))
+        self.register_buffer("tau", torch.tensor(float(tau_start)))  # in checkpoints; `_tau` is what is read
+        self._tau = float(tau_start)
 
     def set_progress(self, fraction: float) -> None:
         """Anneal the temperature: fraction of training done, 0 -> tau_start, 1 -> tau_end."""
         fraction = min(max(float(fraction), 0.0), 1.0)
-        self.tau.fill_(self.tau_start * (self.tau_end / self.tau_start) ** fraction)
+        # kept as a number too (set_progress runs before every training forward): float(self.tau) of a buffer
+        # on a GPU would make the host wait for the device at every step
+        self._tau = self.tau_start * (self.tau_end / self.tau_start) ** fraction
+        self.tau.fill_(self._tau)
 
     def selection(self) -> torch.Tensor:
         """(N, D) weights of each upstream per dimension; they sum to 1 over N."""
         if self.training:
-            return F.gumbel_softmax(self.logits, tau=float(self.tau), hard=False, dim=0)
+            return F.gumbel_softmax(self.logits, tau=self._tau, hard=False, dim=0)
         picked = self.logits.argmax(dim=0)
         return F.one_hot(picked, len(self.sums)).T.to(self.logits.dtype)
 
@@ -224,6 +283,8 @@ class GumbelSelect(nn.Module):
         return self.projection(merged)
 
 
+# options every interface takes
+COMMON_OPTIONS = {"standardize", "output_norm"}
 _OPTIONS = {
     "hconv": {"kernel_size", "stride", "normalize"},
     "weighted-sum": {"normalize"},
@@ -235,12 +296,13 @@ _OPTIONS = {
 
 def interface_option_names(fusion: str) -> set[str]:
     """The options (interface_options keys) the interface named ``fusion`` takes."""
-    return _OPTIONS[fusion] | (set() if fusion == "gumbel" else {"project"})
+    return _OPTIONS[fusion] | COMMON_OPTIONS | (set() if fusion == "gumbel" else {"project"})
 
 
 # what each option's value may be (options.py); stride 1 would never shrink the layers (an endless loop)
 _OPTION_VALUES = {"kernel_size": whole(1, 64), "stride": whole(2, 64), "normalize": BOOL, "project": BOOL,
-                  "tau_start": real(0, open_low=True), "tau_end": real(0, open_low=True), "layer": whole(None, 4096)}
+                  "tau_start": real(0, open_low=True), "tau_end": real(0, open_low=True), "layer": whole(None, 4096),
+                  "standardize": BOOL, "output_norm": BOOL}
 
 
 def interface_option_problems(fusion: str, options: dict) -> list[tuple[str, str]]:
@@ -284,6 +346,11 @@ class Interface(nn.Module):
             raise ValueError("interface 'single-layer' needs layer=k (which layer to use)")
         self.dims, self.num_layers = list(dims), num_layers
         self.fusion, self.merge = fusion, merge
+        standardize, self.output_norm = opts.pop("standardize", True), opts.pop("output_norm", True)
+        for name, value in (("standardize", standardize), ("output_norm", self.output_norm)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r}: give true or false")
+        self.standardize = Standardize(self.dims, num_layers) if standardize else None
         # the modules keep their names (front, interface): they are the keys of saved checkpoints
         if fusion == "gumbel":
             self.front = None
@@ -295,6 +362,12 @@ class Interface(nn.Module):
             self.interface = cls(num_layers, self.front.out_dim, **opts)
         self.out_dim = self.interface.out_dim
 
+    def set_statistics(self, stats: list[tuple]) -> None:
+        """Per-upstream (mean, std) of every (layer, channel) over the training frames (`Standardize`);
+        without ``standardize`` nothing to set."""
+        if self.standardize is not None:
+            self.standardize.set_statistics(stats)
+
     def set_progress(self, fraction: float) -> None:
         """Tell the interface how far training is (0..1): anneals the Gumbel temperature."""
         if isinstance(self.interface, GumbelSelect):
@@ -302,11 +375,15 @@ class Interface(nn.Module):
 
     def forward(self, stacks: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         self._check(stacks)
+        if self.standardize is not None:
+            stacks = self.standardize(stacks)
         if self.front is None:
             out = self.interface(stacks, lengths)
         else:
             out = self.interface(self.front(stacks), lengths)
-        return out * frame_mask(lengths, out.shape[1])[..., None].to(out.dtype)
+        if self.output_norm:
+            out = _layer_norm(out)
+        return out * cuda.upload(frame_mask(lengths, out.shape[1]), out.device)[..., None].to(out.dtype)
 
     def _check(self, stacks: list[torch.Tensor]) -> None:
         if len(stacks) != len(self.dims):

@@ -51,14 +51,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from fusionpipe import cuda
 from fusionpipe.atomic import check_writable, remove_leftovers, write_json
 from fusionpipe.device import resolve_device
 from fusionpipe.errors import FusionpipeError
@@ -93,6 +96,50 @@ class VariantModel(nn.Module):
         return task.loss(self.head, feats, lengths, targets, reduction=reduction)
 
 
+# Standardize's statistics come from this many training frames at most (about 1 h of audio at 50 Hz, drawn
+# from the whole corpus): plenty for a mean and a std per channel, and the cost stays flat in the corpus size
+STATISTICS_FRAMES = 200_000
+# the CTC blank plateau: every dev output empty at this many evaluations in a row, the last of them
+# past this share of the steps. Before it, an all-blank output is the normal start of CTC training: on real
+# Whisper-base features (bench/method.py) HConv with standardize alone was all blank up to step 125 of 200
+# and then learned; with the defaults every interface leaves it within the first half of such a run
+PLATEAU_EVALS = 3
+PLATEAU_FROM = 1 / 2
+
+
+@dataclass
+class Plateau:
+    """Whether a CTC variant is stuck on the blank plateau: its dev output all blank, evaluation after
+    evaluation (it then predicts only the blank and learns nothing; docs/method.md says why and what helps)."""
+
+    blank_evals: int = 0            # evaluations in a row, up to the last, whose every dev output was empty
+    since: int | None = None        # the step of the first of them
+    warned: bool = False
+
+    def update(self, step: int, metrics: dict, steps: int) -> str | None:
+        """Record an evaluation; what to tell the user, if anything: that the variant has just been found
+        stuck (once per episode), or that it has left the plateau after such a warning."""
+        if metrics.get("blank", 0.0) < 1.0:
+            left = self.warned
+            self.blank_evals, self.since, self.warned = 0, None, False
+            return f"left the CTC blank plateau at step {step}: it learns again" if left else None
+        self.blank_evals += 1
+        self.since = step if self.since is None else self.since
+        if self.stuck(step, steps) and not self.warned:
+            self.warned = True
+            return (f"is stuck on the CTC blank plateau: every dev output has been empty at {self.blank_evals} "
+                    f"evaluations in a row (steps {self.since}-{step}). Try a lower --lr (e.g. a third), more "
+                    "--steps, or, if you turned them off, the default interface options standardize=true and "
+                    "output_norm=true (docs/method.md)")
+        return None
+
+    def stuck(self, step: int, steps: int) -> bool:
+        """Stuck now: PLATEAU_EVALS all-blank evaluations in a row past PLATEAU_FROM of the steps, or a run
+        whose last evaluation, at its last step, was all blank (it ended having learned nothing usable)."""
+        return (self.blank_evals >= PLATEAU_EVALS and step >= PLATEAU_FROM * steps) or \
+            (step >= steps and self.blank_evals > 0)
+
+
 class Variant:
     """One (fusion, merge) under training: model, optimizer and its own RNG stream.
 
@@ -100,27 +147,30 @@ class Variant:
     step calls, its DistributedDataParallel wrapper under torchrun.
     """
 
-    def __init__(self, name: str, model: VariantModel, optimizer: torch.optim.Optimizer, out: Path):
-        self.name, self.model, self.optimizer, self.out = name, model, optimizer, out
+    def __init__(self, name: str, model: VariantModel, optimizer: torch.optim.Optimizer, out: Path,
+                 device: torch.device):
+        self.name, self.model, self.optimizer, self.out, self.device = name, model, optimizer, out, device
         self.trainer: nn.Module = model
         self.rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.cuda_rng = device_rng(device)
         self.best: float | None = None
         self.best_metrics: dict | None = None
         self.train_seconds = 0.0
+        self.plateau = Plateau()
 
     @contextmanager
     def own_rng(self):
-        """Dropout, masks and Gumbel noise draw from this variant's stream only."""
+        """Dropout, masks and Gumbel noise draw from this variant's stream only (the CPU generator's, and on a
+        GPU that GPU's: the one device this process trains on)."""
         torch.set_rng_state(self.rng)
         if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
+            cuda.set_rng_state(self.cuda_rng, self.device)
         try:
             yield
         finally:
             self.rng = torch.get_rng_state()
             if self.cuda_rng is not None:
-                self.cuda_rng = torch.cuda.get_rng_state_all()
+                self.cuda_rng = cuda.get_rng_state(self.device)
 
     def state(self, rank_rngs: list | None = None) -> dict:
         """This variant's part of last.pt (tensors and plain containers only: `load_checkpoint`);
@@ -128,6 +178,7 @@ class Variant:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self.rng,
                 "cuda_rng": self.cuda_rng, "best": self.best, "best_metrics": self.best_metrics,
                 "train_seconds": self.train_seconds,
+                "plateau": [self.plateau.blank_evals, self.plateau.since, self.plateau.warned],
                 **({"rank_rngs": [list(r) for r in rank_rngs]} if rank_rngs and len(rank_rngs) > 1 else {})}
 
     def restore(self, ckpt: dict) -> None:
@@ -135,14 +186,40 @@ class Variant:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.best, self.best_metrics = ckpt["best"], ckpt.get("best_metrics")
         self.train_seconds = ckpt["train_seconds"]
+        self.plateau = Plateau(*ckpt.get("plateau", ()))  # last.pt of an older fusionpipe: none recorded
         rngs = ckpt.get("rank_rngs") or [(ckpt["rng"], ckpt["cuda_rng"])]
         if len(rngs) == dist.world_size() or dist.rank() == 0:
-            self.rng, self.cuda_rng = rngs[dist.rank()]
+            rng, saved = rngs[dist.rank()]
+            self.rng, self.cuda_rng = rng, resumed_device_rng(saved, self.device, self.cuda_rng)
         # else: saved with another number of ranks; this rank keeps the fresh stream of its seed
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def device_rng(device: torch.device) -> torch.Tensor | None:
+    """The state of the device generator a variant on `device` draws from: None on a CPU (its draws are the
+    CPU generator's, `Variant.rng`), so that a CPU run never initialises CUDA."""
+    return cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def resumed_device_rng(saved, device: torch.device, fresh: torch.Tensor | None) -> torch.Tensor | None:
+    """The device RNG state a resumed variant continues from, given the checkpoint's `cuda_rng` (`saved`), the
+    device it resumes on and the state it was built with (`fresh`: its seed's own stream). A pure function of
+    the checkpoint and the device, whatever GPUs this process sees:
+    - on a CPU, none;
+    - a state saved on a GPU: that state;
+    - nothing saved (checkpointed on a CPU, resumed on a GPU): the fresh stream, kept per variant;
+    - a list, one state per GPU the saving process saw (checkpoints before this rule): the one of this device's
+      index, or the fresh stream if that process saw fewer GPUs.
+    """
+    if device.type != "cuda":
+        return None
+    if isinstance(saved, (list, tuple)):
+        index = device.index or 0
+        return saved[index] if index < len(saved) else fresh
+    return fresh if saved is None else saved
 
 
 def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out: Path,
@@ -160,7 +237,8 @@ def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out
         if dist.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
             torch.manual_seed(dist.rank_seed(seed, dist.rank()))
         name = variant_name(fusion, merge, None if cfg.seeds is None else seed)
-        variants.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr), out / name))
+        variants.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr), out / name,
+                                device))
     return variants
 
 
@@ -209,6 +287,16 @@ def _check_resumable(cfg: TrainConfig, out: Path) -> None:
                               "which may stand at different steps; retrain into another --out")
 
 
+def set_statistics(variants: list[Variant], view, seed: int) -> None:
+    """Give every variant's `Standardize` the per-(layer, channel) mean and std of the training frames
+    (at most STATISTICS_FRAMES of them, drawn with ``seed``): one read, shared by all variants."""
+    if all(v.model.fusion.standardize is None for v in variants):
+        return
+    stats = view.layer_stats(max_frames=STATISTICS_FRAMES, seed=seed)
+    for v in variants:
+        v.model.fusion.set_statistics(stats)
+
+
 def expands_on(device: torch.device) -> bool:
     """Whether lossy stores' batches cross to `device` as codes and expand there (`make_loader(compact=)`):
     on an accelerator, yes; on the CPU expanding in the loader's thread overlaps the training step instead."""
@@ -232,13 +320,15 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, prog
         except ValueError as e:
             raise FusionpipeError(f"task {cfg.task} on {cfg.manifest or view.describe()['manifest']}: {e}") from None
     variants = build_variants(cfg, task, view.dims, view.num_layers, out, device)
+    checkpoint = out / "last.pt"
+    if not (resume and checkpoint.exists()):  # a resumed run keeps the statistics its checkpoint holds
+        set_statistics(variants, view, cfg.seed)
     dev = make_loader(cfg.dev_stores, cfg.dev_manifest, max_frames=cfg.max_frames, shuffle=False,
                       num_workers=cfg.num_workers, align_time=cfg.align_time, align_layers=cfg.align_layers,
                       skip_missing=cfg.skip_missing, shard=(rank, world), deal=True,
                       compact=expands_on(device)) if cfg.dev_stores else None
     if dev is not None and trials:
         _check_trials(trials, dev, cfg.trials)
-    checkpoint = out / "last.pt"
     step, position = 0, (0, 0)
     if resume and checkpoint.exists():
         step, position = restore_checkpoints(variants, load_checkpoint(checkpoint), checkpoint)
@@ -287,32 +377,56 @@ def batches(loader, position: tuple[int, int], count: int):
         epoch, skip = epoch + 1, 0
 
 
+READ_LOSSES_EVERY = 25  # steps between reads of the training losses (and at every evaluation and the end)
+
+
 def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, crop, device: torch.device,
                  logs: dict, step: int, position: tuple[int, int], checkpoint: Path, progress: bool) -> int:
     """Steps from ``step`` (at data ``position``) to cfg.steps: train, log, evaluate, keep best.pt, save
-    last.pt every eval_every steps and at the end; returns the step reached."""
+    last.pt every eval_every steps and at the end; returns the step reached.
+
+    The losses stay on the device and are read back every READ_LOSSES_EVERY steps, all at once: on a GPU,
+    reading each step's loss would make the host wait for that step to finish before it could queue the next.
+    A non-finite loss still stops the run before anything of its step is logged or saved (every read comes
+    before an evaluation or a checkpoint), after at most READ_LOSSES_EVERY - 1 steps more of computation.
+    """
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
                desc=f"train {len(variants)} variant(s)", unit="step", dynamic_ncols=True)
     saved = step
+    pending = []  # (step, its batch's dataset rows, (K,) losses on the device, K stopwatches) not read back yet
     with bar:
         for epoch, k, batch in batches(loader, position, cfg.steps - step):
             stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
-            lengths = batch["lengths"].to(device)
+            # the lengths stay on the host: the crop, the masks and CTC read them there, and the modules copy
+            # them to the device without waiting (fusionpipe.cuda.upload)
+            lengths = batch["lengths"]
             targets = batch_targets(batch["rows"])
+            rows = loader.batch_sampler.batches()[k]
             # this rank's share of global batch k (None: one process, the batch's mean loss as ever)
-            weight = shard(loader.batch_sampler.batches()[k], rank, world)[1] if world > 1 else None
+            weight = shard(rows, rank, world)[1] if world > 1 else None
             losses = []
+            watches = []  # each variant's step, timed on the device (read with the losses)
             for v in variants:
-                t0 = time.perf_counter()
+                watch = cuda.Stopwatch(device)
                 with v.own_rng():
                     x, n = random_crop(stacks, lengths, *crop) if crop else (stacks, lengths)
-                    losses.append(_step(v, task, x, n, targets, cfg, step, weight))
-                v.train_seconds += time.perf_counter() - t0
-            losses = dict(zip((v.name for v in variants), dist.mean_over_ranks(losses, device)))
+                    check_frames(n, v.model.head, batch["rows"])
+                    losses.append(train_step(v, task, x, n, targets, cfg, step, weight))
+                watches.append(watch.stop())
             step += 1
-            _stop_if_not_finite(losses, step, lambda: _batch_ids(loader, k), checkpoint, saved)
+            pending.append((step, rows, dist.mean_over_ranks(torch.stack(losses)), watches))
             bar.update(1)
+            if not (_due(cfg, step) or step % READ_LOSSES_EVERY == 0):
+                continue
+            read, pending = _read_losses(pending, variants), []
+            for s, rows_s, values in read:
+                _stop_if_not_finite(values, s, lambda: [loader.dataset.rows[i].id for i in rows_s], checkpoint,
+                                    saved)
+                if main and s != step:
+                    for v in variants:
+                        logs[v.name].write(s, values[v.name], {})
+            losses = read[-1][2]
             bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
 
             metrics = maybe_evaluate(variants, task, dev, device, cfg, step)
@@ -321,10 +435,36 @@ def _train_steps(cfg: TrainConfig, task, variants: list[Variant], loader, dev, c
                     logs[v.name].write(step, losses[v.name], metrics.get(v.name, {}))
                 if v.name in metrics:
                     _keep_best(v, metrics[v.name], cfg)
+                    said = v.plateau.update(step, metrics[v.name], cfg.steps)
+                    if said and main:
+                        bar.write(f"variant {v.name} {said}", file=sys.stderr)
+            stuck = [v.name for v in variants if v.plateau.stuck(step, cfg.steps)]
+            if stuck:
+                bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}", stuck=",".join(stuck))
             if _due(cfg, step):
                 save_checkpoints(variants, step, (epoch, k + 1), logs.values(), checkpoint)
                 saved = step
     return step
+
+
+def _read_losses(pending: list, variants: list[Variant]) -> list[tuple[int, list[int], dict[str, float]]]:
+    """(step, rows, {variant: loss}) of every pending step, read back to the host in one copy; the variants'
+    train_seconds take the device time of those steps (done now, as the losses are)."""
+    values = torch.stack([t for _, _, t, _ in pending]).tolist()  # the one host sync of these steps
+    for *_, watches in pending:
+        for v, watch in zip(variants, watches):
+            v.train_seconds += watch.seconds()
+    return [(s, rows, dict(zip((v.name for v in variants), row))) for (s, rows, _, _), row in zip(pending, values)]
+
+
+def check_frames(lengths: torch.Tensor, head, rows) -> None:
+    """Every utterance (after the crop) is long enough for the head, checked on the host lengths: the heads
+    check only lengths on the CPU (on a GPU reading them back would cost a sync per step)."""
+    short = [u.id for u, n in zip(rows, lengths.tolist()) if n < head.min_frames]
+    if short:
+        raise FusionpipeError(f"{type(head).__name__} needs at least {head.min_frames} frames per utterance; "
+                              f"{', '.join(short[:5])} have fewer: leave them out of the manifest (in training, "
+                              "or give a longer --crop-seconds minimum)")
 
 
 def _due(cfg: TrainConfig, step: int) -> bool:
@@ -370,11 +510,6 @@ def restore_checkpoints(variants: list[Variant], state: dict, path: Path) -> tup
                               "train it again into another --out") from None
 
 
-def _batch_ids(loader, k: int) -> list[str]:
-    """The utterance ids of global batch ``k`` of the loader's epoch (every rank's part)."""
-    return [loader.dataset.rows[i].id for i in loader.batch_sampler.batches()[k]]
-
-
 def _stop_if_not_finite(losses: dict[str, float], step: int, batch_ids, checkpoint: Path, saved: int) -> None:
     """Stop at a NaN or infinite loss (of the global batch: every rank stops), naming the variant(s), the
     step and the utterances of the batch (``batch_ids()``), before anything of the step is logged or saved."""
@@ -398,8 +533,10 @@ def _check_trials(trials, dev, path: str) -> None:
                               f"utterances, e.g. {', '.join(missing[:3])}; give the trial list of the dev stores")
 
 
-def _step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: int, weight: float | None) -> float:
-    """One optimizer step; returns this rank's loss (with ``weight``: its weighted sum of per-utterance losses)."""
+def train_step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: int,
+          weight: float | None) -> torch.Tensor:
+    """One optimizer step; returns this rank's loss (with ``weight``: its weighted sum of per-utterance losses),
+    on the device and detached: the caller reads it back later, not now (`_train_steps`)."""
     v.model.train()
     v.model.fusion.set_progress(step / max(1, cfg.steps))
     if weight is None:
@@ -410,7 +547,7 @@ def _step(v: Variant, task, stacks, lengths, targets, cfg: TrainConfig, step: in
     loss.backward()  # DDP: the gradient all-reduce (an average over ranks) happens here
     nn.utils.clip_grad_norm_(v.model.parameters(), cfg.grad_clip)
     v.optimizer.step()
-    return loss.item()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -426,10 +563,11 @@ def evaluate_variants(variants: list[Variant], task, loader, device: torch.devic
     for v in variants:
         v.model.eval()
     for j, batch in enumerate(loader):
-        stacks = [s.to(device) for s in batch["stacks"]]
-        lengths = batch["lengths"].to(device)
+        stacks = [s.to(device, non_blocking=True) for s in batch["stacks"]]
+        lengths = batch["lengths"]  # on the host, as in training
         preds = {}
         for v in variants:
+            check_frames(lengths, v.model.head, batch["rows"])
             t0 = time.perf_counter()
             preds[v.name] = task.predict(v.model.head, v.model.features(stacks, lengths), lengths)
             seconds[v.name] += time.perf_counter() - t0
@@ -469,6 +607,9 @@ def _results(v: Variant, cfg: TrainConfig, step: int, batches_per_epoch: int, de
            "train_seconds_per_epoch": round(v.train_seconds / max(step, 1) * batches_per_epoch, 3)}
     if dev is not None:  # the metrics best.pt was chosen by: no second pass over the dev set
         res["dev"] = v.best_metrics or load_checkpoint(v.out / "best.pt")["metrics"]
+        if "blank" in res["dev"]:  # a CTC task: say whether it ended on the blank plateau
+            res["plateau"] = {"stuck": v.plateau.stuck(step, cfg.steps), "blank_evaluations": v.plateau.blank_evals,
+                              "since": v.plateau.since}
     return res
 
 

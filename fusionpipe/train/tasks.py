@@ -43,13 +43,15 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, roc_curve
 from torch import nn
 
+from fusionpipe import cuda
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.train.heads import ClassifierHead, CTCHead, SpeakerHead, TransformerCTCHead, XVectorHead
 from fusionpipe.train.options import real, value_problem, whole
 
 TASKS = ("asr", "classify", "verify", "multilingual")
 # each task's dev metrics, the primary one first (it picks best.pt and heads the report's tables);
-# multilingual also reports cer/<language> for every language of the eval set
+# multilingual also reports cer/<language> for every language of the eval set; the CTC tasks also report
+# blank, the share of outputs decoded to nothing (a diagnostic: the plateau detector reads it, --select does not)
 METRICS = {"asr": ("wer", "cer"), "multilingual": ("cer",), "classify": ("accuracy", "macro_f1"),
            "verify": ("eer",)}
 HIGHER_IS_BETTER = frozenset({"accuracy", "macro_f1"})  # every other metric is an error rate
@@ -129,21 +131,30 @@ def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str
     ``reduction="none"``: those (B,) per-utterance terms, as torch's "mean" computes them).
     Characters missing from the vocabulary are skipped: they cannot be predicted anyway.
     zero_infinity: an utterance with more targets than frames gives 0, not inf."""
-    ids = [vocab.encode(t, unknown="skip") for t in texts]
-    targets = torch.tensor([i for seq in ids for i in seq], dtype=torch.long, device=log_probs.device)
-    target_lengths = torch.tensor([len(seq) for seq in ids], dtype=torch.long, device=log_probs.device)
-    args = (log_probs.transpose(0, 1), targets, lengths.to(log_probs.device), target_lengths)
-    if reduction == "mean":
-        return F.ctc_loss(*args, blank=0, zero_infinity=True)
-    if reduction != "none":
+    if reduction not in ("mean", "none"):
         raise ValueError(f"ctc_loss: reduction {reduction!r}; use 'mean' or 'none'")
-    return F.ctc_loss(*args, blank=0, zero_infinity=True, reduction="none") / target_lengths.clamp(min=1)
+    ids = [vocab.encode(t, unknown="skip") for t in texts]
+    targets = cuda.upload(torch.tensor([i for seq in ids for i in seq], dtype=torch.long), log_probs.device)
+    target_lengths = torch.tensor([len(seq) for seq in ids], dtype=torch.long)
+    # both lengths as given (the trainer's are on the host): torch's CUDA ctc_loss reads them on the host, and
+    # would copy lengths on the device back, waiting for it; its "mean" (the division below, then the mean)
+    # would copy the target lengths up with a wait, hence reduction="none" here. Justified, not removable here:
+    # the CUDA kernel itself still copies lengths and offsets up with waits of its own (at::tensor and .cuda()
+    # in LossCTC.cu), a few syncs per CTC forward and backward that only torch can remove.
+    losses = F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=0, zero_infinity=True,
+                        reduction="none") / cuda.upload(target_lengths.clamp(min=1), log_probs.device)
+    return losses.mean() if reduction == "mean" else losses
 
 
 # ---------------------------------------------------------------------------- metrics
 def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """Word error rate over the whole set (jiwer), as a fraction."""
     return float(jiwer.wer(list(refs), list(hyps)))
+
+
+def blank_share(hyps: Sequence[str]) -> float:
+    """Share of CTC outputs decoded to nothing (every frame blank): 1.0 is the blank plateau."""
+    return sum(not h for h in hyps) / max(len(hyps), 1)
 
 
 def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
@@ -228,7 +239,7 @@ class AsrTask:
 
     def metrics(self, preds: Sequence[str], targets) -> dict[str, float]:
         refs = _column(targets, "text", self.name)
-        return {"wer": wer(refs, preds), "cer": cer(refs, preds)}
+        return {"wer": wer(refs, preds), "cer": cer(refs, preds), "blank": blank_share(preds)}
 
     def to_dict(self) -> dict:
         return {"task": self.name, "vocab": self.vocab.tokens}
@@ -248,7 +259,8 @@ class MultilingualTask(AsrTask):
     def metrics(self, preds: Sequence[str], targets) -> dict[str, float]:
         refs = _column(targets, "text", self.name)
         per_language = cer_per_language(refs, preds, _column(targets, "language", self.name))
-        return {"cer": cer(refs, preds), **{f"cer/{k}": v for k, v in per_language.items()}}
+        return {"cer": cer(refs, preds), "blank": blank_share(preds),
+                **{f"cer/{k}": v for k, v in per_language.items()}}
 
 
 @dataclass
@@ -277,7 +289,7 @@ class ClassifyTask:
 
     def loss(self, head, feats, lengths, targets, reduction: str = "mean") -> torch.Tensor:
         logits, _ = head(feats, lengths)
-        labels = self.indices(_column(targets, "label", self.name)).to(logits.device)
+        labels = cuda.upload(self.indices(_column(targets, "label", self.name)), logits.device)
         return F.cross_entropy(logits, labels, reduction=reduction)
 
     def predict(self, head, feats, lengths) -> list[str]:
@@ -335,7 +347,7 @@ class VerifyTask:
         if unknown:
             raise ValueError(f"speakers {unknown[:5]} are not among the {len(index)} train speakers")
         hidden, _ = head(feats, lengths)
-        labels = torch.tensor([index[s] for s in names], dtype=torch.long, device=hidden.device)
+        labels = cuda.upload(torch.tensor([index[s] for s in names], dtype=torch.long), hidden.device)
         return head.amsoftmax(hidden, labels, reduction)
 
     def predict(self, head, feats, lengths) -> list[np.ndarray]:
@@ -440,7 +452,7 @@ def check_head(task, in_dim: int, sizes: dict, device: torch.device) -> None:
                               "sizes") from None
     n = sum(p.numel() for p in head.parameters())
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free = cuda.free_memory(device)
     else:
         free = psutil.virtual_memory().available
     if 16 * n > free:
