@@ -13,10 +13,13 @@ itself survives a power cut. A kill before the rename leaves only the temporary 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
 from pathlib import Path
+
+from fusionpipe.errors import FusionpipeError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -27,19 +30,38 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     if isinstance(data, str):
         data = data.encode("utf-8")
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FusionpipeError(f"{path}: the disk is full ({e.strerror}); the file is as it was. Free some space "
+                                  "and rerun the same command (a training run: with --resume, from its last "
+                                  "checkpoint)") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise FusionpipeError(f"{path}: cannot write here ({e.strerror}); choose a writable place (--out)") from None
         raise
     fsync_dir(path.parent)
     return path
+
+
+def check_writable(directory: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, a directory that cannot be made or written: its nearest existing ancestor
+    must be a writable directory. ``flag`` names where it came from (--out)."""
+    directory = Path(directory).absolute()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise FusionpipeError(f"{flag} {directory}: cannot be written ({existing} is not a writable directory); "
+                              "choose another place")
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:

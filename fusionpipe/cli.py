@@ -200,7 +200,7 @@ def verify(store: str = typer.Argument(..., help="store directory or URL (memory
     Exit 1 on any fault. With --repair, bad chunks are deleted and the command to recompute them printed.
     """
     from fusionpipe.errors import redact
-    from fusionpipe.store import FeatureStore, lock
+    from fusionpipe.store import IDENTITY, FeatureStore, lock
     from fusionpipe.verify import verify as check
 
     shown = redact(store)
@@ -212,6 +212,10 @@ def verify(store: str = typer.Argument(..., help="store directory or URL (memory
     if opened.info.format == 1:
         typer.echo(f"note: {shown} is a format-1 store: its chunks carry no checksum, so a flipped bit can go "
                    "undetected; re-extract with --overwrite to add them")
+    elif IDENTITY not in opened.attrs:
+        typer.echo(f"note: {shown} was written before stores recorded their attributes' digest and each chunk's "
+                   "place: an edited attribute or a chunk moved within the store can go undetected; re-extract "
+                   "with --overwrite to add them")
     if faults:
         if repair:
             typer.echo(f"repaired what deleting chunks can repair: rerun `fusionpipe extract` with the same "

@@ -33,6 +33,11 @@ def set_device(device: torch.device) -> None:
     torch.cuda.set_device(device)
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the GPU `device` (what a head's parameters must fit in, `tasks.check_head`)."""
+    return torch.cuda.mem_get_info(device)[0]
+
+
 def empty_cache() -> None:
     torch.cuda.empty_cache()
 

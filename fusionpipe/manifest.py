@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from fusionpipe.atomic import atomic_write
 from fusionpipe.errors import FusionpipeError
 
 REQUIRED = ("id", "path", "num_samples", "sample_rate")
@@ -219,17 +220,14 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike, root: str | None
     path.parent.mkdir(parents=True, exist_ok=True)
     used = [c for c in OPTIONAL if any(getattr(u, c) is not None for u in manifest)]
     columns = list(REQUIRED) + used
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"{ROOT_PREFIX} {root if root is not None else manifest.root}\n")
-        f.write("\t".join(columns) + "\n")
-        for u in manifest:
-            cells = ["" if getattr(u, c) is None else str(getattr(u, c)) for c in columns]
-            if any("\t" in c or "\n" in c for c in cells):
-                raise FusionpipeError(f"utterance {u.id}: a field contains a tab or newline, which TSV cannot hold")
-            f.write("\t".join(cells) + "\n")
-    os.replace(tmp, path)
-    return path
+    lines = [f"{ROOT_PREFIX} {root if root is not None else manifest.root}", "\t".join(columns)]
+    for u in manifest:  # every row checked before anything is written: a refusal leaves no file behind
+        cells = ["" if getattr(u, c) is None else str(getattr(u, c)) for c in columns]
+        if any("\t" in c or "\n" in c or "\r" in c for c in cells):
+            raise FusionpipeError(f"utterance {u.id}: a field contains a tab or newline, which TSV cannot hold; "
+                                  f"{path} was not written: rename the file or fix the field")
+        lines.append("\t".join(cells))
+    return atomic_write(path, "\n".join(lines) + "\n")
 
 
 BUNDLED = ("demo-train", "demo-dev", "demo-test")

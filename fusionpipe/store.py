@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.abc.store import SuffixByteRequest
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -124,6 +125,39 @@ def serializer(codec: str):
 def index_hash(ids, lengths) -> str:
     """sha256 of the index (ids and frame counts; offsets follow from them), fixed at creation."""
     return hashlib.sha256(json.dumps([[str(i) for i in ids], [int(n) for n in lengths]]).encode()).hexdigest()
+
+
+# A chunk is encoded, written, read and decoded whole, in memory (and numcodecs' codecs stop at 2 GB).
+MAX_CHUNK_BYTES = 2**30
+
+
+def need_backend(url: str) -> None:
+    """Refuse a URL whose fsspec filesystem is not installed (s3:// without s3fs, http:// without aiohttp),
+    naming the package, before zarr's double ImportError traceback."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("", "file", "memory"):
+        return
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as e:
+        raise FusionpipeError(f"{redact(url)}: {scheme}:// stores need a package that is not installed ({e}); "
+                              "install it into this environment (pip install ...), or use a local path") from None
+    except ValueError:
+        raise FusionpipeError(f"{redact(url)}: no filesystem knows the protocol {scheme}://; give a local path or an "
+                              "fsspec URL (s3://, gs://, memory://, ...)") from None
+
+
+IDENTITY = "identity_sha256"  # the attribute that holds `identity_hash` of all the others
+
+
+def identity_hash(attrs: dict) -> str:
+    """sha256 of a store's attributes (but this one), fixed at creation: the fingerprint, sample and frame
+    rate, the rows skipped before extraction, the shape, the codec; `verify` recomputes it. Hashed as JSON,
+    the form zarr keeps them in, so the attributes read back hash the same."""
+    rest = {k: v for k, v in attrs.items() if k != IDENTITY}
+    return hashlib.sha256(json.dumps(json.loads(json.dumps(rest)), sort_keys=True).encode()).hexdigest()
 
 
 def chunk_span(start, stop, chunk_frames: int):
@@ -260,7 +294,27 @@ class FeatureStore:
             raise FusionpipeError(f"dtype {dtype!r} is not supported; choose one of {DTYPES}")
         if codec not in CODECS:
             raise FusionpipeError(f"codec {codec!r} is not known; choose one of {sorted(CODECS)}")
+        frame_bytes = num_layers * hidden_size * np.dtype(dtype).itemsize
+        if chunk_frames is not None and (not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool)
+                                         or not 1 <= chunk_frames <= MAX_CHUNK_BYTES // frame_bytes):
+            raise FusionpipeError(
+                f"--chunk-frames {chunk_frames}: give a whole number from 1 to {MAX_CHUNK_BYTES // frame_bytes} (a "
+                f"chunk holds every layer of its frames, {frame_bytes:,} bytes each here, and is written and read "
+                f"whole; at most {MAX_CHUNK_BYTES // 2**20} MB), or leave it out for about {CHUNK_BYTES // 2**20} MB")
         chunk_frames = chunk_frames or default_chunk_frames(num_layers, hidden_size, dtype)
+        need_backend(str(url))
+        try:
+            return cls._create(url, layout, num_layers, hidden_size, dtype, codec, chunk_frames, attrs, overwrite)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FusionpipeError(f"{redact(str(url))}: the disk is full ({e.strerror}) while the store is created; "
+                                      "free some space (or choose another --cache) and rerun with --overwrite"
+                                      ) from None
+            raise
+
+    @classmethod
+    def _create(cls, url, layout: Layout, num_layers: int, hidden_size: int, dtype: str, codec: str,
+                chunk_frames: int, attrs: dict | None, overwrite: bool) -> FeatureStore:
         group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
         n = len(layout.ids)
         # Zarr refuses zero-length chunks; an empty manifest still gets a valid (empty) store.
@@ -280,16 +334,18 @@ class FeatureStore:
         )
         # one write of the group's metadata, last: `format` marks a store whose creation finished
         # (Attributes.update would rewrite zarr.json once per key)
-        group.update_attributes({
+        everything = {
             **(attrs or {}), "format": FORMAT, "fusionpipe_version": __version__, "dtype": dtype,
             "codec": codec, "num_layers": num_layers, "hidden_size": hidden_size,
             "chunk_frames": chunk_frames, "total_frames": layout.total_frames, "num_utterances": n,
             "index_sha256": index_hash(layout.ids, layout.lengths),
-        })
+        }
+        group.update_attributes({**everything, IDENTITY: identity_hash(everything)})
         return cls(group, str(url))
 
     @classmethod
     def open(cls, url: str | Path, mode: str = "r") -> FeatureStore:
+        need_backend(str(url))
         try:
             group = zarr.open_group(str(url), mode=mode)
             if "hidden" not in group or group.attrs.get("format") not in READABLE_FORMATS:
@@ -306,6 +362,7 @@ class FeatureStore:
 
     @staticmethod
     def exists(url: str | Path) -> bool:
+        need_backend(str(url))
         try:
             zarr.open_group(str(url), mode="r")
             return True
@@ -400,6 +457,7 @@ class FeatureStore:
         try:
             if self.info.codec in LOSSY:  # the record first: a chunk on disk always has its error recorded
                 self._record_error(c, frames, self._decode_chunk(buf)[:len(frames)])
+            self._record_placement(c, buf)
             sync(self.group.store.set(self.chunk_key(c), buf))
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -428,6 +486,31 @@ class FeatureStore:
     def _decode_chunk(self, buf) -> np.ndarray:
         (nd,) = sync(self.hidden._async_array.codec_pipeline.decode([(buf, self._chunk_spec())]))
         return nd.as_numpy_array()
+
+    def _record_placement(self, c: int, buf) -> None:
+        """``placement/<c>.json``: chunk c's position and its checksum (the crc32c its bytes end in), written
+        before the chunk. The checksum proves a chunk's bytes whole, not their place: this record is what
+        tells a chunk moved or copied from another position (`placement_fault`)."""
+        rec = {"chunk": c, "crc32c": int.from_bytes(buf.to_bytes()[-4:], "little")}
+        out = default_buffer_prototype().buffer.from_bytes(json.dumps(rec).encode())
+        sync(self.group.store.set(_key(self.group, f"placement/{c}.json"), out))
+
+    def placement_records(self) -> dict[int, dict]:
+        """{chunk: its placement record} of every record on disk (one listing and a small read each)."""
+        out = {}
+        for k in sync(_list(self.group.store, _key(self.group, "placement/"))):
+            try:
+                rec = json.loads(sync(self.group.store.get(k, default_buffer_prototype())).to_bytes())
+                out[int(k.rsplit("/", 1)[1].removesuffix(".json"))] = rec
+            except (ValueError, AttributeError):
+                out[-1] = {"bad": k}
+        return out
+
+    def chunk_crc(self, c: int) -> int | None:
+        """The crc32c chunk c's stored bytes end in (its last 4 bytes, one ranged read), or None if it is
+        not on disk."""
+        buf = sync(self.group.store.get(self.chunk_key(c), default_buffer_prototype(), SuffixByteRequest(4)))
+        return None if buf is None else int.from_bytes(buf.to_bytes(), "little")
 
     def _record_error(self, c: int, frames: np.ndarray, decoded: np.ndarray) -> None:
         """Error of chunk `c` (`decoded` from its bytes) against the values given, per layer, as

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusionpipe.store import CODECS, FORMAT, LOSSY, FeatureStore, compressors, index_hash, list_ids, serializer
+from fusionpipe.store import (CODECS, FORMAT, IDENTITY, LOSSY, FeatureStore, compressors, identity_hash, index_hash,
+                              list_ids, serializer)
 
 
 def describe(store: FeatureStore) -> dict:
@@ -65,8 +66,12 @@ def verify(store: FeatureStore, repair: bool = False) -> list[str]:
         faults.append(f"{len(missing)} of {store.num_chunks} chunks missing (chunks {_ranges(missing)}): "
                       f"{list_ids(store.utterances_in(missing))} not extracted yet; rerun `fusionpipe extract`")
     bad = []
+    records = store.placement_records()
+    written_at = {}  # crc32c -> the chunks whose record holds it: where a misplaced chunk came from
+    for c, rec in records.items():
+        written_at.setdefault(rec.get("crc32c"), []).append(c)
     for c in np.flatnonzero(done):
-        why = store.chunk_fault(int(c))
+        why = store.chunk_fault(int(c)) or (_placement_fault(store, int(c), records, written_at) if records else None)
         if why:
             bad.append(int(c))
             faults.append(f"chunk {c} (frames {int(c) * store.chunk_frames}..): {why}; it holds "
@@ -78,9 +83,27 @@ def verify(store: FeatureStore, repair: bool = False) -> list[str]:
     return faults
 
 
+def _placement_fault(store: FeatureStore, c: int, records: dict, written_at: dict) -> str | None:
+    """Why chunk c's bytes are not the chunk written at position c, or None. The crc32c a chunk ends in
+    proves its bytes whole wherever they lie; the placement record written with it says where it belongs."""
+    rec = records.get(c)
+    if rec is None or rec.get("chunk") != c:
+        return "no placement record for this position (deleted, or moved from another position)"
+    crc = store.chunk_crc(c)
+    if crc == rec.get("crc32c"):
+        return None
+    origin = [o for o in written_at.get(crc, []) if o != c]
+    return ("misplaced: its bytes are not the chunk written here"
+            + (f" but chunk {origin[0]}'s (moved or copied from there)" if origin else " (replaced)"))
+
+
 def _metadata_faults(store: FeatureStore) -> list[str]:
     a, h = store.attrs, store.hidden
     faults = []
+    if IDENTITY in a and a[IDENTITY] != identity_hash(a):
+        faults.append("metadata: the attributes differ from those recorded at creation (identity_sha256 covers the "
+                      "fingerprint, sample and frame rate, the rows skipped before extraction, shape and codec); "
+                      "restore zarr.json, or re-extract with --overwrite")
     for key, actual in (("total_frames", store.total_frames), ("num_layers", store.num_layers),
                         ("hidden_size", store.hidden_size), ("chunk_frames", store.chunk_frames),
                         ("dtype", str(h.dtype)), ("num_utterances", len(store.ids))):

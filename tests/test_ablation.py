@@ -45,7 +45,10 @@ def _write(tmp_path, recipe: dict, name: str = "r.yaml") -> Path:
     ({"grid": {"fusion": ["hconv"], "merge": ["add"]}}, "grid.upstream_sets: missing"),
     ({"grdi": {}}, "grdi: unknown key"),
     ({"tasks": {"asr": {"steps": "many"}}}, "tasks.asr.steps: expected int"),
-    ({"tasks": {"asr": {"head_options": {"hiden": 8}}}}, "tasks.asr.head_options.hiden: unknown head size for task asr"),
+    ({"tasks": {"asr": {"head_options": {"hiden": 8}}}}, "tasks.asr.head_options.hiden: unknown to the asr head"),
+    ({"tasks": {"asr": {"head_options": {"hidden": -4}}}}, "tasks.asr.head_options.hidden: expected a whole number"),
+    ({"tasks": {"asr": {"head_options": {"dropout": 1.5}}}}, "tasks.asr.head_options.dropout: expected a number >= 0"),
+    ({"train": {"interface_options": {"normalize": "yes"}}}, "train.interface_options.normalize: expected true or false"),
     ({"tasks": {"asr": {"stores": ["x.zarr"]}}}, "tasks.asr.stores: unknown key"),
     ({"tasks": {"er": {"steps": 3}}}, "tasks.er: 'er' is not a task: add `task:`"),
     ({"tasks": {"sv": {"task": "verify"}}}, "tasks.sv.trials.dev: missing"),
@@ -56,7 +59,7 @@ def _write(tmp_path, recipe: dict, name: str = "r.yaml") -> Path:
     ({"tasks": {"asr": {"manifest": "demo-train"}}}, "tasks.asr.manifest: unknown key"),
     ({"train": {"lr": "fast"}}, "train.lr: expected float"),
     ({"train": {"crop_seconds": "2-8"}}, "train.crop_seconds: expected list"),
-    ({"train": {"interface_options": {"stride": 2}}}, "train.interface_options.stride: interface weighted-sum"),
+    ({"train": {"interface_options": {"stride": 2}}}, "train.interface_options.stride: unknown to interface weighted-sum"),
     ({"manifests": {"train": "demo-train"}}, "manifests: needs dev or test"),
     ({"extract": {"dtype": "int4"}}, "extract.dtype: unknown value 'int4'"),
     ({"paper": {"asr": {"toy-wavlm": {"hconv-ad": 4.5}}}}, "paper.asr.toy-wavlm.hconv-ad: unknown key"),
@@ -134,6 +137,26 @@ def test_paper_recipes_carry_table_one_numbers():
     assert recipe.paper["asr"]["wavlm-base-plus"] == {"weighted-sum-add": 5.40, "hconv-add": 4.78}
     superb = load_recipe(STAGES / "paper-table1-superb.yaml")
     assert superb.tasks["er"].folds == ["1", "2", "3", "4", "5"] and superb.tasks["sv"].task == "verify"
+
+
+@pytest.mark.parametrize("where, setting, flag", [
+    ("tasks", {"steps": -5}, "--steps"), ("train", {"max_frames": -400}, "--max-frames"), ("train", {"lr": -1e-3}, "--lr"),
+    ("train", {"seeds": []}, "--seeds"), ("train", {"seed": 2**64}, "--seed"), ("tasks", {"eval_every": 0}, "--eval-every"),
+])
+def test_a_recipe_setting_train_would_refuse_stops_the_plan_before_anything_is_extracted(tmp_path, where, setting,
+                                                                                          flag):
+    """A recipe's runs go through `fusionpipe train`'s checks when planned: `ablate --dry-run` and `ablate`
+    refuse them naming the flag and the run, and nothing is extracted first."""
+    r = _recipe(cache=str(tmp_path / "cache"), results=str(tmp_path / "results"))
+    if where == "tasks":
+        r["tasks"]["asr"].update(setting)
+    else:
+        r["train"].update(setting)
+    recipe = load_recipe(_write(tmp_path, r))
+    for dry_run in (True, False):
+        with pytest.raises(FusionpipeError, match=rf"run asr / toy-wavlm: {flag} "):
+            run_recipe(recipe, dry_run=dry_run, echo=lambda s: None)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_dry_run_refuses_missing_audio_and_weights(tmp_path, monkeypatch, make_manifest):

@@ -98,3 +98,4 @@ def test_kill_9_of_a_helper_fails_cleanly_and_the_rerun_is_byte_identical(long_m
     assert 0 < int(partial.done_chunks().sum()) < partial.num_chunks
     run_extract(cmd)
     assert _files(tmp_path / "ref" / long_manifest.name / "toy-wavlm.zarr") == _files(chunk_dir.parents[1])
+

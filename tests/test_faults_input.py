@@ -3,6 +3,7 @@
 Each ends in a FusionpipeError that names the file (and the line or both rows) and the fix; through the CLI,
 "error: ..." and exit status 1, never a traceback."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -27,6 +28,21 @@ def _cli(args, cwd):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "fusionpipe", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
+
+
+def _fp(args, capsys):
+    """(exit code, stderr) of `fusionpipe ARGS` run in this process through main(), as the console script."""
+    from fusionpipe.cli import main
+
+    argv, sys.argv = sys.argv, ["fusionpipe", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
 
 
 def _wav(path, n=1600, rate=16000):
@@ -154,3 +170,56 @@ def test_d_declared_floors_are_the_releases_the_code_needs_and_are_installed():
         assert str(spec) == f">={floor}", (name, str(spec))
         assert Version(version(name)) in spec, f"installed {name} {version(name)} is below the declared {spec}"
     assert not reqs["torch"].specifier  # pin-free: GPU users install their own build first
+
+
+# ---- resource limits and URLs: refused up front, named ----------------------------------------------
+def test_a_chunk_size_past_the_limit_is_refused_before_the_store_is_made(tmp_path, capsys):
+    """--chunk-frames 1000000000000 created the store and slept forever."""
+    from fusionpipe.manifest import CORPUS
+
+    code, err = _fp(["extract", "--model", "toy-wavlm", "--manifest", str(CORPUS / "demo-dev.tsv"), "--cache",
+                     str(tmp_path / "c"), "--device", "cpu", "--chunk-frames", "1000000000000"], capsys)
+    assert code == 1 and "--chunk-frames 1000000000000: give a whole number from 1 to" in err
+    assert not list((tmp_path / "c").rglob("zarr.json"))
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/x.zarr", "http://example.invalid/x.zarr"])
+def test_a_url_whose_filesystem_is_not_installed_names_the_package(url, capsys):
+    pytest.importorskip("fsspec")
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(url.split(":")[0])
+        pytest.skip("its filesystem is installed here")
+    except ImportError:
+        pass
+    for args in (["inspect", url], ["verify", url], ["fuse", "--stores", url, "--describe"]):
+        code, err = _fp(args, capsys)
+        assert code == 1 and "stores need a package that is not installed" in err and "Traceback" not in err, err
+
+
+def test_a_file_name_manifest_folder_refuses_leaves_no_temporary_file(tmp_path, capsys):
+    audio = tmp_path / "audio"
+    _wav(audio / "ok.wav")
+    _wav(audio / "bad\nname.wav")
+    code, err = _fp(["manifest", "folder", str(audio), "--name", "x", "--out", str(tmp_path / "manifests")], capsys)
+    assert code == 1 and "tab or newline" in err and "was not written" in err
+    assert not (tmp_path / "manifests").exists() or not list((tmp_path / "manifests").iterdir())
+
+
+def test_a_full_disk_or_an_unwritable_out_in_a_run_is_named(pitch_stores, tmp_path, monkeypatch, capsys):
+    from fusionpipe import atomic
+
+    (tmp_path / "file").write_text("")
+    args = ["train", "--stores", ",".join(pitch_stores["train"]), "--task", "classify", "--steps", "2",
+            "--max-frames", "600", "--device", "cpu"]
+    code, err = _fp(args + ["--out", str(tmp_path / "file" / "run")], capsys)
+    assert code == 1 and "--out" in err and "is not a writable directory" in err and "Traceback" not in err
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    code, err = _fp(args + ["--out", str(tmp_path / "run")], capsys)
+    assert code == 1 and "config.json: the disk is full" in err and "--resume" in err
+    assert not list((tmp_path / "run").glob(".*.tmp"))

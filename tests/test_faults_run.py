@@ -233,11 +233,24 @@ def _cli(args, monkeypatch, capsys) -> tuple[int, str]:
     (lambda s: ["--grad-clip", "0"], "--grad-clip (grad_clip=0.0)"),
     (lambda s: ["--max-frames", "0"], "--max-frames (max_frames=0)"),
     (lambda s: ["--optimizer", "sgd"], "--optimizer (optimizer='sgd'): choose adam or adamw"),
-    (lambda s: ["--head-option", "hidden=8"], "--head-option (head_options={'hidden': 8}): the classify head takes "
-                                             "no hidden"),
+    (lambda s: ["--head-option", "hidden=8"], "--head-option (head_options={'hidden': 8}): hidden: unknown to the "
+                                             "classify head, which takes proj"),
     (lambda s: ["--crop-seconds", "8,2"], "--crop-seconds"),
+    (lambda s: ["--head-option", "proj=-5"], "proj: expected a whole number from 1 to"),
+    (lambda s: ["--head-option", "proj=0"], "proj: expected a whole number from 1 to"),
+    (lambda s: ["--head-option", "proj=1.5"], "proj: expected a whole number from 1 to"),
+    (lambda s: ["--head-option", "proj=1e9"], "proj: expected a whole number from 1 to"),
+    (lambda s: ["--task", "asr", "--head-option", "hidden=1000000"], "--head-option {'hidden': 1000000}: the asr "
+                                                                      "head would have"),
+    (lambda s: ["--interface-option", "stride=1"], "stride: expected a whole number from 2 to 64"),
+    (lambda s: ["--interface-option", "normalize=maybe"], "normalize: expected true or false"),
+    (lambda s: ["--seed", str(2**64)], "--seed (seed=18446744073709551616): must be a whole number from 0"),
+    (lambda s: ["--seeds", f"0,{2**64}"], "--seeds (seeds=[0, 18446744073709551616]): each seed"),
+    (lambda s: ["--num-workers", "-3"], "--num-workers (num_workers=-3): must be a whole number from 0"),
 ], ids=["dev-order", "dev-count", "dev-model", "select", "verify-trials", "steps-0", "steps-negative",
-        "eval-every", "lr", "grad-clip", "max-frames", "optimizer", "head", "crop"])
+        "eval-every", "lr", "grad-clip", "max-frames", "optimizer", "head", "crop", "head-negative", "head-zero",
+        "head-fraction", "head-1e9", "head-too-big", "stride-1", "normalize-text", "seed-65-bits", "seeds-65-bits",
+        "num-workers-negative"])
 def test_a_flag_that_cannot_work_is_an_error_before_anything_runs(extra, message, pitch_stores, tmp_path,
                                                                    monkeypatch, capsys):
     out = tmp_path / "run"
@@ -297,3 +310,38 @@ def test_resume_of_a_run_with_per_variant_checkpoints_is_refused(pitch_stores, f
     shutil.copy(finished_run / "last.pt", finished_run / "hconv-concat" / "last.pt")
     with pytest.raises(FusionpipeError, match="per-variant checkpoints of an older fusionpipe"):
         train(cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
+
+
+# ---- a run directory is not tied to its path ---------------------------------------------------------
+def test_a_moved_run_directory_resumes_and_evaluates(pitch_stores, tmp_path, cfg):
+    """`out` is where the run is, not a setting: a copied or moved run resumes (it was refused with
+    out: 'runs/a' -> 'runs/b') and its loss curve continues as if it had never moved."""
+    from fusionpipe.train.loop import evaluate
+
+    straight = tmp_path / "straight"
+    train(cfg(pitch_stores, straight, steps=4), progress=False)
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    train(cfg(pitch_stores, a, steps=2), progress=False)
+    b.parent.mkdir()
+    shutil.move(a, b)
+    train(cfg(pitch_stores, b, steps=4), resume=True, progress=False)
+    assert _losses(b, "hconv-concat") == _losses(straight, "hconv-concat")
+    assert json.loads((b / "config.json").read_text())["out"] == str(b)
+    assert "hconv-concat" in evaluate(b, pitch_stores["dev"])
+
+
+def test_an_edited_config_or_checkpoint_is_refused_naming_the_file(pitch_stores, tmp_path, cfg):
+    from fusionpipe.train.checkpoint import save_checkpoint
+    from fusionpipe.train.loop import evaluate
+
+    run = tmp_path / "run"
+    train(cfg(pitch_stores, run, steps=2), progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "head_options": {"proj": 1e12}}))
+    with pytest.raises(FusionpipeError, match=r"config\.json: --head-option .*proj: expected a whole number"):
+        evaluate(run, pitch_stores["dev"])
+    (run / "config.json").write_text(json.dumps(saved))
+    state = load_checkpoint(run / "last.pt")
+    save_checkpoint({**state, "step": -5}, run / "last.pt")
+    with pytest.raises(FusionpipeError, match=r"last\.pt does not fit this run .*step -5"):
+        train(cfg(pitch_stores, run, steps=4), resume=True, progress=False)

@@ -143,6 +143,56 @@ def test_verify_reports_missing_chunks_index_edits_and_metadata_edits(store, tmp
     assert code == 1 and "FAULT metadata" in out
 
 
+@pytest.mark.parametrize("codec", ["zstd", "int8", "int8-std08"])
+def test_a_chunk_swapped_or_copied_to_another_position_is_found_and_repaired(speech_manifest, tmp_path, codec):
+    """Every chunk passes its checksum wherever it lies: the placement record written with it tells that
+    chunks 1 and 4 were swapped and chunk 2 copied over 6 (verify said "ok" to all three)."""
+    url = extract(speech_manifest, "toy-wavlm", tmp_path / "cache", device="cpu", progress=False,
+                  chunk_frames=CHUNK, codec=codec).url
+    pristine = tmp_path / "pristine.zarr"
+    shutil.copytree(url, pristine)
+    one, four = _chunk(url, 1).read_bytes(), _chunk(url, 4).read_bytes()
+    _chunk(url, 1).write_bytes(four)
+    _chunk(url, 4).write_bytes(one)
+    shutil.copyfile(_chunk(url, 2), _chunk(url, 6))
+    faults = verify(FeatureStore.open(url))
+    assert len(faults) == 3, faults
+    assert "chunk 1 " in faults[0] and "chunk 4's (moved or copied from there)" in faults[0]
+    assert "chunk 4 " in faults[1] and "chunk 1's" in faults[1]
+    assert "chunk 6 " in faults[2] and "chunk 2's" in faults[2]
+    assert _cli("verify", "--repair", url)[0] == 1
+    extract(speech_manifest, "toy-wavlm", url=url, device="cpu", progress=False, chunk_frames=CHUNK, codec=codec)
+    assert _same(url, pristine) and verify(FeatureStore.open(url)) == []
+
+
+@pytest.mark.parametrize("edit", [
+    lambda a: a.update(sample_rate=8000),
+    lambda a: a["upstream"].update(frame_rate=25.0),
+    lambda a: a.update(skipped_before={**a["skipped_before"], "en-m1-neutral-0001": "injected"}),
+])
+def test_an_edited_identity_attribute_is_found(store, edit):
+    """The attributes nothing else checks (sample rate, frame rate, the rows skipped before extraction) are
+    covered by a digest written at creation (verify said "ok" to each edit before)."""
+    meta = json.loads((Path(store) / "zarr.json").read_text())
+    edit(meta["attributes"])
+    (Path(store) / "zarr.json").write_text(json.dumps(meta))
+    faults = verify(FeatureStore.open(store))
+    assert len(faults) == 1 and "identity_sha256" in faults[0]
+
+
+def test_a_store_written_before_digests_and_placement_records_still_opens_and_verifies(store):
+    """Stores written before this change have neither: they open, read and verify as before, and verify
+    says what it cannot tell."""
+    meta = json.loads((Path(store) / "zarr.json").read_text())
+    del meta["attributes"]["identity_sha256"]
+    (Path(store) / "zarr.json").write_text(json.dumps(meta))
+    shutil.rmtree(Path(store) / "placement")
+    s = FeatureStore.open(store)
+    assert verify(s) == [] and s.read(s.ids[0]).shape[0] == s.lengths[0]
+    code, out = _cli("verify", store)
+    assert code == 0 and "chunk moved within the store can go undetected" in out
+
+
 def test_verify_repair_deletes_bad_chunks_and_a_rerun_restores_the_same_bytes(store, speech_manifest, tmp_path):
     for c in (0, 5):
         p = _chunk(store, c)
@@ -223,7 +273,33 @@ def small_disk(tmp_path, monkeypatch):
     yield root, lambda: budget.update(left=10**12)
 
 
-def test_a_full_disk_names_the_store_and_a_rerun_resumes(small_disk, speech_manifest, tmp_path):
+def test_a_store_that_cannot_fit_is_refused_before_the_model_runs(small_disk, speech_manifest):
+    root, _ = small_disk
+    with pytest.raises(FusionpipeError, match=r"the store needs about .* GiB more \(zstd\).*choose another --cache"):
+        extract(speech_manifest, "toy-wavlm", url=str(root / "big.zarr"), device="cpu", progress=False,
+                chunk_frames=CHUNK)
+    assert not (root / "big.zarr").exists()
+
+
+def test_a_disk_full_while_the_store_is_created_is_named(small_disk, speech_manifest, monkeypatch):
+    """Past the estimate (another process took the room): the store's own metadata does not fit."""
+    from fusionpipe.extract import run
+
+    root, _ = small_disk
+    if not os.path.ismount(root):
+        pytest.skip("needs the 64 kB tmpfs (root)")
+    monkeypatch.setattr(run, "check_disk", lambda *a: None)
+    subprocess.run(["dd", "if=/dev/zero", f"of={root / 'filler'}", "bs=4k", "count=15"], capture_output=True)
+    with pytest.raises(FusionpipeError, match=r"the disk is full .* while the store is created; .*--overwrite"):
+        extract(speech_manifest, "toy-wavlm", url=str(root / "x.zarr"), device="cpu", progress=False,
+                chunk_frames=CHUNK)
+
+
+def test_a_full_disk_names_the_store_and_a_rerun_resumes(small_disk, speech_manifest, tmp_path, monkeypatch):
+    """The disk fills during the run (the up-front estimate passed: another process took the room)."""
+    from fusionpipe.extract import run
+
+    monkeypatch.setattr(run, "check_disk", lambda *a: None)
     root, grow = small_disk
     url = str(root / "full.zarr")
     ref = extract(speech_manifest, "toy-wavlm", url=str(tmp_path / "ref.zarr"), device="cpu", progress=False,

@@ -121,13 +121,13 @@ def test_ctc_tasks_give_a_differentiable_loss_and_text_predictions(name, feats):
 
 def test_asr_metrics_are_wer_and_cer():
     task = build_task("asr", {"text": ["AB BA"]})
-    assert task.metrics(["AB B"], {"text": ["AB BA"]}) == {"wer": 0.5, "cer": pytest.approx(1 / 5)}
+    assert task.metrics(["AB B"], {"text": ["AB BA"]}) == {"wer": 0.5, "cer": pytest.approx(1 / 5), "blank": 0.0}
 
 
 def test_multilingual_metrics_add_a_cer_per_language():
     task = build_task("multilingual", {"text": ["AB"]})
     metrics = task.metrics(["AB", "A"], {"text": ["AB", "AB"], "language": ["eng", "deu"]})
-    assert metrics == {"cer": 0.25, "cer/deu": 0.5, "cer/eng": 0.0}
+    assert metrics == {"cer": 0.25, "cer/deu": 0.5, "cer/eng": 0.0, "blank": 0.0}
 
 
 def test_classify_classes_are_the_sorted_train_labels():

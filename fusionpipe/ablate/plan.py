@@ -15,7 +15,7 @@ from fusionpipe.manifest import check_subset, read_manifest
 from fusionpipe.store import expected_bytes
 from fusionpipe.ablate.recipe import SPLITS, Recipe, TaskSpec, fill_fold, manifest_path, trials_path
 from fusionpipe.ablate.report import set_name, write_report
-from fusionpipe.train.config import variant_name
+from fusionpipe.train.config import TrainConfig, variant_name
 
 # how to make a manifest the recipe names but the disk lacks, by name prefix
 HOW_TO_MAKE = {
@@ -244,7 +244,18 @@ def plan_recipe(recipe: Recipe) -> Plan:
     for x in runs:
         if x.status == "stale":
             problems.append(f"run {x.label}: {x.reason}")
+        problems += _settings_problems(x)
     return Plan(recipe, extractions, runs, problems)
+
+
+def _settings_problems(x: Run) -> list[str]:
+    """The run's settings through `fusionpipe train`'s own checks (those that need no store: the stores
+    may not be extracted yet), so a value train would refuse stops the recipe before anything runs."""
+    try:
+        TrainConfig(**x.config).check_settings()
+    except FusionpipeError as e:
+        return [f"run {x.label}: {e} (in the recipe: tasks.{x.task.name} or train)"]
+    return []
 
 
 def _subset_problems(recipe: Recipe, manifests: dict) -> list[str]:

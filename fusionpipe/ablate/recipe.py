@@ -236,9 +236,9 @@ def _known_upstream(name: str) -> bool:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe; every error names the file and the key path."""
     from fusionpipe.fuse.view import MERGES
-    from fusionpipe.train.interfaces import INTERFACES, interface_option_names
+    from fusionpipe.train.interfaces import INTERFACES, interface_option_problems
     from fusionpipe.store import CODECS, DTYPES
-    from fusionpipe.train.tasks import METRICS, TASKS, head_option_names
+    from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems
     from fusionpipe.extract.upstreams import UPSTREAMS
 
     path = Path(path)
@@ -351,21 +351,12 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
                 c.fail(f"{where}.trials.{split}", f"missing: verify scores the {split} manifest on a trial list "
                        f"(or leave {split} out of the task's manifests)")
         merged = {**common, **settings({k: v for k, v in spec.items() if k in settable}, where)}
-        for k, v in merged.get("head_options", {}).items():
-            allowed = head_option_names(task)
-            if k not in allowed:
-                c.fail(f"{where}.head_options.{k}" if "head_options" in spec else f"train.head_options.{k}",
-                       f"unknown head size for task {task}; it takes {', '.join(sorted(allowed))}")
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                c.fail(f"{where}.head_options.{k}", f"expected a number, got {_kind(v)}")
-        for k in merged.get("interface_options", {}):
-            for f in fusion:
-                allowed = interface_option_names(f)
-                if k not in allowed:
-                    c.fail(f"{where}.interface_options.{k}" if "interface_options" in spec
-                           else f"train.interface_options.{k}",
-                           f"interface {f} (in grid.fusion) takes no option {k!r}; it takes "
-                           f"{', '.join(sorted(allowed)) or 'none'}")
+        # the option rules of `fusionpipe train` (interfaces.py, tasks.py), named by their key path here
+        for options, problems in (("head_options", head_option_problems(task, merged.get("head_options", {}))),
+                                  *(("interface_options", interface_option_problems(
+                                      f, merged.get("interface_options", {}))) for f in fusion)):
+            for k, why in problems:
+                c.fail(f"{where}.{options}.{k}" if options in spec else f"train.{options}.{k}", why)
         metric = c.string(spec["metric"], f"{where}.metric", METRICS[task]) if "metric" in spec else None
         extract_from = c.string(spec["extract_from"], f"{where}.extract_from") if "extract_from" in spec else None
         if extract_from is not None and "{fold}" in extract_from:

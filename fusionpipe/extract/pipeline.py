@@ -34,10 +34,14 @@ disk, byte-identically, like after any crash.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import math
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import warnings
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -92,7 +96,8 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
         stack.enter_context(_one_thread_per_child())
         spawn = multiprocessing.get_context("spawn")  # fork would copy torch's threads and the model
         helpers = stack.enter_context(_pool(processes, spawn, _init, (
-            manifest, front, skip_bad, ins.names, outs.names, store.url, ids, lengths, store.info.dtype, upstream.name)))
+            os.getpid(), manifest, front, skip_bad, ins.names, outs.names, store.url, ids, lengths, store.info.dtype,
+            upstream.name)))
         reads: dict[int, list[Future]] = {}  # per batch: its read tasks
         writes: list[list[Future]] = [[] for _ in range(DEPTH)]  # per output slot: the writes of its batch
         edge_writes: deque[tuple[int, Future]] = deque()
@@ -202,13 +207,24 @@ class _Slots:
     """DEPTH shared-memory buffers of `nbytes` each; on a GPU registered as pinned memory for `device`'s copies."""
 
     def __init__(self, nbytes: int, device: torch.device):
-        shm = Path("/dev/shm")
-        if shm.is_dir() and shutil.disk_usage(shm).free < DEPTH * nbytes:  # else a SIGBUS on first touch
-            free = shutil.disk_usage(shm).free / 2**20
-            raise FusionpipeError(f"the pipeline needs {DEPTH * nbytes / 2**20:.0f} MB more of /dev/shm, {free:.0f} MB "
-                                  "are free: lower --max-seconds, give the container more (docker --shm-size), or "
-                                  "pass --processes 0")
-        self.shm = [SharedMemory(create=True, size=max(1, nbytes)) for _ in range(DEPTH)]
+        self.shm = []
+        try:
+            for _ in range(DEPTH):
+                self.shm.append(SharedMemory(create=True, size=max(1, nbytes)))
+                # reserve the pages now: a page of tmpfs first touched when /dev/shm is full (too small, or
+                # filled by another process meanwhile) is a SIGBUS, no message; here it is ENOSPC
+                os.posix_fallocate(self.shm[-1]._fd, 0, self.shm[-1].size)
+        except OSError as e:
+            for s in self.shm:
+                s.close()
+                s.unlink()
+            if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+                raise
+            free = shutil.disk_usage("/dev/shm").free / 2**20 if Path("/dev/shm").is_dir() else 0
+            raise FusionpipeError(
+                f"the pipeline needs {DEPTH * nbytes / 2**20:.0f} MB more of shared memory (/dev/shm), "
+                f"{free:.0f} MB are free: give the container more (docker --shm-size), lower --max-seconds "
+                "(smaller batches), or pass --processes 0 (no helper processes, no shared memory)") from None
         self.names = [s.name for s in self.shm]
         self.device, self.pinned = device, pin(self.shm, device)
 
@@ -285,12 +301,28 @@ def _one_thread_per_child():
 _state: dict = {}  # what the initializer gave this process
 
 
+def die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent (pid `parent`) dies, however it dies (kill -9,
+    SIGTERM, the OOM killer): an orphaned helper would hold its slots, keep the resource tracker (which
+    unlinks the slots and semaphores once every process of the run is gone) alive, and keep a caller's
+    stdout open. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op. The parent calls submit() from
+    its main thread, so "the parent dies" is the thread that spawned us exiting, which is the process."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the prctl: nothing would signal us
+        os._exit(1)
+
+
 def _ready() -> None:
     pass
 
 
-def _init(manifest: Manifest, front: FrontEnd, skip_bad: bool, ins: list[str], outs: list[str], url: str,
+def _init(parent: int, manifest: Manifest, front: FrontEnd, skip_bad: bool, ins: list[str], outs: list[str], url: str,
           ids: list[str], lengths: np.ndarray, dtype: str, model: str) -> None:
+    die_with(parent)
     torch.set_num_threads(1)
     _state.update(manifest=manifest, front=front, skip_bad=skip_bad, ins=[SharedMemory(name=n) for n in ins],
                   outs=[SharedMemory(name=n) for n in outs], store=FeatureStore.open(url, mode="r+"), ids=ids,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import shutil
 import threading
 import time
 from collections import deque
@@ -30,7 +31,8 @@ from tqdm import tqdm
 from fusionpipe import audio
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, StoreInfo, chunk_span, lock
+from fusionpipe.store import (DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, StoreInfo, chunk_span,
+                              expected_bytes, lock)
 from fusionpipe.extract import pipeline
 from fusionpipe.extract.pipeline import default_processes
 from fusionpipe.extract.upstreams import Upstream, load_upstream
@@ -218,6 +220,21 @@ def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, p
     return Result(url, sum(batch_seconds), time.perf_counter() - t0, len(store), skipped + len(p.skipped))
 
 
+def check_disk(url: str, need: float, codec: str) -> None:
+    """Refuse, before the model runs, a local store whose chunks still to write (about ``need`` bytes, from
+    the codec's measured ratio, `expected_bytes`) cannot fit on its filesystem. Object stores: not checked."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    path = Path(url.removeprefix("file://")).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise FusionpipeError(
+            f"{url}: the store needs about {need / 2**30:.2f} GiB more ({codec}), and {existing} has "
+            f"{free / 2**30:.2f} GiB free; free some space, choose another --cache, or a smaller --codec "
+            "(int8-std08 takes about a third of float16)")
+
+
 def open_store(manifest: Manifest, upstream: Upstream, url: str, *, device_type: str, dtype: str, codec: str,
                max_seconds: float, skip_bad: bool, overwrite: bool,
                chunk_frames: int | None) -> tuple[FeatureStore, Plan] | Result:
@@ -239,6 +256,9 @@ def open_store(manifest: Manifest, upstream: Upstream, url: str, *, device_type:
         if store.is_complete():
             return Result(url, 0.0, 0.0, len(store), len(store.skipped()), already_complete=True)
     p = plan(manifest, upstream, max_seconds, skip_bad)
+    left = 1.0 if store is None else float((~store.done_chunks()).mean())
+    check_disk(url, expected_bytes(codec, p.layout.total_frames * left, upstream.num_layers, upstream.hidden_size, dtype),
+               codec)
     if store is None:
         store = FeatureStore.create(url, p.layout, num_layers=upstream.num_layers, hidden_size=upstream.hidden_size,
                                     dtype=dtype, codec=codec, chunk_frames=chunk_frames, overwrite=overwrite,

@@ -31,7 +31,9 @@ reopens the stores on first use, and workers start with "spawn".
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import pickle
 import shutil
 import warnings
 import weakref
@@ -123,7 +125,8 @@ def collate(items: list[tuple[str, list[torch.Tensor]]], rows: dict[str, Utteran
     (FusedLoader turns it back into the stacks, in place)."""
     if isinstance(items, PaddedItems) and items.slot:  # compact stacks (codes, small) travel as they are
         compact = [(k, s) for k, s in enumerate(items.stacks) if not isinstance(s, torch.Tensor)]
-        return {"ids": items.ids, "slot": items.slot, "compact": compact, "lengths": items.lengths, "rows": items.rows}
+        return _to_trainer({"ids": items.ids, "slot": items.slot, "compact": compact, "lengths": items.lengths,
+                            "rows": items.rows})
     if isinstance(items, PaddedItems):
         ids, stacks, lengths, got = items.ids, items.stacks, items.lengths, items.rows
     else:
@@ -140,7 +143,40 @@ def collate(items: list[tuple[str, list[torch.Tensor]]], rows: dict[str, Utteran
         got = None
     if got is None:
         got = [rows[u] for u in ids] if rows is not None else [None] * len(ids)
-    return {"ids": ids, "stacks": stacks, "lengths": lengths, "rows": got}
+    return _to_trainer({"ids": ids, "stacks": stacks, "lengths": lengths, "rows": got})
+
+
+def _tensors(x):
+    """Every tensor in a batch (dicts, lists, tuples, dataclasses such as CompactStack and Codes)."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        for f in dataclasses.fields(x):
+            yield from _tensors(getattr(x, f.name))
+
+
+def _to_trainer(batch: dict) -> dict:
+    """In a worker process: the batch ready to cross to the trainer. Its tensors go to shared memory here,
+    where a full /dev/shm is an exception: left to the queue, the same failure happens in its feeder
+    thread, is only printed, and the trainer waits forever for the batch. Without the room, the batch
+    crosses pickled, as bytes through the pipe (slower, and correct); FusedLoader unpickles it."""
+    if get_worker_info() is None:
+        return batch
+    try:
+        for t in _tensors(batch):
+            t.share_memory_()
+        return batch
+    except RuntimeError:  # torch: "unable to allocate shared memory(shm) ...: No space left on device"
+        return {PICKLED: pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+PICKLED = "pickled"  # a batch dict that crossed from a worker as bytes (`_to_trainer`)
 
 
 def shard(batch: list, r: int, world: int) -> tuple[list, float]:
@@ -246,9 +282,26 @@ class FusedLoader(DataLoader):
     def __iter__(self):
         batches = super().__iter__()
         if self.num_workers > 0:
-            slots = self.dataset.slots
-            return batches if slots is None else (slots.hand_out(b) if "slot" in b else b for b in batches)
+            return self._from_workers(batches)
         return batches if self.prefetch <= 0 else _in_thread(batches, self.prefetch)
+
+    def _from_workers(self, batches):
+        slots = self.dataset.slots
+        while True:
+            try:
+                b = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as e:  # torch's words for a worker that died: "DataLoader worker (pid N) ..."
+                if "DataLoader worker" not in str(e):
+                    raise
+                raise FusionpipeError(
+                    f"a data loader worker process died ({e}); killed, or out of memory? Rerun with --resume "
+                    "to continue from the last checkpoint, with a lower --max-frames or fewer --num-workers "
+                    "(0: no worker processes)") from None
+            if PICKLED in b:
+                b = pickle.loads(b[PICKLED])
+            yield slots.hand_out(b) if "slot" in b else b
 
 
 class _Slot:
@@ -273,12 +326,16 @@ def shared_slots(workers: int, nbytes: int, per_worker: int = 2 + 2) -> SharedSl
     is a SIGBUS), none (the ordinary path, with a warning) if it has no room for one per worker."""
     free = shutil.disk_usage(SHM).free if SHM.is_dir() else math.inf
     fits = int(min(per_worker, free // (workers * nbytes)))
-    if fits < 1:
-        warnings.warn(f"--num-workers {workers}: /dev/shm has {free / 2**20:.0f} MB free, less than one batch of "
-                      f"--max-frames ({nbytes / 2**20:.0f} MB) per worker, so batches take torch's slower path; give "
-                      "the container more shared memory (docker --shm-size) or lower --max-frames", stacklevel=3)
-        return None
-    return SharedSlots(workers, fits, nbytes)
+    if fits >= 1:
+        try:
+            return SharedSlots(workers, fits, nbytes)
+        except RuntimeError:  # torch reserves the pages (fallocate): /dev/shm filled up since we looked
+            pass
+    warnings.warn(f"--num-workers {workers}: /dev/shm has {free / 2**20:.0f} MB free, less than one batch of "
+                  f"--max-frames ({nbytes / 2**20:.0f} MB) per worker, so batches take a slower path (through "
+                  "torch's shared memory, or pickled through a pipe when that is full too); give the container "
+                  "more shared memory (docker --shm-size) or lower --max-frames", stacklevel=3)
+    return None
 
 
 class SharedSlots:

@@ -11,9 +11,10 @@ import torch
 
 from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME
 from fusionpipe.train.augment import crop_frames
-from fusionpipe.train.interfaces import INTERFACES, MERGES
-from fusionpipe.train.tasks import METRICS, TASKS, head_option_names, is_metric, read_trials
+from fusionpipe.train.interfaces import INTERFACES, MERGES, interface_option_problems
+from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems, is_metric, read_trials
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # config fields that may differ between a run and its rerun without changing results (where it runs)
@@ -21,6 +22,8 @@ NOT_COMPARED = ("device", "num_workers")
 # ... and what a --resume may change besides: more steps continue the run (a Gumbel temperature
 # schedule, which follows step / steps, then stretches from the resumed step on)
 RESUMABLE = (*NOT_COMPARED, "steps")
+# where the run directory is: no setting (a copied or moved run resumes and evaluates; `config_changes`)
+WHERE = ("out",)
 # config.json fields renamed since: the old name -> the field it is now (read either)
 LEGACY_FIELDS = {"head": "head_options", "interface": "interface_options"}
 # what makes two stores' features interchangeable: the upstream that computed them
@@ -89,9 +92,14 @@ class TrainConfig:
             for old, new in LEGACY_FIELDS.items():  # runs saved before the rename still evaluate and resume
                 if old in saved and new not in saved:
                     saved[new] = saved.pop(old)
-            return cls(**saved)
+            cfg = cls(**saved)
         except (ValueError, TypeError) as e:  # not JSON, or other fields than a TrainConfig's
             raise FusionpipeError(f"{path} is not a fusionpipe training config ({e})") from None
+        try:  # an edited file (hidden: 1e12) is refused here, not by the allocator
+            cfg.check_settings()
+        except FusionpipeError as e:
+            raise FusionpipeError(f"{path}: {e}; restore the file, or train again into another --out") from None
+        return cfg
 
     def check(self) -> None:
         """Refuse settings that cannot train or evaluate, before any data is read or any step taken.
@@ -99,17 +107,36 @@ class TrainConfig:
         Each error names the flag as the command line spells it (and the field) and what to give.
         The dev stores must hold the train stores' upstreams, in their order (`check_upstreams`).
         """
+        self.check_settings()
+        self._check_dev()
+
+    def check_settings(self) -> None:
+        """The checks of `check` that read no file: every value in its type and range. A recipe's planned
+        runs go through these before anything is extracted (their stores do not exist yet)."""
         def refuse(name: str, problem: str):
             raise FusionpipeError(f"{flag(name)} ({name}={getattr(self, name)!r}): {problem}")
 
-        if not self.stores:
+        if not self.stores or not isinstance(self.stores, list) or not all(isinstance(s, str) for s in self.stores):
             refuse("stores", "no train stores; give at least one")
-        if self.task not in TASKS:
+        if not isinstance(self.task, str) or self.task not in TASKS:
             refuse("task", f"unknown task; choose one of {', '.join(TASKS)}")
         for name, choices in (("fusion", INTERFACES), ("merge", MERGES)):
             values = getattr(self, name)
-            if not values or any(x not in choices for x in values):
+            if not values or not isinstance(values, list) or any(not isinstance(x, str) or x not in choices
+                                                                  for x in values):
                 refuse(name, f"give one or more of {', '.join(choices)}")
+        for name in ("head_options", "interface_options"):
+            if not isinstance(getattr(self, name), dict):
+                refuse(name, "expected a mapping option -> value, e.g. {\"hidden\": 64}")
+        for name in ("optimizer", "select", "align_time", "align_layers", "device"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                refuse(name, "expected a name (text)")
+        for name, choices in (("align_time", ALIGN_TIME), ("align_layers", ALIGN_LAYERS)):
+            if getattr(self, name) not in choices:
+                refuse(name, f"choose {' or '.join(choices)}")
+        for name in ("specaugment", "skip_missing"):
+            if not isinstance(getattr(self, name), bool):
+                refuse(name, "expected true or false")
         for name, what in (("steps", "optimizer steps in all"), ("eval_every", "evaluate and save a checkpoint "
                            "every N steps"), ("max_frames", "padded frames per batch")):
             value = getattr(self, name)
@@ -127,18 +154,25 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             refuse("optimizer", f"choose {' or '.join(OPTIMIZERS)}")
         if self.crop_seconds is not None:
+            if not isinstance(self.crop_seconds, list) or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                                                              for x in self.crop_seconds):
+                refuse("crop_seconds", "give MIN,MAX in seconds, e.g. 2,8")
             crop_frames(self.crop_seconds, 1.0)
         if self.select is not None and not is_metric(self.task, self.select):
             per_language = " or cer/<language>" if self.task == "multilingual" else ""
             refuse("select", f"not a dev metric of task {self.task}; choose one of "
                              f"{', '.join(METRICS[self.task])}{per_language}")
-        unknown = sorted(set(self.head_options) - head_option_names(self.task))
-        if unknown:
-            refuse("head_options", f"the {self.task} head takes no {', '.join(unknown)}; it takes "
-                           f"{', '.join(sorted(head_option_names(self.task)))}")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.head_options.values()):
-            refuse("head_options", "sizes are numbers, e.g. --head-option hidden=64")
-        self._check_dev()
+        for name, problems in (("head_options", head_option_problems(self.task, self.head_options)),
+                               *(("interface_options", interface_option_problems(f, self.interface_options))
+                                 for f in self.fusion)):
+            if problems:
+                refuse(name, "; ".join(f"{k}: {why}" for k, why in problems))
+        for name, low, high, what in (("seed", 0, 2**63, "the seed"), ("num_workers", 0, 1024, "loader processes")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
+                refuse(name, f"must be a whole number from {low} to {high - 1} ({what})")
+        if self.seeds is not None and any(not 0 <= x < 2**63 for x in self.seeds):
+            refuse("seeds", f"each seed must be a whole number from 0 to {2**63 - 1}")
 
     def _check_dev(self) -> None:
         if self.trials and self.task != "verify":
@@ -174,7 +208,8 @@ def config_changes(saved: dict, given: TrainConfig, exempt: tuple[str, ...] = NO
     """``key: saved -> given`` for each field (but ``exempt``) in which ``given`` differs from a saved
     config.json: a rerun (ablation plan) or --resume must train what the run directory holds."""
     new = json.loads(json.dumps(asdict(given)))  # as config.json holds it: tuples are lists
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in new.items() if k not in exempt and saved.get(k) != v]
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in new.items()
+            if k not in exempt and k not in WHERE and saved.get(k) != v]
 
 
 def _upstream(url: str) -> dict:

@@ -27,6 +27,7 @@ from torch import nn
 
 from fusionpipe import cuda
 from fusionpipe.fuse.view import MERGES
+from fusionpipe.train.options import BOOL, real, value_problem, whole
 
 INTERFACES = ("hconv", "weighted-sum", "gumbel", "last-layer", "single-layer")
 
@@ -296,6 +297,28 @@ _OPTIONS = {
 def interface_option_names(fusion: str) -> set[str]:
     """The options (interface_options keys) the interface named ``fusion`` takes."""
     return _OPTIONS[fusion] | COMMON_OPTIONS | (set() if fusion == "gumbel" else {"project"})
+
+
+# what each option's value may be (options.py); stride 1 would never shrink the layers (an endless loop)
+_OPTION_VALUES = {"kernel_size": whole(1, 64), "stride": whole(2, 64), "normalize": BOOL, "project": BOOL,
+                  "tau_start": real(0, open_low=True), "tau_end": real(0, open_low=True), "layer": whole(None, 4096),
+                  "standardize": BOOL, "output_norm": BOOL}
+
+
+def interface_option_problems(fusion: str, options: dict) -> list[tuple[str, str]]:
+    """(option, what is wrong) for every option the interface ``fusion`` cannot take: an unknown name, a
+    value outside its rule, single-layer without its ``layer``. Empty when all are fine. Whether ``layer``
+    lies inside the stores' layers is known only once they are open (`SingleLayer`)."""
+    allowed = interface_option_names(fusion)
+    out = []
+    for name, value in options.items():
+        if name not in allowed:
+            out.append((name, f"unknown to interface {fusion}, which takes {', '.join(sorted(allowed)) or 'none'}"))
+        elif (why := value_problem(_OPTION_VALUES[name], value)) is not None:
+            out.append((name, f"{why} (interface {fusion})"))
+    if fusion == "single-layer" and "layer" not in options:
+        out.append(("layer", "interface single-layer needs layer=k (which layer to use; -1: the last)"))
+    return out
 
 
 class Interface(nn.Module):

@@ -62,7 +62,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fusionpipe import cuda
-from fusionpipe.atomic import remove_leftovers, write_json
+from fusionpipe.atomic import check_writable, remove_leftovers, write_json
 from fusionpipe.device import resolve_device
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.loader import make_loader, shard
@@ -74,7 +74,7 @@ from fusionpipe.train.config import (OPTIMIZERS, RESUMABLE, TrainConfig, check_u
                                      trial_list, variant_name)
 from fusionpipe.train.interfaces import Interface
 from fusionpipe.train.log import Log
-from fusionpipe.train.tasks import batch_targets, build_task, lower_is_better, primary_metric, task_from_dict
+from fusionpipe.train.tasks import batch_targets, build_task, check_head, lower_is_better, primary_metric, task_from_dict
 
 
 class VariantModel(nn.Module):
@@ -232,6 +232,7 @@ def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, out
             interface = Interface(dims, num_layers, fusion=fusion, merge=merge, **cfg.interface_options)
         except ValueError as e:
             raise FusionpipeError(f"variant {variant_name(fusion, merge)}: {e}") from None
+        check_head(task, interface.out_dim, cfg.head_options, device)
         model = VariantModel(interface, task.build_head(interface.out_dim, **cfg.head_options)).to(device)
         if dist.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
             torch.manual_seed(dist.rank_seed(seed, dist.rank()))
@@ -249,6 +250,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     cfg = complete(cfg)
     cfg.check()
     out = Path(cfg.out)
+    check_writable(out, "--out")
     if (out / "config.json").exists():
         if not resume:
             raise FusionpipeError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -499,7 +501,10 @@ def restore_checkpoints(variants: list[Variant], state: dict, path: Path) -> tup
     try:
         for v in variants:
             v.restore(saved[v.name])
-        return int(state["step"]), tuple(state["position"])
+        step, position = int(state["step"]), tuple(int(x) for x in state["position"])
+        if step < 0 or len(position) != 2 or min(position) < 0:  # an edited file: nothing trains from there
+            raise ValueError(f"step {step}, data position {position}")
+        return step, position
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise FusionpipeError(f"{path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
                               "train it again into another --out") from None

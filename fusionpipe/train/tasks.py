@@ -37,13 +37,16 @@ from typing import ClassVar
 
 import jiwer
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, roc_curve
 from torch import nn
 
 from fusionpipe import cuda
+from fusionpipe.errors import FusionpipeError
 from fusionpipe.train.heads import ClassifierHead, CTCHead, SpeakerHead, TransformerCTCHead, XVectorHead
+from fusionpipe.train.options import real, value_problem, whole
 
 TASKS = ("asr", "classify", "verify", "multilingual")
 # each task's dev metrics, the primary one first (it picks best.pt and heads the report's tables);
@@ -417,3 +420,42 @@ def head_option_names(task: str) -> set[str]:
     """The keyword sizes the task's head takes (its constructors' parameters with defaults)."""
     return {p.name for c in HEADS[task] for p in inspect.signature(c.__init__).parameters.values()
             if p.default is not inspect.Parameter.empty}
+
+
+# what a head option's value may be (options.py): the sizes (every other option) are whole numbers >= 1;
+# a stack deeper than 256 layers is a typo (and would take minutes to build before it failed)
+_HEAD_OPTION_VALUES = {"dropout": real(0, 1), "s": real(0, open_low=True), "m": real(0), "layers": whole(1, 256)}
+
+
+def head_option_problems(task: str, options: dict) -> list[tuple[str, str]]:
+    """(option, what is wrong) for every head option the task's head cannot take: an unknown name or a
+    value outside its rule. Empty when all are fine."""
+    allowed = head_option_names(task)
+    out = []
+    for name, value in options.items():
+        if name not in allowed:
+            out.append((name, f"unknown to the {task} head, which takes {', '.join(sorted(allowed))}"))
+        elif (why := value_problem(_HEAD_OPTION_VALUES.get(name, whole(1)), value)) is not None:
+            out.append((name, f"{why} (the {task} head)"))
+    return out
+
+
+def check_head(task, in_dim: int, sizes: dict, device: torch.device) -> None:
+    """Refuse head sizes that cannot be built, or whose parameters with their gradients and Adam's two
+    moments (4 x 4 bytes each) exceed the memory of ``device``: the head is built on the meta device
+    first, which allocates nothing. Called before a head is built for real."""
+    try:
+        with torch.device("meta"):
+            head = task.build_head(in_dim, **sizes)
+    except (ValueError, TypeError, AssertionError, RuntimeError) as e:
+        raise FusionpipeError(f"--head-option {sizes}: the {task.name} head cannot be built ({e}); choose other "
+                              "sizes") from None
+    n = sum(p.numel() for p in head.parameters())
+    if device.type == "cuda":
+        free = cuda.free_memory(device)
+    else:
+        free = psutil.virtual_memory().available
+    if 16 * n > free:
+        raise FusionpipeError(f"--head-option {sizes}: the {task.name} head would have {n:,} parameters, "
+                              f"{16 * n / 2**30:.1f} GiB with their gradients and optimizer state, and {device} has "
+                              f"{free / 2**30:.1f} GiB free; choose smaller sizes")
