@@ -328,7 +328,8 @@ class Interface(nn.Module):
     the common L after alignment; ``fusion``: which interface, one of `INTERFACES`; ``merge``:
     "add" or "concat" (`Merge`). Options: ``project`` (concat projection, default True; not for
     gumbel), ``normalize`` (hconv, weighted-sum, gumbel), ``kernel_size`` and ``stride``
-    (hconv), ``layer`` (single-layer, required), ``tau_start`` and ``tau_end`` (gumbel).
+    (hconv), ``layer`` (single-layer, required), ``tau_start`` and ``tau_end`` (gumbel); every
+    interface: ``standardize`` and ``output_norm`` (both default True; docs/method.md).
     Call `set_progress` every step; it only matters for gumbel.
     """
 
@@ -338,19 +339,13 @@ class Interface(nn.Module):
             raise ValueError(f"unknown interface {fusion!r}; choose one of {', '.join(INTERFACES)}")
         if merge not in MERGES:
             raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
-        allowed = interface_option_names(fusion)
-        if set(opts) - allowed:
-            raise ValueError(f"interface {fusion!r} takes no option(s) {sorted(set(opts) - allowed)}; "
-                             f"it takes {sorted(allowed) or 'none'}")
-        if fusion == "single-layer" and "layer" not in opts:
-            raise ValueError("interface 'single-layer' needs layer=k (which layer to use)")
+        problems = interface_option_problems(fusion, opts)  # the same rules TrainConfig.check_settings applies
+        if problems:
+            raise ValueError("; ".join(f"{name}: {why}" for name, why in problems))
         self.dims, self.num_layers = list(dims), num_layers
         self.fusion, self.merge = fusion, merge
-        standardize, self.output_norm = opts.pop("standardize", True), opts.pop("output_norm", True)
-        for name, value in (("standardize", standardize), ("output_norm", self.output_norm)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}={value!r}: give true or false")
-        self.standardize = Standardize(self.dims, num_layers) if standardize else None
+        self.output_norm = opts.pop("output_norm", True)
+        self.standardize = Standardize(self.dims, num_layers) if opts.pop("standardize", True) else None
         # the modules keep their names (front, interface): they are the keys of saved checkpoints
         if fusion == "gumbel":
             self.front = None
