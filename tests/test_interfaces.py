@@ -237,7 +237,8 @@ def test_output_norm_is_a_parameter_free_layer_norm_of_each_output_frame(stacks)
     torch.manual_seed(0)
     normed = Interface([8, 8], 5, fusion="hconv", merge="concat")
     plain = Interface([8, 8], 5, fusion="hconv", merge="concat", output_norm=False)
-    plain.load_state_dict(normed.state_dict())
+    plain.load_state_dict({k: v for k, v in normed.state_dict().items() if k != "output_norm_on"})  # same weights
+    assert plain.output_norm is False
     lengths = torch.tensor([6, 4])
     expected = F.layer_norm(plain(stacks, lengths), (normed.out_dim,)) * (torch.arange(6) < lengths[:, None])[..., None]
     assert n_params(normed) == n_params(plain) and torch.allclose(normed(stacks, lengths), expected, atol=1e-5)
@@ -274,15 +275,20 @@ def test_standardized_interface_equals_the_reference_on_standardized_input(stack
     assert torch.allclose(ours(stacks, lengths), expected, atol=1e-5)
 
 
-def test_statistics_are_saved_with_the_model_and_an_older_checkpoint_loads_as_identity(stacks):
+def test_statistics_are_saved_with_the_model_and_an_older_checkpoint_loads_as_the_model_it_trained_as(stacks):
     ours = Interface([8, 8], 5, fusion="weighted-sum")
     ours.set_statistics([(torch.ones(5, 8), torch.full((5, 8), 3.0))] * 2)
     again = Interface([8, 8], 5, fusion="weighted-sum")
     again.load_state_dict(ours.state_dict())
     assert torch.equal(again.standardize.std_1, torch.full((5, 8), 3.0))
-    older = {k: v for k, v in ours.state_dict().items() if not k.startswith("standardize.")}
-    again.load_state_dict(older)  # saved before standardisation existed: the identity, as it trained
-    reference = Interface([8, 8], 5, fusion="weighted-sum", standardize=False)
+    older = {k: v for k, v in ours.state_dict().items()  # as an older fusionpipe saved it
+             if not k.startswith("standardize.") and k != "output_norm_on"}
+    again.load_state_dict(older)  # saved before both options existed: identity, no output norm, as it trained
+    assert again.output_norm is False
+    resaved = Interface([8, 8], 5, fusion="weighted-sum")  # a resumed older run saved again stays as it trained
+    resaved.load_state_dict(again.state_dict())
+    assert resaved.output_norm is False
+    reference = Interface([8, 8], 5, fusion="weighted-sum", standardize=False, output_norm=False)
     reference.load_state_dict(older)
     lengths = torch.tensor([6, 6])
     assert torch.equal(again(stacks, lengths), reference(stacks, lengths))

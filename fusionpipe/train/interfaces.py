@@ -345,6 +345,7 @@ class Interface(nn.Module):
         self.dims, self.num_layers = list(dims), num_layers
         self.fusion, self.merge = fusion, merge
         self.output_norm = opts.pop("output_norm", True)
+        self.register_buffer("output_norm_on", torch.tensor(self.output_norm))  # saved with the model
         self.standardize = Standardize(self.dims, num_layers) if opts.pop("standardize", True) else None
         # the modules keep their names (front, interface): they are the keys of saved checkpoints
         if fusion == "gumbel":
@@ -356,6 +357,15 @@ class Interface(nn.Module):
                    "single-layer": SingleLayer}[fusion]
             self.interface = cls(num_layers, self.front.out_dim, **opts)
         self.out_dim = self.interface.out_dim
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        key = prefix + "output_norm_on"
+        if key not in state_dict:  # saved before the two options existed (a run of an older fusionpipe, its config
+            # without them): the model it trained as, Standardize's identity and no output norm
+            older = self.standardize is not None and not any(k.startswith(prefix + "standardize.") for k in state_dict)
+            state_dict[key] = torch.tensor(self.output_norm and not older)  # load_state_dict's own copy
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.output_norm = bool(self.output_norm_on)  # the saved value, kept on the host for forward
 
     def set_statistics(self, stats: list[tuple]) -> None:
         """Per-upstream (mean, std) of every (layer, channel) over the training frames (`Standardize`);
