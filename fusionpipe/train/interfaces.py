@@ -51,7 +51,8 @@ class Standardize(nn.Module):
     few channels 50-100x larger than the rest and nearly constant in time (real Whisper-base: |x| up
     to 350, most below 6); a learned mix of channels (HConv's convs, a concat projection) then moves
     mostly those channels, loses the frame-to-frame signal, and stalls on the CTC blank plateau.
-    A checkpoint saved without these buffers (before they existed) loads as the identity.
+    A checkpoint saved without these buffers (an older fusionpipe) loads as the identity (and `Interface` then
+    turns its output norm off: the model it trained as).
     """
 
     def __init__(self, dims: list[int], num_layers: int):
