@@ -310,3 +310,17 @@ def test_recycled_batch_memory_is_never_reused_while_held(pair):
             view.read_batch([i, (i + 1) % len(view)], merged=True)
             view[i]
     assert torch.equal(held, copy_held) and np.array_equal(kept, copy_kept)
+
+
+def test_layer_stats_on_a_frame_budget_are_a_seeded_sample_of_whole_groups(pair, monkeypatch):
+    from fusionpipe.fuse import view as stage2
+
+    monkeypatch.setattr(stage2, "GROUP_BYTES", 1)  # one utterance per group
+    view = open_fused([s.url for s in pair], merge="concat")
+    full = view.layer_stats()
+    np.testing.assert_array_equal(view.layer_stats(max_frames=10**9)[0], full[0])
+    mean, std = view.layer_stats(max_frames=1, seed=3)  # the first group drawn is already enough
+    np.testing.assert_array_equal(view.layer_stats(max_frames=1, seed=3)[0], mean)
+    one = [view[i] for i in range(len(view))]
+    matches = [i for i, x in enumerate(one) if np.allclose(mean, x.mean(1), atol=1e-5)]
+    assert len(matches) == 1 and np.allclose(std, one[matches[0]].std(1), atol=1e-5)
