@@ -11,7 +11,7 @@ and prints, measured side by side in one run (best of --repeat, interleaved):
   raw           sequential whole-chunk Zarr reads of the stores (the ceiling)
   (a) loader    one epoch of make_loader(shuffle=True): aligned, unmerged float32 stacks / raw,
                 with its thread prefetch (default), without, and with worker processes
-  (b) merge     read_batch(merged=True) / read_batch(merged=False) on the loader's batches
+  (b) merge     read_merged / read_stacks on the loader's batches
   (c) dask      view.to_dask(i).compute() per utterance / view[i] per utterance
   naive         per-utterance reads in random order (what a shuffled map-style dataset does) / raw
   feeding a GPU the loader's CPU cost per GB of float32 batches delivered (worker processes' CPU
@@ -165,9 +165,9 @@ def bench_pair(name: str, stores: list[str], args) -> list[tuple]:
     tasks = {
         "raw": lambda: raw_read(stores),
         **{f"loader-{k}": epoch(v) for k, v in loaders.items()},
-        "unmerged": lambda: drain(view.read_batch(b) for b in batches),
-        "concat": lambda: drain(view.read_batch(b, merged=True) for b in batches),
-        **({"add": lambda: drain(add.read_batch(b, merged=True) for b in batches)} if add else {}),
+        "unmerged": lambda: drain(view.read_stacks(b) for b in batches),
+        "concat": lambda: drain(view.read_merged(b) for b in batches),
+        **({"add": lambda: drain(add.read_merged(b) for b in batches)} if add else {}),
         "direct": lambda: drain(view[i] for i in range(len(view))),
         "dask": lambda: drain(view.to_dask(i).compute() for i in range(len(view))),
         "naive": lambda: drain(view.aligned(int(i)) for i in order),
@@ -175,7 +175,7 @@ def bench_pair(name: str, stores: list[str], args) -> list[tuple]:
     for _ in range(args.repeat):
         for key, fn in tasks.items():
             measure(key, fn)
-    gb = sum(int(np.prod(s.shape)) * 4 for b in batches for s in view.read_batch(b)) / 1e9  # float32 delivered
+    gb = sum(int(np.prod(s.shape)) * 4 for b in batches for s in view.read_stacks(b)) / 1e9  # float32 delivered
     rss = {"main": peak_rss(), **{f"worker {i}": peak_rss(p) for i, p in enumerate(pids)}}
     slots = loaders["workers"].dataset.slots
     for loader in loaders.values():
@@ -192,10 +192,10 @@ def bench_pair(name: str, stores: list[str], args) -> list[tuple]:
            row("(a) loader, thread prefetch / raw", "loader-thread", "raw", ">= 0.8"),
            row("(a) loader, in the loop / raw", "loader-plain", "raw", ">= 0.8"),
            row(f"(a) loader, {args.workers} worker processes / raw", "loader-workers", "raw", ">= 0.8"),
-           row("read_batch unmerged / raw", "unmerged", "raw"),
-           row("(b) read_batch concat / unmerged", "concat", "unmerged", "<= 1.10", cost=True)]
+           row("read_stacks / raw", "unmerged", "raw"),
+           row("(b) read_merged concat / read_stacks", "concat", "unmerged", "<= 1.10", cost=True)]
     if add:
-        out.append(row("(b) read_batch add / unmerged", "add", "unmerged", "<= 1.10", cost=True))
+        out.append(row("(b) read_merged add / read_stacks", "add", "unmerged", "<= 1.10", cost=True))
     out += [row("view[i] per utterance / raw", "direct", "raw"),
             row("(c) to_dask(i).compute() / view[i]", "dask", "direct"),
             row("naive: per-utterance, shuffled / raw", "naive", "raw")]

@@ -227,6 +227,6 @@ def test_a_read_error_reaches_the_training_loop(toy_stores, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(loader.dataset.view, "read_batch", broken)
+    monkeypatch.setattr(loader.dataset.view, "read_stacks", broken)
     with pytest.raises(OSError, match="disk gone"):
         all_batches(loader)

@@ -121,7 +121,7 @@ def test_no_merge_gives_the_per_store_stacks(pair):
 def test_a_batch_read_equals_the_utterances_read_one_by_one(pair):
     """Runs of neighbouring utterances are read with one slice; holes and padding must not leak."""
     view = open_fused([s.url for s in pair], merge="concat")
-    batch = view.read_batch([3, 0, 2], merged=True).numpy()
+    batch = view.read_merged([3, 0, 2]).numpy()
     for b, i in enumerate([3, 0, 2]):
         T = int(view.lengths[i])
         np.testing.assert_array_equal(batch[b, :, :T], view[i])
@@ -302,20 +302,20 @@ def test_fuse_command_describes_and_refuses_in_one_line(pair, capsys):
 
 def test_recycled_batch_memory_is_never_reused_while_held(pair):
     view = open_fused([s.url for s in pair], merge="concat")
-    held = view.read_batch([0, 1], merged=True)
+    held = view.read_merged([0, 1])
     kept = view[2]  # a numpy array on pooled memory
     copy_held, copy_kept = held.clone(), kept.copy()
     for _ in range(3):
         for i in range(len(view)):
-            view.read_batch([i, (i + 1) % len(view)], merged=True)
+            view.read_merged([i, (i + 1) % len(view)])
             view[i]
     assert torch.equal(held, copy_held) and np.array_equal(kept, copy_kept)
 
 
 def test_layer_stats_on_a_frame_budget_are_a_seeded_sample_of_whole_groups(pair, monkeypatch):
-    from fusionpipe.fuse import view as stage2
+    from fusionpipe.fuse import runs
 
-    monkeypatch.setattr(stage2, "GROUP_BYTES", 1)  # one utterance per group
+    monkeypatch.setattr(runs, "GROUP_BYTES", 1)  # one utterance per group
     view = open_fused([s.url for s in pair], merge="concat")
     full = view.layer_stats()
     np.testing.assert_array_equal(view.layer_stats(max_frames=10**9)[0], full[0])
@@ -324,3 +324,25 @@ def test_layer_stats_on_a_frame_budget_are_a_seeded_sample_of_whole_groups(pair,
     one = [view[i] for i in range(len(view))]
     matches = [i for i, x in enumerate(one) if np.allclose(mean, x.mean(1), atol=1e-5)]
     assert len(matches) == 1 and np.allclose(std, one[matches[0]].std(1), atol=1e-5)
+
+
+def test_neighbour_runs_cut_at_a_hole_wider_than_the_gap_and_once_the_budget_is_reached():
+    from fusionpipe.fuse.runs import neighbour_runs
+
+    offsets, frames = np.array([10, 0, 30, 4]), np.array([5, 4, 2, 6])  # by offset: 1 [0,4) 3 [4,10) 0 [10,15) 2 [30,32)
+    assert [r.tolist() for r in neighbour_runs(offsets, frames, gap=15)] == [[1, 3, 0, 2]]  # hole 15
+    assert [r.tolist() for r in neighbour_runs(offsets, frames, gap=14)] == [[1, 3, 0], [2]]
+    sizes = np.array([5, 4, 2, 6])
+    assert [r.tolist() for r in neighbour_runs(offsets, frames, sizes=sizes, budget=10)] == [[1, 3], [0, 2]]
+    assert [r.tolist() for r in neighbour_runs(offsets, frames, sizes=sizes, budget=10, order=[0, 1, 2, 3])] == [
+        [0, 1, 2], [3]]
+
+
+def test_each_read_returns_its_own_kind_of_result(pair):
+    view = open_fused([s.url for s in pair], merge="concat")
+    stacks, merged = view.read_stacks([1, 2]), view.read_merged([1, 2])
+    assert [s.shape for s in stacks] == [(2, 5, 13, 4), (2, 5, 13, 6)] and merged.shape == (2, 5, 13, 10)
+    assert torch.equal(torch.cat(stacks, -1), merged)
+    assert all(torch.equal(a, b) for a, b in zip(view.read_compact([1, 2]), stacks))  # lossless: no codes
+    with pytest.raises(ValueError, match="read_stacks"):
+        open_fused([s.url for s in pair]).read_merged([0])

@@ -41,6 +41,7 @@ import torch
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.align import align_into
+from fusionpipe.fuse.runs import neighbour_runs
 from fusionpipe.fuse.view import FusedView, open_fused
 
 FRAMES = 4096
@@ -138,21 +139,12 @@ def read_sampled(view: FusedView, k: int, utt: np.ndarray, t: np.ndarray) -> np.
     store = view.stores[k]
     wanted = np.unique(utt)
     pos = np.array([store.position[view.ids[i]] for i in wanted], dtype=np.int64)
-    order = np.argsort(store.offsets[pos], kind="stable")
-    groups, current, end, size = [], [], -1, 0
-    for j in order:  # split where a hole exceeds a chunk or the task has enough frames
-        o, n = int(store.offsets[pos[j]]), int(store.lengths[pos[j]])
-        if current and (o - end > store.chunk_frames or size >= READ_FRAMES):
-            groups.append(current)
-            current, size = [], 0
-        current.append(j)
-        end, size = o + n, size + int(view.lengths[wanted[j]])
-
-    if current:
-        groups.append(current)
+    # split where a hole exceeds a chunk or the task has enough frames
+    groups = neighbour_runs(store.offsets[pos], store.lengths[pos], gap=store.chunk_frames,
+                            sizes=view.lengths[wanted], budget=READ_FRAMES)
     rows_of = {int(i): np.flatnonzero(utt == i) for i in wanted}
 
-    def task(group: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def task(group: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         lo = int(store.offsets[pos[group[0]]])
         hi = max(int(store.offsets[pos[j]] + store.lengths[pos[j]]) for j in group)
         block = store.read_range(lo, hi)  # (frames, L_k, D_k), storage dtype

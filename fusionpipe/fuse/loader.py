@@ -73,7 +73,7 @@ class FusedDataset(Dataset):
     def __init__(self, view: FusedView | ViewSpec, rows: list[Utterance] | None = None, compact: bool = False,
                  slots: SharedSlots | None = None):
         self.spec = view.spec if isinstance(view, FusedView) else view
-        self.compact = compact  # lossy stores' stacks as CompactStack (`FusedView.read_batch`)
+        self.compact = compact  # lossy stores' stacks as CompactStack (`FusedView.read_compact`)
         self.slots = slots  # worker processes build batches in these (make_loader with num_workers)
         self._view = view if isinstance(view, FusedView) else None
         self.rows = rows  # manifest rows in dataset order, or None
@@ -93,14 +93,15 @@ class FusedDataset(Dataset):
         return len(self.spec.ids)
 
     def __getitem__(self, i: int) -> tuple[str, list[torch.Tensor]]:
-        return self.spec.ids[i], [s[0] for s in self.view.read_batch([i])]
+        return self.spec.ids[i], [s[0] for s in self.view.read_stacks([i])]
 
     def __getitems__(self, indices: list[int]) -> PaddedItems:
         frames = self.view.lengths[np.asarray(indices, dtype=np.int64)]
         lengths = torch.from_numpy(frames)
         slot = self._slot(len(indices) * int(frames.max(initial=0)))
         try:
-            stacks = self.view.read_batch(indices, compact=self.compact, empty=slot and slot.empty)
+            read = self.view.read_compact if self.compact else self.view.read_stacks
+            stacks = read(indices, empty=slot and slot.empty)
         except BaseException:
             if slot:
                 self.slots.release(slot.k)
@@ -346,7 +347,7 @@ class SharedSlots:
 
     A slot is free again once every tensor handed out of it is gone: the trainer's tensors are views of
     one numpy view of the slot, so derived tensors keep it alive, and its finalizer clears the slot's
-    shared flag (the `_BatchMemory` rule, across processes). Each worker has ``per_worker`` slots of
+    shared flag (the `BatchMemory` rule, across processes). Each worker has ``per_worker`` slots of
     ``nbytes`` (the largest batch ``max_frames`` allows; pages are only touched as batches fill them), so
     host memory is bounded by the batches in flight. A batch that does not fit, or a worker whose slots
     are all still held (a consumer keeping batches), takes the ordinary path: correct, one copy slower.
@@ -443,7 +444,7 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
 
 def slot_dims(view: FusedView, compact: bool) -> list[int]:
     """Hidden sizes of the stores whose stacks a worker builds as float32 (all but, when `compact`, the lossy
-    ones, which `FusedView.read_batch` hands on as codes)."""
+    ones, which `FusedView.read_compact` hands on as codes)."""
     return [d for d, s in zip(view.dims, view.stores) if not (compact and s.info.codec in LOSSY)]
 
 
