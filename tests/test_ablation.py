@@ -44,11 +44,11 @@ def _write(tmp_path, recipe: dict, name: str = "r.yaml") -> Path:
      "grid.upstream_sets[0][0]: 'toy-hubert' is not in upstreams"),
     ({"grid": {"fusion": ["hconv"], "merge": ["add"]}}, "grid.upstream_sets: missing"),
     ({"grdi": {}}, "grdi: unknown key"),
-    ({"tasks": {"asr": {"steps": "many"}}}, "tasks.asr.steps: expected int"),
-    ({"tasks": {"asr": {"head_options": {"hiden": 8}}}}, "tasks.asr.head_options.hiden: unknown to the asr head"),
-    ({"tasks": {"asr": {"head_options": {"hidden": -4}}}}, "tasks.asr.head_options.hidden: expected a whole number"),
-    ({"tasks": {"asr": {"head_options": {"dropout": 1.5}}}}, "tasks.asr.head_options.dropout: expected a number >= 0"),
-    ({"train": {"interface_options": {"normalize": "yes"}}}, "train.interface_options.normalize: expected true or false"),
+    ({"tasks": {"asr": {"steps": "many"}}}, "tasks.asr.steps: --steps (steps='many'): must be a whole number"),
+    ({"tasks": {"asr": {"head_options": {"hiden": 8}}}}, "tasks.asr.head_options: --head-option (head_options={'hiden': 8}): hiden: unknown to the asr head"),
+    ({"tasks": {"asr": {"head_options": {"hidden": -4}}}}, "tasks.asr.head_options: --head-option (head_options={'hidden': -4}): hidden: expected a whole number"),
+    ({"tasks": {"asr": {"head_options": {"dropout": 1.5}}}}, "tasks.asr.head_options: --head-option (head_options={'dropout': 1.5}): dropout: expected a number >= 0"),
+    ({"train": {"interface_options": {"normalize": "yes"}}}, "train.interface_options: --interface-option (interface_options={'normalize': 'yes'}): normalize: expected true"),
     ({"tasks": {"asr": {"stores": ["x.zarr"]}}}, "tasks.asr.stores: unknown key"),
     ({"tasks": {"er": {"steps": 3}}}, "tasks.er: 'er' is not a task: add `task:`"),
     ({"tasks": {"sv": {"task": "verify"}}}, "tasks.sv.trials.dev: missing"),
@@ -57,9 +57,9 @@ def _write(tmp_path, recipe: dict, name: str = "r.yaml") -> Path:
     ({"tasks": {"asr": {"extract_from": ["demo-train"]}}}, "tasks.asr.extract_from: expected a non-empty string"),
     ({"tasks": {"asr": {"extract_from": "x-{fold}"}}}, "tasks.asr.extract_from: {fold} is not allowed"),
     ({"tasks": {"asr": {"manifest": "demo-train"}}}, "tasks.asr.manifest: unknown key"),
-    ({"train": {"lr": "fast"}}, "train.lr: expected float"),
-    ({"train": {"crop_seconds": "2-8"}}, "train.crop_seconds: expected list"),
-    ({"train": {"interface_options": {"stride": 2}}}, "train.interface_options.stride: unknown to interface weighted-sum"),
+    ({"train": {"lr": "fast"}}, "train.lr: --lr (lr='fast'): must be a positive number"),
+    ({"train": {"crop_seconds": "2-8"}}, "train.crop_seconds: --crop-seconds (crop_seconds='2-8'): give MIN,MAX"),
+    ({"train": {"interface_options": {"stride": 2}}}, "train.interface_options: --interface-option (interface_options={'stride': 2}): stride: unknown to interface weighted-sum"),
     ({"manifests": {"train": "demo-train"}}, "manifests: needs dev or test"),
     ({"extract": {"dtype": "int4"}}, "extract.dtype: unknown value 'int4'"),
     ({"paper": {"asr": {"toy-wavlm": {"hconv-ad": 4.5}}}}, "paper.asr.toy-wavlm.hconv-ad: unknown key"),
@@ -143,20 +143,32 @@ def test_paper_recipes_carry_table_one_numbers():
     ("tasks", {"steps": -5}, "--steps"), ("train", {"max_frames": -400}, "--max-frames"), ("train", {"lr": -1e-3}, "--lr"),
     ("train", {"seeds": []}, "--seeds"), ("train", {"seed": 2**64}, "--seed"), ("tasks", {"eval_every": 0}, "--eval-every"),
 ])
-def test_a_recipe_setting_train_would_refuse_stops_the_plan_before_anything_is_extracted(tmp_path, where, setting,
+def test_a_recipe_setting_train_would_refuse_is_refused_by_trains_own_check_naming_the_key(tmp_path, where, setting,
                                                                                           flag):
-    """A recipe's runs go through `fusionpipe train`'s checks when planned: `ablate --dry-run` and `ablate`
-    refuse them naming the flag and the run, and nothing is extracted first."""
+    """A recipe's settings go through `fusionpipe train`'s checks (TrainConfig.check_settings) when the recipe
+    is read: the error names the key path and the flag, and nothing is planned or extracted."""
     r = _recipe(cache=str(tmp_path / "cache"), results=str(tmp_path / "results"))
     if where == "tasks":
         r["tasks"]["asr"].update(setting)
     else:
         r["train"].update(setting)
-    recipe = load_recipe(_write(tmp_path, r))
-    for dry_run in (True, False):
-        with pytest.raises(FusionpipeError, match=rf"run asr / toy-wavlm: {flag} "):
-            run_recipe(recipe, dry_run=dry_run, echo=lambda s: None)
+    key = f"{'tasks.asr' if where == 'tasks' else 'train'}.{next(iter(setting))}"
+    with pytest.raises(FusionpipeError, match=rf"r\.yaml: {key}: {flag} \("):
+        load_recipe(_write(tmp_path, r))
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_setting_of_the_wrong_type_is_refused_whatever_its_field(tmp_path):
+    """Every settable TrainConfig field is checked (no annotation the checker cannot read passes by)."""
+    from fusionpipe.ablate.recipe import RUN_KEYS
+    from fusionpipe.train.config import TrainConfig
+    import dataclasses
+
+    for field in (f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_KEYS):
+        r = _recipe(tasks={"asr": {}})  # nothing of its own: train's settings are the task's
+        r["train"][field] = {"not": ["a", "setting"]} if field not in ("head_options", "interface_options") else 3
+        with pytest.raises(FusionpipeError, match=rf"train\.{field}: "):
+            load_recipe(_write(tmp_path, r))
 
 
 def test_dry_run_refuses_missing_audio_and_weights(tmp_path, monkeypatch, make_manifest):

@@ -49,8 +49,9 @@ The recipe (every key is checked; an unknown, missing or mistyped one is an erro
   extracting.
 - Settings (recipe `train:`, overridden per task): any `TrainConfig` field but those the
   recipe sets itself (stores, task, fusion, merge, out, dev_stores, manifest, dev_manifest,
-  trials); `head_options` (sizes) are checked against the task's head, `interface_options`
-  against every fusion in the grid.
+  trials), checked per task by `fusionpipe train`'s own checks (`TrainConfig.check_settings`:
+  types, ranges, `head_options` against the task's head, `interface_options` against every
+  fusion in the grid), so the recipe refuses exactly what the command line refuses.
 - An upstream set is named by its aliases joined with "+", in the order given; a variant is
   "<fusion>-<merge>". A set of ONE upstream trains each fusion once, under the first merge
   of the grid: merging one stack is the identity, so add and concat would be the same run.
@@ -72,6 +73,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,37 +185,15 @@ class _Checker:
             out.append(v)
         return out
 
-    def typed(self, value, type_name: str, where: str):
-        """Check a value against a TrainConfig field's annotation (as written in train/config.py)."""
-        t = type_name.replace(" ", "")
-        if t == "bool":
-            ok = isinstance(value, bool)
-        elif t == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif t == "float":
-            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        elif t in ("str", "str|None"):
-            ok = isinstance(value, str) or (value is None and "None" in t)
-        elif t == "dict":
-            ok = isinstance(value, dict)
-        elif t == "list[str]":
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        elif t == "list[int]|None":
-            ok = value is None or (isinstance(value, list) and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value))
-        elif t == "list[float]|None":
-            ok = value is None or (isinstance(value, list) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
-        else:
-            ok = True
-        if not ok:
-            self.fail(where, f"expected {type_name}, got {_kind(value)}")
+    def number(self, value, where: str) -> float:
+        value = _yaml_float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(where, f"expected float, got {_kind(value)}")
+        return float(value)
+
+    def boolean(self, value, where: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(where, f"expected bool, got {_kind(value)}")
         return value
 
 
@@ -221,10 +201,14 @@ def _kind(value) -> str:
     return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
 
 
-def _train_fields() -> dict[str, str]:
-    from fusionpipe.train.config import TrainConfig
-
-    return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+def _yaml_float(value):
+    """YAML 1.1 reads 1e-3 (no dot) as a string: such a string as the number it spells, else the value."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _known_upstream(name: str) -> bool:
@@ -235,30 +219,48 @@ def _known_upstream(name: str) -> bool:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe; every error names the file and the key path."""
-    from fusionpipe.fuse.view import MERGES
-    from fusionpipe.train.interfaces import INTERFACES, interface_option_problems
-    from fusionpipe.store import CODECS, DTYPES
-    from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems
-    from fusionpipe.extract.upstreams import UPSTREAMS
-
     path = Path(path)
-    if not path.is_file():
-        raise FusionpipeError(f"recipe {path} does not exist; the bundled ones are in stages/ "
-                              "(ablation.yaml, demo.yaml, paper-table1-*.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise FusionpipeError(f"{path}: not valid YAML ({e})") from None
     c = _Checker(path)
-    top = c.mapping(raw, "", required=("name", "tasks", "grid"),
+    top = c.mapping(_read_yaml(path), "", required=("name", "tasks", "grid"),
                     optional=("cache", "results", "manifest_dir", "manifests", "upstreams", "extract",
                               "train", "paper"))
     name = c.string(top["name"], "name", pattern=_NAME)
     dirs = {k: c.string(top.get(k, k if k != "manifest_dir" else "manifests"), k)
             for k in ("cache", "results", "manifest_dir")}
+    fusion, merge, sets = _grid(c, top["grid"])
+    upstreams = _upstreams(c, top["upstreams"], sets) if "upstreams" in top else list(
+        dict.fromkeys(m for s in sets for m in s))
+    extract = _extract(c, c.mapping(top.get("extract", {}), "extract",
+                                    optional=("dtype", "device", "codec", "max_seconds", "skip_bad")))
+    common = _settings(c, top.get("train", {}), "train")
+    default_manifests = _manifest_refs(c, top["manifests"], "manifests", False) if "manifests" in top else None
+    tasks_raw = top["tasks"]
+    if not isinstance(tasks_raw, dict) or not tasks_raw:
+        c.fail("tasks", f"expected a non-empty mapping task name -> settings (e.g. tasks: {{asr: {{steps: 200}}}}), "
+               f"got {_kind(tasks_raw)}")
+    tasks = {key: _task(c, key, spec, common, default_manifests, fusion, merge) for key, spec in tasks_raw.items()}
+    paper = _paper(c, top.get("paper", {}), tasks, sets, fusion, merge)
+    return Recipe(name, path, dirs["cache"], dirs["results"], dirs["manifest_dir"], upstreams, extract, tasks,
+                  sets, fusion, merge, paper)
 
-    # grid
-    grid = c.mapping(top["grid"], "grid", required=("upstream_sets", "fusion", "merge"))
+
+def _read_yaml(path: Path):
+    if not path.is_file():
+        raise FusionpipeError(f"recipe {path} does not exist; the bundled ones are in stages/ "
+                              "(ablation.yaml, demo.yaml, paper-table1-*.yaml)")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise FusionpipeError(f"{path}: not valid YAML ({e})") from None
+
+
+def _grid(c: _Checker, value) -> tuple[list[str], list[str], list[list[str]]]:
+    """grid: the interfaces, the merges and the upstream sets, each name known."""
+    from fusionpipe.extract.upstreams import UPSTREAMS
+    from fusionpipe.fuse.view import MERGES
+    from fusionpipe.train.interfaces import INTERFACES
+
+    grid = c.mapping(value, "grid", required=("upstream_sets", "fusion", "merge"))
     fusion = c.strings(grid["fusion"], "grid.fusion", INTERFACES, "interface")
     merge = c.strings(grid["merge"], "grid.merge", MERGES, "merge")
     sets_raw = grid["upstream_sets"]
@@ -274,23 +276,29 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         if members in sets:
             c.fail(f"grid.upstream_sets[{i}]", f"{set_name(members)} is listed twice")
         sets.append(members)
-    used = list(dict.fromkeys(m for s in sets for m in s))
-    if "upstreams" in top:
-        upstreams = c.strings(top["upstreams"], "upstreams", what="upstream")
-        for j, m in enumerate(upstreams):
-            if not _known_upstream(m):
-                c.fail(f"upstreams[{j}]", f"unknown upstream {m!r}; aliases: {', '.join(UPSTREAMS)}")
-        for i, s in enumerate(sets):
-            for j, m in enumerate(s):
-                if m not in upstreams:
-                    c.fail(f"grid.upstream_sets[{i}][{j}]", f"{m!r} is not in upstreams ({', '.join(upstreams)}): "
-                           "add it there so that it is extracted")
-    else:
-        upstreams = used
+    return fusion, merge, sets
 
-    # extract
-    ext = c.mapping(top.get("extract", {}), "extract",
-                    optional=("dtype", "device", "codec", "max_seconds", "skip_bad"))
+
+def _upstreams(c: _Checker, value, sets: list[list[str]]) -> list[str]:
+    """upstreams: what is extracted; every member of every set among them."""
+    from fusionpipe.extract.upstreams import UPSTREAMS
+
+    upstreams = c.strings(value, "upstreams", what="upstream")
+    for j, m in enumerate(upstreams):
+        if not _known_upstream(m):
+            c.fail(f"upstreams[{j}]", f"unknown upstream {m!r}; aliases: {', '.join(UPSTREAMS)}")
+    for i, s in enumerate(sets):
+        for j, m in enumerate(s):
+            if m not in upstreams:
+                c.fail(f"grid.upstream_sets[{i}][{j}]", f"{m!r} is not in upstreams ({', '.join(upstreams)}): "
+                       "add it there so that it is extracted")
+    return upstreams
+
+
+def _extract(c: _Checker, ext: dict) -> dict[str, Any]:
+    """extract: `fusionpipe extract`'s settings, its defaults filled in."""
+    from fusionpipe.store import CODECS, DTYPES
+
     extract = {"dtype": "float16", "device": "auto", "codec": "zstd", "max_seconds": 160.0, "skip_bad": False}
     if "dtype" in ext:
         extract["dtype"] = c.string(ext["dtype"], "extract.dtype", DTYPES)
@@ -299,72 +307,106 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if "device" in ext:
         extract["device"] = c.string(ext["device"], "extract.device")
     if "max_seconds" in ext:
-        extract["max_seconds"] = c.typed(ext["max_seconds"], "float", "extract.max_seconds")
+        extract["max_seconds"] = c.number(ext["max_seconds"], "extract.max_seconds")
         if extract["max_seconds"] <= 0:
             c.fail("extract.max_seconds", "must be > 0")
     if "skip_bad" in ext:
-        extract["skip_bad"] = c.typed(ext["skip_bad"], "bool", "extract.skip_bad")
+        extract["skip_bad"] = c.boolean(ext["skip_bad"], "extract.skip_bad")
+    return extract
 
-    # settings: recipe-wide, then per task
-    train_fields = _train_fields()
-    settable = [k for k in train_fields if k not in RUN_KEYS]
 
-    def settings(value, where: str) -> dict:
-        value = c.mapping(value, where, optional=tuple(settable))
-        return {k: c.typed(v, train_fields[k], f"{where}.{k}") for k, v in value.items()}
+def _settable() -> tuple[str, ...]:
+    """The TrainConfig fields a recipe may set: all but those it fills in itself per run."""
+    from fusionpipe.train.config import TrainConfig
 
-    common = settings(top.get("train", {}), "train")
-    default_manifests = _manifest_refs(c, top["manifests"], "manifests", False) if "manifests" in top else None
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_KEYS)
 
-    tasks_raw = top["tasks"]
-    if not isinstance(tasks_raw, dict) or not tasks_raw:
-        c.fail("tasks", f"expected a non-empty mapping task name -> settings (e.g. tasks: {{asr: {{steps: 200}}}}), "
-               f"got {_kind(tasks_raw)}")
-    tasks: dict[str, TaskSpec] = {}
-    for key, spec in tasks_raw.items():
-        where = f"tasks.{key}"
-        c.string(key, where, pattern=_NAME)
-        spec = c.mapping(spec if spec is not None else {}, where,
-                         optional=("task", "manifests", "trials", "folds", "metric", "extract_from", *settable))
-        if "task" not in spec and key not in TASKS:
-            c.fail(where, f"{key!r} is not a task: add `task:` (one of {', '.join(TASKS)})")
-        task = c.string(spec.get("task", key), f"{where}.task", TASKS)
-        folds: list[str] = []
-        if "folds" in spec:
-            if not isinstance(spec["folds"], list) or not spec["folds"]:
-                c.fail(f"{where}.folds", f"expected a non-empty list, got {_kind(spec['folds'])}")
-            folds = c.strings([str(f) for f in spec["folds"]], f"{where}.folds")
-        if "manifests" in spec:
-            manifests = _manifest_refs(c, spec["manifests"], f"{where}.manifests", bool(folds))
-        elif default_manifests is not None:
-            manifests = default_manifests
-            if folds:
-                c.fail(f"{where}.manifests", "a task with folds needs its own manifests with {fold} in them")
-        else:
-            c.fail(f"{where}.manifests", "missing: give `manifests:` in the task or at the top of the recipe")
-        trials_raw = c.mapping(spec.get("trials", {}), f"{where}.trials", optional=("dev", "test"))
-        trials = {k: c.string(v, f"{where}.trials.{k}") for k, v in trials_raw.items()}
-        if task != "verify" and trials:
-            c.fail(f"{where}.trials", f"only the verify task uses trial lists, this one is {task}")
-        for split in ("dev", "test"):
-            if task == "verify" and split in manifests and split not in trials:
-                c.fail(f"{where}.trials.{split}", f"missing: verify scores the {split} manifest on a trial list "
-                       f"(or leave {split} out of the task's manifests)")
-        merged = {**common, **settings({k: v for k, v in spec.items() if k in settable}, where)}
-        # the option rules of `fusionpipe train` (interfaces.py, tasks.py), named by their key path here
-        for options, problems in (("head_options", head_option_problems(task, merged.get("head_options", {}))),
-                                  *(("interface_options", interface_option_problems(
-                                      f, merged.get("interface_options", {}))) for f in fusion)):
-            for k, why in problems:
-                c.fail(f"{where}.{options}.{k}" if options in spec else f"train.{options}.{k}", why)
-        metric = c.string(spec["metric"], f"{where}.metric", METRICS[task]) if "metric" in spec else None
-        extract_from = c.string(spec["extract_from"], f"{where}.extract_from") if "extract_from" in spec else None
-        if extract_from is not None and "{fold}" in extract_from:
-            c.fail(f"{where}.extract_from", "{fold} is not allowed: the point is one extraction for every fold")
-        tasks[key] = TaskSpec(key, task, manifests, trials, folds, merged, metric, extract_from)
 
-    # paper references
-    paper_raw = c.mapping(top.get("paper", {}), "paper", optional=tuple(tasks))
+def _settings(c: _Checker, value, where: str) -> dict[str, Any]:
+    """TrainConfig fields by name; a number of a float field as a float (YAML's 1e-3 included), as the
+    command line parses it. Their values are checked per task, by `_check_settings`."""
+    from fusionpipe.train.config import TrainConfig
+
+    value = c.mapping(value, where, optional=_settable())
+    hints = typing.get_type_hints(TrainConfig)
+    floats = {k: _yaml_float(v) for k, v in value.items() if hints[k] is float}
+    return {**value, **{k: float(v) for k, v in floats.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+
+
+def _check_settings(c: _Checker, where: str, given: dict, settings: dict, task: str, fusion: list[str],
+                    merge: list[str]) -> None:
+    """A task's settings through `fusionpipe train`'s own checks (`TrainConfig.check_settings`: types,
+    ranges, the head's and every interface's options), one key at a time so that an error names its
+    key path (the task's own, else train:'s), then all together."""
+    from fusionpipe.train.config import TrainConfig
+
+    def check(values: dict) -> None:  # the stores are not extracted yet: a placeholder passes
+        TrainConfig(stores=["planned.zarr"], task=task, fusion=fusion, merge=merge, **values).check_settings()
+
+    for k, v in settings.items():
+        try:
+            check({k: v})
+        except FusionpipeError as e:
+            c.fail(f"{where}.{k}" if k in given else f"train.{k}", str(e))
+    try:
+        check(settings)
+    except FusionpipeError as e:
+        c.fail(where, str(e))
+
+
+def _task(c: _Checker, key, spec, common: dict, default_manifests: dict | None, fusion: list[str],
+          merge: list[str]) -> TaskSpec:
+    """One entry of tasks: its trainer task, manifests, trial lists, folds and settings."""
+    from fusionpipe.train.tasks import METRICS, TASKS
+
+    where = f"tasks.{key}"
+    c.string(key, where, pattern=_NAME)
+    spec = c.mapping(spec if spec is not None else {}, where,
+                     optional=("task", "manifests", "trials", "folds", "metric", "extract_from", *_settable()))
+    if "task" not in spec and key not in TASKS:
+        c.fail(where, f"{key!r} is not a task: add `task:` (one of {', '.join(TASKS)})")
+    task = c.string(spec.get("task", key), f"{where}.task", TASKS)
+    folds: list[str] = []
+    if "folds" in spec:
+        if not isinstance(spec["folds"], list) or not spec["folds"]:
+            c.fail(f"{where}.folds", f"expected a non-empty list, got {_kind(spec['folds'])}")
+        folds = c.strings([str(f) for f in spec["folds"]], f"{where}.folds")
+    if "manifests" in spec:
+        manifests = _manifest_refs(c, spec["manifests"], f"{where}.manifests", bool(folds))
+    elif default_manifests is not None:
+        manifests = default_manifests
+        if folds:
+            c.fail(f"{where}.manifests", "a task with folds needs its own manifests with {fold} in them")
+    else:
+        c.fail(f"{where}.manifests", "missing: give `manifests:` in the task or at the top of the recipe")
+    trials = _trials(c, spec.get("trials", {}), f"{where}.trials", task, manifests)
+    given = _settings(c, {k: v for k, v in spec.items() if k in _settable()}, where)
+    settings = {**common, **given}
+    _check_settings(c, where, given, settings, task, fusion, merge)
+    metric = c.string(spec["metric"], f"{where}.metric", METRICS[task]) if "metric" in spec else None
+    extract_from = c.string(spec["extract_from"], f"{where}.extract_from") if "extract_from" in spec else None
+    if extract_from is not None and "{fold}" in extract_from:
+        c.fail(f"{where}.extract_from", "{fold} is not allowed: the point is one extraction for every fold")
+    return TaskSpec(key, task, manifests, trials, folds, settings, metric, extract_from)
+
+
+def _trials(c: _Checker, value, where: str, task: str, manifests: dict[str, str]) -> dict[str, str]:
+    """trials: a list for each of a verify task's dev and test manifests, and none for other tasks."""
+    trials = {k: c.string(v, f"{where}.{k}") for k, v in c.mapping(value, where, optional=("dev", "test")).items()}
+    if task != "verify" and trials:
+        c.fail(where, f"only the verify task uses trial lists, this one is {task}")
+    for split in ("dev", "test"):
+        if task == "verify" and split in manifests and split not in trials:
+            c.fail(f"{where}.{split}", f"missing: verify scores the {split} manifest on a trial list "
+                   f"(or leave {split} out of the task's manifests)")
+    return trials
+
+
+def _paper(c: _Checker, value, tasks: dict[str, TaskSpec], sets: list[list[str]], fusion: list[str],
+           merge: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """paper: task -> upstream set -> variant -> value in %, each name one of the recipe's."""
+    paper_raw = c.mapping(value, "paper", optional=tuple(tasks))
     names = [set_name(s) for s in sets]
     variant_names = [variant_name(f, m) for f in fusion for m in merge]
     paper: dict[str, dict[str, dict[str, float]]] = {}
@@ -373,9 +415,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         paper[t] = {}
         for s, by_variant in by_set.items():
             by_variant = c.mapping(by_variant, f"paper.{t}.{s}", optional=tuple(variant_names))
-            paper[t][s] = {v: c.typed(x, "float", f"paper.{t}.{s}.{v}") for v, x in by_variant.items()}
-    return Recipe(name, path, dirs["cache"], dirs["results"], dirs["manifest_dir"], upstreams, extract, tasks,
-                  sets, fusion, merge, paper)
+            paper[t][s] = {v: c.number(x, f"paper.{t}.{s}.{v}") for v, x in by_variant.items()}
+    return paper
 
 
 def _manifest_refs(c: _Checker, value, where: str, folds: bool) -> dict[str, str]:
