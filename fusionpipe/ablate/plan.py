@@ -11,11 +11,11 @@ from typing import Callable
 from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import store_url
-from fusionpipe.manifest import check_subset, read_manifest
+from fusionpipe.manifest import Manifest, check_subset, read_manifest
 from fusionpipe.store import expected_bytes
-from fusionpipe.ablate.recipe import SPLITS, Recipe, TaskSpec, fill_fold, manifest_path, trials_path
+from fusionpipe.ablate.recipe import Recipe, TaskSpec, fill_fold, manifest_path, trials_path
 from fusionpipe.ablate.report import set_name, write_report
-from fusionpipe.train.config import TrainConfig, variant_name
+from fusionpipe.train.config import variant_name
 
 # how to make a manifest the recipe names but the disk lacks, by name prefix
 HOW_TO_MAKE = {
@@ -171,91 +171,108 @@ def plan_recipe(recipe: Recipe) -> Plan:
     """What is cached, what must be extracted (and its disk), which runs train, resume or are done.
 
     Never loads a model or audio, never touches the network; missing data, weights or trial
-    lists are listed in ``plan.problems``.
+    lists are listed in ``plan.problems``. (The settings were checked when the recipe was read.)
     """
     problems: list[str] = []
-    # every manifest the tasks use, in order, and those that stores are extracted from
-    refs: dict[Path, str] = {}
-    extracted: set[Path] = set()
+    manifests = _read_manifests(recipe, problems)
+    extractions = _plan_extractions(recipe, manifests, problems)
+    runs = _plan_runs(recipe, manifests, problems)
+    return Plan(recipe, extractions, runs, problems)
+
+
+def _splits(recipe: Recipe):
+    """(task, fold, split) of every split manifest of every task and fold, in recipe order."""
     for spec in recipe.tasks.values():
         for fold in spec.fold_list():
-            for split in SPLITS:
-                if split in spec.manifests:
-                    for ref in (spec.store_manifest(split, fold), fill_fold(spec.manifests[split], fold)):
-                        refs.setdefault(manifest_path(recipe, ref), ref)
-                    extracted.add(manifest_path(recipe, spec.store_manifest(split, fold)))
-    manifests = {}
+            for split in spec.manifests:
+                yield spec, fold, split
+
+
+def _read_manifests(recipe: Recipe, problems: list[str]) -> dict[Path, Manifest | None]:
+    """Step 1: every manifest the tasks use, in order (the split manifests and those stores are
+    extracted from), read; None where it is missing or unreadable, which is a problem."""
+    refs: dict[Path, str] = {}
+    for spec, fold, split in _splits(recipe):
+        for ref in (spec.store_manifest(split, fold), fill_fold(spec.manifests[split], fold)):
+            refs.setdefault(manifest_path(recipe, ref), ref)
+    manifests: dict[Path, Manifest | None] = {}
     for path, ref in refs.items():
+        manifests[path] = None
         if not path.is_file():
             problems.append(_missing_manifest(ref, path))
-            manifests[path] = None
             continue
         try:
             manifests[path] = read_manifest(path)
         except FusionpipeError as e:
             problems.append(str(e))
-            manifests[path] = None
+    return manifests
 
+
+def _plan_extractions(recipe: Recipe, manifests: dict[Path, Manifest | None], problems: list[str]) -> list[Extraction]:
+    """Step 2: the (manifest, upstream) stores the runs read, which of them are cached already, and
+    what extracting the others needs: the audio of each manifest, the weights of each upstream."""
+    extracted = {manifest_path(recipe, spec.store_manifest(split, fold)) for spec, fold, split in _splits(recipe)}
     extractions = []
     for upstream in recipe.upstreams:
-        dims = _dims(upstream)
-        bytes_per_second = None
-        if dims is not None:
-            L, D, rate = dims
-            # one second of frames, in the recipe's dtype and codec (ratios measured by bench/storage.py)
-            bytes_per_second = expected_bytes(recipe.extract["codec"], rate, L, D, recipe.extract["dtype"])
+        rate = _bytes_per_second(recipe, upstream)
         for path, m in manifests.items():
-            if path not in extracted:
-                continue
-            name = m.name if m is not None else path.stem
-            url = store_url(recipe.cache, name, upstream)
-            seconds = m.duration if m is not None else None
-            e = Extraction(upstream, name, path, url, seconds, bytes_per_second, "missing")
-            _store_state(e, m, problems)
-            extractions.append(e)
-    # what extraction needs: the audio of each manifest, the weights of each upstream
+            if path in extracted:
+                name = m.name if m is not None else path.stem
+                e = Extraction(upstream, name, path, store_url(recipe.cache, name, upstream),
+                               m.duration if m is not None else None, rate, "missing")
+                _store_state(e, m, problems)
+                extractions.append(e)
     for path, m in manifests.items():
-        if m is None or not any(e.todo and e.path == path for e in extractions):
-            continue
-        if not m.root.is_dir():
-            problems.append(f"manifest {path}: its audio root {m.root} does not exist; fix the `# root:` line "
-                            "(first line of the TSV) or mount the corpus there")
-        elif len(m) and not m.audio_path(m[0]).is_file():
-            problems.append(f"manifest {path}: audio {m.audio_path(m[0])} (row 1) does not exist; is the "
-                            "`# root:` line right?")
+        if m is not None and any(e.todo and e.path == path for e in extractions):
+            problems += _audio_problems(path, m)
     for upstream in recipe.upstreams:
-        if any(e.todo and e.upstream == upstream for e in extractions):
-            p = _weights_problem(upstream)
-            if p:
-                problems.append(p)
+        if any(e.todo and e.upstream == upstream for e in extractions) and (weights := _weights_problem(upstream)):
+            problems.append(weights)
     problems += _subset_problems(recipe, manifests)
+    return extractions
 
+
+def _plan_runs(recipe: Recipe, manifests: dict[Path, Manifest | None], problems: list[str]) -> list[Run]:
+    """Step 3: one train() call per task, fold and upstream set, and what its run directory says:
+    to train, to resume, to evaluate, done, or stale (trained with other settings: a problem)."""
     runs = []
     for spec in recipe.tasks.values():
         for fold in spec.fold_list():
-            trials = {k: trials_path(fill_fold(v, fold)) for k, v in spec.trials.items()}
-            for k, t in trials.items():
-                if not t.is_file():
-                    problems.append(f"tasks.{spec.name}.trials.{k}: {t} does not exist"
-                                    + ("; make it with `fusionpipe manifest voxceleb ... --trials veri_test2.txt`"
-                                       if "voxceleb" in str(t) else ""))
-            for upstreams in recipe.upstream_sets:
-                runs.append(_run(recipe, spec, fold, upstreams, trials, manifests))
-    for x in runs:
-        if x.status == "stale":
-            problems.append(f"run {x.label}: {x.reason}")
-        problems += _settings_problems(x)
-    return Plan(recipe, extractions, runs, problems)
+            trials = _trial_paths(spec, fold, problems)
+            runs += [_run(recipe, spec, fold, upstreams, trials, manifests) for upstreams in recipe.upstream_sets]
+    problems += [f"run {x.label}: {x.reason}" for x in runs if x.status == "stale"]
+    return runs
 
 
-def _settings_problems(x: Run) -> list[str]:
-    """The run's settings through `fusionpipe train`'s own checks (those that need no store: the stores
-    may not be extracted yet), so a value train would refuse stops the recipe before anything runs."""
-    try:
-        TrainConfig(**x.config).check_settings()
-    except FusionpipeError as e:
-        return [f"run {x.label}: {e} (in the recipe: tasks.{x.task.name} or train)"]
+def _bytes_per_second(recipe: Recipe, upstream: str) -> float | None:
+    """On disk per audio-second of the upstream's store, in the recipe's dtype and codec (ratios measured
+    by bench/storage.py); None when the upstream's sizes are unknown without loading it."""
+    dims = _dims(upstream)
+    if dims is None:
+        return None
+    L, D, rate = dims
+    return expected_bytes(recipe.extract["codec"], rate, L, D, recipe.extract["dtype"])
+
+
+def _audio_problems(path: Path, m: Manifest) -> list[str]:
+    if not m.root.is_dir():
+        return [f"manifest {path}: its audio root {m.root} does not exist; fix the `# root:` line "
+                "(first line of the TSV) or mount the corpus there"]
+    if len(m) and not m.audio_path(m[0]).is_file():
+        return [f"manifest {path}: audio {m.audio_path(m[0])} (row 1) does not exist; is the "
+                "`# root:` line right?"]
     return []
+
+
+def _trial_paths(spec: TaskSpec, fold: str | None, problems: list[str]) -> dict[str, Path]:
+    """The task's trial lists of one fold; each missing one is a problem."""
+    trials = {k: trials_path(fill_fold(v, fold)) for k, v in spec.trials.items()}
+    for k, t in trials.items():
+        if not t.is_file():
+            problems.append(f"tasks.{spec.name}.trials.{k}: {t} does not exist"
+                            + ("; make it with `fusionpipe manifest voxceleb ... --trials veri_test2.txt`"
+                               if "voxceleb" in str(t) else ""))
+    return trials
 
 
 def _subset_problems(recipe: Recipe, manifests: dict) -> list[str]:
