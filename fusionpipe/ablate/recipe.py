@@ -186,10 +186,10 @@ class _Checker:
         return out
 
     def number(self, value, where: str) -> float:
-        value = _yaml_float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        value = _as_float(value)
+        if not isinstance(value, float):
             self.fail(where, f"expected float, got {_kind(value)}")
-        return float(value)
+        return value
 
     def boolean(self, value, where: str) -> bool:
         if not isinstance(value, bool):
@@ -201,14 +201,14 @@ def _kind(value) -> str:
     return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
 
 
-def _yaml_float(value):
-    """YAML 1.1 reads 1e-3 (no dot) as a string: such a string as the number it spells, else the value."""
+def _as_float(value):
+    """A number as a float, YAML 1.1's 1e-3 (no dot: read as a string) included; anything else as it is."""
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
-            pass
-    return value
+            return value
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def _known_upstream(name: str) -> bool:
@@ -327,11 +327,9 @@ def _settings(c: _Checker, value, where: str) -> dict[str, Any]:
     command line parses it. Their values are checked per task, by `_check_settings`."""
     from fusionpipe.train.config import TrainConfig
 
-    value = c.mapping(value, where, optional=_settable())
     hints = typing.get_type_hints(TrainConfig)
-    floats = {k: _yaml_float(v) for k, v in value.items() if hints[k] is float}
-    return {**value, **{k: float(v) for k, v in floats.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+    return {k: _as_float(v) if hints[k] is float else v
+            for k, v in c.mapping(value, where, optional=_settable()).items()}
 
 
 def _check_settings(c: _Checker, where: str, given: dict, settings: dict, task: str, fusion: list[str],
