@@ -40,7 +40,7 @@ from fusionpipe.fuse.compact import CompactStack
 from fusionpipe.fuse.memory import BATCHES
 from fusionpipe.fuse.runs import neighbour_runs
 from fusionpipe.fuse.write import write_view
-from fusionpipe.store import DEFAULT_CODEC, LOSSY, FeatureStore
+from fusionpipe.store import DEFAULT_CODEC, LOSSY, FeatureStore, list_ids
 
 MERGES = ("add", "concat")
 
@@ -76,11 +76,10 @@ def open_fused(stores: list[str | Path | FeatureStore], merge: str | None = None
     order = list(ids) if ids is not None else _manifest_ids(opened)
     missing = _missing(opened, order)
     if missing and not skip_missing:
-        first = ", ".join(list(missing)[:5]) + (" ..." if len(missing) > 5 else "")
         per_store = "; ".join(f"{s.url} lacks {sum(any(w == s.url for w, _ in v) for v in missing.values())}"
                               for s in opened)
         raise FusionpipeError(
-            f"{len(missing)} utterance(s) are not usable in every store ({per_store}): {first}. "
+            f"{len(missing)} utterance(s) are not usable in every store ({per_store}): {list_ids(list(missing))}. "
             "Finish `fusionpipe extract` for those stores (`fusionpipe inspect STORE` lists what it skipped and "
             "why), or leave them out: --skip-missing (fuse, train, evaluate), skip_missing=True in Python"
         )
