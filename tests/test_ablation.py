@@ -221,6 +221,7 @@ def tiny_recipe(tmp_path, make_manifest):
     return _write(tmp_path, r, "tiny.yaml")
 
 
+@pytest.mark.slow
 def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe, tmp_path, monkeypatch):
     import matplotlib.image
 
