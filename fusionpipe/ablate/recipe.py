@@ -230,8 +230,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     fusion, merge, sets = _grid(c, top["grid"])
     upstreams = _upstreams(c, top["upstreams"], sets) if "upstreams" in top else list(
         dict.fromkeys(m for s in sets for m in s))
-    extract = _extract(c, c.mapping(top.get("extract", {}), "extract",
-                                    optional=("dtype", "device", "codec", "max_seconds", "skip_bad")))
+    extract = _extract(c, top.get("extract", {}))
     common = _settings(c, top.get("train", {}), "train")
     default_manifests = _manifest_refs(c, top["manifests"], "manifests", False) if "manifests" in top else None
     tasks_raw = top["tasks"]
@@ -295,10 +294,11 @@ def _upstreams(c: _Checker, value, sets: list[list[str]]) -> list[str]:
     return upstreams
 
 
-def _extract(c: _Checker, ext: dict) -> dict[str, Any]:
+def _extract(c: _Checker, value) -> dict[str, Any]:
     """extract: `fusionpipe extract`'s settings, its defaults filled in."""
     from fusionpipe.store import CODECS, DTYPES
 
+    ext = c.mapping(value, "extract", optional=("dtype", "device", "codec", "max_seconds", "skip_bad"))
     extract = {"dtype": "float16", "device": "auto", "codec": "zstd", "max_seconds": 160.0, "skip_bad": False}
     if "dtype" in ext:
         extract["dtype"] = c.string(ext["dtype"], "extract.dtype", DTYPES)
