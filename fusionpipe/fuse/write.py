@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def write_view(view, url: str | Path, codec: str = DEFAULT_CODEC, dtype: str | N
     if view.merge is None:
         raise FusionpipeError("write() materialises a merged view: open it with merge='add' or 'concat' "
                               "(--merge add|concat)")
+    _refuse_own_sources(view, url)
     dtype = dtype or ("float16" if all(s.info.dtype == "float16" for s in view.stores) else "float32")
     order = np.array(sorted(range(len(view)), key=lambda i: (-int(view.lengths[i]), view.ids[i])), dtype=np.int64)
     layout = Layout([view.ids[i] for i in order], view.lengths[order])
@@ -46,6 +48,27 @@ def write_view(view, url: str | Path, codec: str = DEFAULT_CODEC, dtype: str | N
                     _flush(store, c, whole, dtype, url)
                 offset += n
     return FeatureStore.open(url)
+
+
+def _refuse_own_sources(view, url: str | Path) -> None:
+    """Writing onto a store the view reads (or into it, or onto a folder that holds it) would destroy the
+    sources before they are read, with --overwrite: refused before anything is created."""
+    target = _place(url)
+    for s in view.stores:
+        source = _place(s.url)
+        if target == source or source.startswith(target + "/") or target.startswith(source + "/"):
+            raise FusionpipeError(f"--write {url}: that is one of the --stores the view reads ({s}) or holds one "
+                                  "of them; write the merged store to a new path")
+
+
+def _place(url: str | Path) -> str:
+    """A store's location, comparable: a local path made absolute with its links and '..' resolved."""
+    url = str(url)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        return url.rstrip("/")
+    return os.path.realpath(url)
 
 
 def _flush(store: FeatureStore, c: int, chunk: np.ndarray, dtype: str, url) -> None:
