@@ -18,7 +18,8 @@ import zarr
 from fusionpipe.atomic import atomic_write
 from fusionpipe.cli import main
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.train.loop import TrainConfig, load_checkpoint, train
+from fusionpipe.train.checkpoint import load_checkpoint
+from fusionpipe.train.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout whose fusionpipe the subprocesses import
 @pytest.fixture
@@ -194,9 +195,10 @@ def test_a_crafted_checkpoint_is_refused_by_evaluate_and_never_run(pitch_stores,
     assert done.stderr.startswith("error: ") and str(best) in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
     from fusionpipe.ablate.report import interface_params
+    from fusionpipe.train.rundir import RunDir
 
     with pytest.raises(FusionpipeError, match="not a checkpoint fusionpipe can read"):
-        interface_params(best.parent)
+        interface_params(RunDir(finished_run), "hconv-concat")
     torch.save({"step": Payload(marker)}, finished_run / "last.pt")
     with pytest.raises(FusionpipeError, match=str(finished_run / "last.pt")):
         train(cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)

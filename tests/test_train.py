@@ -37,6 +37,43 @@ def test_a_config_saved_before_the_options_rename_still_loads(tmp_path):
     assert cfg.head_options == {"proj": 64, "hidden": 64} and cfg.interface_options == {"normalize": True}
 
 
+def test_a_run_saved_before_the_options_rename_resumes(pitch_stores, tmp_path, train_config, logged_losses):
+    """--resume compares the flags with config.json read as TrainConfig.load reads it (the old names mapped):
+    it refused such a run with `head_options: None -> {...}`. Resumed, it trains on as if never renamed."""
+    straight = tmp_path / "straight"
+    train(train_config(pitch_stores, straight, steps=4, eval_every=2), progress=False)
+    old = tmp_path / "old"
+    train(train_config(pitch_stores, old, steps=2, eval_every=2), progress=False)
+    saved = json.loads((old / "config.json").read_text())
+    saved["head"], saved["interface"] = saved.pop("head_options"), saved.pop("interface_options")
+    (old / "config.json").write_text(json.dumps(saved))
+    train(train_config(pitch_stores, old, steps=4, eval_every=2), resume=True, progress=False)
+    assert logged_losses(old, "hconv-concat") == logged_losses(straight, "hconv-concat")
+
+
+def test_a_checkpoint_of_the_interface_under_its_old_name_fusion_still_evaluates(pitch_stores, tmp_path,
+                                                                                 train_config):
+    """Checkpoints before the rename keep the interface's parameters under fusion.*: they load as interface.*,
+    and the report counts them as the interface's."""
+    from fusionpipe.ablate.report import interface_params
+    from fusionpipe.train.checkpoint import load_checkpoint, save_checkpoint
+    from fusionpipe.train.rundir import RunDir
+
+    run = tmp_path / "run"
+    train(train_config(pitch_stores, run, steps=2, eval_every=2), progress=False)
+    before = evaluate(run, pitch_stores["dev"])
+    params = interface_params(RunDir(run), "hconv-concat")
+    best = run / "hconv-concat" / "best.pt"
+    state = load_checkpoint(best)
+    old = {k.replace("interface.", "fusion.", 1) if k.startswith("interface.") else k: v
+           for k, v in state["model"].items()}
+    assert any(k.startswith("fusion.") for k in old)
+    save_checkpoint({**state, "model": old}, best)
+    after = evaluate(run, pitch_stores["dev"])
+    assert {k: m["accuracy"] for k, m in after.items()} == {k: m["accuracy"] for k, m in before.items()}
+    assert interface_params(RunDir(run), "hconv-concat") == params > 0
+
+
 def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path, train_config, logged_losses):
     kw = dict(steps=8, eval_every=4, specaugment=True, crop_seconds=[0.3, 0.5])  # random draws of every kind
     together = train(train_config(pitch_stores, tmp_path / "all", fusion=["hconv", "gumbel"], merge=["add", "concat"],
