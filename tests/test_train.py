@@ -37,6 +37,17 @@ def test_a_config_saved_before_the_options_rename_still_loads(tmp_path):
     assert cfg.head_options == {"proj": 64, "hidden": 64} and cfg.interface_options == {"normalize": True}
 
 
+def test_variant_names_parse_back_into_fusion_merge_and_seed_in_the_runs_order():
+    from fusionpipe.train.rundir import split_seed, variant_grid, variant_name
+
+    grid = variant_grid(["hconv", "weighted-sum"], ["add", "concat"], [3, 0])
+    assert [variant_name(*v) for v in grid[:3]] == ["hconv-add@s3", "hconv-add@s0", "hconv-concat@s3"]
+    assert len(grid) == 8 and variant_grid(["gumbel"], ["add"]) == [("gumbel", "add", None)]
+    for fusion, merge, seed in grid:
+        assert split_seed(variant_name(fusion, merge, seed)) == (f"{fusion}-{merge}", seed)
+    assert split_seed("weighted-sum-add") == ("weighted-sum-add", None)
+
+
 def test_a_run_saved_before_the_options_rename_resumes(pitch_stores, tmp_path, train_config, logged_losses):
     """--resume compares the flags with config.json read as TrainConfig.load reads it (the old names mapped):
     it refused such a run with `head_options: None -> {...}`. Resumed, it trains on as if never renamed."""

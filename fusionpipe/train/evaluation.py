@@ -124,7 +124,6 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     names = cfg.variant_names()
     if variant is not None and variant not in names:
         raise FusionpipeError(f"{run.path} has no variant {variant}; it has {', '.join(names)}")
-    check_upstreams(cfg.stores, stores, "--stores", "the run's --stores")
     task = run.task(trial_list(trials) if trials else ())
     if task.name == "verify" and not trials:
         raise FusionpipeError("--trials: a verify run is scored on a trial list over the evaluated utterances; "

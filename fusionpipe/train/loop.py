@@ -56,6 +56,7 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.loader import make_loader, shard
 from fusionpipe.train import ddp
 from fusionpipe.train.augment import crop_frames, random_crop
+from fusionpipe.train.checkpoint import restore_checkpoints, save_checkpoints
 from fusionpipe.train.config import RESUMABLE, TrainConfig, config_changes, flag, trial_list
 from fusionpipe.train.defaults import complete
 from fusionpipe.train.evaluation import evaluate, evaluate_variants  # noqa: F401  (evaluate: ablate calls it here)
@@ -303,36 +304,6 @@ def _read_losses(pending: list, variants: list[Variant]) -> list[tuple[int, list
 def _due(cfg: TrainConfig, step: int) -> bool:
     """Evaluate and save last.pt at this step: every eval_every steps, and at the last."""
     return step % cfg.eval_every == 0 or step == cfg.steps
-
-
-def save_checkpoints(variants: list[Variant], step: int, position: tuple[int, int], logs, run: RunDir) -> None:
-    """last.pt: every variant's state at ``step``, in one file (a kill leaves all of them at one step).
-    Every rank takes part (the RNG states are gathered); rank 0 writes, after the logs reach the disk."""
-    rngs = {v.name: ddp.gather((v.rng, v.cuda_rng)) for v in variants}
-    if not ddp.is_main():
-        return
-    for log in logs:
-        log.sync()
-    run.save_last({"step": step, "position": list(position),
-                   "variants": {v.name: v.state(rngs[v.name]) for v in variants}})
-
-
-def restore_checkpoints(variants: list[Variant], state: dict, path) -> tuple[int, tuple[int, int]]:
-    """Every variant's state from last.pt (at ``path``); returns (step, data position)."""
-    saved = state.get("variants") or {}
-    if sorted(saved) != sorted(v.name for v in variants):
-        raise FusionpipeError(f"{path} holds the variants {', '.join(sorted(saved)) or 'none'}, this run "
-                              f"{', '.join(v.name for v in variants)}; give the run's --fusion and --merge")
-    try:
-        for v in variants:
-            v.restore(saved[v.name])
-        step, position = int(state["step"]), tuple(int(x) for x in state["position"])
-        if step < 0 or len(position) != 2 or min(position) < 0:  # an edited file: nothing trains from there
-            raise ValueError(f"step {step}, data position {position}")
-        return step, position
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise FusionpipeError(f"{path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
-                              "train it again into another --out") from None
 
 
 def _stop_if_not_finite(losses: dict[str, float], step: int, batch_ids, checkpoint, saved: int) -> None:
