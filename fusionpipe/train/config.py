@@ -14,7 +14,7 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME
 from fusionpipe.train.augment import crop_frames
 from fusionpipe.train.interfaces import INTERFACES, MERGES, interface_option_problems
-from fusionpipe.train.rundir import read_config_json, variant_grid, variant_name  # variant_name: ablate imports it here
+from fusionpipe.train.rundir import read_config_json, variant_grid, variant_name
 from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems, is_metric, read_trials
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
