@@ -318,7 +318,7 @@ def test_resume_of_a_run_with_per_variant_checkpoints_is_refused(pitch_stores, f
 def test_a_moved_run_directory_resumes_and_evaluates(pitch_stores, tmp_path, cfg):
     """`out` is where the run is, not a setting: a copied or moved run resumes (it was refused with
     out: 'runs/a' -> 'runs/b') and its loss curve continues as if it had never moved."""
-    from fusionpipe.train.loop import evaluate
+    from fusionpipe.train.evaluation import evaluate
 
     straight = tmp_path / "straight"
     train(cfg(pitch_stores, straight, steps=4), progress=False)
@@ -334,7 +334,7 @@ def test_a_moved_run_directory_resumes_and_evaluates(pitch_stores, tmp_path, cfg
 
 def test_an_edited_config_or_checkpoint_is_refused_naming_the_file(pitch_stores, tmp_path, cfg):
     from fusionpipe.train.checkpoint import save_checkpoint
-    from fusionpipe.train.loop import evaluate
+    from fusionpipe.train.evaluation import evaluate
 
     run = tmp_path / "run"
     train(cfg(pitch_stores, run, steps=2), progress=False)

@@ -11,7 +11,8 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 from fusionpipe.train.augment import crop_frames, random_crop
-from fusionpipe.train.loop import TrainConfig, evaluate, train
+from fusionpipe.train.evaluation import evaluate
+from fusionpipe.train.loop import TrainConfig, train
 
 def _last(run, variant):
     """A variant's state in the run's last checkpoint (one file for all variants)."""
