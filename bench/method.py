@@ -148,7 +148,7 @@ def diagnose(s: dict[str, str], steps: int) -> None:
                     opt.zero_grad()
                     loss.backward()
                     grads = [torch.nn.utils.clip_grad_norm_(m.parameters(), float("inf")).item()
-                             for m in (model.fusion, model.head)]
+                             for m in (model.interface, model.head)]
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     opt.step()
                     step += 1
@@ -166,9 +166,9 @@ def _tag(options: dict) -> str:
 def probe_stats(model: VariantModel, batch: dict) -> dict[str, float]:
     model.eval()
     lengths = batch["lengths"]
-    norm, model.fusion.output_norm = model.fusion.output_norm, False
+    norm, model.interface.output_norm = model.interface.output_norm, False
     raw = model.features(batch["stacks"], lengths)  # (B, T, D): the interface's own output, before output_norm
-    model.fusion.output_norm = norm
+    model.interface.output_norm = norm
     f = model.features(batch["stacks"], lengths)  # what the head reads
     mask = torch.arange(f.shape[1])[None] < lengths[:, None]
     valid = raw[mask]

@@ -144,13 +144,13 @@ def extract(
         raise FusionpipeError("--processes is for one machine's extraction; a cluster's workers decode and write "
                               "in threads (drop --processes, or --cluster/--scheduler)")
     if cluster is None and scheduler is None:
-        from fusionpipe.extract.run import extract as run
+        from fusionpipe.extract.run import extract as extract_manifest
         from fusionpipe.extract.upstreams import load_upstream
 
         for name in models:
             upstream = load_upstream(name, device=device)
             for m in manifests:
-                typer.echo(run(m, upstream, cache, processes=processes, **options).summary())
+                typer.echo(extract_manifest(m, upstream, cache, processes=processes, **options).summary())
         return
     from fusionpipe.extract.cluster import connect, extract_on_cluster
 
@@ -321,37 +321,28 @@ def train(
     once and train each split or fold from it. Each row must be an utterance the stores hold, the same
     audio (path, num_samples).
     """
-    from fusionpipe.train.config import TrainConfig
-    from fusionpipe.train.defaults import DEMO, complete, demo_stores, train_manifest, upstream_names
-    from fusionpipe.train.loop import train as run
+    from fusionpipe.train import loop
+    from fusionpipe.train.defaults import from_flags, train_manifest, upstream_names
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
                  grad_clip=grad_clip, seed=seed, seeds=_numbers(seeds, "--seeds", int), specaugment=specaugment,
                  crop_seconds=_numbers(crop_seconds, "--crop-seconds"),
                  head_options=_options(head_option) or None, interface_options=_options(interface_option) or None,
                  trials=trials, select=select)
-    given = {k: v for k, v in given.items() if v is not None}
-    train_stores, dev = _list(stores), _list(dev_stores)
-    preset = {}
-    if not train_stores:
-        train_stores, found_dev = demo_stores(cache)
-        dev = dev or found_dev
-        preset = DEMO
-    cfg = complete(TrainConfig(stores=train_stores, dev_stores=dev, task=task, fusion=_list(fusion),
-                               merge=_list(merge), out=str(out) if out else None, device=device,
-                               num_workers=num_workers, manifest=str(manifest) if manifest else None,
-                               dev_manifest=str(dev_manifest) if dev_manifest else None,
-                               skip_missing=skip_missing, **{**preset, **given}))
+    cfg = from_flags(_list(stores), _list(dev_stores), cache, given, task=task, fusion=_list(fusion),
+                     merge=_list(merge), out=str(out) if out else None, device=device, num_workers=num_workers,
+                     manifest=str(manifest) if manifest else None,
+                     dev_manifest=str(dev_manifest) if dev_manifest else None, skip_missing=skip_missing)
     rows = train_manifest(cfg)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
     say = _say if main_rank else (lambda _: None)
     say(f"train {cfg.task} on {rows.name} ({len(rows)} utterances) with {upstream_names(cfg.stores)}; "
         f"dev: {len(cfg.dev_stores)} store(s)"
         f"{f' ({Path(dev_manifest).stem})' if dev_manifest else ''}; "
-         f"variants {', '.join(cfg.variant_names())}; {cfg.steps} steps; "
-         f"head {cfg.head_options or 'SUPERB'}"
-         f" -> {cfg.out}")
-    for name, res in run(cfg, resume=resume).items():
+        f"variants {', '.join(cfg.variant_names())}; {cfg.steps} steps; "
+        f"head {cfg.head_options or 'SUPERB'}"
+        f" -> {cfg.out}")
+    for name, res in loop.train(cfg, resume=resume).items():
         if main_rank:
             typer.echo(f"{name}: {json.dumps(res.get('dev', {}))} params={res['trainable_params']}")
 
@@ -373,16 +364,15 @@ def evaluate(
     With --stores and --manifest: on the manifest's rows of those stores (e.g. one fold's test set of a
     corpus extracted whole); with --stores alone: on all their utterances.
     """
-    from fusionpipe.atomic import write_json
     from fusionpipe.extract.run import store_url
     from fusionpipe.manifest import bundled_manifests, read_manifest
     from fusionpipe.store import FeatureStore
-    from fusionpipe.train.config import TrainConfig
-    from fusionpipe.train.loop import evaluate as run_eval
+    from fusionpipe.train import evaluation
+    from fusionpipe.train.rundir import RunDir
 
-    cfg = TrainConfig.load(run / "config.json") if (run / "config.json").exists() else None
-    if cfg is None:
-        raise FusionpipeError(f"{run} is not a training run (no config.json)")
+    run_dir = RunDir(run)
+    run_dir.require()
+    cfg = run_dir.config()
     eval_stores = _list(stores)
     if not eval_stores:
         m = read_manifest(manifest) if manifest else bundled_manifests()[-1]
@@ -394,10 +384,10 @@ def evaluate(
                                   "or name stores that hold its utterances (an extraction of the whole corpus) "
                                   "with --stores")
     rows = manifest if stores else None  # else the stores are the manifest's own: all their rows
-    results = run_eval(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows,
-                       skip_missing=skip_missing)
+    results = evaluation.evaluate(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows,
+                                  skip_missing=skip_missing)
     label = Path(rows).stem if rows else Path(eval_stores[0]).parent.name
-    write_json(run / f"eval-{label}.json", results)
+    run_dir.write_eval(label, results)
     for name, metrics in results.items():
         typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
@@ -425,7 +415,9 @@ def analyze(
 ):
     """What the layers say: CKA between every layer of every upstream (STORES), or what each trained
     interface of a RUN uses (weights, Gumbel shares, layer knockout on dev). CSV + PNG."""
-    if len(targets) == 1 and (Path(targets[0]) / "config.json").is_file():
+    from fusionpipe.train.rundir import RunDir
+
+    if len(targets) == 1 and RunDir(targets[0]).exists():
         from fusionpipe.analyze.use import describe_use, layer_use, stuck_variants, write_layer_use
 
         run = Path(targets[0])
@@ -439,7 +431,10 @@ def analyze(
         from fusionpipe.analyze.cka import layer_similarity, write_similarity
 
         sim = layer_similarity(targets, frames, seed, estimator, align_time, skip_missing)
-        names = "+".join(Path(u).name for u in sim.upstreams)  # an upstream loaded from a directory is named by its path
+        from fusionpipe.names import upstream_set_name
+
+        # an upstream loaded from a directory is named by its path
+        names = upstream_set_name(Path(u).name for u in sim.upstreams)
         paths = write_similarity(sim, out or Path("analysis") / f"{sim.manifest}-{names}")
         for r in sim.summary():
             if r["upstream_a"] != r["upstream_b"]:

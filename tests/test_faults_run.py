@@ -18,7 +18,8 @@ import zarr
 from fusionpipe.atomic import atomic_write
 from fusionpipe.cli import main
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.train.loop import TrainConfig, load_checkpoint, train
+from fusionpipe.train.checkpoint import load_checkpoint
+from fusionpipe.train.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout whose fusionpipe the subprocesses import
 @pytest.fixture
@@ -194,9 +195,10 @@ def test_a_crafted_checkpoint_is_refused_by_evaluate_and_never_run(pitch_stores,
     assert done.stderr.startswith("error: ") and str(best) in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
     from fusionpipe.ablate.report import interface_params
+    from fusionpipe.train.rundir import RunDir
 
     with pytest.raises(FusionpipeError, match="not a checkpoint fusionpipe can read"):
-        interface_params(best.parent)
+        interface_params(RunDir(finished_run), "hconv-concat")
     torch.save({"step": Payload(marker)}, finished_run / "last.pt")
     with pytest.raises(FusionpipeError, match=str(finished_run / "last.pt")):
         train(cfg(pitch_stores, finished_run, steps=4, dev_stores=[]), resume=True, progress=False)
@@ -316,7 +318,7 @@ def test_resume_of_a_run_with_per_variant_checkpoints_is_refused(pitch_stores, f
 def test_a_moved_run_directory_resumes_and_evaluates(pitch_stores, tmp_path, cfg):
     """`out` is where the run is, not a setting: a copied or moved run resumes (it was refused with
     out: 'runs/a' -> 'runs/b') and its loss curve continues as if it had never moved."""
-    from fusionpipe.train.loop import evaluate
+    from fusionpipe.train.evaluation import evaluate
 
     straight = tmp_path / "straight"
     train(cfg(pitch_stores, straight, steps=4), progress=False)
@@ -332,7 +334,7 @@ def test_a_moved_run_directory_resumes_and_evaluates(pitch_stores, tmp_path, cfg
 
 def test_an_edited_config_or_checkpoint_is_refused_naming_the_file(pitch_stores, tmp_path, cfg):
     from fusionpipe.train.checkpoint import save_checkpoint
-    from fusionpipe.train.loop import evaluate
+    from fusionpipe.train.evaluation import evaluate
 
     run = tmp_path / "run"
     train(cfg(pitch_stores, run, steps=2), progress=False)

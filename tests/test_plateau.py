@@ -15,7 +15,8 @@ import torch
 
 from fusionpipe.train.config import TrainConfig
 from fusionpipe.train.interfaces import Interface
-from fusionpipe.train.loop import PLATEAU_EVALS, Plateau, train
+from fusionpipe.train.loop import train
+from fusionpipe.train.variant import PLATEAU_EVALS, Plateau
 
 TINY_CTC = {"proj": 16, "hidden": 16, "layers": 1}
 
@@ -72,7 +73,7 @@ def test_training_sets_the_statistics_of_the_train_frames(outlier_store, tmp_pat
 
     train(ctc_run(outlier_store, tmp_path / "run", 2), progress=False)
     state = load_checkpoint(tmp_path / "run" / "hconv-add" / "best.pt")["model"]
-    mean = state["fusion.standardize.mean_0"]
+    mean = state["interface.standardize.mean_0"]
     assert mean.shape == (5, 16) and torch.all(mean[:, :2] > 299) and torch.all(mean[:, 2:].abs() < 3)
 
 
@@ -135,9 +136,9 @@ def test_a_knocked_out_layer_is_its_training_mean_which_standardizes_to_zero():
     interface = Interface([4, 6], 3, fusion="hconv")
     interface.set_statistics([(torch.randn(3, 4), torch.rand(3, 4) + 0.5), (torch.randn(3, 6), torch.rand(3, 6) + 0.5)])
     stacks = [torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 6)]
-    for s, value in zip(stacks, _knocked(SimpleNamespace(model=SimpleNamespace(fusion=interface)), 1)):
+    for s, value in zip(stacks, _knocked(SimpleNamespace(model=SimpleNamespace(interface=interface)), 1)):
         s[:, 1] = value
     for out in interface.standardize(stacks):
         assert torch.allclose(out[:, 1], torch.zeros_like(out[:, 1]), atol=1e-6) and out[:, 0].abs().sum() > 0
     reference = Interface([4, 6], 3, fusion="hconv", standardize=False)
-    assert _knocked(SimpleNamespace(model=SimpleNamespace(fusion=reference)), 1) == [0.0, 0.0]
+    assert _knocked(SimpleNamespace(model=SimpleNamespace(interface=reference)), 1) == [0.0, 0.0]

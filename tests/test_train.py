@@ -11,7 +11,8 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 from fusionpipe.train.augment import crop_frames, random_crop
-from fusionpipe.train.loop import TrainConfig, evaluate, train
+from fusionpipe.train.evaluation import evaluate
+from fusionpipe.train.loop import TrainConfig, train
 
 def _last(run, variant):
     """A variant's state in the run's last checkpoint (one file for all variants)."""
@@ -35,6 +36,54 @@ def test_a_config_saved_before_the_options_rename_still_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     cfg = TrainConfig.load(tmp_path / "config.json")
     assert cfg.head_options == {"proj": 64, "hidden": 64} and cfg.interface_options == {"normalize": True}
+
+
+def test_variant_names_parse_back_into_fusion_merge_and_seed_in_the_runs_order():
+    from fusionpipe.train.rundir import split_seed, variant_grid, variant_name
+
+    grid = variant_grid(["hconv", "weighted-sum"], ["add", "concat"], [3, 0])
+    assert [variant_name(*v) for v in grid[:3]] == ["hconv-add@s3", "hconv-add@s0", "hconv-concat@s3"]
+    assert len(grid) == 8 and variant_grid(["gumbel"], ["add"]) == [("gumbel", "add", None)]
+    for fusion, merge, seed in grid:
+        assert split_seed(variant_name(fusion, merge, seed)) == (f"{fusion}-{merge}", seed)
+    assert split_seed("weighted-sum-add") == ("weighted-sum-add", None)
+
+
+def test_a_run_saved_before_the_options_rename_resumes(pitch_stores, tmp_path, train_config, logged_losses):
+    """--resume compares the flags with config.json read as TrainConfig.load reads it (the old names mapped):
+    it refused such a run with `head_options: None -> {...}`. Resumed, it trains on as if never renamed."""
+    straight = tmp_path / "straight"
+    train(train_config(pitch_stores, straight, steps=4, eval_every=2), progress=False)
+    old = tmp_path / "old"
+    train(train_config(pitch_stores, old, steps=2, eval_every=2), progress=False)
+    saved = json.loads((old / "config.json").read_text())
+    saved["head"], saved["interface"] = saved.pop("head_options"), saved.pop("interface_options")
+    (old / "config.json").write_text(json.dumps(saved))
+    train(train_config(pitch_stores, old, steps=4, eval_every=2), resume=True, progress=False)
+    assert logged_losses(old, "hconv-concat") == logged_losses(straight, "hconv-concat")
+
+
+def test_a_checkpoint_of_the_interface_under_its_old_name_fusion_still_evaluates(pitch_stores, tmp_path,
+                                                                                 train_config):
+    """Checkpoints before the rename keep the interface's parameters under fusion.*: they load as interface.*,
+    and the report counts them as the interface's."""
+    from fusionpipe.ablate.report import interface_params
+    from fusionpipe.train.checkpoint import load_checkpoint, save_checkpoint
+    from fusionpipe.train.rundir import RunDir
+
+    run = tmp_path / "run"
+    train(train_config(pitch_stores, run, steps=2, eval_every=2), progress=False)
+    before = evaluate(run, pitch_stores["dev"])
+    params = interface_params(RunDir(run), "hconv-concat")
+    best = run / "hconv-concat" / "best.pt"
+    state = load_checkpoint(best)
+    old = {k.replace("interface.", "fusion.", 1) if k.startswith("interface.") else k: v
+           for k, v in state["model"].items()}
+    assert any(k.startswith("fusion.") for k in old)
+    save_checkpoint({**state, "model": old}, best)
+    after = evaluate(run, pitch_stores["dev"])
+    assert {k: m["accuracy"] for k, m in after.items()} == {k: m["accuracy"] for k, m in before.items()}
+    assert interface_params(RunDir(run), "hconv-concat") == params > 0
 
 
 def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path, train_config, logged_losses):

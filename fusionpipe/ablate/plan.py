@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 
-from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import store_url
 from fusionpipe.manifest import Manifest, check_subset, read_manifest
 from fusionpipe.store import expected_bytes
 from fusionpipe.ablate.recipe import Recipe, TaskSpec, fill_fold, manifest_path, trials_path
-from fusionpipe.ablate.report import set_name, write_report
-from fusionpipe.train.config import variant_name
+from fusionpipe.ablate.report import write_report
+from fusionpipe.names import upstream_set_name
+from fusionpipe.train.config import TrainConfig, config_changes
+from fusionpipe.train.rundir import RunDir, variant_grid, variant_name
 
 # how to make a manifest the recipe names but the disk lacks, by name prefix
 HOW_TO_MAKE = {
@@ -71,11 +71,12 @@ class Run:
     @property
     def names(self) -> list[str]:
         """The names of the run's variants: each (fusion, merge) once per seed of ``seeds`` when set."""
-        return [variant_name(f, m, s) for f, m in self.variants for s in (self.config.get("seeds") or [None])]
+        seeds = self.config.get("seeds")
+        return [variant_name(*v) for f, m in self.variants for v in variant_grid([f], [m], seeds)]
 
     @property
     def label(self) -> str:
-        return f"{self.task.name}{'' if self.fold is None else f' fold {self.fold}'} / {set_name(self.upstreams)}"
+        return f"{self.task.name}{'' if self.fold is None else f' fold {self.fold}'} / {upstream_set_name(self.upstreams)}"
 
 
 @dataclass
@@ -332,7 +333,7 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
             return None
         return str(manifest_path(recipe, fill_fold(spec.manifests[split], fold)))
 
-    out = recipe.out / "runs" / spec.name / set_name(upstreams)
+    out = recipe.out / "runs" / spec.name / upstream_set_name(upstreams)
     if fold is not None:
         out = out / f"fold-{fold}"
     variants = recipe.variants(upstreams)
@@ -345,29 +346,21 @@ def _run(recipe: Recipe, spec: TaskSpec, fold: str | None, upstreams: list[str],
     test_trials = trials.get("test")
     run = Run(spec, fold, upstreams, variants, out, config, stores("test"),
               str(test_trials) if test_trials else None, test_manifest=rows("test"))
-    saved = out / "config.json"
-    if saved.is_file():
-        from fusionpipe.train.config import TrainConfig, config_changes
-
-        changes = config_changes(json.loads(saved.read_text()), TrainConfig(**config))
+    saved = RunDir(out)
+    if saved.exists():
+        changes = config_changes(saved.saved_config(), TrainConfig(**config))
         if changes:
             run.status = "stale"
             run.reason = (f"{out} was trained with other settings ({'; '.join(changes)}); delete that directory to "
                           "retrain it, or restore the recipe")
             return run
-        finished = all((out / name / "results.json").is_file() for name in run.names)
-        if not finished:
+        if not saved.finished(run.names):
             run.status = "resume"
-        elif run.test_stores and not _has_test(out, run.names):
+        elif run.test_stores and not saved.has_test(run.names):
             run.status = "evaluate"
         else:
             run.status = "done"
     return run
-
-
-def _has_test(out: Path, names: list[str]) -> bool:
-    f = out / "test.json"
-    return f.is_file() and all(name in json.loads(f.read_text()) for name in names)
 
 
 # ---- running ----------------------------------------------------------------------------------------
@@ -406,7 +399,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
         if x.status != "done" and x.test_stores:
             metrics = stage3.evaluate(x.out, x.test_stores, trials=x.test_trials, manifest=x.test_manifest,
                                       device=stage3.TrainConfig(**x.config).device)  # the run's device, not auto
-            write_json(x.out / "test.json", metrics)
+            RunDir(x.out).write_test(metrics)
     paths = write_report(plan)
     echo("wrote " + ", ".join(str(p) for p in paths))
     return plan

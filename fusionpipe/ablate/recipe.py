@@ -82,8 +82,8 @@ import yaml
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.manifest import BUNDLED, CORPUS
-from fusionpipe.ablate.report import set_name
-from fusionpipe.train.config import variant_name
+from fusionpipe.names import upstream_set_name
+from fusionpipe.train.rundir import variant_grid, variant_name
 
 SPLITS = ("train", "dev", "test")
 # keys of TrainConfig the recipe fills in itself, per run
@@ -134,7 +134,7 @@ class Recipe:
 
     def variants(self, upstreams: list[str]) -> list[tuple[str, str]]:
         merges = self.merge[:1] if len(upstreams) == 1 else self.merge
-        return [(f, m) for f in self.fusion for m in merges]
+        return [(f, m) for f, m, _ in variant_grid(self.fusion, merges)]
 
 
 class _Checker:
@@ -273,7 +273,7 @@ def _grid(c: _Checker, value) -> tuple[list[str], list[str], list[list[str]]]:
                 c.fail(f"grid.upstream_sets[{i}][{j}]", f"unknown upstream {m!r}: not a registry alias, a "
                        f"directory or an HF id (owner/name); aliases: {', '.join(UPSTREAMS)}")
         if members in sets:
-            c.fail(f"grid.upstream_sets[{i}]", f"{set_name(members)} is listed twice")
+            c.fail(f"grid.upstream_sets[{i}]", f"{upstream_set_name(members)} is listed twice")
         sets.append(members)
     return fusion, merge, sets
 
@@ -405,8 +405,8 @@ def _paper(c: _Checker, value, tasks: dict[str, TaskSpec], sets: list[list[str]]
            merge: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """paper: task -> upstream set -> variant -> value in %, each name one of the recipe's."""
     paper_raw = c.mapping(value, "paper", optional=tuple(tasks))
-    names = [set_name(s) for s in sets]
-    variant_names = [variant_name(f, m) for f in fusion for m in merge]
+    names = [upstream_set_name(s) for s in sets]
+    variant_names = [variant_name(*v) for v in variant_grid(fusion, merge)]
     paper: dict[str, dict[str, dict[str, float]]] = {}
     for t, by_set in paper_raw.items():
         by_set = c.mapping(by_set, f"paper.{t}", optional=tuple(names))

@@ -9,20 +9,17 @@ question). `ablation.run_recipe` writes it after the runs; the runs on disk are 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusionpipe.train.config import variant_name
+from fusionpipe.names import upstream_set_name
+from fusionpipe.train.log import read_losses
+from fusionpipe.train.rundir import RunDir, variant_grid, variant_name
 
 if TYPE_CHECKING:
     from fusionpipe.ablate.plan import Plan, Run
     from fusionpipe.ablate.recipe import Recipe, TaskSpec
-
-def set_name(upstreams: list[str]) -> str:
-    """An upstream set's name: its aliases joined with "+", in the recipe's order."""
-    return "+".join(upstreams)
 
 
 def _primary(spec: TaskSpec) -> tuple[str, bool]:
@@ -45,9 +42,8 @@ def collect(plan: Plan) -> list[dict]:
                 variant = variant_name(fusion, merge)
                 # per seed (a run's `seeds`, else its one seed), the folds averaged; then mean and std over seeds
                 per_seed = []
-                for seed in spec.settings.get("seeds") or [None]:
-                    per_fold = [r for r in (_variant_result(x, variant_name(fusion, merge, seed)) for x in runs)
-                                if r is not None]
+                for name in (variant_name(*v) for v in variant_grid([fusion], [merge], spec.settings.get("seeds"))):
+                    per_fold = [r for r in (_variant_result(x, name) for x in runs) if r is not None]
                     if per_fold:
                         per_seed.append(per_fold)
                 if not per_seed:
@@ -58,10 +54,10 @@ def collect(plan: Plan) -> list[dict]:
                 seed_means = [{k: _mean([r["metrics"].get(k) for r in per_fold]) for k in keys} for per_fold in per_seed]
                 metrics = {k: _mean([m.get(k) for m in seed_means]) for k in keys}
                 spread = _std([m.get(metric) for m in seed_means])
-                paper = recipe.paper.get(spec.name, {}).get(set_name(upstreams), {}).get(variant)
+                paper = recipe.paper.get(spec.name, {}).get(upstream_set_name(upstreams), {}).get(variant)
                 value = metrics.get(metric)
                 rows.append({
-                    "task": spec.name, "upstreams": set_name(upstreams), "fusion": fusion, "merge": merge,
+                    "task": spec.name, "upstreams": upstream_set_name(upstreams), "fusion": fusion, "merge": merge,
                     "variant": variant, "folds": len(per_seed[0]), "seeds": len(per_seed), "split": split,
                     "metrics": metrics, "metric": metric, "ours": None if value is None else round(100 * value, 2),
                     "ours_std": None if spread is None else round(100 * spread, 2), "paper": paper,
@@ -91,31 +87,30 @@ def _mean(values: list) -> float | None:
 
 
 def _variant_result(x: Run, variant: str) -> dict | None:
-    results = x.out / variant / "results.json"
-    if not results.is_file():
+    run = RunDir(x.out)
+    res = run.results(variant)
+    if res is None:
         return None
-    res = json.loads(results.read_text())
-    test = json.loads((x.out / "test.json").read_text()) if (x.out / "test.json").is_file() else {}
+    test = run.test()
     if variant in test:
         split, metrics = "test", dict(test[variant])
     else:
         split, metrics = "dev", dict(res.get("dev") or {})
     inference = metrics.pop("inference_seconds", None)
     return {"split": split, "metrics": metrics, "inference_seconds": inference,
-            "trainable_params": res.get("trainable_params"), "interface_params": interface_params(x.out / variant),
+            "trainable_params": res.get("trainable_params"), "interface_params": interface_params(run, variant),
             "train_seconds_per_epoch": res.get("train_seconds_per_epoch"), "steps": res.get("steps"),
-            "stuck": bool((res.get("plateau") or {}).get("stuck")), "log": x.out / variant / "log.csv"}
+            "stuck": bool((res.get("plateau") or {}).get("stuck")), "log": run.log_path(variant)}
 
 
-def interface_params(variant_dir: Path) -> int | None:
-    """Parameters of the interface (merge front + interface; the state dict's fusion.*), from best.pt."""
-    ckpt = variant_dir / "best.pt"
-    if not ckpt.is_file():
+def interface_params(run: RunDir, variant: str) -> int | None:
+    """Parameters of the interface (merge front + interface; the state dict's interface.*), from best.pt."""
+    if not run.best_path(variant).is_file():
         return None
-    from fusionpipe.train.checkpoint import load_checkpoint
+    from fusionpipe.train.variant import PREFIX, current_keys
 
-    state = load_checkpoint(ckpt)["model"]
-    return int(sum(v.numel() for k, v in state.items() if k.startswith("fusion.") and v.is_floating_point()
+    state = current_keys(run.load_best(variant)["model"])
+    return int(sum(v.numel() for k, v in state.items() if k.startswith(PREFIX) and v.is_floating_point()
                    and not k.endswith(".tau") and ".standardize." not in k))  # buffers, not parameters
 
 
@@ -166,7 +161,7 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
              f"Recipe `{recipe.source}`. Values in %: each task's metric on its test set (dev where the "
              "task has none), folds averaged; the paper's numbers, where the recipe gives them, in "
              "parentheses: `ours (paper)`.", ""]
-    variants = [(f, m) for f in recipe.fusion for m in recipe.merge]
+    variants = [(f, m) for f, m, _ in variant_grid(recipe.fusion, recipe.merge)]
     for spec in recipe.tasks.values():
         task_rows = [r for r in rows if r["task"] == spec.name]
         if not task_rows:
@@ -180,7 +175,7 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
         lines.append("|---|" + "---:|" * len(variants))
         single = stuck = False
         for upstreams in recipe.upstream_sets:
-            name = set_name(upstreams)
+            name = upstream_set_name(upstreams)
             cells = []
             for f, m in variants:
                 r = next((r for r in task_rows if r["upstreams"] == name and r["variant"] == variant_name(f, m)), None)
@@ -259,7 +254,7 @@ def layer_pictures(plan: Plan, out: Path) -> list[tuple[str, Path, str]]:
         metric, _ = _primary(spec)
         for upstreams in plan.recipe.upstream_sets:
             x = next((x for x in plan.runs if x.task is spec and x.upstreams == upstreams
-                      and all((x.out / n / "results.json").is_file() for n in x.names)), None)
+                      and RunDir(x.out).finished(x.names)), None)
             if x is None:
                 continue
             where = x.out / "analysis"
@@ -272,7 +267,7 @@ def layer_pictures(plan: Plan, out: Path) -> list[tuple[str, Path, str]]:
                     rows = (layer_use(x.out, x.test_stores, x.test_manifest, x.test_trials, x.config.get("device",
                             "auto")) if x.test_stores else layer_use(x.out, knockout=False))
                 write_layer_use(rows, where, metric, title=x.label)
-            picture = out / f"{spec.name}-{set_name(upstreams)}-layer-use.png"
+            picture = out / f"{spec.name}-{upstream_set_name(upstreams)}-layer-use.png"
             plot_layer_use(rows, picture, metric, title=x.label)
             found.append((f"layer use: {x.label}", picture, describe_use(rows, metric)))
     for upstreams in plan.recipe.upstream_sets:
@@ -280,13 +275,13 @@ def layer_pictures(plan: Plan, out: Path) -> list[tuple[str, Path, str]]:
         stores = x.config.get("stores") if x is not None else None
         if not stores:
             continue
-        where = out / "analysis" / f"cka-{set_name(upstreams)}"
+        where = out / "analysis" / f"cka-{upstream_set_name(upstreams)}"
         try:
             sim = read_similarity(where) if (where / "cka.csv").is_file() else layer_similarity(stores)
         except FusionpipeError:
             continue  # stores not complete: no picture rather than no report
-        write_similarity(sim, where, title=f"layer CKA: {set_name(upstreams)} ({sim.manifest}, {sim.frames} frames)")
-        found.append((f"layer CKA: {set_name(upstreams)}", where / "cka.png", describe_similarity(sim)))
+        write_similarity(sim, where, title=f"layer CKA: {upstream_set_name(upstreams)} ({sim.manifest}, {sim.frames} frames)")
+        found.append((f"layer CKA: {upstream_set_name(upstreams)}", where / "cka.png", describe_similarity(sim)))
     return found
 
 
@@ -323,8 +318,8 @@ def _plot(recipe: Recipe, rows: list[dict], out: Path) -> list[Path]:
         if not task_rows:
             continue
         metric, lower = _primary(spec)
-        sets = [set_name(s) for s in recipe.upstream_sets if any(r["upstreams"] == set_name(s) for r in task_rows)]
-        variants = [v for v in (variant_name(f, m) for f in recipe.fusion for m in recipe.merge)
+        sets = [upstream_set_name(s) for s in recipe.upstream_sets if any(r["upstreams"] == upstream_set_name(s) for r in task_rows)]
+        variants = [v for v in (variant_name(*fms) for fms in variant_grid(recipe.fusion, recipe.merge))
                     if any(r["variant"] == v for r in task_rows)]
         width = 0.8 / len(variants)
         colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(variants))]
@@ -355,7 +350,7 @@ def _plot(recipe: Recipe, rows: list[dict], out: Path) -> list[Path]:
         for ax, s in zip(axes[0], sets):
             for r in task_rows:
                 if r["upstreams"] == s and r["log"].is_file():
-                    steps, losses = _read_log(r["log"])
+                    steps, losses = read_losses(r["log"])
                     ax.plot(steps, _smooth(losses), label=r["variant"], color=colors[variants.index(r["variant"])],
                             linewidth=1)
             ax.set_title(s, fontsize=8)
@@ -381,16 +376,3 @@ def _smooth(values: list[float]) -> list[float]:
         out.append(total / min(i + 1, w))
     return out
 
-
-def _read_log(path: Path) -> tuple[list[int], list[float]]:
-    steps, losses = [], []
-    with open(path, newline="") as f:
-        for rec in csv.DictReader(f):
-            try:
-                loss = float(rec["loss"])
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(loss):
-                steps.append(int(rec["step"]))
-                losses.append(loss)
-    return steps, losses

@@ -30,7 +30,6 @@ Variants that ended on the CTC blank plateau (results.json ``plateau``) have lea
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +37,14 @@ import torch
 
 from fusionpipe.device import resolve_device
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.fuse.loader import make_loader
 from fusionpipe.fuse.view import open_fused
+from fusionpipe.names import upstream_set_name
 from fusionpipe.store import FeatureStore
-from fusionpipe.train.checkpoint import load_checkpoint
-from fusionpipe.train.config import TrainConfig, check_upstreams, split_seed, trial_list
+from fusionpipe.train.config import trial_list
+from fusionpipe.train.evaluation import eval_loader, predictions, scored, trained_variants
 from fusionpipe.train.interfaces import GumbelSelect, WeightedSum
-from fusionpipe.train.loop import build_variants, expands_on
-from fusionpipe.train.tasks import batch_targets, lower_is_better, task_from_dict
+from fusionpipe.train.rundir import RunDir, split_seed
+from fusionpipe.train.tasks import lower_is_better
 
 USE_COLUMNS = ("variant", "fusion", "merge", "seed", "measure", "upstream", "layer", "metric", "value")
 MEASURES = ("weight", "share", "layer-share", "knockout", "dev")
@@ -57,71 +56,52 @@ def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | 
     """Every measure of every variant of ``run`` (`USE_COLUMNS` rows). The knockout is scored on ``stores``
     (default: the run's dev stores, with its dev manifest) and needs them; ``knockout=False`` reads
     only the weights."""
-    run = Path(run)
-    if not (run / "config.json").is_file() or not (run / "task.json").is_file():
-        raise FusionpipeError(f"{run} is not a training run (no config.json / task.json); give a directory "
-                              "`fusionpipe train --out` wrote, or stores to compare (`fusionpipe analyze A.zarr B.zarr`)")
-    cfg = TrainConfig.load(run / "config.json")
+    run = RunDir(run)
+    run.require()
+    cfg = run.config()
     names = cfg.variant_names()
-    stuck = stuck_variants(run)
+    stuck = run.stuck_variants(names)
     if stuck and set(names) <= set(stuck):
-        raise FusionpipeError(f"{run}: every variant ended on the CTC blank plateau ({', '.join(stuck)}); there is "
-                              "no layer use to read. docs/method.md says what helps; train again")
-    lacking = [n for n in names if not (run / n / "best.pt").is_file()]
-    if lacking:
-        raise FusionpipeError(f"{run}: variant(s) {', '.join(lacking)} have no best.pt yet; finish the run "
-                              "(`fusionpipe train ... --resume` with its flags) first")
+        raise FusionpipeError(f"{run.path}: every variant ended on the CTC blank plateau ({', '.join(stuck)}); there "
+                              "is no layer use to read. docs/method.md says what helps; train again")
     upstream_names = [FeatureStore.open(s).info.upstream or Path(s).stem for s in cfg.stores]
-    merged = "+".join(upstream_names)
+    merged = upstream_set_name(upstream_names)
     if stores is None:
         stores, manifest = cfg.dev_stores, cfg.dev_manifest if manifest is None else manifest
     if knockout and not stores:
-        raise FusionpipeError(f"{run} has no dev stores to score a knockout on: give --stores (the run's upstreams, "
-                              "in its order; --manifest for some rows of them), or --no-knockout for the weights only")
+        raise FusionpipeError(f"{run.path} has no dev stores to score a knockout on: give --stores (the run's "
+                              "upstreams, in its order; --manifest for some rows of them), or --no-knockout for the "
+                              "weights only")
     trials = trials or cfg.trials
-    task = task_from_dict(json.loads((run / "task.json").read_text()), trial_list(trials) if trials else ())
+    task = run.task(trial_list(trials) if trials else ())
     device = resolve_device(device)
-    loader = None
-    if knockout:
-        check_upstreams(cfg.stores, stores, "--stores", "the run's --stores")
-        loader = make_loader(stores, manifest, max_frames=cfg.max_frames, shuffle=False, align_time=cfg.align_time,
-                             align_layers=cfg.align_layers, skip_missing=skip_missing, prefetch=1,
-                             compact=expands_on(device))
-        view = loader.dataset.view
-    else:
-        view = open_fused(cfg.stores, None, cfg.align_time, cfg.align_layers, skip_missing=True)
-    variants = [v for v in build_variants(cfg, task, view.dims, view.num_layers, run, device) if v.name not in stuck]
-    for v in variants:
-        v.model.load_state_dict(load_checkpoint(run / v.name / "best.pt")["model"])
-        v.model.eval()
+    loader = eval_loader(cfg, stores, manifest, device, skip_missing, prefetch=1) if knockout else None
+    view = loader.dataset.view if knockout else open_fused(cfg.stores, None, cfg.align_time, cfg.align_layers,
+                                                             skip_missing=True)
+    variants = trained_variants(run, cfg, task, view, device, [n for n in names if n not in stuck])
 
     def head(name: str) -> dict:  # the columns that say which variant and seed
         base, seed = split_seed(name)
-        fusion, merge = next((f, m) for f, m in cfg.variants() if f"{f}-{m}" == base)
+        fusion, merge, _ = next(v for v in cfg.seeded_variants() if f"{v[0]}-{v[1]}" == base)
         return {"variant": base, "fusion": fusion, "merge": merge, "seed": cfg.seed if seed is None else seed}
 
-    rows = [{**head(v.name), **r} for v in variants for r in _weights(v.model.fusion.interface, upstream_names, merged)]
+    rows = [{**head(v.name), **r} for v in variants
+            for r in _weights(v.model.interface.interface, upstream_names, merged)]
     if loader is not None:
-        for name, scored in _knockout(variants, task, loader, view.num_layers, device).items():
-            baseline = scored[None]
+        for name, scores in _knockout(variants, task, loader, view.num_layers, device).items():
+            baseline = scores[None]
             for metric, value in baseline.items():
                 rows.append({**head(name), "measure": "dev", "upstream": merged, "layer": None, "metric": metric,
                              "value": value})
                 rows += [{**head(name), "measure": "knockout", "upstream": merged, "layer": layer, "metric": metric,
-                          "value": scored[layer][metric] - value} for layer in range(view.num_layers)]
+                          "value": scores[layer][metric] - value} for layer in range(view.num_layers)]
     return rows
 
 
 def stuck_variants(run: str | Path) -> list[str]:
     """The variants of a run whose results.json says they ended on the CTC blank plateau."""
-    run = Path(run)
-    names = TrainConfig.load(run / "config.json").variant_names()
-    out = []
-    for name in names:
-        path = run / name / "results.json"
-        if path.is_file() and (json.loads(path.read_text()).get("plateau") or {}).get("stuck"):
-            out.append(name)
-    return out
+    run = RunDir(run)
+    return run.stuck_variants(run.config().variant_names())
 
 
 def _weights(interface, upstreams: list[str], merged: str) -> list[dict]:
@@ -142,44 +122,38 @@ def _weights(interface, upstreams: list[str], merged: str) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
 def _knockout(variants, task, loader, num_layers: int, device) -> dict[str, dict]:
     """{variant: {None: dev metrics, layer: metrics with that merged layer at its training mean (`_knocked`)}},
-    reading each batch once."""
+    reading each batch once (the evaluation loop's `predictions`, one predictor per variant and layer)."""
     knock = [None, *range(num_layers)]
-    preds = {(v.name, k): [] for v in variants for k in knock}
-    targets: dict[str, list] = {}
-    for batch in loader:
-        stacks = [s.to(device) for s in batch["stacks"]]  # N x (B, L, T, D_i)
-        lengths = batch["lengths"].to(device)
-        for k in knock:
-            kept = None if k is None else [s[:, k].clone() for s in stacks]
-            for v in variants:
-                if k is not None:
-                    for s, value in zip(stacks, _knocked(v, k)):
-                        s[:, k] = value
-                preds[(v.name, k)].extend(task.predict(v.model.head, v.model.features(stacks, lengths), lengths))
-            if kept is not None:
-                for s, x in zip(stacks, kept):
-                    s[:, k] = x
-        for c, values in batch_targets(batch["rows"]).items():
-            targets.setdefault(c, []).extend(values)
-    out: dict[str, dict] = {}
-    for v in variants:
+    preds, targets, _ = predictions(loader, device, {(v.name, k): _knocked_out(v, task, k)
+                                                     for v in variants for k in knock})
+    return {v.name: {k: scored(task, v.name, preds[(v.name, k)], targets) for k in knock} for v in variants}
+
+
+def _knocked_out(v, task, layer: int | None):
+    """A predictor of variant ``v`` with merged ``layer`` of every upstream's stack set to what `_knocked` says
+    (and put back after: the batch is shared by every predictor); ``layer`` None: the stacks as read."""
+    def predict(stacks, lengths, rows):
+        kept = None if layer is None else [s[:, layer].clone() for s in stacks]  # N x (B, T, D_i)
+        if layer is not None:
+            for s, value in zip(stacks, _knocked(v, layer)):
+                s[:, layer] = value
         try:
-            out[v.name] = {k: task.metrics(preds[(v.name, k)], targets) for k in knock}
-        except ValueError as e:
-            raise FusionpipeError(f"scoring {v.name}: {e}") from None
-    return out
+            return task.predict(v.model.head, v.model.features(stacks, lengths), lengths)
+        finally:
+            for s, x in zip(stacks, kept or ()):
+                s[:, layer] = x
+    return predict
 
 
 def _knocked(v, layer: int) -> list:
     """What merged layer ``layer`` of each upstream becomes in a knockout of variant ``v``: its training mean
     (D_i,), which its Standardize maps to zero; 0 without standardize."""
-    front = v.model.fusion.standardize
+    front = v.model.interface.standardize
     if front is None:
-        return [0.0] * len(v.model.fusion.dims)
-    return [front.get_buffer(f"mean_{k}")[layer] for k in range(len(v.model.fusion.dims))]
+        return [0.0] * len(v.model.interface.dims)
+    return [front.get_buffer(f"mean_{k}")[layer] for k in range(len(v.model.interface.dims))]
 
 
 # ---- files ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME
 from fusionpipe.train.augment import crop_frames
 from fusionpipe.train.interfaces import INTERFACES, MERGES, interface_option_problems
+from fusionpipe.train.rundir import read_config_json, variant_grid, variant_name
 from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems, is_metric, read_trials
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -24,8 +25,6 @@ NOT_COMPARED = ("device", "num_workers")
 RESUMABLE = (*NOT_COMPARED, "steps")
 # where the run directory is: no setting (a copied or moved run resumes and evaluates; `config_changes`)
 WHERE = ("out",)
-# config.json fields renamed since: the old name -> the field it is now (read either)
-LEGACY_FIELDS = {"head": "head_options", "interface": "interface_options"}
 # what makes two stores' features interchangeable: the upstream that computed them
 FINGERPRINT = ("model_id", "revision", "num_layers", "hidden_size")
 
@@ -71,13 +70,9 @@ class TrainConfig:
         if self.dev_manifest and not self.dev_stores:
             self.dev_stores = list(self.stores)
 
-    def variants(self) -> list[tuple[str, str]]:
-        return [(f, m) for f in self.fusion for m in self.merge]
-
     def seeded_variants(self) -> list[tuple[str, str, int | None]]:
-        """(fusion, merge, seed) of every variant the run trains: with ``seeds``, each variant once per
-        seed (named ``<fusion>-<merge>@s<seed>``); without, seed None: the variant trains with ``seed``."""
-        return [(f, m, s) for f, m in self.variants() for s in (self.seeds or [None])]
+        """(fusion, merge, seed) of every variant the run trains (`variant_grid`)."""
+        return variant_grid(self.fusion, self.merge, self.seeds)
 
     def variant_names(self) -> list[str]:
         return [variant_name(f, m, s) for f, m, s in self.seeded_variants()]
@@ -87,13 +82,10 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
+        saved = read_config_json(path)
         try:
-            saved = json.loads(Path(path).read_text())
-            for old, new in LEGACY_FIELDS.items():  # runs saved before the rename still evaluate and resume
-                if old in saved and new not in saved:
-                    saved[new] = saved.pop(old)
             cfg = cls(**saved)
-        except (ValueError, TypeError) as e:  # not JSON, or other fields than a TrainConfig's
+        except TypeError as e:  # other fields than a TrainConfig's
             raise FusionpipeError(f"{path} is not a fusionpipe training config ({e})") from None
         try:  # an edited file (hidden: 1e12) is refused here, not by the allocator
             cfg.check_settings()
@@ -248,15 +240,3 @@ def check_upstreams(reference: list[str], given: list[str], given_flag: str, ref
                           f"{reference_flag} store {i + 1} ({reference[i]}) of {_describe(want[i])}; give stores "
                           f"extracted with the same upstreams, in the order of {reference_flag}")
 
-
-SEED_MARK = "@s"  # hconv-concat@s1: the variant hconv-concat trained with seed 1 (one of a run's `seeds`)
-
-
-def variant_name(fusion: str, merge: str, seed: int | None = None) -> str:
-    return f"{fusion}-{merge}" + ("" if seed is None else f"{SEED_MARK}{seed}")
-
-
-def split_seed(name: str) -> tuple[str, int | None]:
-    """'hconv-concat@s1' -> ('hconv-concat', 1); a name without a seed -> (name, None)."""
-    base, mark, seed = name.rpartition(SEED_MARK)
-    return (base, int(seed)) if mark and seed.isdigit() else (name, None)

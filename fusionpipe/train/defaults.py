@@ -1,6 +1,7 @@
 """What `fusionpipe train` fills in that no flag gives: the task a manifest supports, the run directory,
 and the demo preset when no stores are given. `complete` is the one place both the command and
-`train()` take the first two from, so a TrainConfig built in Python trains what the same flags train."""
+`train()` take the first two from, so a TrainConfig built in Python trains what the same flags train;
+`from_flags` is the command's whole rule (flags over the preset over TrainConfig's defaults)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.names import upstream_set_name
 from fusionpipe.train.config import TrainConfig
 
 
@@ -54,7 +56,7 @@ def upstream_names(stores: list[str]) -> str:
     """The stores' upstreams joined with "+", in their order: wavlm-base-plus+whisper-small."""
     from fusionpipe.store import FeatureStore
 
-    return "+".join(FeatureStore.open(s).info.upstream for s in stores)
+    return upstream_set_name(FeatureStore.open(s).info.upstream for s in stores)
 
 
 def complete(cfg: TrainConfig) -> TrainConfig:
@@ -65,3 +67,16 @@ def complete(cfg: TrainConfig) -> TrainConfig:
         return cfg
     task = cfg.task or default_task(train_manifest(cfg))
     return dataclasses.replace(cfg, task=task, out=cfg.out or str(Path("runs") / f"{task}-{upstream_names(cfg.stores)}"))
+
+
+def from_flags(stores: list[str], dev_stores: list[str], cache: str | Path, given: dict, **settings) -> TrainConfig:
+    """The TrainConfig of `fusionpipe train`: the flags ``given`` (those left None take no part) over the demo
+    preset (`DEMO`, only when no stores are given: then the complete demo stores under ``cache``) over
+    TrainConfig's defaults; ``settings`` are the flags that always have a value. Task and out completed."""
+    given = {k: v for k, v in given.items() if v is not None}
+    preset = {}
+    if not stores:
+        stores, found_dev = demo_stores(cache)
+        dev_stores = dev_stores or found_dev
+        preset = DEMO
+    return complete(TrainConfig(stores=stores, dev_stores=dev_stores, **settings, **{**preset, **given}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -62,3 +63,18 @@ class Log:
         self.f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def read_losses(path: Path) -> tuple[list[int], list[float]]:
+    """(steps, training losses) of a log.csv, its finite losses only (for learning curves)."""
+    steps, losses = [], []
+    with open(path, newline="") as f:
+        for rec in csv.DictReader(f):
+            try:
+                loss = float(rec["loss"])
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(loss):
+                steps.append(int(rec["step"]))
+                losses.append(loss)
+    return steps, losses
