@@ -321,7 +321,7 @@ def train(
     once and train each split or fold from it. Each row must be an utterance the stores hold, the same
     audio (path, num_samples).
     """
-    from fusionpipe.train import loop
+    from fusionpipe.train import loop, rundir
     from fusionpipe.train.defaults import from_flags, train_manifest, upstream_names
 
     given = dict(steps=steps, eval_every=eval_every, lr=lr, optimizer=optimizer, max_frames=max_frames,
@@ -339,7 +339,7 @@ def train(
     say(f"train {cfg.task} on {rows.name} ({len(rows)} utterances) with {upstream_names(cfg.stores)}; "
         f"dev: {len(cfg.dev_stores)} store(s)"
         f"{f' ({Path(dev_manifest).stem})' if dev_manifest else ''}; "
-        f"variants {', '.join(cfg.variant_names())}; {cfg.steps} steps; "
+        f"variants {', '.join(rundir.variant_names(cfg))}; {cfg.steps} steps; "
         f"head {cfg.head_options or 'SUPERB'}"
         f" -> {cfg.out}")
     for name, res in loop.train(cfg, resume=resume).items():

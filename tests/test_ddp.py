@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fusionpipe.train.rundir import RunDir
 from fusionpipe.fuse.loader import BucketBatchSampler, make_loader
 from fusionpipe.fuse.loader import shard
 from fusionpipe.train.tasks import TASKS, build_task
@@ -100,7 +101,7 @@ def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_pa
     one = tmp_path / "one"
     train(train_config(pitch_stores, one, **kw), progress=False)
 
-    cfg = TrainConfig.load(one / "config.json")
+    cfg = RunDir(one).config()
     sampler = make_loader(cfg.stores, max_frames=300, shuffle=True, seed=3).batch_sampler
     sizes = [len(b) for e in range(3) for b in (sampler.set_epoch(e), sampler.batches())[1]][:12]
     assert 1 in sizes and any(n % 2 and n > 1 for n in sizes)
@@ -115,7 +116,7 @@ def test_torchrun_two_ranks_train_as_one_process_and_resume(pitch_stores, tmp_pa
                               timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    saved = TrainConfig.load(two / "config.json")
+    saved = RunDir(two).config()
     assert {**vars(saved), "out": ""} == {**vars(cfg), "out": ""}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"] and _files(two) == _files(one)
     for variant in ("weighted-sum-concat", "hconv-concat"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fusionpipe.train.rundir import RunDir
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.run import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
@@ -28,13 +29,13 @@ def test_loss_falls_and_accuracy_beats_chance(pitch_stores, tmp_path, train_conf
     assert res["trainable_params"] > 0 and res["train_seconds_per_epoch"] > 0
     saved = json.loads((tmp_path / "run" / "hconv-concat" / "results.json").read_text())
     assert saved["dev"]["accuracy"] == res["dev"]["accuracy"]
-    assert TrainConfig.load(tmp_path / "run" / "config.json").fusion == ["hconv"]
+    assert RunDir(tmp_path / "run").config().fusion == ["hconv"]
 
 
 def test_a_config_saved_before_the_options_rename_still_loads(tmp_path):
     saved = {"stores": ["a.zarr"], "task": "asr", "head": {"proj": 64, "hidden": 64}, "interface": {"normalize": True}}
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    cfg = TrainConfig.load(tmp_path / "config.json")
+    cfg = RunDir(tmp_path).config()
     assert cfg.head_options == {"proj": 64, "hidden": 64} and cfg.interface_options == {"normalize": True}
 
 
@@ -50,7 +51,7 @@ def test_variant_names_parse_back_into_fusion_merge_and_seed_in_the_runs_order()
 
 
 def test_a_run_saved_before_the_options_rename_resumes(pitch_stores, tmp_path, train_config, logged_losses):
-    """--resume compares the flags with config.json read as TrainConfig.load reads it (the old names mapped):
+    """--resume compares the flags with config.json read as RunDir.config reads it (the old names mapped):
     it refused such a run with `head_options: None -> {...}`. Resumed, it trains on as if never renamed."""
     straight = tmp_path / "straight"
     train(train_config(pitch_stores, straight, steps=4, eval_every=2), progress=False)
@@ -69,7 +70,6 @@ def test_a_checkpoint_of_the_interface_under_its_old_name_fusion_still_evaluates
     and the report counts them as the interface's."""
     from fusionpipe.ablate.report import interface_params
     from fusionpipe.train.checkpoint import load_checkpoint, save_checkpoint
-    from fusionpipe.train.rundir import RunDir
 
     run = tmp_path / "run"
     train(train_config(pitch_stores, run, steps=2, eval_every=2), progress=False)

@@ -43,7 +43,7 @@ from fusionpipe.store import FeatureStore
 from fusionpipe.train.config import trial_list
 from fusionpipe.train.evaluation import eval_loader, predictions, scored, trained_variants
 from fusionpipe.train.interfaces import GumbelSelect, WeightedSum
-from fusionpipe.train.rundir import RunDir, split_seed
+from fusionpipe.train.rundir import RunDir, split_seed, variant_names, variants_of
 from fusionpipe.train.tasks import lower_is_better
 
 USE_COLUMNS = ("variant", "fusion", "merge", "seed", "measure", "upstream", "layer", "metric", "value")
@@ -59,7 +59,7 @@ def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | 
     run = RunDir(run)
     run.require()
     cfg = run.config()
-    names = cfg.variant_names()
+    names = variant_names(cfg)
     stuck = run.stuck_variants(names)
     if stuck and set(names) <= set(stuck):
         raise FusionpipeError(f"{run.path}: every variant ended on the CTC blank plateau ({', '.join(stuck)}); there "
@@ -82,7 +82,7 @@ def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | 
 
     def head(name: str) -> dict:  # the columns that say which variant and seed
         base, seed = split_seed(name)
-        fusion, merge, _ = next(v for v in cfg.seeded_variants() if f"{v[0]}-{v[1]}" == base)
+        fusion, merge, _ = next(v for v in variants_of(cfg) if f"{v[0]}-{v[1]}" == base)
         return {"variant": base, "fusion": fusion, "merge": merge, "seed": cfg.seed if seed is None else seed}
 
     rows = [{**head(v.name), **r} for v in variants
@@ -101,7 +101,7 @@ def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | 
 def stuck_variants(run: str | Path) -> list[str]:
     """The variants of a run whose results.json says they ended on the CTC blank plateau."""
     run = RunDir(run)
-    return run.stuck_variants(run.config().variant_names())
+    return run.stuck_variants(variant_names(run.config()))
 
 
 def _weights(interface, upstreams: list[str], merged: str) -> list[dict]:

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import torch
 
-from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME
 from fusionpipe.train.augment import crop_frames
 from fusionpipe.train.interfaces import INTERFACES, MERGES, interface_option_problems
-from fusionpipe.train.rundir import read_config_json, variant_grid, variant_name
 from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems, is_metric, read_trials
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -69,29 +67,6 @@ class TrainConfig:
     def __post_init__(self):
         if self.dev_manifest and not self.dev_stores:
             self.dev_stores = list(self.stores)
-
-    def seeded_variants(self) -> list[tuple[str, str, int | None]]:
-        """(fusion, merge, seed) of every variant the run trains (`variant_grid`)."""
-        return variant_grid(self.fusion, self.merge, self.seeds)
-
-    def variant_names(self) -> list[str]:
-        return [variant_name(f, m, s) for f, m, s in self.seeded_variants()]
-
-    def save(self, path: Path) -> None:
-        write_json(path, asdict(self))
-
-    @classmethod
-    def load(cls, path: Path) -> TrainConfig:
-        saved = read_config_json(path)
-        try:
-            cfg = cls(**saved)
-        except TypeError as e:  # other fields than a TrainConfig's
-            raise FusionpipeError(f"{path} is not a fusionpipe training config ({e})") from None
-        try:  # an edited file (hidden: 1e12) is refused here, not by the allocator
-            cfg.check_settings()
-        except FusionpipeError as e:
-            raise FusionpipeError(f"{path}: {e}; restore the file, or train again into another --out") from None
-        return cfg
 
     def check(self) -> None:
         """Refuse settings that cannot train or evaluate, before any data is read or any step taken.

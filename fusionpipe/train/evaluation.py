@@ -22,7 +22,7 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.loader import make_loader
 from fusionpipe.train import ddp
 from fusionpipe.train.config import TrainConfig, check_upstreams, trial_list
-from fusionpipe.train.rundir import RunDir
+from fusionpipe.train.rundir import RunDir, variant_names
 from fusionpipe.train.tasks import batch_targets
 from fusionpipe.train.variant import Variant, build_variants, check_frames, expands_on
 
@@ -121,7 +121,7 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     run = RunDir(run)
     run.require()
     cfg = run.config()
-    names = cfg.variant_names()
+    names = variant_names(cfg)
     if variant is not None and variant not in names:
         raise FusionpipeError(f"{run.path} has no variant {variant}; it has {', '.join(names)}")
     task = run.task(trial_list(trials) if trials else ())

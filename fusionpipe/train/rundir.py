@@ -23,16 +23,14 @@ or not at all (`fusionpipe.atomic`); checkpoints are read without running code (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.train.checkpoint import load_checkpoint, save_checkpoint
-
-if TYPE_CHECKING:
-    from fusionpipe.train.config import TrainConfig
+from fusionpipe.train.config import TrainConfig
 
 SEED_MARK = "@s"  # hconv-concat@s1: the variant hconv-concat trained with seed 1 (one of a run's `seeds`)
 # config.json fields renamed since: the old name -> the field it is now (runs saved before still evaluate and resume)
@@ -53,6 +51,16 @@ def variant_grid(fusion: list[str], merge: list[str], seeds: list[int] | None = 
     """(fusion, merge, seed) of every variant a run trains, in its order: each fusion x merge, once per seed
     of ``seeds``; without seeds, seed None (the variant trains with the run's one ``seed``)."""
     return [(f, m, s) for f in fusion for m in merge for s in (seeds or [None])]
+
+
+def variants_of(cfg: TrainConfig) -> list[tuple[str, str, int | None]]:
+    """(fusion, merge, seed) of every variant the run of ``cfg`` trains (`variant_grid`)."""
+    return variant_grid(cfg.fusion, cfg.merge, cfg.seeds)
+
+
+def variant_names(cfg: TrainConfig) -> list[str]:
+    """The directory names of the variants the run of ``cfg`` trains, in its order."""
+    return [variant_name(*v) for v in variants_of(cfg)]
 
 
 def read_config_json(path: str | Path) -> dict:
@@ -103,13 +111,20 @@ class RunDir:
         return read_config_json(self.config_path)
 
     def config(self) -> TrainConfig:
-        """config.json as a checked TrainConfig."""
-        from fusionpipe.train.config import TrainConfig  # config.py imports the names above: imported here
-
-        return TrainConfig.load(self.config_path)
+        """config.json as a checked TrainConfig (its older field names mapped: `read_config_json`)."""
+        path = self.config_path
+        try:
+            cfg = TrainConfig(**read_config_json(path))
+        except TypeError as e:  # other fields than a TrainConfig's
+            raise FusionpipeError(f"{path} is not a fusionpipe training config ({e})") from None
+        try:  # an edited file (hidden: 1e12) is refused here, not by the allocator
+            cfg.check_settings()
+        except FusionpipeError as e:
+            raise FusionpipeError(f"{path}: {e}; restore the file, or train again into another --out") from None
+        return cfg
 
     def write_config(self, cfg: TrainConfig) -> None:
-        cfg.save(self.config_path)
+        write_json(self.config_path, dataclasses.asdict(cfg))
 
     def task(self, trials=()):
         """The task of task.json (labels of the train manifest); ``trials`` for verify are eval data."""

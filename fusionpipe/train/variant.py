@@ -19,7 +19,7 @@ from fusionpipe.train import ddp
 from fusionpipe.train.augment import spec_augment
 from fusionpipe.train.config import OPTIMIZERS, TrainConfig
 from fusionpipe.train.interfaces import Interface
-from fusionpipe.train.rundir import RunDir, variant_name
+from fusionpipe.train.rundir import RunDir, variant_name, variants_of
 from fusionpipe.train.tasks import check_head
 
 
@@ -180,8 +180,8 @@ def resumed_device_rng(saved, device: torch.device, fresh: torch.Tensor | None) 
 def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, run: RunDir,
                    device: torch.device) -> list[Variant]:
     """Every variant of ``cfg``, initialised from its seed as it would be alone (untrained)."""
-    variants = []
-    for fusion, merge, seed in cfg.seeded_variants():
+    built = []
+    for fusion, merge, seed in variants_of(cfg):
         seed = cfg.seed if seed is None else seed
         torch.manual_seed(seed)  # identical initialisation whether trained alone or with others
         try:
@@ -193,10 +193,10 @@ def build_variants(cfg: TrainConfig, task, dims: list[int], num_layers: int, run
         if ddp.rank():  # the same parameters on every rank, but its own dropout / mask / Gumbel draws
             torch.manual_seed(ddp.rank_seed(seed, ddp.rank()))
         name = variant_name(fusion, merge, None if cfg.seeds is None else seed)
-        variants.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr),
+        built.append(Variant(name, model, OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr),
                                 run.variant(name),
                                 device))
-    return variants
+    return built
 
 
 def expands_on(device: torch.device) -> bool:
