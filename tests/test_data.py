@@ -10,7 +10,7 @@ import torch
 
 from fusionpipe.fuse.loader import BucketBatchSampler, FusedDataset, SharedSlots, collate, make_loader
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import extract
+from fusionpipe.extract.stage import extract
 from fusionpipe.fuse.view import open_fused
 from fusionpipe.store import FeatureStore
 

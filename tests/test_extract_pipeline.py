@@ -11,10 +11,10 @@ import pytest
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.pipeline import MAX_PROCESSES, default_processes
-from fusionpipe.extract.run import extract
+from fusionpipe.extract.stage import extract
 from fusionpipe.extract.upstreams import NullUpstream
 from fusionpipe.store import FeatureStore
-from fusionpipe.verify import verify
+from fusionpipe.integrity import check_store
 
 # chunks of 16 frames under batches of one or two utterances: most chunks straddle a batch edge
 SMALL = dict(max_seconds=5.0, chunk_frames=16, device="cpu", progress=False)
@@ -47,7 +47,7 @@ def test_bad_audio_is_left_out_as_in_the_one_process_path(varied_manifest, tmp_p
     many = extract(m, "toy-wavlm", tmp_path / "many", processes=2, skip_bad=True, **SMALL)
     assert one.skipped == many.skipped == 1
     assert list(FeatureStore.open(many.url).skipped()) == ["nan"]
-    assert _files(one.url) == _files(many.url) and verify(FeatureStore.open(many.url)) == []
+    assert _files(one.url) == _files(many.url) and check_store(FeatureStore.open(many.url)) == []
 
 
 def test_an_error_reading_names_the_utterance(varied_manifest, tmp_path, with_nan_row):

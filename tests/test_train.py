@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import extract
+from fusionpipe.extract.stage import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 from fusionpipe.train.augment import crop_frames, random_crop
 from fusionpipe.train.loop import TrainConfig, evaluate, train

@@ -10,7 +10,7 @@ from typing import Callable
 
 from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import store_url
+from fusionpipe.extract.stage import store_url
 from fusionpipe.manifest import check_subset, read_manifest
 from fusionpipe.store import expected_bytes
 from fusionpipe.ablate.recipe import SPLITS, Recipe, TaskSpec, fill_fold, manifest_path, trials_path
@@ -365,7 +365,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
     if dry_run:
         return plan
 
-    from fusionpipe.extract.run import extract
+    from fusionpipe.extract.stage import extract
     from fusionpipe.extract.upstreams import load_upstream
 
     for upstream in recipe.upstreams:

@@ -237,7 +237,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe; every error names the file and the key path."""
     from fusionpipe.fuse.view import MERGES
     from fusionpipe.train.interfaces import INTERFACES, interface_option_problems
-    from fusionpipe.store import CODECS, DTYPES
+    from fusionpipe.codecs import CODECS, DEFAULT_CODEC
+    from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
+    from fusionpipe.store import DTYPES
     from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems
     from fusionpipe.extract.upstreams import UPSTREAMS
 
@@ -291,7 +293,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     # extract
     ext = c.mapping(top.get("extract", {}), "extract",
                     optional=("dtype", "device", "codec", "max_seconds", "skip_bad"))
-    extract = {"dtype": "float16", "device": "auto", "codec": "zstd", "max_seconds": 160.0, "skip_bad": False}
+    extract = {"dtype": DTYPE, "device": "auto", "codec": DEFAULT_CODEC, "max_seconds": MAX_SECONDS, "skip_bad": False}
     if "dtype" in ext:
         extract["dtype"] = c.string(ext["dtype"], "extract.dtype", DTYPES)
     if "codec" in ext:

@@ -8,8 +8,3 @@
     >>> from fusionpipe.extract import extract                       # doctest: +SKIP
     >>> extract(read_manifest("manifests/demo-train.tsv"), "wavlm-base-plus")  # doctest: +SKIP
 """
-
-from fusionpipe.extract.run import Result, compute_dtype, extract, plan, store_url
-from fusionpipe.extract.upstreams import Upstream, list_upstreams, load_upstream
-
-__all__ = ["Result", "Upstream", "compute_dtype", "extract", "list_upstreams", "load_upstream", "plan", "store_url"]

@@ -59,10 +59,11 @@ from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.upstreams import FrontEnd, Upstream
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import ChunkAssembler, Edge, FeatureStore, chunk_span, list_ids
+from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
+from fusionpipe.store import FeatureStore, list_ids
 
 if TYPE_CHECKING:  # run imports this module
-    from fusionpipe.extract.run import Plan
+    from fusionpipe.extract.stage import Plan
 
 DEPTH = 2  # batches in flight at each end: the one being read (written) and the next
 MAX_PROCESSES = 16

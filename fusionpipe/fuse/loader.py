@@ -48,7 +48,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.view import FusedView, ViewSpec, open_fused
 from fusionpipe.manifest import Manifest, Utterance, check_subset, read_manifest
-from fusionpipe.store import LOSSY, FeatureStore
+from fusionpipe.codecs import LOSSY
+from fusionpipe.store import FeatureStore
 
 
 class PaddedItems(list):

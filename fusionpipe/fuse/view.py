@@ -39,8 +39,10 @@ import torch
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME, align_into, aligned_block
-from fusionpipe.codecs import Codes
-from fusionpipe.store import DEFAULT_CODEC, LOSSY, ChunkAssembler, FeatureStore, Layout
+from fusionpipe.chunks import ChunkAssembler
+from fusionpipe.codecs import DEFAULT_CODEC, LOSSY
+from fusionpipe.quantize import Codes
+from fusionpipe.store import FeatureStore, Layout
 
 MERGES = ("add", "concat")
 GROUP_BYTES = 64 * 2**20  # float32 output per task of layer_stats / write: bounded memory, few Dask tasks
@@ -186,7 +188,7 @@ _BATCHES = _BatchMemory()
 @dataclass
 class CompactStack:
     """One lossy store's stack of a batch, not yet expanded: the codes of each contiguous read
-    (`codecs.Codes`, 1 byte a value) and where its utterances go. ``.to(device)`` moves the codes,
+    (`quantize.Codes`, 1 byte a value) and where its utterances go. ``.to(device)`` moves the codes,
     expands, aligns and pads there, giving exactly `read_batch`'s (B, L, T, D) float32 tensor: a GPU
     trainer's loader sends these, a quarter of the float32 bytes over PCIe and no expansion on the host."""
 

@@ -12,6 +12,7 @@ import torch
 from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME
+from fusionpipe.store import FINGERPRINT
 from fusionpipe.train.augment import crop_frames
 from fusionpipe.train.interfaces import INTERFACES, MERGES, interface_option_problems
 from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems, is_metric, read_trials
@@ -26,8 +27,6 @@ RESUMABLE = (*NOT_COMPARED, "steps")
 WHERE = ("out",)
 # config.json fields renamed since: the old name -> the field it is now (read either)
 LEGACY_FIELDS = {"head": "head_options", "interface": "interface_options"}
-# what makes two stores' features interchangeable: the upstream that computed them
-FINGERPRINT = ("model_id", "revision", "num_layers", "hidden_size")
 
 
 @dataclass

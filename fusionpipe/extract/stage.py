@@ -31,9 +31,12 @@ from tqdm import tqdm
 from fusionpipe import audio
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import (DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, StoreInfo, chunk_span,
-                              expected_bytes, lock)
+from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
+from fusionpipe.codecs import DEFAULT_CODEC, expected_bytes
+from fusionpipe.store import FINGERPRINT, FeatureStore, Layout, StoreInfo
+from fusionpipe.store_lock import lock
 from fusionpipe.extract import pipeline
+from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
 from fusionpipe.extract.pipeline import default_processes
 from fusionpipe.extract.upstreams import Upstream, load_upstream
 
@@ -50,7 +53,7 @@ def store_url(cache: str | Path, manifest_name: str, model: str) -> str:
 
 
 @dataclass
-class Plan:
+class ExtractionPlan:
     """Store order and batches of one (manifest, upstream) pair."""
 
     rows: list[int]           # manifest rows in store order (longest first)
@@ -59,7 +62,7 @@ class Plan:
     skipped: dict[str, str]   # id -> reason, for rows left out before extraction
 
 
-def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: bool = False) -> Plan:
+def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: bool = False) -> ExtractionPlan:
     """Check every row's header, count its frames, sort longest first, cut batches under the budget.
 
     The budget counts padded audio: a batch of b utterances costs b x (longest), Whisper
@@ -102,7 +105,7 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
         current.append(pos)
     if current:
         batches.append(current)
-    return Plan(rows, layout, batches, skipped)
+    return ExtractionPlan(rows, layout, batches, skipped)
 
 
 def _header_error(manifest: Manifest, row: int) -> Exception | None:
@@ -139,7 +142,7 @@ def _same_fingerprint(store: FeatureStore, fp: dict) -> list[str]:
     """What differs between the extraction a store holds and the one `fp` describes, in words."""
     was, now = store.info, StoreInfo.from_attrs(fp)
     diffs = [f"upstream {key}: cached {was.upstream_fingerprint.get(key)!r}, now {now.upstream_fingerprint.get(key)!r}"
-             for key in ("model_id", "revision", "num_layers", "hidden_size")
+             for key in FINGERPRINT
              if was.upstream_fingerprint.get(key) != now.upstream_fingerprint.get(key)]
     if was.manifest_sha256 != now.manifest_sha256:
         diffs.append(f"manifest {now.manifest} content changed")
@@ -171,8 +174,8 @@ class Result:
 
 
 def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cache", *, url: str | None = None,
-            device: str = "auto", dtype: str = "float16", codec: str = DEFAULT_CODEC,
-            max_seconds: float = 160.0, skip_bad: bool = False, overwrite: bool = False,
+            device: str = "auto", dtype: str = DTYPE, codec: str = DEFAULT_CODEC,
+            max_seconds: float = MAX_SECONDS, skip_bad: bool = False, overwrite: bool = False,
             chunk_frames: int | None = None, progress: bool = True, wait: bool = False,
             processes: int | None = None) -> Result:
     """Extract every hidden layer of `model` over `manifest` into a store; resume if one is there.
@@ -213,7 +216,7 @@ def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, p
             skipped, edges = pipeline.run_batches(manifest, upstream, store, p, todo, done, skip_bad, processes,
                                                   on_batch=on_batch)
         else:
-            skipped, edges = run_batches(manifest, upstream, store, p, todo, done, skip_bad, on_batch=on_batch)
+            skipped, edges = extract_batches(manifest, upstream, store, p, todo, done, skip_bad, on_batch=on_batch)
     finally:
         bar.close()
     assert not edges, "every chunk a batch touches is filled when all its batches run"
@@ -237,7 +240,7 @@ def check_disk(url: str, need: float, codec: str) -> None:
 
 def open_store(manifest: Manifest, upstream: Upstream, url: str, *, device_type: str, dtype: str, codec: str,
                max_seconds: float, skip_bad: bool, overwrite: bool,
-               chunk_frames: int | None) -> tuple[FeatureStore, Plan] | Result:
+               chunk_frames: int | None) -> tuple[FeatureStore, ExtractionPlan] | Result:
     """The store at `url` and the plan to fill it: created, or reopened to resume (the same extraction only).
 
     A Result instead when the store is already complete. The caller holds the store's `lock`.
@@ -280,8 +283,8 @@ def progress_bar(total_seconds: float, desc: str, enabled: bool) -> tqdm:
                            "{rate_fmt}]")
 
 
-def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, batches: list[list[int]],
-                done: np.ndarray, skip_bad: bool, on_batch=None) -> tuple[int, list[Edge]]:
+def extract_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: ExtractionPlan,
+                    batches: list[list[int]], done: np.ndarray, skip_bad: bool, on_batch=None) -> tuple[int, list[Edge]]:
     """Run `batches` (runs of p.batches, in order) and write every chunk they fill that is not `done`.
 
     Returns the number of utterances skipped and the edges: frames of the chunks these batches
