@@ -51,7 +51,9 @@ from fusionpipe.manifest import Manifest, bundled_manifests  # noqa: E402
 from fusionpipe.codecs import CODECS, checksum  # noqa: E402
 from fusionpipe.store import FeatureStore  # noqa: E402
 from fusionpipe.store_lock import lock  # noqa: E402
-from fusionpipe.extract.upstreams import NullUpstream, load_upstream, make_local_model  # noqa: E402
+from fusionpipe.extract.null_upstream import NullUpstream  # noqa: E402
+from fusionpipe.extract.toys import make_local_model  # noqa: E402
+from fusionpipe.extract.upstreams import load_upstream  # noqa: E402
 
 
 def corpus(seconds: float) -> Manifest:
@@ -184,8 +186,8 @@ def null_run(m: Manifest, up: NullUpstream, processes: int, max_seconds: float, 
         with PeakRSS() as peak:
             t0 = time.perf_counter()
             if processes:
-                pipeline.run_batches(m, up, store, p, p.batches, store.done_chunks(), False, processes,
-                                     on_batch=lambda k: stamps.append(time.perf_counter()))
+                pipeline.ProcessPipeline(m, up, store, p, store.done_chunks(), False, processes).run(
+                    p.batches, on_batch=lambda k: stamps.append(time.perf_counter()))
             else:
                 extract_batches(m, up, store, p, p.batches, store.done_chunks(), False,
                                 on_batch=lambda k: stamps.append(time.perf_counter()))

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from fusionpipe import cuda  # noqa: E402
 from fusionpipe.extract.stage import extract  # noqa: E402
-from fusionpipe.extract.upstreams import make_local_model  # noqa: E402
+from fusionpipe.extract.toys import make_local_model  # noqa: E402
 from fusionpipe.fuse.loader import make_loader  # noqa: E402
 from fusionpipe.manifest import bundled_manifests, read_manifest, write_manifest  # noqa: E402
 from fusionpipe.store import FeatureStore  # noqa: E402

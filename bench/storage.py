@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusionpipe.quantize import decode, encode  # noqa: E402
 from fusionpipe.extract.stage import extract  # noqa: E402
-from fusionpipe.extract.upstreams import make_local_model  # noqa: E402
+from fusionpipe.extract.toys import make_local_model  # noqa: E402
 from fusionpipe.fuse.loader import make_loader  # noqa: E402
 from fusionpipe.manifest import CORPUS, bundled_manifests, read_manifest, write_manifest  # noqa: E402
 from fusionpipe.codecs import LOSSY, serializer  # noqa: E402

@@ -103,7 +103,7 @@ def manifest_mlsuperb(root: Path, duration: str = typer.Option("1h", help="train
 @app.command()
 def models():
     """The upstream registry: alias, HF id, layers (L), hidden size (D), frame rate."""
-    from fusionpipe.extract.upstreams import list_upstreams
+    from fusionpipe.extract.registry import list_upstreams
 
     typer.echo(f"{'alias':<18} {'hf id':<34} {'L':>3} {'D':>5} {'Hz':>5}")
     for s in list_upstreams():

@@ -103,6 +103,13 @@ def identity_hash(attrs: dict) -> str:
     return hashlib.sha256(json.dumps(json.loads(json.dumps(rest)), sort_keys=True).encode()).hexdigest()
 
 
+def store_order(ids, lengths) -> np.ndarray:
+    """Positions of utterances `ids` of `lengths` frames in store order: longest first, ties by id (so a
+    subset of a store comes in the same order, and in the same batches, as its own store would;
+    docs/decisions.md)."""
+    return np.array(sorted(range(len(ids)), key=lambda i: (-int(lengths[i]), ids[i])), dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each utterance lives in `hidden`, in store order."""

@@ -94,7 +94,7 @@ def test_workers_build_batches_in_shared_slots_freed_only_when_the_trainer_drops
 
 
 def test_worker_slots_fit_in_dev_shm_or_the_loader_warns_and_takes_the_ordinary_path(toy_stores, monkeypatch):
-    from fusionpipe.fuse import loader as module
+    from fusionpipe import shm as module
 
     _, stores = toy_stores
     batch = 60 * 4 * (32 + 40) * 4  # max_frames x L x sum(D) x float32

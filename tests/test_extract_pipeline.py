@@ -12,7 +12,7 @@ import pytest
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.pipeline import MAX_PROCESSES, default_processes
 from fusionpipe.extract.stage import extract
-from fusionpipe.extract.upstreams import NullUpstream
+from fusionpipe.extract.null_upstream import NullUpstream
 from fusionpipe.store import FeatureStore
 from fusionpipe.integrity import check_store
 

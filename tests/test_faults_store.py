@@ -330,13 +330,18 @@ def test_float32_stores_compute_in_float32_everywhere_and_record_it(speech_manif
         extract(speech_manifest, "toy-wavlm", url=url, device="cpu", progress=False, dtype="float32")
 
 
-def test_forward_returns_the_precision_it_is_asked_for():
+def test_forward_returns_the_precision_it_is_asked_for_not_its_default():
+    """On a GPU the default is float16; a float32 store asks for float32 and must get it (on a CPU, whose
+    default is float32 already, asking for it proves nothing: the default is made float16 here)."""
     from fusionpipe.extract.upstreams import load_upstream
 
     up = load_upstream("toy-wavlm", device="cpu")
+    up.dtype = torch.float16
     wave = np.random.default_rng(0).standard_normal(8000).astype(np.float32)
     (h,) = up.forward([wave], torch.float32)
     assert h.dtype == torch.float32
+    (default,) = up.forward([wave])
+    assert default.dtype == torch.float16  # what a forward that ignored the precision asked for would return
 
 
 # ---- URLs ---------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
 from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
 from fusionpipe.codecs import DEFAULT_CODEC, expected_bytes
-from fusionpipe.store import FINGERPRINT, FeatureStore, Layout, StoreInfo
+from fusionpipe.store import FINGERPRINT, FeatureStore, Layout, StoreInfo, store_order
 from fusionpipe.store_lock import lock
 from fusionpipe.extract import pipeline
+from fusionpipe.extract.cast import cast, unstorable
 from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
 from fusionpipe.extract.pipeline import default_processes
 from fusionpipe.extract.upstreams import Upstream, load_upstream
@@ -87,7 +88,7 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
             continue
         good.append(row)
         frames.append(n)
-    order = sorted(range(len(good)), key=lambda i: (-frames[i], manifest[good[i]].id))
+    order = store_order([manifest[r].id for r in good], frames)
     rows = [good[i] for i in order]
     layout = Layout([manifest[r].id for r in rows], np.array([frames[i] for i in order], dtype=np.int64))
 
@@ -213,8 +214,8 @@ def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, p
     try:
         on_batch = lambda k: bar.update(batch_seconds[k])  # noqa: E731
         if processes:
-            skipped, edges = pipeline.run_batches(manifest, upstream, store, p, todo, done, skip_bad, processes,
-                                                  on_batch=on_batch)
+            helpers = pipeline.ProcessPipeline(manifest, upstream, store, p, done, skip_bad, processes)
+            skipped, edges = helpers.run(todo, on_batch=on_batch)
         else:
             skipped, edges = extract_batches(manifest, upstream, store, p, todo, done, skip_bad, on_batch=on_batch)
     finally:
@@ -336,15 +337,10 @@ def _load_or_skip(manifest: Manifest, row: int, skip_bad: bool) -> tuple[np.ndar
 
 
 def _to_storage(f: torch.Tensor, dtype: str, model: str, utt_id: str) -> np.ndarray:
-    """Cast on the device (half the bytes to move) and refuse what fp16 cannot hold."""
-    out = f.to(getattr(torch, dtype))
+    """Cast on the device (half the bytes to move) and refuse what the storage dtype cannot hold."""
+    out = cast(f, dtype)
     if not torch.isfinite(out).all():
-        if torch.isfinite(f).all():
-            raise FusionpipeError(
-                f"{model} on {utt_id}: activations exceed the {dtype} range (|x| max {f.abs().max().item():.3g}); "
-                "extract this model with --dtype float32"
-            )
-        raise FusionpipeError(f"{model} on {utt_id}: the upstream produced NaN/inf activations")
+        raise unstorable(model, utt_id, dtype, f)
     return out.cpu().numpy()
 
 

@@ -42,7 +42,7 @@ from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME, align_into, aligned_
 from fusionpipe.chunks import ChunkAssembler
 from fusionpipe.codecs import DEFAULT_CODEC, LOSSY
 from fusionpipe.quantize import Codes
-from fusionpipe.store import FeatureStore, Layout
+from fusionpipe.store import FeatureStore, Layout, list_ids, store_order
 
 MERGES = ("add", "concat")
 GROUP_BYTES = 64 * 2**20  # float32 output per task of layer_stats / write: bounded memory, few Dask tasks
@@ -79,7 +79,7 @@ def open_fused(stores: list[str | Path | FeatureStore], merge: str | None = None
     order = list(ids) if ids is not None else _manifest_ids(opened)
     missing = _missing(opened, order)
     if missing and not skip_missing:
-        first = ", ".join(list(missing)[:5]) + (" ..." if len(missing) > 5 else "")
+        first = list_ids(list(missing))
         per_store = "; ".join(f"{s.url} lacks {sum(any(w == s.url for w, _ in v) for v in missing.values())}"
                               for s in opened)
         raise FusionpipeError(
@@ -419,7 +419,7 @@ class FusedView:
             raise FusionpipeError("write() materialises a merged view: open it with merge='add' or 'concat' "
                                   "(--merge add|concat)")
         dtype = dtype or ("float16" if all(s.info.dtype == "float16" for s in self.stores) else "float32")
-        order = np.array(sorted(range(len(self)), key=lambda i: (-int(self.lengths[i]), self.ids[i])), dtype=np.int64)
+        order = store_order(self.ids, self.lengths)
         layout = Layout([self.ids[i] for i in order], self.lengths[order])
         store = FeatureStore.create(url, layout, num_layers=self.num_layers, hidden_size=self.out_dim, dtype=dtype,
                                     codec=codec, attrs=self._fingerprint(dtype, codec), overwrite=overwrite)
