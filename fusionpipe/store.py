@@ -385,17 +385,14 @@ class FeatureStore:
         """``placement/<c>.json``: chunk c's position and its checksum (the crc32c its bytes end in), written
         before the chunk. The checksum proves a chunk's bytes whole, not their place: this record is what
         tells a chunk moved or copied from another position (`placement_fault`)."""
-        rec = {"chunk": c, "crc32c": int.from_bytes(buf.to_bytes()[-4:], "little")}
-        out = default_buffer_prototype().buffer.from_bytes(json.dumps(rec).encode())
-        sync(self.group.store.set(_key(self.group, f"placement/{c}.json"), out))
+        self._put_record(f"placement/{c}.json", {"chunk": c, "crc32c": int.from_bytes(buf.to_bytes()[-4:], "little")})
 
     def placement_records(self) -> dict[int, dict]:
         """{chunk: its placement record} of every record on disk (one listing and a small read each)."""
         out = {}
-        for k in sync(_list(self.group.store, _key(self.group, "placement/"))):
+        for k in self._record_keys("placement/"):
             try:
-                rec = json.loads(sync(self.group.store.get(k, default_buffer_prototype())).to_bytes())
-                out[int(k.rsplit("/", 1)[1].removesuffix(".json"))] = rec
+                out[int(k.rsplit("/", 1)[1].removesuffix(".json"))] = self._get_record(k)
             except (ValueError, AttributeError):
                 out[-1] = {"bad": k}
         return out
@@ -413,8 +410,7 @@ class FeatureStore:
         err = decoded.astype(np.float32) - x  # float32 differences, float64 sums
         rec = {"chunk": c, "frames": len(x), "sum_sq_error": _sum_sq(err), "sum_sq": _sum_sq(x),
                "max_abs_error": np.abs(err).max(axis=(0, 2)).tolist() if len(x) else [0.0] * x.shape[1]}
-        buf = default_buffer_prototype().buffer.from_bytes(json.dumps(rec).encode())
-        sync(self.group.store.set(_key(self.group, f"error/{c}.json"), buf))
+        self._put_record(f"error/{c}.json", rec)
 
     def measured_error(self, done_chunks: np.ndarray | None = None) -> dict | None:
         """The encoding error of a lossy store, measured by the writer against the unencoded values,
@@ -424,8 +420,7 @@ class FeatureStore:
         done = self.done_chunks() if done_chunks is None else done_chunks
         L = self.num_layers
         sse, ss, mx, counted = np.zeros(L), np.zeros(L), np.zeros(L), 0
-        for k in sync(_list(self.group.store, _key(self.group, "error/"))):
-            rec = json.loads(sync(self.group.store.get(k, default_buffer_prototype())).to_bytes())
+        for rec in map(self._get_record, self._record_keys("error/")):
             if rec["chunk"] < len(done) and done[rec["chunk"]]:
                 sse += rec["sum_sq_error"]
                 ss += rec["sum_sq"]
@@ -447,14 +442,23 @@ class FeatureStore:
     def skipped(self) -> dict[str, str]:
         """Utterances left out: bad before extraction (attrs) or found bad while extracting."""
         out = dict(self.info.skipped_before)
-        for k in sync(_list(self.group.store, _key(self.group, "skipped/"))):
-            rec = json.loads(sync(self.group.store.get(k, default_buffer_prototype())).to_bytes())
+        for rec in map(self._get_record, self._record_keys("skipped/")):
             out[rec["id"]] = rec["reason"]
         return out
 
     def mark_skipped(self, utt_id: str, reason: str) -> None:
-        buf = default_buffer_prototype().buffer.from_bytes(json.dumps({"id": utt_id, "reason": reason}).encode())
-        sync(self.group.store.set(_key(self.group, f"skipped/{self.position[utt_id]}.json"), buf))
+        self._put_record(f"skipped/{self.position[utt_id]}.json", {"id": utt_id, "reason": reason})
+
+    # ---- the small JSON records beside the chunks (skipped/, error/, placement/) ---------------
+    def _put_record(self, rel: str, record: dict) -> None:
+        buf = default_buffer_prototype().buffer.from_bytes(json.dumps(record).encode())
+        sync(self.group.store.set(_key(self.group, rel), buf))
+
+    def _record_keys(self, folder: str) -> list[str]:
+        return sync(_list(self.group.store, _key(self.group, folder)))
+
+    def _get_record(self, key: str) -> dict:
+        return json.loads(sync(self.group.store.get(key, default_buffer_prototype())).to_bytes())
 
     # ---- reading -------------------------------------------------------------------------
     def read_range(self, lo: int, hi: int) -> np.ndarray:

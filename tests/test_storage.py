@@ -113,6 +113,7 @@ def test_a_lossy_store_reads_with_plain_zarr_once_fusionpipe_is_imported(tmp_pat
         assert meta["codecs"][-1]["name"] == "crc32c"  # the checksum stays last
 
 
+@pytest.mark.slow
 def test_the_loader_on_a_lossy_store_equals_decoding_first_then_loading(tmp_path, speech_manifest):
     lossy = extract(speech_manifest, "toy-wavlm", tmp_path / "lossy", device="cpu", progress=False,
                     codec="int8-std10", chunk_frames=16)
@@ -228,6 +229,7 @@ def test_extract_codec_is_recorded_and_inspect_shows_ratio_and_measured_error(sp
     assert "measured_error" in shown and "mean " in shown
 
 
+@pytest.mark.slow
 def test_training_on_codes_expanded_by_the_trainer_equals_training_on_the_loaders_tensors(
         tmp_path, pitch_stores, train_config, logged_losses, monkeypatch):
     """The GPU path end to end, on the CPU: with `expands_on` forced, the trainer and its dev evaluation get

@@ -34,17 +34,17 @@ import torch
 from distributed import Client, LocalCluster, as_completed, get_worker
 
 from fusionpipe import cuda
+from fusionpipe.chunks import ChunkAssembler, chunk_span
+from fusionpipe.codecs import DEFAULT_CODEC
 from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
 from fusionpipe.extract.stage import (ExtractionPlan, Result, extract_batches, needed, open_store, progress_bar,
                                      store_url)
+from fusionpipe.extract.upstreams import Upstream, load_upstream
 from fusionpipe.manifest import Manifest
-from fusionpipe.chunks import ChunkAssembler, chunk_span
-from fusionpipe.codecs import DEFAULT_CODEC
 from fusionpipe.store import FeatureStore
 from fusionpipe.store_lock import lock
-from fusionpipe.extract.upstreams import Upstream, load_upstream
 
 UNIT_SECONDS = 1800.0  # audio per work unit: ~3 s of an H100, ~15 min of a CPU core on a base model
 

@@ -53,13 +53,13 @@ import numpy as np
 import torch
 
 from fusionpipe import audio, cuda, shm
+from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span, starts
 from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.cast import cast, unstorable
 from fusionpipe.extract.front_end import FrontEnd
 from fusionpipe.extract.upstreams import Upstream
 from fusionpipe.manifest import Manifest
-from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span, starts
 from fusionpipe.store import FeatureStore, list_ids
 
 if TYPE_CHECKING:  # stage imports this module
@@ -112,7 +112,7 @@ class ProcessPipeline:
         with ExitStack() as stack:
             self.ins = stack.enter_context(_Slots(in_bytes, self.upstream.device))
             self.outs = stack.enter_context(_Slots(out_bytes, self.upstream.device))
-            self.helpers = stack.enter_context(self._start_helpers())
+            stack.enter_context(self._start_helpers())
             for k in range(min(DEPTH, len(batches))):
                 self._read(k)
             for k in range(len(batches)):
@@ -129,7 +129,7 @@ class ProcessPipeline:
     @contextmanager
     def _start_helpers(self):
         """The pool, every process started now (the pool spawns them on demand: one would start, importing
-        torch, only once the first batch is done, and hold up the second)."""
+        torch, only once the first batch is done, and hold up the second): `self.helpers` while it runs."""
         spawn = multiprocessing.get_context("spawn")  # fork would copy torch's threads and the model
         with _one_thread_per_child(), _pool(self.processes, spawn, _init, (
                 os.getpid(), self.manifest, self.upstream.front_end, self.skip_bad, self.ins.names, self.outs.names,
@@ -138,7 +138,7 @@ class ProcessPipeline:
             self.helpers = helpers
             for future in [self._submit(0, _ready) for _ in range(self.processes)]:
                 self._result(future, 0)
-            yield helpers
+            yield
 
     def _read(self, k: int) -> None:
         """Batch k's utterances dealt out to the helpers, read into input slot k % DEPTH."""

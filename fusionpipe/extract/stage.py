@@ -29,10 +29,10 @@ import torch
 from tqdm import tqdm
 
 from fusionpipe import audio
-from fusionpipe.errors import FusionpipeError, redact
-from fusionpipe.manifest import Manifest
 from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
 from fusionpipe.codecs import DEFAULT_CODEC, expected_bytes
+from fusionpipe.errors import FusionpipeError, redact
+from fusionpipe.manifest import Manifest
 from fusionpipe.store import FINGERPRINT, FeatureStore, Layout, StoreInfo, store_order
 from fusionpipe.store_lock import lock
 from fusionpipe.extract import pipeline
