@@ -9,12 +9,13 @@ import torch
 import zarr
 from transformers import AutoFeatureExtractor, AutoModel
 
+from fusionpipe.chunks import starts
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.stage import extract, plan
-from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.store import FeatureStore
-from fusionpipe.integrity import check_store
 from fusionpipe.extract.upstreams import load_upstream
+from fusionpipe.integrity import check_store
+from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
+from fusionpipe.store import FeatureStore, store_order
 
 
 def _plain_forward(upstream, wave):
@@ -104,6 +105,12 @@ def test_batch_plan_respects_the_budget_and_sorts_longest_first(speech_manifest)
     for b in p.batches:
         longest = max(speech_manifest[p.rows[i]].duration for i in b)
         assert len(b) == 1 or len(b) * longest <= 4.0
+
+
+def test_store_order_is_longest_first_with_ties_by_id_and_offsets_follow_the_lengths():
+    order = store_order(["b", "a", "c", "d"], [3, 5, 3, 1])
+    assert list(order) == [1, 0, 2, 3]  # a (5), then b and c (3, by id), then d (1)
+    assert list(starts([5, 3, 0, 1])) == [0, 5, 8, 8] and starts([]).dtype == np.int64 and len(starts([])) == 0
 
 
 @pytest.mark.slow

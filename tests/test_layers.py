@@ -132,7 +132,7 @@ def test_checker_catches_planted_violations():
         "from fusionpipe.store import FeatureStore",          # 1 shared: fine
         "from fusionpipe.fuse.view import open_fused",        # 2 own room: fine
         "from fusionpipe import __version__",                 # 3 a dunder is not private
-        "from fusionpipe.extract.stage import extract",         # 4 stage 2 -> stage 1
+        "from fusionpipe.extract.stage import extract",       # 4 stage 2 -> stage 1
         "def f():",
         "    from ..train import loop",                       # 6 stage 2 -> stage 3, relative, in a function
         "    from fusionpipe.cli import app",                 # 7 the CLI

@@ -132,6 +132,7 @@ def test_the_loader_on_a_lossy_store_equals_decoding_first_then_loading(tmp_path
             assert torch.equal(sp, sq)
 
 
+@pytest.mark.slow
 def test_compact_batches_expand_on_the_device_to_the_loaders_numbers(tmp_path, speech_manifest):
     """make_loader(compact=True), what a GPU trainer uses: lossy stacks cross as int8 codes and `.to(device)`
     expands, aligns (WavLM 49 Hz, 4 layers against Whisper 50 Hz) and pads them: exactly the loader's tensors."""
