@@ -300,16 +300,8 @@ def extract_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore,
     writer.start()
     skipped = 0
     try:
-        # decoding FLAC is the bottleneck on a GPU: one task per utterance, PREFETCH batches ahead
         with ThreadPoolExecutor(IO_THREADS) as io:
-            def submit(batch: list[int]) -> list:
-                return [io.submit(_load_or_skip, manifest, p.rows[i], skip_bad) for i in batch]
-
-            ahead = deque(submit(b) for b in batches[:PREFETCH])
-            for k, batch in enumerate(batches):
-                loaded = [f.result() for f in ahead.popleft()]
-                if k + PREFETCH < len(batches):
-                    ahead.append(submit(batches[k + PREFETCH]))
+            for k, (batch, loaded) in enumerate(zip(batches, _decoded(io, manifest, p, batches, skip_bad))):
                 ok = [i for i, (w, _) in zip(batch, loaded) if w is not None]
                 feats = upstream.forward([w for w, _ in loaded if w is not None], precision) if ok else []
                 for i, f in zip(ok, feats):
@@ -325,6 +317,21 @@ def extract_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore,
     finally:
         edges = writer.close()
     return skipped, edges
+
+
+def _decoded(io: ThreadPoolExecutor, manifest: Manifest, p: ExtractionPlan, batches: list[list[int]],
+             skip_bad: bool):
+    """Each batch's [(wave, None) or (None, why it is bad)], decoded PREFETCH batches ahead on `io`: decoding
+    FLAC is the bottleneck on a GPU, so one task per utterance."""
+    def submit(batch: list[int]) -> list:
+        return [io.submit(_load_or_skip, manifest, p.rows[i], skip_bad) for i in batch]
+
+    ahead = deque(submit(b) for b in batches[:PREFETCH])
+    for k in range(len(batches)):
+        loaded = [f.result() for f in ahead.popleft()]
+        if k + PREFETCH < len(batches):
+            ahead.append(submit(batches[k + PREFETCH]))
+        yield loaded
 
 
 def _load_or_skip(manifest: Manifest, row: int, skip_bad: bool) -> tuple[np.ndarray | None, str | None]:
