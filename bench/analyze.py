@@ -50,7 +50,7 @@ def measure(stores: list[str], frames: int, estimator: str) -> dict:
 
 
 def bundled(cache: Path) -> list[str]:
-    from fusionpipe.extract.run import extract, store_url
+    from fusionpipe.extract.stage import extract, store_url
     from fusionpipe.manifest import bundled_manifests
     from fusionpipe.store import FeatureStore
 

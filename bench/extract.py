@@ -46,10 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusionpipe import audio  # noqa: E402
 from fusionpipe.extract import pipeline  # noqa: E402
-from fusionpipe.extract.run import compute_dtype, extract, open_store, plan, run_batches  # noqa: E402
+from fusionpipe.extract.stage import compute_dtype, extract, extract_batches, open_store, plan  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests  # noqa: E402
-from fusionpipe.store import CHECKSUM, CODECS, FeatureStore, lock  # noqa: E402
-from fusionpipe.extract.upstreams import NullUpstream, load_upstream, make_local_model  # noqa: E402
+from fusionpipe.codecs import CODECS, checksum  # noqa: E402
+from fusionpipe.store import FeatureStore  # noqa: E402
+from fusionpipe.store_lock import lock  # noqa: E402
+from fusionpipe.extract.null_upstream import NullUpstream  # noqa: E402
+from fusionpipe.extract.toys import make_local_model  # noqa: E402
+from fusionpipe.extract.upstreams import load_upstream  # noqa: E402
 
 
 def corpus(seconds: float) -> Manifest:
@@ -182,11 +186,11 @@ def null_run(m: Manifest, up: NullUpstream, processes: int, max_seconds: float, 
         with PeakRSS() as peak:
             t0 = time.perf_counter()
             if processes:
-                pipeline.run_batches(m, up, store, p, p.batches, store.done_chunks(), False, processes,
-                                     on_batch=lambda k: stamps.append(time.perf_counter()))
+                pipeline.ProcessPipeline(m, up, store, p, store.done_chunks(), False, processes).run(
+                    p.batches, on_batch=lambda k: stamps.append(time.perf_counter()))
             else:
-                run_batches(m, up, store, p, p.batches, store.done_chunks(), False,
-                            on_batch=lambda k: stamps.append(time.perf_counter()))
+                extract_batches(m, up, store, p, p.batches, store.done_chunks(), False,
+                                on_batch=lambda k: stamps.append(time.perf_counter()))
             t1 = time.perf_counter()
     assert store.is_complete()
     frame_bytes = up.num_layers * up.hidden_size * np.dtype(compute_dtype("float16", up.device.type)).itemsize
@@ -313,7 +317,7 @@ def checksum_cost(feats: np.ndarray, chunk_frames: int, repeats: int = 3) -> Non
           f"zstd-3 encode {mbs['zstd encode']:.0f}, decode {mbs['zstd decode']:.0f}, crc32c of the compressed "
           f"bytes {mbs['crc32c']:.0f}: +{best['crc32c'] / best['zstd encode']:.1%} on encode, "
           f"+{best['crc32c'] / best['zstd decode']:.1%} on decode")
-    pipelines = {"zstd": lambda: [ZstdCodec(level=3)], "zstd+crc32c": lambda: [ZstdCodec(level=3), CHECKSUM()]}
+    pipelines = {"zstd": lambda: [ZstdCodec(level=3)], "zstd+crc32c": lambda: [ZstdCodec(level=3), checksum()]}
     write = {k: float("inf") for k in pipelines}
     read = dict(write)
     for _ in range(repeats):

@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fusionpipe import cuda  # noqa: E402
-from fusionpipe.extract.run import extract  # noqa: E402
-from fusionpipe.extract.upstreams import make_local_model  # noqa: E402
+from fusionpipe.extract.stage import extract  # noqa: E402
+from fusionpipe.extract.toys import make_local_model  # noqa: E402
 from fusionpipe.fuse.loader import make_loader  # noqa: E402
 from fusionpipe.manifest import bundled_manifests, read_manifest, write_manifest  # noqa: E402
 from fusionpipe.store import FeatureStore  # noqa: E402
@@ -52,7 +52,7 @@ from fusionpipe.train.config import TrainConfig  # noqa: E402
 from fusionpipe.train.interfaces import Interface  # noqa: E402
 from fusionpipe.train.loop import Variant, VariantModel, train, train_step  # noqa: E402
 from fusionpipe.train.tasks import batch_targets, build_task  # noqa: E402
-from fusionpipe.verify import verify  # noqa: E402
+from fusionpipe.integrity import check_store  # noqa: E402
 
 RESULTS: list[tuple[str, str, str]] = []
 
@@ -81,7 +81,7 @@ def check(path: str, gpus_needed: int = 0):
 
 def same_bytes(a: str, b: str) -> bool:
     x, y = FeatureStore.open(a), FeatureStore.open(b)
-    return x.ids == y.ids and x.hidden[:].tobytes() == y.hidden[:].tobytes() and not verify(x) and not verify(y)
+    return x.ids == y.ids and x.hidden[:].tobytes() == y.hidden[:].tobytes() and not check_store(x) and not check_store(y)
 
 
 def extract_both(ctx, dtype: str, device: str) -> tuple[str, str]:

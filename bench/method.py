@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusionpipe.extract.run import extract  # noqa: E402
+from fusionpipe.extract.stage import extract  # noqa: E402
 from fusionpipe.fuse.loader import make_loader  # noqa: E402
 from fusionpipe.manifest import bundled_manifests  # noqa: E402
 from fusionpipe.train.config import TrainConfig  # noqa: E402

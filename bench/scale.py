@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.extract import corpus  # noqa: E402
 from fusionpipe.extract.cluster import connect, extract_on_cluster  # noqa: E402
-from fusionpipe.extract.run import extract  # noqa: E402
-from fusionpipe.extract.upstreams import make_local_model  # noqa: E402
+from fusionpipe.extract.stage import extract  # noqa: E402
+from fusionpipe.extract.toys import make_local_model  # noqa: E402
 
 
 def main() -> None:

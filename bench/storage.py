@@ -38,12 +38,13 @@ from numcodecs import Zstd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusionpipe.codecs import decode, encode  # noqa: E402
-from fusionpipe.extract.run import extract  # noqa: E402
-from fusionpipe.extract.upstreams import make_local_model  # noqa: E402
+from fusionpipe.quantize import decode, encode  # noqa: E402
+from fusionpipe.extract.stage import extract  # noqa: E402
+from fusionpipe.extract.toys import make_local_model  # noqa: E402
 from fusionpipe.fuse.loader import make_loader  # noqa: E402
 from fusionpipe.manifest import CORPUS, bundled_manifests, read_manifest, write_manifest  # noqa: E402
-from fusionpipe.store import LOSSY, SERIALIZERS, FeatureStore, Layout  # noqa: E402
+from fusionpipe.codecs import LOSSY, serializer  # noqa: E402
+from fusionpipe.store import FeatureStore, Layout  # noqa: E402
 
 FP16 = "zstd"
 
@@ -78,7 +79,7 @@ def error_records(store: FeatureStore) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def codec_speed(chunks: list[np.ndarray], codec: str) -> tuple[float, float]:
     """(encode, decode) MB/s of float16 input on one core: quantiser (if any) + zstd-3, no I/O."""
     z = Zstd(level=3)
-    q = SERIALIZERS[codec]() if codec in LOSSY else None
+    q = serializer(codec) if codec in LOSSY else None
     mb = sum(c.nbytes for c in chunks) / 1e6
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core: the decoder's torch ops would use every core

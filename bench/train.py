@@ -24,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusionpipe import audio  # noqa: E402
 from fusionpipe.fuse.loader import make_loader  # noqa: E402
-from fusionpipe.extract.run import extract  # noqa: E402
+from fusionpipe.extract.stage import extract  # noqa: E402
 from fusionpipe.train.interfaces import Interface  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests, write_manifest, read_manifest  # noqa: E402
 from fusionpipe.train.tasks import batch_targets, build_task  # noqa: E402
 from fusionpipe.train.config import TrainConfig, variant_name  # noqa: E402
 from fusionpipe.train.loop import VariantModel, train  # noqa: E402
-from fusionpipe.extract.upstreams import load_upstream, make_local_model  # noqa: E402
+from fusionpipe.extract.toys import make_local_model  # noqa: E402
+from fusionpipe.extract.upstreams import load_upstream  # noqa: E402
 
 
 def corpus(tmp: Path, seconds: float) -> Manifest:

@@ -11,7 +11,9 @@ from typing import List, Optional
 
 import typer
 
+from fusionpipe import codecs
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.extract import defaults as extract_defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Model and layer fusion of frozen speech foundation models.")
@@ -101,7 +103,7 @@ def manifest_mlsuperb(root: Path, duration: str = typer.Option("1h", help="train
 @app.command()
 def models():
     """The upstream registry: alias, HF id, layers (L), hidden size (D), frame rate."""
-    from fusionpipe.extract.upstreams import list_upstreams
+    from fusionpipe.extract.registry import list_upstreams
 
     typer.echo(f"{'alias':<18} {'hf id':<34} {'L':>3} {'D':>5} {'Hz':>5}")
     for s in list_upstreams():
@@ -114,12 +116,9 @@ def extract(
     manifest: Optional[List[Path]] = typer.Option(None, help="manifest TSV (repeatable; default: bundled demo)"),
     cache: str = typer.Option("cache", help="root of the feature stores: a directory or any fsspec URL (s3://...)"),
     device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option("float16", help="storage dtype: float16 or float32"),
-    codec: str = typer.Option("zstd", help="lossless: zstd (default), blosc-zstd, blosc-zstd-bitshuffle, blosc-lz4, "
-                                           "none; lossy int8 codes (smaller than float16): int8 (2.4x), int8-std08 "
-                                           "(3.1x), int8-std10 (3.3x), int8-std20 (3.8x); for large corpora: "
-                                           "int8-std08 (store.RECOMMENDED_LOSSY; docs/decisions.md)"),
-    max_seconds: float = typer.Option(160.0, help="padded audio seconds per batch"),
+    dtype: str = typer.Option(extract_defaults.DTYPE, help="storage dtype: float16 or float32"),
+    codec: str = typer.Option(codecs.DEFAULT_CODEC, help=codecs.help_text()),
+    max_seconds: float = typer.Option(extract_defaults.MAX_SECONDS, help="padded audio seconds per batch"),
     chunk_frames: Optional[int] = typer.Option(None, help="frames per Zarr chunk (default: about 4 MB)"),
     skip_bad: bool = typer.Option(False, help="record unusable utterances and go on instead of stopping"),
     overwrite: bool = typer.Option(False, help="replace a store that holds another extraction"),
@@ -144,13 +143,13 @@ def extract(
         raise FusionpipeError("--processes is for one machine's extraction; a cluster's workers decode and write "
                               "in threads (drop --processes, or --cluster/--scheduler)")
     if cluster is None and scheduler is None:
-        from fusionpipe.extract.run import extract as extract_manifest
+        from fusionpipe.extract import stage
         from fusionpipe.extract.upstreams import load_upstream
 
         for name in models:
             upstream = load_upstream(name, device=device)
             for m in manifests:
-                typer.echo(extract_manifest(m, upstream, cache, processes=processes, **options).summary())
+                typer.echo(stage.extract(m, upstream, cache, processes=processes, **options).summary())
         return
     from fusionpipe.extract.cluster import connect, extract_on_cluster
 
@@ -167,7 +166,7 @@ def inspect(store: str = typer.Argument(..., help="store directory or URL (memor
             as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Shape, layers, dtype, codec, size, bytes per audio-second, completeness, fingerprint of a store."""
     from fusionpipe.store import FeatureStore
-    from fusionpipe.verify import describe
+    from fusionpipe.integrity import describe
 
     d = describe(FeatureStore.open(store))
     if as_json:
@@ -200,8 +199,9 @@ def verify(store: str = typer.Argument(..., help="store directory or URL (memory
     Exit 1 on any fault. With --repair, bad chunks are deleted and the command to recompute them printed.
     """
     from fusionpipe.errors import redact
-    from fusionpipe.store import IDENTITY, FeatureStore, lock
-    from fusionpipe.verify import verify as check
+    from fusionpipe.store import IDENTITY, FeatureStore
+    from fusionpipe.store_lock import lock
+    from fusionpipe.integrity import check_store as check
 
     shown = redact(store)
     with lock(store) if repair else nullcontext():
@@ -364,7 +364,8 @@ def evaluate(
     With --stores and --manifest: on the manifest's rows of those stores (e.g. one fold's test set of a
     corpus extracted whole); with --stores alone: on all their utterances.
     """
-    from fusionpipe.extract.run import store_url
+    from fusionpipe.atomic import write_json
+    from fusionpipe.extract.stage import store_url
     from fusionpipe.manifest import bundled_manifests, read_manifest
     from fusionpipe.store import FeatureStore
     from fusionpipe.train import evaluation

@@ -25,7 +25,8 @@ missing ones. Two writers never share a chunk (`lock`: one extraction per store 
 
 Representations. Lossless (zstd, the default, and blosc variants) or lossy (int8, int8-std08,
 int8-std10, int8-std20): int8 codes whose per-(layer, channel) steps live inside each chunk, by the zarr
-codec of fusionpipe/codecs.py, so everything below holds for them too. docs/decisions.md.
+codec of fusionpipe/quantize.py, so everything below holds for them too. The codecs' table:
+fusionpipe/codecs.py. docs/decisions.md.
 
 Integrity. Every chunk ends in a crc32c checksum (zarr v3's codec), so a flipped bit is a read
 error naming the store, the chunk and its utterances, never a different number. A chunk not
@@ -37,16 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import hashlib
 import json
 import math
-import os
 import re
-import socket
-import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,80 +50,27 @@ import numpy as np
 import torch
 import zarr
 from zarr.abc.store import SuffixByteRequest
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from fusionpipe import __version__
-from fusionpipe.codecs import Codes, Quantize, parse
+from fusionpipe.chunks import CHUNK_BYTES, MAX_CHUNK_BYTES, chunk_span, default_chunk_frames, starts
+from fusionpipe.codecs import CODECS, DEFAULT_CODEC, LOSSY, compressors, serializer
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest, read_manifest
+from fusionpipe.quantize import Codes, parse
 
 FORMAT = 2           # 2: crc32c on every chunk, NaN fill, index hash; 1 (read only): neither
 READABLE_FORMATS = (1, 2)
 DTYPES = ("float16", "float32")
-CHUNK_BYTES = 4 * 2**20  # chosen with bench/extract.py: larger chunks buy no speed and cost resume granularity
-
-# Measured on pretrained Whisper-base fp16 activations (shared/design.md): zstd-3 1.12x at
-# 620 MB/s, blosc byte-shuffle 1.12x, bit-shuffle 1.06x, lz4 1.00x; bench/extract.py re-measures.
-CODECS = {
-    "zstd": lambda: [ZstdCodec(level=3)],
-    "blosc-zstd": lambda: [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
-    "blosc-zstd-bitshuffle": lambda: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
-    "blosc-lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
-    "none": lambda: None,
-    # lossy: int8 codes with per-(layer, channel) steps inside each chunk (fusionpipe/codecs.py), then zstd
-    "int8": lambda: [ZstdCodec(level=3)],
-    "int8-std08": lambda: [ZstdCodec(level=3)],
-    "int8-std10": lambda: [ZstdCodec(level=3)],
-    "int8-std20": lambda: [ZstdCodec(level=3)],
-}
-# the array->bytes codec of the lossy representations (the lossless ones use zarr's plain `bytes`)
-SERIALIZERS = {
-    "int8": lambda: Quantize(),                                       # step = max|x| / 127
-    "int8-std08": lambda: Quantize(step=0.08, predict_layers=True),  # step = 0.08 x channel std
-    "int8-std10": lambda: Quantize(step=0.10, predict_layers=True),
-    "int8-std20": lambda: Quantize(step=0.20, predict_layers=True),
-}
-LOSSY = tuple(SERIALIZERS)
-DEFAULT_CODEC = "zstd"
-# for large corpora: 0.32x the fp16 bytes, within the fp16 seed spread on every variant bench/storage.py
-# trains (asr and classify, hconv and weighted sum, 5 seeds on real Whisper-base): docs/decisions.md
-RECOMMENDED_LOSSY = "int8-std08"
-CHECKSUM = Crc32cCodec  # last bytes-to-bytes codec of every chunk: bench/extract.py measures its cost
-
-# Store bytes / raw float16 bytes of `hidden`, measured by bench/storage.py on real pretrained
-# Whisper-base activations of the bundled corpus (docs/benchmarks.md). For disk estimates
-# (`expected_bytes`); random-weight models compress differently, real ones of other families similar.
-BYTES_RATIO = {
-    "zstd": 0.893, "blosc-zstd": 0.89, "blosc-zstd-bitshuffle": 0.94, "blosc-lz4": 1.0, "none": 1.0,
-    "int8": 0.419, "int8-std08": 0.324, "int8-std10": 0.307, "int8-std20": 0.265,
-}
-
-
-def expected_bytes(codec: str, total_frames: float, num_layers: int, hidden_size: int, dtype: str = "float16") -> int:
-    """About how many bytes a store of this shape takes on disk with `codec` (measured ratios)."""
-    raw = total_frames * num_layers * hidden_size * 2  # the ratios are to float16
-    return int(raw * BYTES_RATIO[codec] * (2 if dtype == "float32" and codec not in LOSSY else 1))
-
-
-def compressors(codec: str) -> list:
-    """The bytes->bytes chunk codecs of `codec`, ending in the checksum."""
-    return [*(CODECS[codec]() or []), CHECKSUM()]
-
-
-def serializer(codec: str):
-    """The array->bytes codec of `codec`: a `Quantize` for the lossy ones, zarr's default otherwise."""
-    return SERIALIZERS[codec]() if codec in SERIALIZERS else "auto"
+# what makes two stores' features interchangeable: these keys of the upstream that computed them
+# (extraction resumes only into a store that matches them; training compares its stores by them)
+FINGERPRINT = ("model_id", "revision", "num_layers", "hidden_size")
 
 
 def index_hash(ids, lengths) -> str:
     """sha256 of the index (ids and frame counts; offsets follow from them), fixed at creation."""
     return hashlib.sha256(json.dumps([[str(i) for i in ids], [int(n) for n in lengths]]).encode()).hexdigest()
-
-
-# A chunk is encoded, written, read and decoded whole, in memory (and numcodecs' codecs stop at 2 GB).
-MAX_CHUNK_BYTES = 2**30
 
 
 def need_backend(url: str) -> None:
@@ -160,57 +102,11 @@ def identity_hash(attrs: dict) -> str:
     return hashlib.sha256(json.dumps(json.loads(json.dumps(rest)), sort_keys=True).encode()).hexdigest()
 
 
-def chunk_span(start, stop, chunk_frames: int):
-    """Chunks [lo, hi) that frames [start, stop) touch (ints or numpy arrays)."""
-    return start // chunk_frames, -(-stop // chunk_frames)
-
-
-def default_chunk_frames(num_layers: int, hidden_size: int, dtype: str) -> int:
-    return max(1, CHUNK_BYTES // (num_layers * hidden_size * np.dtype(dtype).itemsize))
-
-
-# Frames of one chunk that arrived without the rest of it: (chunk, first frame, end frame, frames).
-Edge = tuple[int, int, int, np.ndarray]
-
-
-class ChunkAssembler:
-    """Frames arriving at any offsets of `hidden` -> whole chunks, each returned once, when complete.
-
-    The one place chunks are put together: extraction's writer, the cluster client's edge chunks
-    and `fuse --write` all feed it. Only chunks with frames pending are buffered, so memory is
-    bounded by what is in flight, not by the store. ``skip``: chunks not to assemble (on disk).
-    """
-
-    def __init__(self, total_frames: int, chunk_frames: int, skip: np.ndarray | None = None):
-        self.total, self.F, self.skip = total_frames, chunk_frames, skip
-        self.pending: dict[int, tuple[np.ndarray, int, int, int]] = {}  # chunk -> (frames, lo, hi, filled)
-
-    def add(self, offset: int, frames: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Frames [offset, offset + len(frames)), (T, L, D); returns the chunks they complete: [(c, frames)]."""
-        F, end, done = self.F, offset + len(frames), []
-        for c in range(*chunk_span(offset, end, F)):
-            if self.skip is not None and self.skip[c]:
-                continue
-            c0, c1 = c * F, min((c + 1) * F, self.total)
-            lo, hi = max(offset, c0), min(end, c1)
-            buf, first, last, filled = self.pending.get(c) or (np.empty((c1 - c0, *frames.shape[1:]), frames.dtype),
-                                                               lo, hi, 0)
-            buf[lo - c0:hi - c0] = frames[lo - offset:hi - offset]
-            filled += hi - lo
-            if filled == c1 - c0:
-                self.pending.pop(c, None)
-                done.append((c, buf))
-            else:
-                self.pending[c] = (buf, min(first, lo), max(last, hi), filled)
-        return done
-
-    def edges(self) -> list[Edge]:
-        """The chunks left part-filled, each with its frames (which arrived as one contiguous run)."""
-        out = []
-        for c, (buf, lo, hi, filled) in sorted(self.pending.items()):
-            assert hi - lo == filled, f"chunk {c}: frames arrived with a gap"
-            out.append((c, lo, hi, buf[lo - c * self.F:hi - c * self.F]))
-        return out
+def store_order(ids, lengths) -> np.ndarray:
+    """Positions of utterances `ids` of `lengths` frames in store order: longest first, ties by id (so a
+    subset of a store comes in the same order, and in the same batches, as its own store would;
+    docs/decisions.md)."""
+    return np.array(sorted(range(len(ids)), key=lambda i: (-int(lengths[i]), ids[i])), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -222,7 +118,7 @@ class Layout:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64) if len(self.ids) else np.zeros(0, np.int64)
+        return starts(self.lengths)
 
     @property
     def total_frames(self) -> int:
@@ -467,41 +363,35 @@ class FeatureStore:
                 ) from None
             raise
 
-    def _chunk_spec(self):
-        a = self.hidden._async_array
-        return a.metadata.get_chunk_spec((0, 0, 0), a.config, default_buffer_prototype())
-
     def _encode_chunk(self, frames: np.ndarray):
         """(n <= chunk_frames, L, D) -> the chunk's stored bytes; a short (last) chunk is padded with
         the fill value first, as zarr pads it."""
-        spec = self._chunk_spec()
+        pipeline, spec = codec_pipeline(self.hidden)
         if len(frames) != self.chunk_frames:
             full = np.full(spec.shape, spec.fill_value, dtype=self.hidden.dtype)
             full[:len(frames)] = frames
             frames = full
         nd = spec.prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(frames, dtype=self.hidden.dtype))
-        (buf,) = sync(self.hidden._async_array.codec_pipeline.encode([(nd, spec)]))
+        (buf,) = sync(pipeline.encode([(nd, spec)]))
         return buf
 
     def _decode_chunk(self, buf) -> np.ndarray:
-        (nd,) = sync(self.hidden._async_array.codec_pipeline.decode([(buf, self._chunk_spec())]))
+        pipeline, spec = codec_pipeline(self.hidden)
+        (nd,) = sync(pipeline.decode([(buf, spec)]))
         return nd.as_numpy_array()
 
     def _record_placement(self, c: int, buf) -> None:
         """``placement/<c>.json``: chunk c's position and its checksum (the crc32c its bytes end in), written
         before the chunk. The checksum proves a chunk's bytes whole, not their place: this record is what
         tells a chunk moved or copied from another position (`placement_fault`)."""
-        rec = {"chunk": c, "crc32c": int.from_bytes(buf.to_bytes()[-4:], "little")}
-        out = default_buffer_prototype().buffer.from_bytes(json.dumps(rec).encode())
-        sync(self.group.store.set(_key(self.group, f"placement/{c}.json"), out))
+        self._put_record(f"placement/{c}.json", {"chunk": c, "crc32c": int.from_bytes(buf.to_bytes()[-4:], "little")})
 
     def placement_records(self) -> dict[int, dict]:
         """{chunk: its placement record} of every record on disk (one listing and a small read each)."""
         out = {}
-        for k in sync(_list(self.group.store, _key(self.group, "placement/"))):
+        for k in self._record_keys("placement/"):
             try:
-                rec = json.loads(sync(self.group.store.get(k, default_buffer_prototype())).to_bytes())
-                out[int(k.rsplit("/", 1)[1].removesuffix(".json"))] = rec
+                out[int(k.rsplit("/", 1)[1].removesuffix(".json"))] = self._get_record(k)
             except (ValueError, AttributeError):
                 out[-1] = {"bad": k}
         return out
@@ -519,8 +409,7 @@ class FeatureStore:
         err = decoded.astype(np.float32) - x  # float32 differences, float64 sums
         rec = {"chunk": c, "frames": len(x), "sum_sq_error": _sum_sq(err), "sum_sq": _sum_sq(x),
                "max_abs_error": np.abs(err).max(axis=(0, 2)).tolist() if len(x) else [0.0] * x.shape[1]}
-        buf = default_buffer_prototype().buffer.from_bytes(json.dumps(rec).encode())
-        sync(self.group.store.set(_key(self.group, f"error/{c}.json"), buf))
+        self._put_record(f"error/{c}.json", rec)
 
     def measured_error(self, done_chunks: np.ndarray | None = None) -> dict | None:
         """The encoding error of a lossy store, measured by the writer against the unencoded values,
@@ -530,8 +419,7 @@ class FeatureStore:
         done = self.done_chunks() if done_chunks is None else done_chunks
         L = self.num_layers
         sse, ss, mx, counted = np.zeros(L), np.zeros(L), np.zeros(L), 0
-        for k in sync(_list(self.group.store, _key(self.group, "error/"))):
-            rec = json.loads(sync(self.group.store.get(k, default_buffer_prototype())).to_bytes())
+        for rec in map(self._get_record, self._record_keys("error/")):
             if rec["chunk"] < len(done) and done[rec["chunk"]]:
                 sse += rec["sum_sq_error"]
                 ss += rec["sum_sq"]
@@ -553,14 +441,23 @@ class FeatureStore:
     def skipped(self) -> dict[str, str]:
         """Utterances left out: bad before extraction (attrs) or found bad while extracting."""
         out = dict(self.info.skipped_before)
-        for k in sync(_list(self.group.store, _key(self.group, "skipped/"))):
-            rec = json.loads(sync(self.group.store.get(k, default_buffer_prototype())).to_bytes())
+        for rec in map(self._get_record, self._record_keys("skipped/")):
             out[rec["id"]] = rec["reason"]
         return out
 
     def mark_skipped(self, utt_id: str, reason: str) -> None:
-        buf = default_buffer_prototype().buffer.from_bytes(json.dumps({"id": utt_id, "reason": reason}).encode())
-        sync(self.group.store.set(_key(self.group, f"skipped/{self.position[utt_id]}.json"), buf))
+        self._put_record(f"skipped/{self.position[utt_id]}.json", {"id": utt_id, "reason": reason})
+
+    # ---- the small JSON records beside the chunks (skipped/, error/, placement/) ---------------
+    def _put_record(self, rel: str, record: dict) -> None:
+        buf = default_buffer_prototype().buffer.from_bytes(json.dumps(record).encode())
+        sync(self.group.store.set(_key(self.group, rel), buf))
+
+    def _record_keys(self, folder: str) -> list[str]:
+        return sync(_list(self.group.store, _key(self.group, folder)))
+
+    def _get_record(self, key: str) -> dict:
+        return json.loads(sync(self.group.store.get(key, default_buffer_prototype())).to_bytes())
 
     # ---- reading -------------------------------------------------------------------------
     def read_range(self, lo: int, hi: int) -> np.ndarray:
@@ -573,7 +470,7 @@ class FeatureStore:
             raise
 
     def read_codes(self, lo: int, hi: int) -> Codes:
-        """Frames [lo, hi) of a lossy store, not expanded (`codecs.Codes`, expanded where the values are
+        """Frames [lo, hi) of a lossy store, not expanded (`quantize.Codes`, expanded where the values are
         used): the chunks' checksums are checked and zstd undone here, as `read_range` does."""
         if self.info.codec not in LOSSY:
             raise ValueError(f"{self} is stored {self.info.codec}: only a lossy store has codes")
@@ -593,11 +490,11 @@ class FeatureStore:
 
     async def _payloads(self, chunks) -> list:
         """The chunks' bytes with the bytes->bytes codecs undone (checksum checked, zstd decompressed)."""
-        spec, prototype = self._chunk_spec(), default_buffer_prototype()
+        (pipeline, spec), prototype = codec_pipeline(self.hidden), default_buffer_prototype()
         data = await asyncio.gather(*(self.group.store.get(self.chunk_key(c), prototype) for c in chunks))
         if any(d is None for d in data):
             raise KeyError("a chunk is missing")
-        for codec in self.hidden._async_array.codec_pipeline.bytes_bytes_codecs[::-1]:
+        for codec in pipeline.bytes_bytes_codecs[::-1]:
             data = await codec.decode([(d, spec) for d in data])
         return list(data)
 
@@ -647,6 +544,25 @@ class FeatureStore:
         return sum(self.key_sizes().values())
 
 
+def codec_pipeline(array: zarr.Array):
+    """(the codec pipeline of `array`, the spec of its chunks): what encodes and decodes a chunk whole, as zarr
+    itself does. zarr has no public API for this; this is the one place its private one is reached, so a
+    zarr upgrade that changes it fails here, with the versions named (tests/test_storage.py runs it)."""
+    try:
+        a = array._async_array
+        pipeline, spec = a.codec_pipeline, a.metadata.get_chunk_spec((0,) * array.ndim, a.config,
+                                                                      default_buffer_prototype())
+        for method in ("encode", "decode"):
+            getattr(pipeline, method)
+        pipeline.bytes_bytes_codecs  # noqa: B018  (read_codes undoes these itself)
+    except (AttributeError, TypeError) as e:
+        raise RuntimeError(
+            f"zarr {zarr.__version__} changed the private API fusionpipe uses to encode and decode whole chunks "
+            f"({type(e).__name__}: {e}); fusionpipe/store.py `codec_pipeline` must follow it, or install the zarr "
+            "version pyproject.toml was tested with") from e
+    return pipeline, spec
+
+
 def _sum_sq(x: np.ndarray) -> list[float]:
     """Per layer sum of squares of a (T, L, D) block, accumulated in float64."""
     return np.einsum("tld,tld->l", x, x, dtype=np.float64).tolist()
@@ -667,41 +583,3 @@ async def _sizes(store, prefix: str) -> dict[str, int]:
 def list_ids(ids: list[str], show: int = 5) -> str:
     """A message's list of utterance ids: the first few and how many more."""
     return ", ".join(ids[:show]) + (f" and {len(ids) - show} more" if len(ids) > show else "") if ids else "no utterance"
-
-
-# ---- one writer per store ------------------------------------------------------------------------
-@contextmanager
-def lock(url: str | Path, wait: bool = False):
-    """Advisory lock of the store at `url` for one writer (extract, verify --repair).
-
-    A local store's lock is ``<store>.lock`` beside it, held with flock: the kernel releases it when
-    the holder exits however it exits, so a crashed holder never blocks a rerun. The file records
-    the holder (pid, host, command, start) for the message a second writer gets. Object stores
-    (s3://, ...) have no such lock: there, do not start two extractions of one store.
-    """
-    url = str(url)
-    if "://" in url and not url.startswith("file://"):
-        yield
-        return
-    path = Path(url.removeprefix("file://").rstrip("/") + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            if not wait:
-                raise FusionpipeError(
-                    f"{redact(url)} is being written by another process ({holder}); wait for it to finish, or "
-                    "pass --wait to start when it does"
-                ) from None
-            print(f"waiting for {redact(url)}: held by {holder}", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                  "command": " ".join(sys.argv)[:300]}).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the flock

@@ -16,7 +16,7 @@ import soundfile as sf
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fusionpipe.extract.run import extract
+from fusionpipe.extract.stage import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 from fusionpipe.store import FeatureStore, Layout
 from fusionpipe.train.loop import TrainConfig

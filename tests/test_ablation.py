@@ -364,7 +364,7 @@ def _folds_recipe(tmp_path, corpus) -> Path:
 
 @pytest.mark.slow
 def test_folds_with_extract_from_extract_each_upstream_once_and_run_every_fold(tmp_path, monkeypatch, make_manifest):
-    from fusionpipe.extract import run as stage1
+    from fusionpipe.extract import stage as stage1
     from fusionpipe.train import loop as stage3
 
     recipe = load_recipe(_folds_recipe(tmp_path, _folds_corpus(tmp_path, make_manifest)))
@@ -406,11 +406,11 @@ def test_split_rows_outside_extract_from_are_a_plan_problem(tmp_path, make_manif
 
 def test_dry_run_disk_estimate_follows_the_recipe_codec(tmp_path):
     """The plan's bytes per audio-second are L x D x frame rate x the codec's measured ratio."""
-    from fusionpipe.store import BYTES_RATIO
+    from fusionpipe.codecs import CODECS
 
     rates = {}
     for codec in ("zstd", "int8"):
         recipe = load_recipe(_write(tmp_path, _recipe(extract={"codec": codec}), f"{codec}.yaml"))
         rates[codec] = {e.upstream: e.bytes_per_second for e in plan_recipe(recipe).extractions}
     for upstream, zstd in rates["zstd"].items():
-        assert rates["int8"][upstream] == pytest.approx(zstd * BYTES_RATIO["int8"] / BYTES_RATIO["zstd"], rel=1e-3)
+        assert rates["int8"][upstream] == pytest.approx(zstd * CODECS["int8"].ratio / CODECS["zstd"].ratio, rel=1e-3)

@@ -15,9 +15,10 @@ from fusionpipe.cli import app
 from fusionpipe.extract.cluster import connect, extract_on_cluster, work_units
 from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import extract, plan
-from fusionpipe.store import FeatureStore, chunk_span
-from fusionpipe.verify import verify
+from fusionpipe.extract.stage import extract, plan
+from fusionpipe.chunks import chunk_span
+from fusionpipe.store import FeatureStore
+from fusionpipe.integrity import check_store
 from fusionpipe.extract.upstreams import load_upstream
 
 
@@ -34,7 +35,7 @@ def one_thread():
 def _same_store(a: FeatureStore, b: FeatureStore) -> None:
     assert a.ids == b.ids
     assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.lengths, b.lengths)
-    assert a.is_complete() and b.is_complete() and not verify(b)
+    assert a.is_complete() and b.is_complete() and not check_store(b)
     assert a.hidden[:].tobytes() == b.hidden[:].tobytes()
 
 
@@ -172,7 +173,7 @@ def test_cli_extract_on_a_local_cluster_and_on_a_running_scheduler(tmp_path, loc
     assert result.exit_code == 0, result.output
     assert "4 utterances" in result.output
     store = FeatureStore.open(tmp_path / "cache" / "cli" / "toy-hubert.zarr")
-    assert store.is_complete() and not verify(store)
+    assert store.is_complete() and not check_store(store)
     # the same on an existing cluster, by its scheduler's address, into another cache
     client, _ = local_cluster
     args[args.index("--cache") + 1] = str(tmp_path / "cache2")

@@ -10,7 +10,7 @@ import torch
 
 from fusionpipe.fuse.loader import BucketBatchSampler, FusedDataset, SharedSlots, collate, make_loader
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import extract
+from fusionpipe.extract.stage import extract
 from fusionpipe.fuse.view import open_fused
 from fusionpipe.store import FeatureStore
 
@@ -94,7 +94,7 @@ def test_workers_build_batches_in_shared_slots_freed_only_when_the_trainer_drops
 
 
 def test_worker_slots_fit_in_dev_shm_or_the_loader_warns_and_takes_the_ordinary_path(toy_stores, monkeypatch):
-    from fusionpipe.fuse import loader as module
+    from fusionpipe import shm as module
 
     _, stores = toy_stores
     batch = 60 * 4 * (32 + 40) * 4  # max_frames x L x sum(D) x float32

@@ -9,12 +9,13 @@ import torch
 import zarr
 from transformers import AutoFeatureExtractor, AutoModel
 
+from fusionpipe.chunks import starts
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import extract, plan
-from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
-from fusionpipe.store import FeatureStore
-from fusionpipe.verify import verify
+from fusionpipe.extract.stage import extract, plan
 from fusionpipe.extract.upstreams import load_upstream
+from fusionpipe.integrity import check_store
+from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
+from fusionpipe.store import FeatureStore, store_order
 
 
 def _plain_forward(upstream, wave):
@@ -106,6 +107,12 @@ def test_batch_plan_respects_the_budget_and_sorts_longest_first(speech_manifest)
         assert len(b) == 1 or len(b) * longest <= 4.0
 
 
+def test_store_order_is_longest_first_with_ties_by_id_and_offsets_follow_the_lengths():
+    order = store_order(["b", "a", "c", "d"], [3, 5, 3, 1])
+    assert list(order) == [1, 0, 2, 3]  # a (5), then b and c (3, by id), then d (1)
+    assert list(starts([5, 3, 0, 1])) == [0, 5, 8, 8] and starts([]).dtype == np.int64 and len(starts([])) == 0
+
+
 @pytest.mark.slow
 def test_kill_9_then_rerun_equals_uninterrupted_run(long_manifest, tmp_path, extract_cmd, run_extract,
                                                     kill_extract_midway):
@@ -177,7 +184,7 @@ def test_bad_row_is_an_error_naming_it_or_a_recorded_skip(make_bad, message, spe
     r = extract(m, "toy-wavlm", tmp_path / "b", progress=False, device="cpu", skip_bad=True)
     store = FeatureStore.open(r.url)
     assert r.skipped == 1 and list(store.skipped()) == [bad_id]
-    assert store.is_complete() and verify(store) == []
+    assert store.is_complete() and check_store(store) == []
 
 
 def test_other_sample_rates_are_resampled_and_stereo_down_mixed(tmp_path):
@@ -198,10 +205,10 @@ def test_unknown_model_alias_is_a_clear_error(speech_manifest, tmp_path):
 
 def test_verify_reports_a_corrupted_chunk(speech_manifest, tmp_path):
     r = extract(speech_manifest, "toy-wavlm", tmp_path, progress=False, device="cpu", chunk_frames=32)
-    assert verify(FeatureStore.open(r.url)) == []
+    assert check_store(FeatureStore.open(r.url)) == []
     chunk = Path(r.url) / "hidden" / "c" / "1" / "0" / "0"
     chunk.write_bytes(b"garbage")
-    faults = verify(FeatureStore.open(r.url))
+    faults = check_store(FeatureStore.open(r.url))
     assert faults and "chunk 1" in faults[0]
 
 
@@ -222,7 +229,7 @@ def test_stores_live_at_any_fsspec_url(speech_manifest):
     urls = [extract(speech_manifest, m, "memory://fp-test", device="cpu", progress=False).url
             for m in ("toy-wavlm", "toy-whisper")]
     assert urls[0] == f"memory://fp-test/{speech_manifest.name}/toy-wavlm.zarr"
-    assert FeatureStore.open(urls[0]).is_complete() and verify(FeatureStore.open(urls[0])) == []
+    assert FeatureStore.open(urls[0]).is_complete() and check_store(FeatureStore.open(urls[0])) == []
     assert extract(speech_manifest, "toy-wavlm", "memory://fp-test", device="cpu", progress=False).already_complete
     with pytest.raises(FusionpipeError, match="--overwrite"):
         extract(speech_manifest, "toy-wavlm", "memory://fp-test", dtype="float32", device="cpu", progress=False)

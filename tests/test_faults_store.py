@@ -22,10 +22,11 @@ from typer.testing import CliRunner
 from fusionpipe.cli import app
 from fusionpipe.fuse.loader import make_loader
 from fusionpipe.errors import FusionpipeError, redact
-from fusionpipe.extract.run import compute_dtype, extract
+from fusionpipe.extract.stage import compute_dtype, extract
 from fusionpipe.fuse.view import open_fused
-from fusionpipe.store import FeatureStore, lock
-from fusionpipe.verify import verify
+from fusionpipe.store import FeatureStore
+from fusionpipe.store_lock import lock
+from fusionpipe.integrity import check_store
 
 runner = CliRunner()
 CHUNK = 16  # frames per chunk: several chunks per utterance, several utterances per chunk
@@ -75,7 +76,7 @@ def test_a_stray_partial_in_place_of_a_chunk_is_not_done_and_a_rerun_recomputes_
     assert not s.done_chunks()[c] and not s.is_complete()
     assert s.stray_keys() == [f"hidden/c/{c}/0/0.deadbeef.partial"]
     assert np.isnan(s.hidden[c * CHUNK:(c + 1) * CHUNK]).all()  # never plausible zeros
-    faults = verify(s)
+    faults = check_store(s)
     assert any("1 of" in f and "missing" in f for f in faults) and any("stray" in f for f in faults)
     with pytest.raises(FusionpipeError, match=r"1 utterance\(s\) are not usable"):
         open_fused([store])
@@ -83,7 +84,7 @@ def test_a_stray_partial_in_place_of_a_chunk_is_not_done_and_a_rerun_recomputes_
         make_loader([store])
     r = _rerun(speech_manifest, store)
     assert not r.already_complete
-    assert FeatureStore.open(store).stray_keys() == [] and verify(FeatureStore.open(store)) == []
+    assert FeatureStore.open(store).stray_keys() == [] and check_store(FeatureStore.open(store)) == []
     assert _same(store, tmp_path / "pristine.zarr")
 
 
@@ -100,7 +101,7 @@ def test_every_single_bit_flip_is_caught(store):
         path.write_bytes(bytes(bad))
         assert s.chunk_fault(2) is not None, f"bit {bit} went unnoticed"
     path.write_bytes(good)
-    assert verify(s) == []
+    assert check_store(s) == []
 
 
 def test_corrupt_chunks_stop_the_loader_naming_store_chunk_and_utterances(store):
@@ -123,21 +124,21 @@ def test_corrupt_chunks_stop_the_loader_naming_store_chunk_and_utterances(store)
 def test_verify_reports_missing_chunks_index_edits_and_metadata_edits(store, tmp_path):
     s = FeatureStore.open(store)
     _chunk(store, 4).unlink()  # said "ok" before
-    faults = verify(s)
+    faults = check_store(s)
     assert len(faults) == 1 and "1 of" in faults[0] and "missing" in faults[0] and "chunks 4" in faults[0]
 
     edited = tmp_path / "edited.zarr"
     shutil.copytree(tmp_path / "pristine.zarr", edited)
     offsets = zarr.open_array(str(edited / "index" / "offsets"), mode="r+")
     offsets[1] = offsets[1] + 1  # training read shifted frames before
-    assert any(f.startswith("index:") for f in verify(FeatureStore.open(edited)))
+    assert any(f.startswith("index:") for f in check_store(FeatureStore.open(edited)))
 
     shutil.rmtree(edited)
     shutil.copytree(tmp_path / "pristine.zarr", edited)
     meta = json.loads((edited / "zarr.json").read_text())
     meta["attributes"]["chunk_frames"] = 7  # a traceback before
     (edited / "zarr.json").write_text(json.dumps(meta))
-    faults = verify(FeatureStore.open(edited))
+    faults = check_store(FeatureStore.open(edited))
     assert any("chunk_frames=7" in f for f in faults)
     code, out = _cli("verify", str(edited))
     assert code == 1 and "FAULT metadata" in out
@@ -155,14 +156,14 @@ def test_a_chunk_swapped_or_copied_to_another_position_is_found_and_repaired(spe
     _chunk(url, 1).write_bytes(four)
     _chunk(url, 4).write_bytes(one)
     shutil.copyfile(_chunk(url, 2), _chunk(url, 6))
-    faults = verify(FeatureStore.open(url))
+    faults = check_store(FeatureStore.open(url))
     assert len(faults) == 3, faults
     assert "chunk 1 " in faults[0] and "chunk 4's (moved or copied from there)" in faults[0]
     assert "chunk 4 " in faults[1] and "chunk 1's" in faults[1]
     assert "chunk 6 " in faults[2] and "chunk 2's" in faults[2]
     assert _cli("verify", "--repair", url)[0] == 1
     extract(speech_manifest, "toy-wavlm", url=url, device="cpu", progress=False, chunk_frames=CHUNK, codec=codec)
-    assert _same(url, pristine) and verify(FeatureStore.open(url)) == []
+    assert _same(url, pristine) and check_store(FeatureStore.open(url)) == []
 
 
 @pytest.mark.parametrize("edit", [
@@ -176,7 +177,7 @@ def test_an_edited_identity_attribute_is_found(store, edit):
     meta = json.loads((Path(store) / "zarr.json").read_text())
     edit(meta["attributes"])
     (Path(store) / "zarr.json").write_text(json.dumps(meta))
-    faults = verify(FeatureStore.open(store))
+    faults = check_store(FeatureStore.open(store))
     assert len(faults) == 1 and "identity_sha256" in faults[0]
 
 
@@ -188,7 +189,7 @@ def test_a_store_written_before_digests_and_placement_records_still_opens_and_ve
     (Path(store) / "zarr.json").write_text(json.dumps(meta))
     shutil.rmtree(Path(store) / "placement")
     s = FeatureStore.open(store)
-    assert verify(s) == [] and s.read(s.ids[0]).shape[0] == s.lengths[0]
+    assert check_store(s) == [] and s.read(s.ids[0]).shape[0] == s.lengths[0]
     code, out = _cli("verify", store)
     assert code == 0 and "chunk moved within the store can go undetected" in out
 
@@ -235,7 +236,7 @@ def test_a_second_extract_on_the_same_store_says_who_holds_it_or_waits(speech_ma
 
 def test_a_crashed_holder_does_not_block_a_rerun(speech_manifest, tmp_path):
     url = str(tmp_path / "crashed.zarr")
-    code = (f"import sys, time; from fusionpipe.store import lock\n"
+    code = (f"import sys, time; from fusionpipe.store_lock import lock\n"
             f"with lock({url!r}):\n    print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -283,12 +284,12 @@ def test_a_store_that_cannot_fit_is_refused_before_the_model_runs(small_disk, sp
 
 def test_a_disk_full_while_the_store_is_created_is_named(small_disk, speech_manifest, monkeypatch):
     """Past the estimate (another process took the room): the store's own metadata does not fit."""
-    from fusionpipe.extract import run
+    from fusionpipe.extract import stage
 
     root, _ = small_disk
     if not os.path.ismount(root):
         pytest.skip("needs the 64 kB tmpfs (root)")
-    monkeypatch.setattr(run, "check_disk", lambda *a: None)
+    monkeypatch.setattr(stage, "check_disk", lambda *a: None)
     subprocess.run(["dd", "if=/dev/zero", f"of={root / 'filler'}", "bs=4k", "count=15"], capture_output=True)
     with pytest.raises(FusionpipeError, match=r"the disk is full .* while the store is created; .*--overwrite"):
         extract(speech_manifest, "toy-wavlm", url=str(root / "x.zarr"), device="cpu", progress=False,
@@ -297,9 +298,9 @@ def test_a_disk_full_while_the_store_is_created_is_named(small_disk, speech_mani
 
 def test_a_full_disk_names_the_store_and_a_rerun_resumes(small_disk, speech_manifest, tmp_path, monkeypatch):
     """The disk fills during the run (the up-front estimate passed: another process took the room)."""
-    from fusionpipe.extract import run
+    from fusionpipe.extract import stage
 
-    monkeypatch.setattr(run, "check_disk", lambda *a: None)
+    monkeypatch.setattr(stage, "check_disk", lambda *a: None)
     root, grow = small_disk
     url = str(root / "full.zarr")
     ref = extract(speech_manifest, "toy-wavlm", url=str(tmp_path / "ref.zarr"), device="cpu", progress=False,
@@ -329,13 +330,18 @@ def test_float32_stores_compute_in_float32_everywhere_and_record_it(speech_manif
         extract(speech_manifest, "toy-wavlm", url=url, device="cpu", progress=False, dtype="float32")
 
 
-def test_forward_returns_the_precision_it_is_asked_for():
+def test_forward_returns_the_precision_it_is_asked_for_not_its_default():
+    """On a GPU the default is float16; a float32 store asks for float32 and must get it (on a CPU, whose
+    default is float32 already, asking for it proves nothing: the default is made float16 here)."""
     from fusionpipe.extract.upstreams import load_upstream
 
     up = load_upstream("toy-wavlm", device="cpu")
+    up.dtype = torch.float16
     wave = np.random.default_rng(0).standard_normal(8000).astype(np.float32)
     (h,) = up.forward([wave], torch.float32)
     assert h.dtype == torch.float32
+    (default,) = up.forward([wave])
+    assert default.dtype == torch.float16  # what a forward that ignored the precision asked for would return
 
 
 # ---- URLs ---------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_checker_catches_planted_violations():
         "from fusionpipe.store import FeatureStore",          # 1 shared: fine
         "from fusionpipe.fuse.view import open_fused",        # 2 own room: fine
         "from fusionpipe import __version__",                 # 3 a dunder is not private
-        "from fusionpipe.extract.run import extract",         # 4 stage 2 -> stage 1
+        "from fusionpipe.extract.stage import extract",       # 4 stage 2 -> stage 1
         "def f():",
         "    from ..train import loop",                       # 6 stage 2 -> stage 3, relative, in a function
         "    from fusionpipe.cli import app",                 # 7 the CLI
@@ -143,7 +143,7 @@ def test_checker_catches_planted_violations():
     ])
     found = violations(planted, "fusionpipe.fuse.planted", "fusionpipe/fuse/planted.py")
     assert found == [
-        ("room", "fusionpipe/fuse/planted.py:4: fuse imports extract (fusionpipe.extract.run)"),
+        ("room", "fusionpipe/fuse/planted.py:4: fuse imports extract (fusionpipe.extract.stage)"),
         ("room", "fusionpipe/fuse/planted.py:6: fuse imports train (fusionpipe.train.loop)"),
         ("cli", "fusionpipe/fuse/planted.py:7: imports fusionpipe.cli (only __main__ may)"),
         ("private", "fusionpipe/fuse/planted.py:8: imports the private name _private of fusionpipe.store"),
@@ -155,7 +155,7 @@ def test_checker_catches_planted_violations():
 def test_checker_sees_every_module_of_the_package():
     """Not vacuous: the walk finds the rooms' modules and their imports of one another."""
     modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
-    assert {"fusionpipe.cli", "fusionpipe.extract.run", "fusionpipe.fuse.view", "fusionpipe.train.loop",
+    assert {"fusionpipe.cli", "fusionpipe.extract.stage", "fusionpipe.fuse.view", "fusionpipe.train.loop",
             "fusionpipe.ablate.plan", "fusionpipe.store"} <= modules
     view = PACKAGE / "fuse" / "view.py"
     targets = {t for _, t, _, _ in imports(ast.parse(view.read_text()), "fusionpipe.fuse.view", False)}

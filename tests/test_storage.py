@@ -1,6 +1,7 @@
-"""The lossy store representations (fusionpipe/codecs.py): error bounds, determinism, plain-zarr
+"""The lossy store representations (fusionpipe/quantize.py): error bounds, determinism, plain-zarr
 readability, the loader reading through them, and the checksum still over every byte."""
 
+import asyncio
 import json
 import os
 import subprocess
@@ -12,13 +13,14 @@ import pytest
 import torch
 import zarr
 
-from fusionpipe.codecs import decode, encode
+from fusionpipe.codecs import LOSSY, compressors, serializer
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import extract
+from fusionpipe.extract.stage import extract
 from fusionpipe.fuse.loader import make_loader
 from fusionpipe.fuse.view import CompactStack
-from fusionpipe.store import LOSSY, FeatureStore, Layout, compressors, serializer
-from fusionpipe.verify import describe, verify
+from fusionpipe.integrity import check_store, describe
+from fusionpipe.quantize import decode, encode
+from fusionpipe.store import FeatureStore, Layout
 
 # (bound on ||decoded - x|| / ||x|| per layer, on channels of very different scales)
 BOUNDS = {"int8": 0.01, "int8-std08": 0.028, "int8-std10": 0.035, "int8-std20": 0.07}
@@ -111,6 +113,7 @@ def test_a_lossy_store_reads_with_plain_zarr_once_fusionpipe_is_imported(tmp_pat
         assert meta["codecs"][-1]["name"] == "crc32c"  # the checksum stays last
 
 
+@pytest.mark.slow
 def test_the_loader_on_a_lossy_store_equals_decoding_first_then_loading(tmp_path, speech_manifest):
     lossy = extract(speech_manifest, "toy-wavlm", tmp_path / "lossy", device="cpu", progress=False,
                     codec="int8-std10", chunk_frames=16)
@@ -129,6 +132,7 @@ def test_the_loader_on_a_lossy_store_equals_decoding_first_then_loading(tmp_path
             assert torch.equal(sp, sq)
 
 
+@pytest.mark.slow
 def test_compact_batches_expand_on_the_device_to_the_loaders_numbers(tmp_path, speech_manifest):
     """make_loader(compact=True), what a GPU trainer uses: lossy stacks cross as int8 codes and `.to(device)`
     expands, aligns (WavLM 49 Hz, 4 layers against Whisper 50 Hz) and pads them: exactly the loader's tensors."""
@@ -196,12 +200,12 @@ def test_verify_catches_a_flipped_bit_in_a_lossy_chunk(tmp_path, codec):
         bad = bytearray(good)
         bad[bit // 8] ^= 1 << (bit % 8)
         path.write_bytes(bytes(bad))
-        faults = verify(FeatureStore.open(s.url))
+        faults = check_store(FeatureStore.open(s.url))
         assert faults and "chunk 1 " in faults[0], f"bit {bit} went unnoticed"
         with pytest.raises(FusionpipeError, match="chunk 1 .*verify --repair"):  # the GPU path's read too
             FeatureStore.open(s.url).read_codes(50, 130)
     path.write_bytes(good)
-    assert verify(FeatureStore.open(s.url)) == []
+    assert check_store(FeatureStore.open(s.url)) == []
 
 
 def test_a_resume_with_another_codec_is_refused(speech_manifest, tmp_path):
@@ -226,6 +230,7 @@ def test_extract_codec_is_recorded_and_inspect_shows_ratio_and_measured_error(sp
     assert "measured_error" in shown and "mean " in shown
 
 
+@pytest.mark.slow
 def test_training_on_codes_expanded_by_the_trainer_equals_training_on_the_loaders_tensors(
         tmp_path, pitch_stores, train_config, logged_losses, monkeypatch):
     """The GPU path end to end, on the CPU: with `expands_on` forced, the trainer and its dev evaluation get
@@ -257,10 +262,36 @@ def untimed(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
 
 
-def test_the_extract_help_recommends_the_recommended_representation():
+def test_the_extract_help_offers_every_codec_of_the_table_and_recommends_the_recommended_one(monkeypatch):
     import inspect
 
-    from fusionpipe import cli
-    from fusionpipe.store import RECOMMENDED_LOSSY
+    from fusionpipe import cli, codecs
     help_text = inspect.signature(cli.extract).parameters["codec"].default.help
-    assert f"for large corpora: {RECOMMENDED_LOSSY} (store.RECOMMENDED_LOSSY" in help_text
+    assert all(name in help_text for name in codecs.CODECS)
+    assert f"for large corpora: {codecs.RECOMMENDED_LOSSY}" in help_text
+    monkeypatch.setitem(codecs.CODECS, "int4", codecs.Codec("a codec added to the table", 0.2, codecs.ZSTD, {}))
+    monkeypatch.setattr(codecs, "LOSSY", (*codecs.LOSSY, "int4"))
+    assert "int4 (5.0x)" in codecs.help_text()
+
+
+def test_zarrs_private_codec_pipeline_is_reached_in_one_place_and_still_works():
+    """store.codec_pipeline is the only use of zarr's private API: if a zarr upgrade moves it, this fails."""
+    from fusionpipe.store import codec_pipeline
+    a = zarr.create_array({}, shape=(8, 2, 3), chunks=(4, 2, 3), dtype="float16", compressors=compressors("int8"),
+                          serializer=serializer("int8"), fill_value=float("nan"))
+    pipeline, spec = codec_pipeline(a)
+    x = np.arange(24, dtype=np.float16).reshape(4, 2, 3)
+    (buf,) = asyncio.run(pipeline.encode([(spec.prototype.nd_buffer.from_numpy_array(x), spec)]))
+    (back,) = asyncio.run(pipeline.decode([(buf, spec)]))
+    assert spec.shape == (4, 2, 3) and [type(c).__name__ for c in pipeline.bytes_bytes_codecs] == ["ZstdCodec",
+                                                                                                   "Crc32cCodec"]
+    np.testing.assert_allclose(back.as_numpy_array(), x, atol=0.1)
+
+
+def test_a_zarr_without_that_private_api_is_named_with_its_version():
+    from fusionpipe.store import codec_pipeline
+    a = zarr.create_array({}, shape=(4,), chunks=(4,), dtype="float32")
+    message = rf"zarr {zarr.__version__} changed the private API .*store.py `codec_pipeline`"
+    with pytest.raises(RuntimeError, match=message):
+        codec_pipeline(type("Array", (), {"ndim": 1, "_async_array": object()})())
+    assert codec_pipeline(a)[1].shape == (4,)

@@ -9,7 +9,7 @@ import torch
 
 from fusionpipe.train.rundir import RunDir
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import extract
+from fusionpipe.extract.stage import extract
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest
 from fusionpipe.train.augment import crop_frames, random_crop
 from fusionpipe.train.evaluation import evaluate

@@ -11,7 +11,9 @@ import torch
 from transformers import AutoFeatureExtractor, AutoModel, BertConfig
 
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.upstreams import TOY_VERSION, UPSTREAMS, list_upstreams, load_upstream, make_local_model
+from fusionpipe.extract.registry import UPSTREAMS, list_upstreams
+from fusionpipe.extract.toys import TOY_VERSION, make_local_model
+from fusionpipe.extract.upstreams import load_upstream
 
 SSL_TOYS = ["toy-wavlm", "toy-hubert", "toy-data2vec"]
 

@@ -8,9 +8,9 @@ from typing import Callable
 
 
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import store_url
+from fusionpipe.extract.stage import store_url
 from fusionpipe.manifest import Manifest, check_subset, read_manifest
-from fusionpipe.store import expected_bytes
+from fusionpipe.codecs import expected_bytes
 from fusionpipe.ablate.recipe import Recipe, TaskSpec, fill_fold, manifest_path, trials_path
 from fusionpipe.ablate.report import write_report
 from fusionpipe.names import upstream_set_name
@@ -127,7 +127,7 @@ def _size(n: float) -> str:
 
 def _dims(upstream: str) -> tuple[int, int, float] | None:
     """(L, D, frame rate) from the registry or a local directory's config, without loading weights."""
-    from fusionpipe.extract.upstreams import upstream_spec
+    from fusionpipe.extract.registry import upstream_spec
 
     spec = upstream_spec(upstream)
     return (spec.num_layers, spec.hidden_size, spec.frame_rate) if spec else None
@@ -135,7 +135,7 @@ def _dims(upstream: str) -> tuple[int, int, float] | None:
 
 def _weights_problem(upstream: str) -> str | None:
     """Why the weights of `upstream` cannot be loaded offline, or None."""
-    from fusionpipe.extract.upstreams import UPSTREAMS
+    from fusionpipe.extract.registry import UPSTREAMS
 
     spec = UPSTREAMS.get(upstream)
     if spec is not None and spec.hf_id.startswith("toy:"):
@@ -375,7 +375,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
     if dry_run:
         return plan
 
-    from fusionpipe.extract.run import extract
+    from fusionpipe.extract.stage import extract
     from fusionpipe.extract.upstreams import load_upstream
 
     for upstream in recipe.upstreams:

@@ -212,7 +212,7 @@ def _as_float(value):
 
 
 def _known_upstream(name: str) -> bool:
-    from fusionpipe.extract.upstreams import HUB_ID, UPSTREAMS
+    from fusionpipe.extract.registry import HUB_ID, UPSTREAMS
 
     return name in UPSTREAMS or Path(name).expanduser().is_dir() or bool(HUB_ID.fullmatch(name))
 
@@ -255,7 +255,7 @@ def _read_yaml(path: Path):
 
 def _grid(c: _Checker, value) -> tuple[list[str], list[str], list[list[str]]]:
     """grid: the interfaces, the merges and the upstream sets, each name known."""
-    from fusionpipe.extract.upstreams import UPSTREAMS
+    from fusionpipe.extract.registry import UPSTREAMS
     from fusionpipe.fuse.view import MERGES
     from fusionpipe.train.interfaces import INTERFACES
 
@@ -280,7 +280,7 @@ def _grid(c: _Checker, value) -> tuple[list[str], list[str], list[list[str]]]:
 
 def _upstreams(c: _Checker, value, sets: list[list[str]]) -> list[str]:
     """upstreams: what is extracted; every member of every set among them."""
-    from fusionpipe.extract.upstreams import UPSTREAMS
+    from fusionpipe.extract.registry import UPSTREAMS
 
     upstreams = c.strings(value, "upstreams", what="upstream")
     for j, m in enumerate(upstreams):
@@ -296,10 +296,12 @@ def _upstreams(c: _Checker, value, sets: list[list[str]]) -> list[str]:
 
 def _extract(c: _Checker, value) -> dict[str, Any]:
     """extract: `fusionpipe extract`'s settings, its defaults filled in."""
-    from fusionpipe.store import CODECS, DTYPES
+    from fusionpipe.codecs import CODECS, DEFAULT_CODEC
+    from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
+    from fusionpipe.store import DTYPES
 
     ext = c.mapping(value, "extract", optional=("dtype", "device", "codec", "max_seconds", "skip_bad"))
-    extract = {"dtype": "float16", "device": "auto", "codec": "zstd", "max_seconds": 160.0, "skip_bad": False}
+    extract = {"dtype": DTYPE, "device": "auto", "codec": DEFAULT_CODEC, "max_seconds": MAX_SECONDS, "skip_bad": False}
     if "dtype" in ext:
         extract["dtype"] = c.string(ext["dtype"], "extract.dtype", DTYPES)
     if "codec" in ext:

@@ -34,12 +34,17 @@ import torch
 from distributed import Client, LocalCluster, as_completed, get_worker
 
 from fusionpipe import cuda
+from fusionpipe.chunks import ChunkAssembler, chunk_span
+from fusionpipe.codecs import DEFAULT_CODEC
 from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.run import Plan, Result, needed, open_store, progress_bar, run_batches, store_url
-from fusionpipe.manifest import Manifest
-from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, chunk_span, lock
+from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
+from fusionpipe.extract.stage import (ExtractionPlan, Result, extract_batches, needed, open_store, progress_bar,
+                                     store_url)
 from fusionpipe.extract.upstreams import Upstream, load_upstream
+from fusionpipe.manifest import Manifest
+from fusionpipe.store import FeatureStore
+from fusionpipe.store_lock import lock
 
 UNIT_SECONDS = 1800.0  # audio per work unit: ~3 s of an H100, ~15 min of a CPU core on a base model
 
@@ -53,7 +58,7 @@ class Unit:
     chunks: tuple[int, int]   # [lo, hi): the chunks its utterances touch (the first and last may be shared)
 
 
-def work_units(manifest: Manifest, p: Plan, done: np.ndarray, chunk_frames: int,
+def work_units(manifest: Manifest, p: ExtractionPlan, done: np.ndarray, chunk_frames: int,
                unit_seconds: float = UNIT_SECONDS) -> list[Unit]:
     """Cut the plan's batches into units of about `unit_seconds` of audio; leave out the batches done already."""
     units, current, seconds = [], [], 0.0
@@ -77,8 +82,8 @@ def work_units(manifest: Manifest, p: Plan, done: np.ndarray, chunk_frames: int,
 
 
 def extract_on_cluster(manifest: Manifest, model: str, client, cache: str = "cache", *, url: str | None = None,
-                       device: str = "auto", dtype: str = "float16", codec: str = DEFAULT_CODEC,
-                       max_seconds: float = 160.0, skip_bad: bool = False, overwrite: bool = False,
+                       device: str = "auto", dtype: str = DTYPE, codec: str = DEFAULT_CODEC,
+                       max_seconds: float = MAX_SECONDS, skip_bad: bool = False, overwrite: bool = False,
                        chunk_frames: int | None = None, unit_seconds: float = UNIT_SECONDS,
                        threads: int | None = None, progress: bool = True, wait: bool = False) -> Result:
     """`extract` with the upstream run by the workers of a dask.distributed `client`.
@@ -182,7 +187,7 @@ def _worker_info(client) -> dict[str, Worker]:
     return {a: Worker(w.get("name"), w.get("host", a), gpus.get(a, 0)) for a, w in info.items() if a in gpus}
 
 
-def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: Plan, name: str, *,
+def _run_units(manifest: Manifest, model: str, client, store: FeatureStore, p: ExtractionPlan, name: str, *,
                devices: dict[str, str], kind: str, skip_bad: bool, unit_seconds: float, threads: int | None,
                progress: bool) -> Result:
     url = store.url
@@ -227,7 +232,7 @@ _loaded: dict[tuple[str, str], Upstream] = {}  # the one upstream this worker pr
 _loading = threading.Lock()
 
 
-def _run_unit(manifest: Manifest, p: Plan, done: np.ndarray, batches: list[list[int]], url: str, model: str,
+def _run_unit(manifest: Manifest, p: ExtractionPlan, done: np.ndarray, batches: list[list[int]], url: str, model: str,
               devices: dict[str, str], kind: str, threads: int | None, skip_bad: bool):
     if threads:
         torch.set_num_threads(threads)
@@ -238,7 +243,7 @@ def _run_unit(manifest: Manifest, p: Plan, done: np.ndarray, batches: list[list[
     upstream = _upstream(model, device)
     store = FeatureStore.open(url, mode="r+")  # per unit: a long-lived worker must not keep a stale index
     # a copy: the writer marks chunks done as it goes, and a retry on this worker must not trust those marks
-    return run_batches(manifest, upstream, store, p, batches, done.copy(), skip_bad)
+    return extract_batches(manifest, upstream, store, p, batches, done.copy(), skip_bad)
 
 
 def _upstream(model: str, device: str) -> Upstream:

@@ -18,7 +18,7 @@ output slot is refilled once its batch is written. Host memory is bounded by the
 (and the processes), whatever the corpus. A batch is read in `processes` tasks (its utterances dealt
 out) and written in as many (its chunks cut in runs), so every helper can work on every batch.
 
-Same store. The plan, the batches and each chunk's frames are run.run_batches': the same utterances go
+Same store. The plan, the batches and each chunk's frames are stage.extract_batches': the same utterances go
 through the same forward with the same padding (bad audio is left out of the forward, as there), the
 helpers cast with the same rounding, so the store is byte-identical to the one-process path's on the
 same kind of device (tests/test_extract_pipeline.py). Chunks inside one batch's frames are written
@@ -39,7 +39,6 @@ import errno
 import math
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 import warnings
@@ -48,21 +47,23 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from multiprocessing.shared_memory import SharedMemory
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from fusionpipe import audio, cuda
+from fusionpipe import audio, cuda, shm
+from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span, starts
 from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.upstreams import FrontEnd, Upstream
+from fusionpipe.extract.cast import cast, unstorable
+from fusionpipe.extract.front_end import FrontEnd
+from fusionpipe.extract.upstreams import Upstream
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import ChunkAssembler, Edge, FeatureStore, chunk_span, list_ids
+from fusionpipe.store import FeatureStore, list_ids
 
-if TYPE_CHECKING:  # run imports this module
-    from fusionpipe.extract.run import Plan
+if TYPE_CHECKING:  # stage imports this module
+    from fusionpipe.extract.stage import ExtractionPlan
 
 DEPTH = 2  # batches in flight at each end: the one being read (written) and the next
 MAX_PROCESSES = 16
@@ -78,123 +79,168 @@ def default_processes(device_type: str) -> int:
 
 
 # ---- the main process ------------------------------------------------------------------------------
-def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, batches: list[list[int]],
-                done: np.ndarray, skip_bad: bool, processes: int, on_batch=None) -> tuple[int, list[Edge]]:
-    """run.run_batches with reading and writing in `processes` other processes; the same store bytes."""
-    offsets, lengths, ids = p.layout.offsets, p.layout.lengths, p.layout.ids
-    L, D, F, total = store.num_layers, store.hidden_size, store.chunk_frames, store.total_frames
-    precision = getattr(torch, store.info.compute_dtype)
-    out_dtype = np.dtype(store.info.compute_dtype)
-    front: FrontEnd = upstream.front_end
-    device = upstream.device
-    layouts = [front.rows([audio.target_num_samples(manifest[p.rows[i]]) for i in b]) for b in batches]
-    in_bytes, out_bytes = slot_bytes(layouts, [int(lengths[b].sum()) for b in batches], L * D * out_dtype.itemsize)
-    skipped = 0
-    with ExitStack() as stack:
-        ins = stack.enter_context(_Slots(in_bytes, device))
-        outs = stack.enter_context(_Slots(out_bytes, device))
-        stack.enter_context(_one_thread_per_child())
+class ProcessPipeline:
+    """stage.extract_batches with the reading and writing in `processes` helper processes; the same store bytes.
+
+    `run` reads top to bottom: start the helpers, have the first DEPTH batches read, then per batch:
+    wait for its reads, run the forward, have the batch DEPTH on read into the freed input slot, copy the
+    features out into an output slot, hand its chunks to the helpers. A helper that dies breaks the pool;
+    `_result` and `_submit` turn that into an error naming the batch in flight.
+    """
+
+    def __init__(self, manifest: Manifest, upstream: Upstream, store: FeatureStore, p: ExtractionPlan,
+                 done: np.ndarray, skip_bad: bool, processes: int):
+        self.manifest, self.upstream, self.store, self.p = manifest, upstream, store, p
+        self.done, self.skip_bad, self.processes = done, skip_bad, processes
+        self.precision = getattr(torch, store.info.compute_dtype)
+        self.out_dtype = np.dtype(store.info.compute_dtype)
+        self.edges = ChunkAssembler(store.total_frames, store.chunk_frames, skip=done)
+        self.skipped = 0
+
+    def run(self, batches: list[list[int]], on_batch=None) -> tuple[int, list[Edge]]:
+        """Run `batches` (runs of p.batches, in order); (utterances skipped, the edges left part-filled)."""
+        self.batches = batches
+        front: FrontEnd = self.upstream.front_end
+        self.inputs = [front.rows([audio.target_num_samples(self.manifest[self.p.rows[i]]) for i in b])
+                       for b in batches]
+        frames = [int(self.p.layout.lengths[b].sum()) for b in batches]
+        frame_bytes = self.store.num_layers * self.store.hidden_size * self.out_dtype.itemsize
+        in_bytes, out_bytes = slot_bytes(self.inputs, frames, frame_bytes)
+        self.reads: dict[int, list[Future]] = {}  # per batch: its read tasks
+        self.writes: list[list[Future]] = [[] for _ in range(DEPTH)]  # per output slot: its batch's writes
+        self.edge_writes: deque[tuple[int, Future]] = deque()
+        with ExitStack() as stack:
+            self.ins = stack.enter_context(_Slots(in_bytes, self.upstream.device))
+            self.outs = stack.enter_context(_Slots(out_bytes, self.upstream.device))
+            stack.enter_context(self._start_helpers())
+            for k in range(min(DEPTH, len(batches))):
+                self._read(k)
+            for k in range(len(batches)):
+                bad = self._wait_for_reads(k)
+                feats = self._forward(k, bad)
+                if k + DEPTH < len(batches):
+                    self._read(k + DEPTH)
+                self._write(k, self._copy_out(k, bad, feats))
+                if on_batch is not None:
+                    on_batch(k)
+            self._wait_for_writes()
+        return self.skipped, self.edges.edges()
+
+    @contextmanager
+    def _start_helpers(self):
+        """The pool, every process started now (the pool spawns them on demand: one would start, importing
+        torch, only once the first batch is done, and hold up the second): `self.helpers` while it runs."""
         spawn = multiprocessing.get_context("spawn")  # fork would copy torch's threads and the model
-        helpers = stack.enter_context(_pool(processes, spawn, _init, (
-            os.getpid(), manifest, front, skip_bad, ins.names, outs.names, store.url, ids, lengths, store.info.dtype,
-            upstream.name)))
-        reads: dict[int, list[Future]] = {}  # per batch: its read tasks
-        writes: list[list[Future]] = [[] for _ in range(DEPTH)]  # per output slot: the writes of its batch
-        edge_writes: deque[tuple[int, Future]] = deque()
-        edges = ChunkAssembler(total, F, skip=done)
+        with _one_thread_per_child(), _pool(self.processes, spawn, _init, (
+                os.getpid(), self.manifest, self.upstream.front_end, self.skip_bad, self.ins.names, self.outs.names,
+                self.store.url, self.p.layout.ids, self.p.layout.lengths, self.store.info.dtype,
+                self.upstream.name)) as helpers:
+            self.helpers = helpers
+            for future in [self._submit(0, _ready) for _ in range(self.processes)]:
+                self._result(future, 0)
+            yield
 
-        def batch_ids(k: int) -> str:
-            return list_ids([ids[i] for i in batches[k]])
+    def _read(self, k: int) -> None:
+        """Batch k's utterances dealt out to the helpers, read into input slot k % DEPTH."""
+        rows = [self.p.rows[i] for i in self.batches[k]]
+        groups = [list(range(r, len(rows), self.processes)) for r in range(self.processes)]
+        self.reads[k] = [self._submit(k, _read, k % DEPTH, k, rows, g) for g in groups if g]
 
-        def died(k: int) -> FusionpipeError:
-            return FusionpipeError(
-                f"{store}: a helper process died (killed, or out of memory?) with batch {max(k, 0)} "
-                f"({batch_ids(max(k, 0))}) in flight; rerun the same command: it resumes from the chunks on disk. "
-                "(Called from a script? Spawned processes import it again: its code must be under "
-                "`if __name__ == '__main__':`.)")
+    def _wait_for_reads(self, k: int) -> dict[int, str]:
+        """{position in batch k: why} of its bad audio (--skip-bad), once all of it is read."""
+        bad: dict[int, str] = {}
+        for future in self.reads.pop(k):
+            bad.update(self._result(future, k))
+        return bad
 
-        def result(future: Future, k: int):
-            try:
-                return future.result()
-            except BrokenProcessPool:
-                raise died(k) from None
+    def _forward(self, k: int, bad: dict[int, str]):
+        """The features of batch k's good utterances, in order. Bad audio is left out of the forward, as in the
+        one-process path (the others' padding changes)."""
+        inputs = self.inputs[k]
+        inputs.values = self.ins.view(k % DEPTH, inputs.shape, np.float32)
+        good = [j for j in range(len(self.batches[k])) if j not in bad]
+        if bad:
+            inputs = inputs.subset(good)
+        feats = iter(self.upstream.run(inputs, self.precision) if good else [])
+        self.inputs[k] = None  # run has copied the inputs to the device (a CPU has read them): the slot is free
+        return feats
 
-        def submit(k: int, fn, *args) -> Future:
-            try:
-                return helpers.submit(fn, *args)
-            except BrokenProcessPool:  # seen here first when the death came between two batches
-                raise died(k) from None
+    def _copy_out(self, k: int, bad: dict[int, str], feats) -> tuple[int, int]:
+        """Batch k's features (zeros for bad audio, recorded as skipped) into output slot k % DEPTH, once the
+        batch that slot held is written; the frames [lo, hi) it now holds."""
+        batch, layout, slot = self.batches[k], self.p.layout, k % DEPTH
+        for future in self.writes[slot]:
+            self._result(future, k - DEPTH)
+        lo, hi = int(layout.offsets[batch[0]]), int(layout.offsets[batch[-1]] + layout.lengths[batch[-1]])
+        out = torch.from_numpy(self._slot(slot, lo, hi))
+        L, D, device = self.store.num_layers, self.store.hidden_size, self.upstream.device
+        parts = []
+        for j, i in enumerate(batch):
+            if j in bad:
+                self.skipped += 1
+                self.store.mark_skipped(layout.ids[i], bad[j])
+                parts.append(torch.zeros(int(layout.lengths[i]), L, D, dtype=self.precision, device=device))
+            else:
+                parts.append(next(feats))
+        if device.type == "cpu":
+            torch.cat(parts, out=out)
+        else:  # one copy of the whole batch into the pinned slot
+            out.copy_(torch.cat(parts), non_blocking=True)
+            cuda.synchronize(device)  # the helpers read the slot next: the copy must have landed
+        return lo, hi
 
-        def read(k: int) -> None:
-            rows = [p.rows[i] for i in batches[k]]
-            groups = [list(range(r, len(rows), processes)) for r in range(processes)]
-            reads[k] = [submit(k, _read, k % DEPTH, k, rows, g) for g in groups if g]
+    def _write(self, k: int, frames: tuple[int, int]) -> None:
+        """Batch k's chunks not on disk: those inside its frames written by the helpers straight from its
+        slot, those under its edges put together here from their parts (a few MB) and handed over whole."""
+        lo, hi = frames
+        F, total, slot = self.store.chunk_frames, self.store.total_frames, k % DEPTH
+        whole = []
+        for c in range(*chunk_span(lo, hi, F)):
+            c0, c1 = c * F, min((c + 1) * F, total)
+            if self.done[c]:
+                continue
+            if lo <= c0 and c1 <= hi:
+                whole.append(c)
+            else:
+                a, b = max(lo, c0), min(hi, c1)
+                for c_, part in self.edges.add(a, self._slot(slot, lo, hi)[a - lo:b - lo]):
+                    self.edge_writes.append((k, self._submit(k, _write_chunk, c_, part)))
+        self.writes[slot] = [self._submit(k, _write, slot, lo, hi - lo, self.out_dtype.str, [int(c) for c in group])
+                             for group in np.array_split(whole, max(1, min(self.processes, len(whole))))
+                             if len(group)]
+        while self.edge_writes and self.edge_writes[0][1].done():
+            self._result(self.edge_writes[0][1], self.edge_writes.popleft()[0])
 
-        # start every process now (the pool spawns them on demand: one would start, importing torch,
-        # only once the first batch is done, and hold up the second)
-        for future in [submit(0, _ready) for _ in range(processes)]:
-            result(future, 0)
-        for k in range(min(DEPTH, len(batches))):
-            read(k)
-        for k, batch in enumerate(batches):
-            bad: dict[int, str] = {}
-            for future in reads.pop(k):
-                bad.update(result(future, k))
-            inputs = layouts[k]
-            inputs.values = ins.view(k % DEPTH, inputs.shape, np.float32)
-            good = [j for j in range(len(batch)) if j not in bad]
-            if bad:  # left out of the forward, as in the one-process path: the others' padding changes
-                inputs = inputs.subset(good)
-            feats = iter(upstream.run(inputs, precision) if good else [])
-            # run has copied the inputs to the device (on a CPU: finished reading them): the slot is free
-            layouts[k] = inputs = None
-            if k + DEPTH < len(batches):
-                read(k + DEPTH)
-
-            slot = k % DEPTH
-            for future in writes[slot]:  # the batch this slot held is written
-                result(future, k - DEPTH)
-            lo, hi = int(offsets[batch[0]]), int(offsets[batch[-1]] + lengths[batch[-1]])
-            out = outs.view(slot, (hi - lo, L, D), out_dtype)
-            parts = []
-            for j, i in enumerate(batch):
-                if j in bad:
-                    skipped += 1
-                    store.mark_skipped(ids[i], bad[j])
-                    parts.append(torch.zeros(int(lengths[i]), L, D, dtype=precision, device=device))
-                else:
-                    parts.append(next(feats))
-            if device.type == "cpu":
-                torch.cat(parts, out=torch.from_numpy(out))
-            else:  # one copy of the whole batch into the pinned slot
-                torch.from_numpy(out).copy_(torch.cat(parts), non_blocking=True)
-                cuda.synchronize(device)  # the helpers read the slot next: the copy must have landed
-            del parts, feats
-
-            whole = []
-            for c in range(*chunk_span(lo, hi, F)):
-                c0, c1 = c * F, min((c + 1) * F, total)
-                if done[c]:
-                    continue
-                if lo <= c0 and c1 <= hi:
-                    whole.append(c)
-                else:  # under a batch edge: its part, copied out of the slot
-                    a, b = max(lo, c0), min(hi, c1)
-                    for c_, frames in edges.add(a, out[a - lo:b - lo]):
-                        edge_writes.append((k, submit(k, _write_chunk, c_, frames)))
-            writes[slot] = [submit(k, _write, slot, lo, hi - lo, out_dtype.str, [int(c) for c in group])
-                            for group in np.array_split(whole, max(1, min(processes, len(whole)))) if len(group)]
-            del out
-            while edge_writes and edge_writes[0][1].done():
-                result(edge_writes[0][1], edge_writes.popleft()[0])
-            if on_batch is not None:
-                on_batch(k)
-        for slot, futures in enumerate(writes):
+    def _wait_for_writes(self) -> None:
+        for futures in self.writes:
             for future in futures:
-                result(future, len(batches) - 1)
-        while edge_writes:
-            result(edge_writes[0][1], edge_writes.popleft()[0])
-        return skipped, edges.edges()
+                self._result(future, len(self.batches) - 1)
+        while self.edge_writes:
+            self._result(self.edge_writes[0][1], self.edge_writes.popleft()[0])
+
+    def _slot(self, slot: int, lo: int, hi: int) -> np.ndarray:
+        """Output slot `slot` as frames [lo, hi): (hi - lo, L, D) in the compute dtype."""
+        return self.outs.view(slot, (hi - lo, self.store.num_layers, self.store.hidden_size), self.out_dtype)
+
+    def _submit(self, k: int, fn, *args) -> Future:
+        try:
+            return self.helpers.submit(fn, *args)
+        except BrokenProcessPool:  # seen here first when the death came between two batches
+            raise self._died(k) from None
+
+    def _result(self, future: Future, k: int):
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise self._died(k) from None
+
+    def _died(self, k: int) -> FusionpipeError:
+        k = max(k, 0)
+        return FusionpipeError(
+            f"{self.store}: a helper process died (killed, or out of memory?) with batch {k} "
+            f"({list_ids([self.p.layout.ids[i] for i in self.batches[k]])}) in flight; rerun the same command: it "
+            "resumes from the chunks on disk. (Called from a script? Spawned processes import it again: its code "
+            "must be under `if __name__ == '__main__':`.)")
 
 
 def slot_bytes(layouts: list, frames: list[int], frame_bytes: int) -> tuple[int, int]:
@@ -220,10 +266,9 @@ class _Slots:
                 s.unlink()
             if e.errno not in (errno.ENOSPC, errno.ENOMEM):
                 raise
-            free = shutil.disk_usage("/dev/shm").free / 2**20 if Path("/dev/shm").is_dir() else 0
             raise FusionpipeError(
                 f"the pipeline needs {DEPTH * nbytes / 2**20:.0f} MB more of shared memory (/dev/shm), "
-                f"{free:.0f} MB are free: give the container more (docker --shm-size), lower --max-seconds "
+                f"{shm.free_bytes() / 2**20:.0f} MB are free: {shm.MORE}, lower --max-seconds "
                 "(smaller batches), or pass --processes 0 (no helper processes, no shared memory)") from None
         self.names = [s.name for s in self.shm]
         self.device, self.pinned = device, pin(self.shm, device)
@@ -326,7 +371,7 @@ def _init(parent: int, manifest: Manifest, front: FrontEnd, skip_bad: bool, ins:
     torch.set_num_threads(1)
     _state.update(manifest=manifest, front=front, skip_bad=skip_bad, ins=[SharedMemory(name=n) for n in ins],
                   outs=[SharedMemory(name=n) for n in outs], store=FeatureStore.open(url, mode="r+"), ids=ids,
-                  offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), dtype=np.dtype(dtype),
+                  offsets=np.append(starts(lengths), np.sum(lengths)), dtype=np.dtype(dtype),
                   model=model)
 
 
@@ -380,7 +425,7 @@ def _write_chunk(c: int, x: np.ndarray) -> None:
 
 
 def _to_storage(x: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
-    """x cast to the storage dtype by torch (the rounding of run._to_storage), or None if it holds a NaN, an
+    """x cast to the storage dtype (`cast.cast`, the one-process path's rounding), or None if it holds a NaN, an
     inf or a value the storage dtype cannot hold. One max over |x| decides (NaN propagates through max; float32
     rounds to float16's inf from 65520 up): a tenth of the cost of isfinite over the cast."""
     if x.dtype == np.float16:  # exponent bits all ones: inf or NaN
@@ -388,7 +433,7 @@ def _to_storage(x: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     limit = 65520.0 if dtype == np.float16 else np.inf
     if not np.abs(x).max(initial=0) < limit:
         return None
-    return x if x.dtype == dtype else torch.from_numpy(x).to(getattr(torch, dtype.name)).numpy()
+    return x if x.dtype == dtype else cast(torch.from_numpy(x), dtype.name).numpy()
 
 
 def _utterances(lo: int, hi: int) -> list[str]:
@@ -399,14 +444,10 @@ def _utterances(lo: int, hi: int) -> list[str]:
 
 
 def _not_finite(start: int, x: np.ndarray) -> FusionpipeError:
-    """The error of run._to_storage, for the first utterance with a frame the storage dtype cannot hold."""
+    """`cast.unstorable` for the first utterance with a frame the storage dtype cannot hold."""
     finite = np.isfinite(x.astype(_state["dtype"])).reshape(len(x), -1).all(axis=1)
     f = int(np.flatnonzero(~finite)[0])
     utt = _utterances(start + f, start + f + 1)[0]
     offsets, i = _state["offsets"], _state["ids"].index(utt)
     mine = x[max(0, int(offsets[i]) - start):int(offsets[i + 1]) - start]
-    model, dtype = _state["model"], _state["dtype"].name
-    if np.isfinite(mine).all():
-        return FusionpipeError(f"{model} on {utt}: activations exceed the {dtype} range (|x| max "
-                               f"{np.abs(mine).max():.3g}); extract this model with --dtype float32")
-    return FusionpipeError(f"{model} on {utt}: the upstream produced NaN/inf activations")
+    return unstorable(_state["model"], utt, _state["dtype"].name, mine)

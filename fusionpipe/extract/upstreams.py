@@ -13,259 +13,28 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
-import math
 import os
-import re
-import shutil
-import tempfile
 import threading
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoFeatureExtractor, AutoModel, Data2VecAudioConfig, HubertConfig,
-                          Wav2Vec2Config, Wav2Vec2FeatureExtractor, WavLMConfig, WhisperConfig,
-                          WhisperFeatureExtractor)
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 from transformers.utils.hub import cached_file, extract_commit_hash
 
 from fusionpipe import __version__
+from fusionpipe.audio import SAMPLE_RATE
 from fusionpipe.device import resolve_device
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.hf_batching import MaskedGroupNorm, PerUtterancePosConv, swapped
+from fusionpipe.extract.batch_independence import MaskedGroupNorm, PerUtterancePosConv, swapped
+from fusionpipe.extract.front_end import FrontEnd, Inputs
+from fusionpipe.extract.registry import HUB_ID, UPSTREAMS, ssl_frame_rate, whisper_frame_rate
+from fusionpipe.extract.toys import ssl_feature_extractor, toy_dir
 
-SAMPLE_RATE = 16000
 _FAMILIES = {"hubert": "ssl", "wavlm": "ssl", "data2vec-audio": "ssl", "wav2vec2": "ssl", "whisper": "whisper"}
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-@dataclass(frozen=True)
-class UpstreamSpec:
-    """One registry row: what `fusionpipe models` prints. num_layers counts hidden states (blocks + 1)."""
-
-    alias: str
-    hf_id: str
-    num_layers: int
-    hidden_size: int
-    frame_rate: float
-    family: str
-
-
-# kind: (transformer blocks, hidden size) of the tiny random models; L = blocks + 1 differs between toys
-_TINY = {"wavlm": (3, 32), "hubert": (2, 48), "whisper": (2, 40), "data2vec": (4, 24), "wav2vec2": (1, 16)}
-_TOYS = ("wavlm", "hubert", "whisper", "data2vec")
-
-
-def _row(alias: str, hf_id: str, num_layers: int, hidden_size: int, family: str = "ssl") -> UpstreamSpec:
-    return UpstreamSpec(alias, hf_id, num_layers, hidden_size, 50.0, family)
-
-
-UPSTREAMS: dict[str, UpstreamSpec] = {s.alias: s for s in [
-    _row("hubert-base", "facebook/hubert-base-ls960", 13, 768),
-    _row("hubert-large", "facebook/hubert-large-ll60k", 25, 1024),
-    _row("wavlm-base-plus", "microsoft/wavlm-base-plus", 13, 768),
-    _row("wavlm-large", "microsoft/wavlm-large", 25, 1024),
-    _row("data2vec-base", "facebook/data2vec-audio-base", 13, 768),
-    _row("data2vec-large", "facebook/data2vec-audio-large", 25, 1024),
-    _row("wav2vec2-base", "facebook/wav2vec2-base", 13, 768),
-    _row("whisper-base", "openai/whisper-base", 7, 512, "whisper"),
-    _row("whisper-small", "openai/whisper-small", 13, 768, "whisper"),
-    _row("whisper-small.en", "openai/whisper-small.en", 13, 768, "whisper"),
-    _row("whisper-medium", "openai/whisper-medium", 25, 1024, "whisper"),
-    _row("whisper-large-v3", "openai/whisper-large-v3", 33, 1280, "whisper"),
-    *(_row(f"toy-{k}", f"toy:{k}", _TINY[k][0] + 1, _TINY[k][1], "whisper" if k == "whisper" else "ssl")
-      for k in _TOYS),
-]}
-
-
-def list_upstreams() -> list[UpstreamSpec]:
-    return list(UPSTREAMS.values())
-
-
-def upstream_spec(name: str) -> UpstreamSpec | None:
-    """L, D and frame rate of `name` without loading weights: its registry row, or read from a local
-    save_pretrained directory's config; None when it is neither (an HF id not downloaded yet)."""
-    if name in UPSTREAMS:
-        return UPSTREAMS[name]
-    directory = Path(name).expanduser()
-    if not (directory / "config.json").is_file():
-        return None
-    cfg = json.loads((directory / "config.json").read_text())
-    if cfg.get("model_type") == "whisper":
-        pre = directory / "preprocessor_config.json"
-        hop = json.loads(pre.read_text()).get("hop_length", 160) if pre.is_file() else 160
-        return UpstreamSpec(name, name, cfg["encoder_layers"] + 1, cfg["d_model"], whisper_frame_rate(hop), "whisper")
-    return UpstreamSpec(name, name, cfg.get("num_hidden_layers", 0) + 1, cfg.get("hidden_size", 0),
-                        ssl_frame_rate(cfg.get("conv_stride", (5, 2, 2, 2, 2, 2, 2))), "ssl")
-
-
-def ssl_frame_rate(conv_stride) -> float:
-    """Frames per second of a wav2vec2-style model: the conv feature encoder's total stride."""
-    return SAMPLE_RATE / math.prod(conv_stride)
-
-
-def whisper_frame_rate(hop_length: int) -> float:
-    """Frames per second of a Whisper encoder: mel hop x conv1 stride 1 x conv2 stride 2."""
-    return SAMPLE_RATE / (hop_length * 2)
-
-
-# ---- random-weight models that look exactly like hub checkpoints ----------------------------------------
-# Seconds per Whisper window. The tiny model keeps Whisper's windowing but with 4 s windows: the demo corpus
-# (1-4 s utterances) would otherwise spend 90% of its compute on the padding of 30 s windows.
-_WHISPER_WINDOW = {"tiny": 4, "base": 30}
-
-
-def _config(kind: str, size: str):
-    """The family's real config class. Conv strides/kernels and mel bins are left at their real values so that
-    frame arithmetic is the real models'; for "tiny" L and D shrink and Whisper's window is 4 s, not 30 s."""
-    if kind == "whisper":
-        blocks, d, heads = (12, 768, 12) if size == "base" else (*_TINY[kind], 4)  # base: whisper-small's encoder
-        # only the encoder is ever used, so the decoder is one small block
-        return WhisperConfig(d_model=d, encoder_layers=blocks, encoder_attention_heads=heads,
-                             encoder_ffn_dim=4 * d, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=4 * d,
-                             num_mel_bins=80, max_source_positions=_WHISPER_WINDOW[size] * 50)
-    cls = {"wavlm": WavLMConfig, "hubert": HubertConfig, "data2vec": Data2VecAudioConfig,
-           "wav2vec2": Wav2Vec2Config}[kind]
-    if size == "base":
-        return cls()
-    blocks, d = _TINY[kind]
-    # data2vec-audio stacks num_conv_pos_embeddings conv layers; the others use it as one conv's kernel size
-    extra = dict(num_conv_pos_embeddings=2) if kind == "data2vec" else dict(num_conv_pos_embeddings=16)
-    if kind == "hubert":  # like the large models: layer-norm convs, pre-LN blocks, final layer norm
-        extra.update(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
-    return cls(hidden_size=d, num_hidden_layers=blocks, num_attention_heads=4, intermediate_size=2 * d,
-               conv_dim=(32,) * 7, num_conv_pos_embedding_groups=4, **extra)
-
-
-def _ssl_feature_extractor(config) -> Wav2Vec2FeatureExtractor:
-    """What fairseq pretraining did: the layer-norm-conv models (large, data2vec) normalised each waveform and
-    take padded batches with a mask; the group-norm-conv base models did neither."""
-    layer_norm = getattr(config, "feat_extract_norm", "layer") == "layer"
-    return Wav2Vec2FeatureExtractor(do_normalize=layer_norm, return_attention_mask=layer_norm)
-
-
-def make_local_model(kind: str, out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Save a random-weight model and its feature extractor into out_dir, laid out like a hub checkpoint.
-
-        >>> up = load_upstream(str(make_local_model("hubert", "/tmp/my-hubert")))  # doctest: +SKIP
-
-    kind: wavlm, hubert, data2vec, wav2vec2 or whisper. size "tiny" is a few small blocks (CPU tests),
-    "base" the family's base-size config (benchmarks). The same seed gives the same weight bytes.
-    The tiny wavlm and wav2vec2 use group-norm convs like wavlm-base-plus / wav2vec2-base, the tiny hubert
-    layer-norm convs with stable layer norm like the large models.
-    """
-    if kind not in _TINY or size not in ("tiny", "base"):
-        raise FusionpipeError(f"make_local_model: kind must be one of {', '.join(_TINY)} and size tiny or base, "
-                              f"got kind={kind!r} size={size!r}")
-    config = _config(kind, size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModel.from_config(config)
-    feature_extractor = (WhisperFeatureExtractor(feature_size=80, chunk_length=_WHISPER_WINDOW[size])
-                         if kind == "whisper" else _ssl_feature_extractor(config))
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    feature_extractor.save_pretrained(out_dir)
-    return out_dir
-
-
-# ---- the front end: everything an upstream does on the CPU before its forward ------------------------------
-@dataclass
-class Inputs:
-    """One batch as the model takes it, laid out from sample counts alone (`FrontEnd.rows`) so that other
-    processes can fill the values one utterance at a time (`FrontEnd.fill`; extract/pipeline.py).
-
-    A row is one utterance (SSL: its feature-extractor output, zero-padded) or one Whisper window (its log-mel).
-    """
-
-    frames: list[int]       # output frames of each wave (0: too short for the convs, no row)
-    owners: list[int]       # the wave of each row
-    starts: list[int]       # first sample of each row in its wave (Whisper windows; 0 for SSL)
-    lengths: list[int]      # real length of each row: samples (SSL) or output frames (Whisper window)
-    shape: tuple[int, ...]  # of `values`: (rows, samples) SSL, (windows, n_mels, n_frames) Whisper
-    values: np.ndarray | None = None  # float32
-
-    def subset(self, waves: list[int]) -> Inputs:
-        """The batch of only `waves` (the others were bad audio), as `rows` lays it out for them alone."""
-        pick = {w: j for j, w in enumerate(waves)}
-        rows = [r for r, o in enumerate(self.owners) if o in pick]
-        lengths = [self.lengths[r] for r in rows]
-        shape = (len(rows), *self.shape[1:])
-        if len(self.shape) == 2:  # SSL: padded to the longest remaining utterance
-            shape = (len(rows), max(lengths, default=0))
-        values = np.ascontiguousarray(self.values[rows][:, :shape[1]]) if self.values is not None else None
-        return Inputs([self.frames[w] for w in waves], [pick[self.owners[r]] for r in rows],
-                      [self.starts[r] for r in rows], lengths, shape, values)
-
-
-class FrontEnd:
-    """The CPU half of an upstream: frame arithmetic and the feature extractor (normalisation, Whisper's log-mel).
-
-    It holds no weights, so it pickles small into the pipeline's reader processes. Frame counts are integer
-    arithmetic on the config's conv kernels and strides (transformers' _get_feat_extract_output_lengths, without
-    torch ops: it runs per utterance).
-    """
-
-    def __init__(self, family: str, feature_extractor, conv_kernel=(), conv_stride=()):
-        self.family, self.feature_extractor = family, feature_extractor
-        self.convs = list(zip(conv_kernel, conv_stride))
-
-    @property
-    def window_samples(self) -> int | None:
-        return self.feature_extractor.n_samples if self.family == "whisper" else None
-
-    def num_frames(self, num_samples: int) -> int:
-        if self.family == "whisper":
-            full, rest = divmod(num_samples, self.window_samples)
-            return full * self.window_frames(self.window_samples) + self.window_frames(rest)
-        n = num_samples
-        for kernel, stride in self.convs:
-            n = (n - kernel) // stride + 1
-        return max(0, n)
-
-    def window_frames(self, num_samples: int) -> int:
-        # the frames whose centre lies in the audio: ceil(n / hop) mel frames, as the feature extractor's
-        # attention mask counts them, then the encoder's stride-2 conv (kernel 3, padding 1)
-        mel = -(-num_samples // self.feature_extractor.hop_length)
-        return (mel - 1) // 2 + 1
-
-    def rows(self, num_samples: list[int]) -> Inputs:
-        """The layout of a batch of waves of these lengths, without their values."""
-        frames = [self.num_frames(n) for n in num_samples]
-        if self.family == "whisper":
-            window = self.window_samples
-            pieces = [(i, s) for i, n in enumerate(num_samples) for s in range(0, n, window)]
-            lengths = [self.window_frames(min(window, num_samples[i] - s)) for i, s in pieces]
-            fe = self.feature_extractor
-            return Inputs(frames, [i for i, _ in pieces], [s for _, s in pieces], lengths,
-                          (len(pieces), fe.feature_size, fe.nb_max_frames))
-        keep = [i for i, t in enumerate(frames) if t > 0]  # shorter than one conv receptive field: no frames
-        lengths = [num_samples[i] for i in keep]
-        return Inputs(frames, keep, [0] * len(keep), lengths, (len(keep), max(lengths, default=0)))
-
-    def fill(self, inputs: Inputs, wave_index: int, wave: np.ndarray, values: np.ndarray) -> None:
-        """Write the rows of wave `wave_index` into `values` (inputs.shape), padding included."""
-        for r in (r for r, o in enumerate(inputs.owners) if o == wave_index):
-            if self.family == "whisper":  # the feature extractor pads each window to its full length
-                piece = wave[inputs.starts[r]:inputs.starts[r] + self.window_samples]
-                mel = self.feature_extractor(piece, sampling_rate=SAMPLE_RATE, return_tensors="np")
-                values[r] = mel.input_features[0]
-            else:  # it normalises over the whole input, so it sees one utterance at a time
-                n = inputs.lengths[r]
-                x = self.feature_extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np")
-                values[r, :n] = x.input_values[0]
-                values[r, n:] = 0
-
-    def prepare(self, waves: list[np.ndarray]) -> Inputs:
-        inputs = self.rows([len(w) for w in waves])
-        inputs.values = np.empty(inputs.shape, np.float32)
-        for i, w in enumerate(waves):
-            self.fill(inputs, i, w, inputs.values)
-        return inputs
 
 
 # ---- the upstream ----------------------------------------------------------------------------------------
@@ -380,81 +149,12 @@ class Upstream:
         return [torch.cat(hs) if hs else self._empty(dtype) for hs in out]
 
 
-class NullUpstream(Upstream):
-    """For benchmarks only: a real model's front end and output shape, and no model.
-
-    `run` returns slices of one precomputed random tensor (SPREAD frames longer than the longest utterance, so
-    that no two utterances of a chunk are the same bytes), at memory speed, so that bench/extract.py can
-    measure the pipeline's own ceiling (decode, log-mel, cast, compress, write) on any machine. Not in the
-    registry, so never loaded by name. like: "base" (WavLM base: 13 x 768 at 50 Hz, group-norm convs)
-    or "whisper-base" (7 x 512, 30 s windows, the real log-mel).
-    """
-
-    SPREAD = 4096
-
-    def __init__(self, like: str = "base", device: str = "cpu", scale: float = 1.0):
-        if like == "whisper-base":
-            num_layers, hidden_size = 7, 512  # openai/whisper-base's encoder
-            front_end = FrontEnd("whisper", WhisperFeatureExtractor(feature_size=80))
-            self.frame_rate = whisper_frame_rate(front_end.feature_extractor.hop_length)
-        elif like == "base":
-            config = WavLMConfig()
-            num_layers, hidden_size = config.num_hidden_layers + 1, config.hidden_size
-            front_end = FrontEnd("ssl", _ssl_feature_extractor(config), config.conv_kernel, config.conv_stride)
-            self.frame_rate = ssl_frame_rate(config.conv_stride)
-        else:
-            raise FusionpipeError(f"NullUpstream: like must be 'base' or 'whisper-base', got {like!r}")
-        self.name, self.model_id, self.revision = f"null-{like}", f"null:{like}", "0"
-        self.model, self.feature_extractor, self.front_end = None, front_end.feature_extractor, front_end
-        self.device = resolve_device(device)
-        self.family, self.num_layers, self.hidden_size = front_end.family, num_layers, hidden_size
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.scale, self._lock, self._pool, self._next = scale, threading.Lock(), {}, 0
-
-    def run(self, inputs: Inputs, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        dtype = dtype or self.dtype
-        need = max(inputs.frames, default=0) + self.SPREAD
-        pool = self._pool.get(dtype)
-        if pool is None or len(pool) < need:  # grown rarely: batches are sorted longest first
-            g = torch.Generator().manual_seed(0)
-            pool = (self.scale * torch.randn(need, self.num_layers, self.hidden_size, generator=g)).to(
-                self.device, dtype)
-            self._pool[dtype] = pool
-        out = []
-        for t in inputs.frames:  # each utterance from another place: repeated frames would compress unlike real ones
-            start = self._next % (len(pool) - t + 1)
-            self._next += 1009
-            out.append(pool[start:start + t])
-        return out
-
-
 # ---- loading ---------------------------------------------------------------------------------------------
-TOY_VERSION = 2  # bump when a toy config changes, so no stale toy is loaded from an old cache
-
-
-def _toy_dir(spec: UpstreamSpec) -> Path:
-    """Toys are built once into $FUSIONPIPE_HOME/toy/<alias>-v<TOY_VERSION>, then load like any user directory. Built in a
-    temporary directory and renamed, so a crash or a concurrent build never leaves a half-written model."""
-    home = Path(os.environ.get("FUSIONPIPE_HOME") or Path.home() / ".cache" / "fusionpipe").expanduser()
-    target = home / "toy" / f"{spec.alias}-v{TOY_VERSION}"
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.alias}.", dir=target.parent))
-        make_local_model(spec.hf_id.removeprefix("toy:"), tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp)
-            if not target.is_dir():
-                raise
-    return target.resolve()
-
-
 def _resolve(name: str) -> str:
     """Registry alias, then an existing directory, then an HF hub id (owner/name)."""
     if name in UPSTREAMS:
         spec = UPSTREAMS[name]
-        return str(_toy_dir(spec)) if spec.hf_id.startswith("toy:") else spec.hf_id
+        return str(toy_dir(spec)) if spec.hf_id.startswith("toy:") else spec.hf_id
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve())
@@ -524,7 +224,7 @@ def load_upstream(name: str, device: str = "auto") -> Upstream:
         if _FAMILIES[config.model_type] == "whisper":
             raise FusionpipeError(f"{_label(name, model_id)} has no preprocessor_config.json, which Whisper's "
                                   f"mel front end needs; copy it from the matching openai/whisper-* repository")
-        feature_extractor = _ssl_feature_extractor(config)
+        feature_extractor = ssl_feature_extractor(config)
         warnings.warn(f"{_label(name, model_id)} has no preprocessor_config.json: using {feature_extractor!r}")
     if _FAMILIES[config.model_type] == "whisper":
         model = model.get_encoder()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusionpipe.codecs import Codes
+from fusionpipe.quantize import Codes
 from fusionpipe.fuse.align import align_into
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
-import shutil
 import warnings
 import weakref
 from collections import deque
@@ -45,10 +44,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from fusionpipe import shm
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.view import FusedView, ViewSpec, open_fused
 from fusionpipe.manifest import Manifest, Utterance, check_subset, read_manifest
-from fusionpipe.store import LOSSY, FeatureStore
+from fusionpipe.codecs import LOSSY
+from fusionpipe.store import FeatureStore, list_ids
 
 
 class PaddedItems(list):
@@ -318,14 +319,11 @@ class _Slot:
         return self.memory[self.used - n:self.used].view(shape)
 
 
-SHM = Path("/dev/shm")
-
-
 def shared_slots(workers: int, nbytes: int, per_worker: int = 2 + 2) -> SharedSlots | None:
     """Slots for `workers` worker processes: per worker the prefetch_factor (2) batches queued for it and
     two the trainer may still hold, fewer if /dev/shm has no room for them (a slot touched past the room
     is a SIGBUS), none (the ordinary path, with a warning) if it has no room for one per worker."""
-    free = shutil.disk_usage(SHM).free if SHM.is_dir() else math.inf
+    free = shm.free_bytes()
     fits = int(min(per_worker, free // (workers * nbytes)))
     if fits >= 1:
         try:
@@ -334,8 +332,8 @@ def shared_slots(workers: int, nbytes: int, per_worker: int = 2 + 2) -> SharedSl
             pass
     warnings.warn(f"--num-workers {workers}: /dev/shm has {free / 2**20:.0f} MB free, less than one batch of "
                   f"--max-frames ({nbytes / 2**20:.0f} MB) per worker, so batches take a slower path (through "
-                  "torch's shared memory, or pickled through a pipe when that is full too); give the container "
-                  "more shared memory (docker --shm-size) or lower --max-frames", stacklevel=3)
+                  f"torch's shared memory, or pickled through a pipe when that is full too); {shm.MORE} or lower "
+                  "--max-frames", stacklevel=3)
     return None
 
 
@@ -428,15 +426,14 @@ def make_loader(stores: list[str | Path], manifest: Manifest | str | Path | None
     by_id = (manifest or recorded_manifest(view)).by_id()
     lacking = [u for u in view.ids if u not in by_id]
     if lacking:
-        first = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
-        raise FusionpipeError(f"{len(lacking)} utterance(s) of the stores have no manifest row ({first}); "
+        raise FusionpipeError(f"{len(lacking)} utterance(s) of the stores have no manifest row ({list_ids(lacking)}); "
                               "pass the manifest they were extracted from")
     # a compact batch's lossless stacks use the slots too; only its lossy ones travel as codes
     dims = slot_dims(view, compact)
     slots = shared_slots(num_workers, max_frames * view.num_layers * sum(dims) * 4) if num_workers and dims else None
     dataset = FusedDataset(view, [by_id[u] for u in view.ids], compact, slots)
     sampler = BucketBatchSampler(view.lengths, max_frames, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                 order=view.store_order(), shard=shard, deal=deal)
+                                 order=view.reading_order(), shard=shard, deal=deal)
     return FusedLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                        multiprocessing_context="spawn" if num_workers else None,
                        persistent_workers=num_workers > 0, prefetch=prefetch)

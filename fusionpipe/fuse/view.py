@@ -40,7 +40,8 @@ from fusionpipe.fuse.compact import CompactStack
 from fusionpipe.fuse.memory import BATCHES
 from fusionpipe.fuse.runs import neighbour_runs
 from fusionpipe.fuse.write import write_view
-from fusionpipe.store import DEFAULT_CODEC, LOSSY, FeatureStore, list_ids
+from fusionpipe.codecs import DEFAULT_CODEC, LOSSY
+from fusionpipe.store import FeatureStore, list_ids
 
 MERGES = ("add", "concat")
 
@@ -212,14 +213,14 @@ class FusedView:
         rates = [s.frame_rate for s in self.stores]
         return max(rates) if self.align_time == "max" else min(rates)
 
-    def store_order(self) -> np.ndarray:
+    def reading_order(self) -> np.ndarray:
         """View indices sorted by position in the first store: neighbours there are one contiguous read."""
         return np.argsort(self.store_offsets[0], kind="stable")
 
     def groups(self, frames_per_group: int, order: np.ndarray | None = None) -> list[np.ndarray]:
         """Consecutive view indices (in `order`, default store order) of about frames_per_group frames each."""
         return neighbour_runs(self.store_offsets[0], self.store_frames[0], sizes=self.lengths,
-                              budget=frames_per_group, order=self.store_order() if order is None else order)
+                              budget=frames_per_group, order=self.reading_order() if order is None else order)
 
     # ---- the hot path: direct Zarr reads, one method per kind of result ----------------------------
     # Each returns utterances `indices` aligned and zero-padded past their length, as (B, L, T_max, D)

@@ -14,7 +14,9 @@ import torch
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse import runs
 from fusionpipe.names import upstream_set_name
-from fusionpipe.store import DEFAULT_CODEC, ChunkAssembler, FeatureStore, Layout
+from fusionpipe.chunks import ChunkAssembler
+from fusionpipe.codecs import DEFAULT_CODEC
+from fusionpipe.store import FeatureStore, Layout, store_order
 
 
 def write_view(view, url: str | Path, codec: str = DEFAULT_CODEC, dtype: str | None = None,
@@ -30,7 +32,7 @@ def write_view(view, url: str | Path, codec: str = DEFAULT_CODEC, dtype: str | N
                               "(--merge add|concat)")
     _refuse_own_sources(view, url)
     dtype = dtype or ("float16" if all(s.info.dtype == "float16" for s in view.stores) else "float32")
-    order = np.array(sorted(range(len(view)), key=lambda i: (-int(view.lengths[i]), view.ids[i])), dtype=np.int64)
+    order = store_order(view.ids, view.lengths)
     layout = Layout([view.ids[i] for i in order], view.lengths[order])
     store = FeatureStore.create(url, layout, num_layers=view.num_layers, hidden_size=view.out_dim, dtype=dtype,
                                 codec=codec, attrs=fingerprint(view, dtype, codec), overwrite=overwrite)

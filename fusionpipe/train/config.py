@@ -11,6 +11,7 @@ import torch
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME
+from fusionpipe.store import FINGERPRINT
 from fusionpipe.train.augment import crop_frames
 from fusionpipe.train.interfaces import INTERFACES, MERGES, interface_option_problems
 from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems, is_metric, read_trials
@@ -23,8 +24,6 @@ NOT_COMPARED = ("device", "num_workers")
 RESUMABLE = (*NOT_COMPARED, "steps")
 # where the run directory is: no setting (a copied or moved run resumes and evaluates; `config_changes`)
 WHERE = ("out",)
-# what makes two stores' features interchangeable: the upstream that computed them
-FINGERPRINT = ("model_id", "revision", "num_layers", "hidden_size")
 
 
 @dataclass

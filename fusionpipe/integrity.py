@@ -1,4 +1,6 @@
-"""What `fusionpipe inspect` and `fusionpipe verify` say about a feature store.
+"""A feature store's integrity: what `fusionpipe inspect` and `fusionpipe verify` say about it.
+
+(Named for what it checks: `verify` in the train room is the speaker-verification task.)
 
 `describe`: shape, fingerprint, completeness, bytes per audio-second, the ratio to float16 and a lossy
 store's measured error. `verify`: every fault of a store, checked against what it records about itself:
@@ -10,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusionpipe.store import (CODECS, FORMAT, IDENTITY, LOSSY, FeatureStore, compressors, identity_hash, index_hash,
-                              list_ids, serializer)
+from fusionpipe.chunks import starts
+from fusionpipe.codecs import CODECS, LOSSY, compressors, serializer
+from fusionpipe.store import FORMAT, IDENTITY, FeatureStore, identity_hash, index_hash, list_ids
 
 
 def describe(store: FeatureStore) -> dict:
@@ -48,7 +51,7 @@ def describe(store: FeatureStore) -> dict:
     }
 
 
-def verify(store: FeatureStore, repair: bool = False) -> list[str]:
+def check_store(store: FeatureStore, repair: bool = False) -> list[str]:
     """Every fault of a store: metadata against the fingerprint, the index, every expected chunk.
 
     Each chunk must exist (missing ones are reported, with their utterances), decode (checksum),
@@ -133,7 +136,7 @@ def _index_faults(store: FeatureStore) -> list[str]:
         return [f"index: {len(ids)} ids, {len(offsets)} offsets, {len(lengths)} lengths for {len(store)} utterances"]
     if len(set(ids)) != len(ids):
         faults.append("index: duplicate utterance ids")
-    expect = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    expect = starts(lengths)
     if (lengths < 0).any() or not np.array_equal(offsets, expect) or int(lengths.sum()) != store.total_frames:
         bad = np.flatnonzero(offsets != expect)
         faults.append(f"index: offsets/lengths do not tile the {store.total_frames} frames of the hidden array"

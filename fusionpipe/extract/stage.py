@@ -29,11 +29,15 @@ import torch
 from tqdm import tqdm
 
 from fusionpipe import audio
+from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
+from fusionpipe.codecs import DEFAULT_CODEC, expected_bytes
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import (DEFAULT_CODEC, ChunkAssembler, Edge, FeatureStore, Layout, StoreInfo, chunk_span,
-                              expected_bytes, lock)
+from fusionpipe.store import FINGERPRINT, FeatureStore, Layout, StoreInfo, store_order
+from fusionpipe.store_lock import lock
 from fusionpipe.extract import pipeline
+from fusionpipe.extract.cast import cast, unstorable
+from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
 from fusionpipe.extract.pipeline import default_processes
 from fusionpipe.extract.upstreams import Upstream, load_upstream
 
@@ -50,7 +54,7 @@ def store_url(cache: str | Path, manifest_name: str, model: str) -> str:
 
 
 @dataclass
-class Plan:
+class ExtractionPlan:
     """Store order and batches of one (manifest, upstream) pair."""
 
     rows: list[int]           # manifest rows in store order (longest first)
@@ -59,7 +63,7 @@ class Plan:
     skipped: dict[str, str]   # id -> reason, for rows left out before extraction
 
 
-def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: bool = False) -> Plan:
+def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: bool = False) -> ExtractionPlan:
     """Check every row's header, count its frames, sort longest first, cut batches under the budget.
 
     The budget counts padded audio: a batch of b utterances costs b x (longest), Whisper
@@ -84,7 +88,7 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
             continue
         good.append(row)
         frames.append(n)
-    order = sorted(range(len(good)), key=lambda i: (-frames[i], manifest[good[i]].id))
+    order = store_order([manifest[r].id for r in good], frames)
     rows = [good[i] for i in order]
     layout = Layout([manifest[r].id for r in rows], np.array([frames[i] for i in order], dtype=np.int64))
 
@@ -102,7 +106,7 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
         current.append(pos)
     if current:
         batches.append(current)
-    return Plan(rows, layout, batches, skipped)
+    return ExtractionPlan(rows, layout, batches, skipped)
 
 
 def _header_error(manifest: Manifest, row: int) -> Exception | None:
@@ -139,7 +143,7 @@ def _same_fingerprint(store: FeatureStore, fp: dict) -> list[str]:
     """What differs between the extraction a store holds and the one `fp` describes, in words."""
     was, now = store.info, StoreInfo.from_attrs(fp)
     diffs = [f"upstream {key}: cached {was.upstream_fingerprint.get(key)!r}, now {now.upstream_fingerprint.get(key)!r}"
-             for key in ("model_id", "revision", "num_layers", "hidden_size")
+             for key in FINGERPRINT
              if was.upstream_fingerprint.get(key) != now.upstream_fingerprint.get(key)]
     if was.manifest_sha256 != now.manifest_sha256:
         diffs.append(f"manifest {now.manifest} content changed")
@@ -171,8 +175,8 @@ class Result:
 
 
 def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cache", *, url: str | None = None,
-            device: str = "auto", dtype: str = "float16", codec: str = DEFAULT_CODEC,
-            max_seconds: float = 160.0, skip_bad: bool = False, overwrite: bool = False,
+            device: str = "auto", dtype: str = DTYPE, codec: str = DEFAULT_CODEC,
+            max_seconds: float = MAX_SECONDS, skip_bad: bool = False, overwrite: bool = False,
             chunk_frames: int | None = None, progress: bool = True, wait: bool = False,
             processes: int | None = None) -> Result:
     """Extract every hidden layer of `model` over `manifest` into a store; resume if one is there.
@@ -210,10 +214,10 @@ def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, p
     try:
         on_batch = lambda k: bar.update(batch_seconds[k])  # noqa: E731
         if processes:
-            skipped, edges = pipeline.run_batches(manifest, upstream, store, p, todo, done, skip_bad, processes,
-                                                  on_batch=on_batch)
+            helpers = pipeline.ProcessPipeline(manifest, upstream, store, p, done, skip_bad, processes)
+            skipped, edges = helpers.run(todo, on_batch=on_batch)
         else:
-            skipped, edges = run_batches(manifest, upstream, store, p, todo, done, skip_bad, on_batch=on_batch)
+            skipped, edges = extract_batches(manifest, upstream, store, p, todo, done, skip_bad, on_batch=on_batch)
     finally:
         bar.close()
     assert not edges, "every chunk a batch touches is filled when all its batches run"
@@ -237,7 +241,7 @@ def check_disk(url: str, need: float, codec: str) -> None:
 
 def open_store(manifest: Manifest, upstream: Upstream, url: str, *, device_type: str, dtype: str, codec: str,
                max_seconds: float, skip_bad: bool, overwrite: bool,
-               chunk_frames: int | None) -> tuple[FeatureStore, Plan] | Result:
+               chunk_frames: int | None) -> tuple[FeatureStore, ExtractionPlan] | Result:
     """The store at `url` and the plan to fill it: created, or reopened to resume (the same extraction only).
 
     A Result instead when the store is already complete. The caller holds the store's `lock`.
@@ -280,8 +284,8 @@ def progress_bar(total_seconds: float, desc: str, enabled: bool) -> tqdm:
                            "{rate_fmt}]")
 
 
-def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: Plan, batches: list[list[int]],
-                done: np.ndarray, skip_bad: bool, on_batch=None) -> tuple[int, list[Edge]]:
+def extract_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: ExtractionPlan,
+                    batches: list[list[int]], done: np.ndarray, skip_bad: bool, on_batch=None) -> tuple[int, list[Edge]]:
     """Run `batches` (runs of p.batches, in order) and write every chunk they fill that is not `done`.
 
     Returns the number of utterances skipped and the edges: frames of the chunks these batches
@@ -296,16 +300,8 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
     writer.start()
     skipped = 0
     try:
-        # decoding FLAC is the bottleneck on a GPU: one task per utterance, PREFETCH batches ahead
         with ThreadPoolExecutor(IO_THREADS) as io:
-            def submit(batch: list[int]) -> list:
-                return [io.submit(_load_or_skip, manifest, p.rows[i], skip_bad) for i in batch]
-
-            ahead = deque(submit(b) for b in batches[:PREFETCH])
-            for k, batch in enumerate(batches):
-                loaded = [f.result() for f in ahead.popleft()]
-                if k + PREFETCH < len(batches):
-                    ahead.append(submit(batches[k + PREFETCH]))
+            for k, (batch, loaded) in enumerate(zip(batches, _decoded(io, manifest, p, batches, skip_bad))):
                 ok = [i for i, (w, _) in zip(batch, loaded) if w is not None]
                 feats = upstream.forward([w for w, _ in loaded if w is not None], precision) if ok else []
                 for i, f in zip(ok, feats):
@@ -323,6 +319,21 @@ def run_batches(manifest: Manifest, upstream: Upstream, store: FeatureStore, p: 
     return skipped, edges
 
 
+def _decoded(io: ThreadPoolExecutor, manifest: Manifest, p: ExtractionPlan, batches: list[list[int]],
+             skip_bad: bool):
+    """Each batch's [(wave, None) or (None, why it is bad)], decoded PREFETCH batches ahead on `io`: decoding
+    FLAC is the bottleneck on a GPU, so one task per utterance."""
+    def submit(batch: list[int]) -> list:
+        return [io.submit(_load_or_skip, manifest, p.rows[i], skip_bad) for i in batch]
+
+    ahead = deque(submit(b) for b in batches[:PREFETCH])
+    for k in range(len(batches)):
+        loaded = [f.result() for f in ahead.popleft()]
+        if k + PREFETCH < len(batches):
+            ahead.append(submit(batches[k + PREFETCH]))
+        yield loaded
+
+
 def _load_or_skip(manifest: Manifest, row: int, skip_bad: bool) -> tuple[np.ndarray | None, str | None]:
     try:
         return audio.load(manifest, row), None
@@ -333,15 +344,10 @@ def _load_or_skip(manifest: Manifest, row: int, skip_bad: bool) -> tuple[np.ndar
 
 
 def _to_storage(f: torch.Tensor, dtype: str, model: str, utt_id: str) -> np.ndarray:
-    """Cast on the device (half the bytes to move) and refuse what fp16 cannot hold."""
-    out = f.to(getattr(torch, dtype))
+    """Cast on the device (half the bytes to move) and refuse what the storage dtype cannot hold."""
+    out = cast(f, dtype)
     if not torch.isfinite(out).all():
-        if torch.isfinite(f).all():
-            raise FusionpipeError(
-                f"{model} on {utt_id}: activations exceed the {dtype} range (|x| max {f.abs().max().item():.3g}); "
-                "extract this model with --dtype float32"
-            )
-        raise FusionpipeError(f"{model} on {utt_id}: the upstream produced NaN/inf activations")
+        raise unstorable(model, utt_id, dtype, f)
     return out.cpu().numpy()
 
 
