@@ -18,12 +18,12 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.train.config import TrainConfig
 from fusionpipe.train.interfaces import INTERFACES, Interface, interface_option_names, interface_option_problems
 from fusionpipe.train.loop import train
-from fusionpipe.train.tasks import build_task, check_head, head_option_names, head_option_problems
+from fusionpipe.train.tasks import TASKS, build_task, check_head, head_option_names, head_option_problems
 
 # what a user can type or write in YAML/JSON: numbers of every size and sign, booleans, text, nothing, lists
 VALUES = st.one_of(st.integers(), st.integers(-3, 70), st.floats(allow_nan=True, allow_infinity=True),
                    st.booleans(), st.text(max_size=8), st.none(), st.lists(st.integers(-2, 9), max_size=3))
-HEAD_KEYS = sorted(set().union(*(head_option_names(t) for t in ("asr", "classify", "verify", "multilingual"))))
+HEAD_KEYS = sorted(set().union(*(head_option_names(t) for t in TASKS)))
 INTERFACE_KEYS = sorted(set().union(*(interface_option_names(f) for f in INTERFACES)))
 SETTINGS = dict(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -34,7 +34,7 @@ def test_every_option_has_a_value_rule():
         for name in interface_option_names(f):
             interface_option_problems(f, {name: object()})  # no KeyError: a rule exists, and refuses this
             assert interface_option_problems(f, {name: object()})
-    for task in ("asr", "classify", "verify", "multilingual"):
+    for task in TASKS:
         for name in head_option_names(task):
             assert head_option_problems(task, {name: object()})
 
