@@ -329,13 +329,20 @@ def test_float32_stores_compute_in_float32_everywhere_and_record_it(speech_manif
         extract(speech_manifest, "toy-wavlm", url=url, device="cpu", progress=False, dtype="float32")
 
 
-def test_forward_returns_the_precision_it_is_asked_for():
+def test_forward_computes_in_the_precision_it_is_asked_for_not_the_devices_default():
+    """float32 asked of an upstream whose default is float16 (a GPU's) runs without fp16 autocast: the same
+    numbers as float32 on a CPU, where it is the default. (Asking a CPU upstream for its own default could
+    not fail.)"""
     from fusionpipe.extract.upstreams import load_upstream
 
     up = load_upstream("toy-wavlm", device="cpu")
     wave = np.random.default_rng(0).standard_normal(8000).astype(np.float32)
+    (reference,) = up.forward([wave], torch.float32)
+    (half,) = up.forward([wave], torch.float16)
+    assert half.dtype == torch.float16 and not torch.equal(half.float(), reference)  # fp16 autocast runs on a CPU too
+    up.dtype = torch.float16  # a GPU's default
     (h,) = up.forward([wave], torch.float32)
-    assert h.dtype == torch.float32
+    assert h.dtype == torch.float32 and torch.equal(h, reference)
 
 
 # ---- URLs ---------------------------------------------------------------------------------------------
