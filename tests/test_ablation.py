@@ -209,6 +209,7 @@ def tiny_recipe(tmp_path, make_manifest):
     return _write(tmp_path, r, "tiny.yaml")
 
 
+@pytest.mark.slow
 def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe, tmp_path, monkeypatch):
     import matplotlib.image
 
@@ -263,6 +264,7 @@ def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe
         run_recipe(load_recipe(tiny_recipe), progress=False, echo=lambda s: None)
 
 
+@pytest.mark.slow
 def test_recipe_seeds_train_in_one_pass_and_report_mean_std_and_layer_pictures(tiny_recipe, tmp_path, monkeypatch):
     import csv
 
@@ -290,6 +292,7 @@ def test_recipe_seeds_train_in_one_pass_and_report_mean_std_and_layer_pictures(t
     assert "stuck" not in md.split("## What the layers say")[0] and {row["stuck"] for row in rows} == {"0"}
 
 
+@pytest.mark.slow
 def test_the_report_flags_seeds_stuck_on_the_blank_plateau(tiny_recipe, tmp_path):
     import csv
 
@@ -347,6 +350,7 @@ def _folds_recipe(tmp_path, corpus) -> Path:
     return _write(tmp_path, r, "folds.yaml")
 
 
+@pytest.mark.slow
 def test_folds_with_extract_from_extract_each_upstream_once_and_run_every_fold(tmp_path, monkeypatch, make_manifest):
     from fusionpipe.extract import run as stage1
     from fusionpipe.train import loop as stage3

@@ -33,6 +33,7 @@ def _plain_forward(upstream, wave):
         return torch.stack([*out.hidden_states[:-1], out.last_hidden_state], 2)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["toy-wavlm", "toy-hubert", "toy-whisper"])
 def test_cached_features_equal_single_utterance_forward(model, speech_manifest, tmp_path):
     """Batching, padding and the store never change an utterance's features (group norm, layer norm, Whisper)."""
@@ -69,6 +70,7 @@ def test_second_extract_is_a_noop_that_says_so(speech_manifest, tmp_path):
     assert again.already_complete and "already complete" in again.summary()
 
 
+@pytest.mark.slow
 def test_store_of_another_fingerprint_is_refused_unless_overwrite(speech_manifest, tmp_path):
     r = extract(speech_manifest, "toy-wavlm", tmp_path, progress=False, device="cpu")
     with pytest.raises(FusionpipeError, match="dtype.*--overwrite"):
@@ -196,6 +198,7 @@ def test_unknown_model_alias_is_a_clear_error(speech_manifest, tmp_path):
         extract(speech_manifest, "wavlm-bass-plus", tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_verify_reports_a_corrupted_chunk(speech_manifest, tmp_path):
     r = extract(speech_manifest, "toy-wavlm", tmp_path, progress=False, device="cpu", chunk_frames=32)
     assert verify(FeatureStore.open(r.url)) == []
@@ -215,6 +218,7 @@ def test_an_all_zero_chunk_still_counts_as_done_after_reopening(tmp_path):
     assert FeatureStore.open(tmp_path / "z.zarr").is_complete()
 
 
+@pytest.mark.slow
 def test_stores_live_at_any_fsspec_url(speech_manifest):
     """memory:// stands for s3://, gs://...: same layout, resume and fingerprint rules through fsspec."""
     from fusionpipe.fuse.loader import make_loader

@@ -31,6 +31,7 @@ def varied_manifest(make_manifest, tmp_path):
     return make_manifest(tmp_path / "corpus", "varied", [1.31, 0.5, 5.3, 2.7, 1.05, 4.2, 0.77, 2.2, 0.41, 3.3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["toy-wavlm", "toy-whisper"])
 def test_pipeline_store_is_byte_identical_to_the_one_process_store(model, varied_manifest, tmp_path):
     """Group-norm SSL (masked statistics, padding) and Whisper (windows): every key's bytes are equal."""
@@ -40,6 +41,7 @@ def test_pipeline_store_is_byte_identical_to_the_one_process_store(model, varied
     assert _files(one.url) == _files(many.url)
 
 
+@pytest.mark.slow
 def test_bad_audio_is_left_out_as_in_the_one_process_path(varied_manifest, tmp_path, with_nan_row):
     """--skip-bad: the bad row is recorded, zeros stored, and its batch runs without it (same bytes)."""
     m = with_nan_row(varied_manifest, tmp_path, 40000)
@@ -50,12 +52,14 @@ def test_bad_audio_is_left_out_as_in_the_one_process_path(varied_manifest, tmp_p
     assert _files(one.url) == _files(many.url) and verify(FeatureStore.open(many.url)) == []
 
 
+@pytest.mark.slow
 def test_an_error_reading_names_the_utterance(varied_manifest, tmp_path, with_nan_row):
     m = with_nan_row(varied_manifest, tmp_path, 40000)
     with pytest.raises(FusionpipeError, match=r"withnan.tsv row \d+ \(id nan\).*NaN.*--skip-bad"):
         extract(m, "toy-wavlm", tmp_path, processes=2, **SMALL)
 
 
+@pytest.mark.slow
 def test_an_error_writing_names_the_utterance(varied_manifest, tmp_path):
     """Activations float16 cannot hold are refused in a helper process, naming the utterance and the fix."""
     loud = NullUpstream("base", scale=1e6)

@@ -112,6 +112,7 @@ except FusionpipeError as e:
 """
 
 
+@pytest.mark.slow
 def test_slots_are_reserved_when_made_so_a_full_dev_shm_is_an_error_not_a_sigbus(small_shm):
     """The pipeline's slots reserve their pages (posix_fallocate): slots that do not fit are refused naming
     the fixes, and slots once made survive another process filling /dev/shm (they were a SIGBUS, rc 135)."""

@@ -143,7 +143,8 @@ def test_verify_reports_missing_chunks_index_edits_and_metadata_edits(store, tmp
     assert code == 1 and "FAULT metadata" in out
 
 
-@pytest.mark.parametrize("codec", ["zstd", "int8", "int8-std08"])
+@pytest.mark.parametrize("codec", ["zstd", pytest.param("int8", marks=pytest.mark.slow),
+                                   pytest.param("int8-std08", marks=pytest.mark.slow)])
 def test_a_chunk_swapped_or_copied_to_another_position_is_found_and_repaired(speech_manifest, tmp_path, codec):
     """Every chunk passes its checksum wherever it lies: the placement record written with it tells that
     chunks 1 and 4 were swapped and chunk 2 copied over 6 (verify said "ok" to all three)."""
@@ -193,6 +194,7 @@ def test_a_store_written_before_digests_and_placement_records_still_opens_and_ve
     assert code == 0 and "chunk moved within the store can go undetected" in out
 
 
+@pytest.mark.slow
 def test_verify_repair_deletes_bad_chunks_and_a_rerun_restores_the_same_bytes(store, speech_manifest, tmp_path):
     for c in (0, 5):
         p = _chunk(store, c)
@@ -233,6 +235,7 @@ def test_a_second_extract_on_the_same_store_says_who_holds_it_or_waits(speech_ma
     assert FeatureStore.open(r.url).is_complete()
 
 
+@pytest.mark.slow
 def test_a_crashed_holder_does_not_block_a_rerun(speech_manifest, tmp_path):
     url = str(tmp_path / "crashed.zarr")
     code = (f"import sys, time; from fusionpipe.store import lock\n"
@@ -295,6 +298,7 @@ def test_a_disk_full_while_the_store_is_created_is_named(small_disk, speech_mani
                 chunk_frames=CHUNK)
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_store_and_a_rerun_resumes(small_disk, speech_manifest, tmp_path, monkeypatch):
     """The disk fills during the run (the up-front estimate passed: another process took the room)."""
     from fusionpipe.extract import run

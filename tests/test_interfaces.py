@@ -219,6 +219,7 @@ def test_a_stack_of_the_wrong_shape_is_a_value_error(stacks):
         fusion([stacks[0], torch.randn(2, 4, 6, 8)], torch.tensor([6, 6]))
 
 
+@pytest.mark.slow
 def test_fusion_hconv_and_classifier_learn_to_separate_two_classes():
     torch.manual_seed(0)
 

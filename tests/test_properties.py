@@ -110,6 +110,7 @@ FIELDS = {
 }
 
 
+@pytest.mark.slow
 @given(st.fixed_dictionaries({}, optional=FIELDS))
 @settings(**SETTINGS)
 def test_any_train_setting_passes_the_checks_or_is_refused(fields):
@@ -140,6 +141,7 @@ def test_settings_that_pass_the_checks_train(pitch_stores, fields):
 RECIPE_SETTINGS = {k: FIELDS[k] for k in ("steps", "eval_every", "max_frames", "lr", "seed", "seeds", "head_options")}
 
 
+@pytest.mark.slow
 @given(st.fixed_dictionaries({}, optional=RECIPE_SETTINGS))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_any_recipe_setting_is_planned_or_refused_before_anything_runs(train_settings):

@@ -129,6 +129,7 @@ def test_the_loader_on_a_lossy_store_equals_decoding_first_then_loading(tmp_path
             assert torch.equal(sp, sq)
 
 
+@pytest.mark.slow
 def test_compact_batches_expand_on_the_device_to_the_loaders_numbers(tmp_path, speech_manifest):
     """make_loader(compact=True), what a GPU trainer uses: lossy stacks cross as int8 codes and `.to(device)`
     expands, aligns (WavLM 49 Hz, 4 layers against Whisper 50 Hz) and pads them: exactly the loader's tensors."""
@@ -226,6 +227,7 @@ def test_extract_codec_is_recorded_and_inspect_shows_ratio_and_measured_error(sp
     assert "measured_error" in shown and "mean " in shown
 
 
+@pytest.mark.slow
 def test_training_on_codes_expanded_by_the_trainer_equals_training_on_the_loaders_tensors(
         tmp_path, pitch_stores, train_config, logged_losses, monkeypatch):
     """The GPU path end to end, on the CPU: with `expands_on` forced, the trainer and its dev evaluation get

@@ -289,7 +289,9 @@ class GumbelSelect(nn.Module):
 
 class InterfaceSpec(NamedTuple):
     """A row of `REGISTRY`: what ``--fusion NAME`` builds, the options it takes besides `COMMON_OPTIONS`
-    (each with its rule, options.py), and the line `fusionpipe train --help` shows."""
+    (each with its rule, options.py), and what it is in a few words (errors name it). cli.py names the
+    interfaces itself, as importing this module would cost every command torch's start-up; a test holds
+    its list to this table."""
 
     module: type[nn.Module]  # built as module(num_layers, D, **options), GumbelSelect as (dims, num_layers, merge, ...)
     options: dict[str, Rule]
@@ -342,11 +344,6 @@ def interface_option_problems(fusion: str, options: dict) -> list[tuple[str, str
         if name not in options:
             out.append((name, f"interface {fusion} needs the option {name} ({REGISTRY[fusion].help})"))
     return out
-
-
-def interfaces_help() -> str:
-    """The interfaces and what each is, for --fusion's help."""
-    return "; ".join(f"{name}: {spec.help}" for name, spec in REGISTRY.items())
 
 
 class Interface(nn.Module):
