@@ -67,6 +67,7 @@ def _cli(*args):
 
 
 # ---- 1. a .partial file is not a chunk ---------------------------------------------------------------
+@pytest.mark.slow
 def test_a_stray_partial_in_place_of_a_chunk_is_not_done_and_a_rerun_recomputes_it(store, speech_manifest, tmp_path):
     c = 3
     _chunk(store, c).unlink()
