@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from fusionpipe.cli import app
 from fusionpipe.train.tasks import (METRICS, TASKS, CharVocab, accuracy, build_task, cer, cer_per_language, eer,
                                     greedy_ctc_decode, head_option_names, head_option_problems, is_metric,
                                     lower_is_better, macro_f1, primary_metric, task_from_dict, wer)
@@ -97,6 +99,12 @@ def test_eer_needs_both_kinds_of_trial():
 def test_unknown_task_is_a_value_error_naming_the_tasks():
     with pytest.raises(ValueError, match=", ".join(TASKS)):
         build_task("diarize", {})
+
+
+def test_the_train_help_names_every_task():
+    """cli.py lists them itself (importing the tasks would cost every command torch's start-up)."""
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    assert [name for name in TASKS if name not in out] == []
 
 
 def test_a_missing_manifest_column_is_named():
