@@ -1,6 +1,6 @@
 """Shared fixtures: a private FUSIONPIPE_HOME for the toy models, small synthetic speech corpora, synthetic
-stores, and the builders the test modules share (as fixtures that return the function, so that no test module
-imports another and the suite runs under any --import-mode)."""
+stores, and the builders the test modules share. A builder is a fixture that returns the function it defines
+(defined once, there), so that no test module imports another and the suite runs under any --import-mode."""
 
 import csv
 import os
@@ -42,37 +42,34 @@ def _speechlike(n: int, seed: int) -> np.ndarray:
     return (0.3 * x / np.abs(x).max()).astype(np.float32)
 
 
-def _make_manifest(root, name, durations, seed=0) -> Manifest:
-    """WAV files of the given durations under root/audio, and root/<name>.tsv read back."""
-    audio = root / "audio"
-    audio.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, d in enumerate(durations):
-        n = int(d * 16000)
-        sf.write(audio / f"{name}-{i:03d}.wav", _speechlike(n, seed + i), 16000)
-        rows.append(Utterance(f"{name}-{i:03d}", f"{name}-{i:03d}.wav", n, 16000, speaker=f"s{i % 3}",
-                              text="A B", label=f"c{i % 2}"))
-    write_manifest(Manifest(name, audio, rows), root / f"{name}.tsv", root="audio")
-    return read_manifest(root / f"{name}.tsv")
-
-
 @pytest.fixture(scope="session")
 def make_manifest():
     """`make_manifest(root, name, durations, seed=0)`: WAV files of the given durations under root/audio,
     and root/<name>.tsv read back."""
-    return _make_manifest
+    def make_manifest(root, name, durations, seed=0) -> Manifest:
+        audio = root / "audio"
+        audio.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i, d in enumerate(durations):
+            n = int(d * 16000)
+            sf.write(audio / f"{name}-{i:03d}.wav", _speechlike(n, seed + i), 16000)
+            rows.append(Utterance(f"{name}-{i:03d}", f"{name}-{i:03d}.wav", n, 16000, speaker=f"s{i % 3}",
+                                  text="A B", label=f"c{i % 2}"))
+        write_manifest(Manifest(name, audio, rows), root / f"{name}.tsv", root="audio")
+        return read_manifest(root / f"{name}.tsv")
+    return make_manifest
 
 
 @pytest.fixture
-def speech_manifest(tmp_path):
+def speech_manifest(tmp_path, make_manifest):
     """Five utterances of different lengths (0.5 to 2.7 s), odd sample counts included."""
-    return _make_manifest(tmp_path / "corpus", "speech", [1.31, 0.5, 2.7, 1.05, 0.77])
+    return make_manifest(tmp_path / "corpus", "speech", [1.31, 0.5, 2.7, 1.05, 0.77])
 
 
 @pytest.fixture
-def long_manifest(tmp_path):
+def long_manifest(tmp_path, make_manifest):
     """Enough audio that an extraction can be killed half way."""
-    return _make_manifest(tmp_path / "corpus", "long", [3.0] * 40)
+    return make_manifest(tmp_path / "corpus", "long", [3.0] * 40)
 
 
 def _tone(f0: float, n: int, seed: int) -> np.ndarray:
@@ -106,157 +103,136 @@ def pitch_stores(tmp_path_factory):
 
 
 # ---- synthetic stores: stage 1's output without running an upstream ------------------------------
-def _make_tsv(path, ids) -> Manifest:
-    """A manifest TSV naming `ids` (no audio: stage 2 never opens it), in that order."""
-    rows = [Utterance(u, f"{u}.wav", 16000, 16000, text=f"T {u}", label=f"c{i % 2}") for i, u in enumerate(ids)]
-    m = Manifest(path.stem, path.parent, rows, source=path)
-    write_manifest(m, path)
-    return m
-
-
-def _make_store(url, data: dict, manifest: Manifest, name="up", dtype="float32", chunk_frames=5, frame_rate=50.0,
-                written=None):
-    """A stage-1 store of `data` (id -> (T, L, D)), longest first like extract() lays it out.
-
-    `written`: chunk numbers to write (default all): the others stay missing, as after a crash.
-    """
-    ids = sorted(data, key=lambda u: (-len(data[u]), u))
-    L, D = next(iter(data.values())).shape[1:]
-    attrs = {"manifest": {"name": manifest.name, "sha256": manifest.content_hash(), "utterances": len(manifest),
-                          "path": str(manifest.source) if manifest.source else None},
-             "upstream": {"name": name, "num_layers": L, "hidden_size": D, "frame_rate": frame_rate}}
-    store = FeatureStore.create(url, Layout(ids, np.array([len(data[u]) for u in ids])), num_layers=L,
-                                hidden_size=D, dtype=dtype, chunk_frames=chunk_frames, attrs=attrs)
-    frames = np.concatenate([data[u] for u in ids]).astype(dtype)
-    for c in range(store.num_chunks) if written is None else written:
-        store.write_chunk(c, frames[c * chunk_frames:(c + 1) * chunk_frames])
-    return store
-
-
-def _random_data(ids, frames, L, D, seed):
-    rng = np.random.default_rng(seed)
-    return {u: rng.standard_normal((t, L, D)).astype(np.float32) for u, t in zip(ids, frames)}
-
-
 @pytest.fixture(scope="session")
 def make_tsv():
-    """`make_tsv(path, ids)`: a manifest TSV naming `ids` (no audio), in that order."""
-    return _make_tsv
+    """`make_tsv(path, ids)`: a manifest TSV naming `ids` (no audio: stage 2 never opens it), in that order."""
+    def make_tsv(path, ids) -> Manifest:
+        rows = [Utterance(u, f"{u}.wav", 16000, 16000, text=f"T {u}", label=f"c{i % 2}") for i, u in enumerate(ids)]
+        m = Manifest(path.stem, path.parent, rows, source=path)
+        write_manifest(m, path)
+        return m
+    return make_tsv
 
 
 @pytest.fixture(scope="session")
 def make_store():
     """`make_store(url, data, manifest, name="up", dtype="float32", chunk_frames=5, frame_rate=50.0,
-    written=None)`: a stage-1 store of `data` (id -> (T, L, D)); `written` chunks only, if given."""
-    return _make_store
+    written=None)`: a stage-1 store of `data` (id -> (T, L, D)), longest first like extract() lays it out.
+    `written`: chunk numbers to write (default all): the others stay missing, as after a crash."""
+    def make_store(url, data: dict, manifest: Manifest, name="up", dtype="float32", chunk_frames=5,
+                   frame_rate=50.0, written=None):
+        ids = sorted(data, key=lambda u: (-len(data[u]), u))
+        L, D = next(iter(data.values())).shape[1:]
+        attrs = {"manifest": {"name": manifest.name, "sha256": manifest.content_hash(), "utterances": len(manifest),
+                              "path": str(manifest.source) if manifest.source else None},
+                 "upstream": {"name": name, "num_layers": L, "hidden_size": D, "frame_rate": frame_rate}}
+        store = FeatureStore.create(url, Layout(ids, np.array([len(data[u]) for u in ids])), num_layers=L,
+                                    hidden_size=D, dtype=dtype, chunk_frames=chunk_frames, attrs=attrs)
+        frames = np.concatenate([data[u] for u in ids]).astype(dtype)
+        for c in range(store.num_chunks) if written is None else written:
+            store.write_chunk(c, frames[c * chunk_frames:(c + 1) * chunk_frames])
+        return store
+    return make_store
 
 
 @pytest.fixture(scope="session")
 def random_data():
     """`random_data(ids, frames, L, D, seed)`: id -> standard normal (T, L, D) float32 frames."""
-    return _random_data
+    def random_data(ids, frames, L, D, seed):
+        rng = np.random.default_rng(seed)
+        return {u: rng.standard_normal((t, L, D)).astype(np.float32) for u, t in zip(ids, frames)}
+    return random_data
 
 
 # ---- stage 3 runs on the pitch stores ---------------------------------------------------------------
 TINY_HEAD = {"proj": 16}
 
 
-def _train_config(stores, out, **kw) -> TrainConfig:
-    base = dict(stores=stores["train"], dev_stores=stores["dev"], task="classify", fusion=["hconv"],
-                merge=["concat"], out=str(out), steps=30, eval_every=10, lr=3e-3, max_frames=600, head_options=TINY_HEAD,
-                device="cpu")
-    return TrainConfig(**{**base, **kw})
-
-
-def _logged_losses(run, variant) -> list[float]:
-    with open(run / variant / "log.csv") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
-
-
 @pytest.fixture(scope="session")
 def train_config():
     """`train_config(stores, out, **kw)`: a small classify run on {"train": [...], "dev": [...]} stores
     (e.g. pitch_stores) into `out`, 30 steps on the CPU; `kw` overrides any TrainConfig field."""
-    return _train_config
+    def train_config(stores, out, **kw) -> TrainConfig:
+        base = dict(stores=stores["train"], dev_stores=stores["dev"], task="classify", fusion=["hconv"],
+                    merge=["concat"], out=str(out), steps=30, eval_every=10, lr=3e-3, max_frames=600,
+                    head_options=TINY_HEAD, device="cpu")
+        return TrainConfig(**{**base, **kw})
+    return train_config
 
 
 @pytest.fixture(scope="session")
 def logged_losses():
     """`logged_losses(run, variant)`: the training losses a run's variant logged, step by step."""
-    return _logged_losses
+    def logged_losses(run, variant) -> list[float]:
+        with open(run / variant / "log.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+    return logged_losses
 
 
 # ---- stage 1 in a subprocess, killed half way ------------------------------------------------------
-def _extract_cmd(manifest, cache, *extra) -> list[str]:
-    """`fusionpipe extract` of toy-wavlm in a fresh process (same torch threads, same float sums)."""
-    return [sys.executable, "-m", "fusionpipe", "extract", "--model", "toy-wavlm", "--manifest", str(manifest.source),
-            "--cache", str(cache), "--max-seconds", "3", "--chunk-frames", "16", "--device", "cpu", *extra]
-
-
-def _run_extract(cmd: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's fusionpipe
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-
-
-def _start_extract_midway(cmd: list[str], chunk_dir: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
-    """Start `cmd` and return it, still running, once 3 chunks are on disk."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if chunk_dir.is_dir() and len(os.listdir(chunk_dir)) >= 3:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "extraction finished before it could be killed: make the manifest longer"
-    return proc
-
-
-def _kill_extract_midway(cmd: list[str], chunk_dir: Path) -> None:
-    """Start `cmd` and SIGKILL it once 3 chunks are on disk (a real kill -9, mid-extraction)."""
-    proc = _start_extract_midway(cmd, chunk_dir)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def _with_nan_row(manifest: Manifest, out: Path, samples: int) -> Manifest:
-    """`manifest` plus a row "nan" whose header is fine and whose samples hold a NaN: found while reading,
-    not by the plan's header checks. Written as `out`/withnan.tsv."""
-    x = np.zeros(samples, np.float32)
-    x[100] = np.nan
-    sf.write(manifest.root / "nan.wav", x, 16000, subtype="FLOAT")
-    m = Manifest("withnan", manifest.root, [*manifest.utterances, Utterance("nan", "nan.wav", samples, 16000)])
-    write_manifest(m, out / "withnan.tsv")
-    return read_manifest(out / "withnan.tsv")
-
-
-@pytest.fixture(scope="session")
-def with_nan_row():
-    """`with_nan_row(manifest, out_dir, samples)`: the manifest plus a row of audio holding a NaN."""
-    return _with_nan_row
-
-
-@pytest.fixture
-def start_extract_midway():
-    """`start_extract_midway(cmd, chunk_dir, stderr=...)`: the running process, once 3 chunks are on disk."""
-    return _start_extract_midway
+def _this_checkout() -> dict:
+    """The environment of a fresh process that imports this checkout's fusionpipe."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 @pytest.fixture
 def extract_cmd():
-    """`extract_cmd(manifest, cache, *extra_flags)`: the command line of a toy-wavlm extraction."""
-    return _extract_cmd
+    """`extract_cmd(manifest, cache, *extra_flags)`: the command line of `fusionpipe extract` of toy-wavlm in a
+    fresh process (same torch threads, same float sums)."""
+    def extract_cmd(manifest, cache, *extra) -> list[str]:
+        return [sys.executable, "-m", "fusionpipe", "extract", "--model", "toy-wavlm", "--manifest",
+                str(manifest.source), "--cache", str(cache), "--max-seconds", "3", "--chunk-frames", "16",
+                "--device", "cpu", *extra]
+    return extract_cmd
 
 
 @pytest.fixture
 def run_extract():
     """`run_extract(cmd)`: run an extraction command to its end, in a fresh process."""
-    return _run_extract
+    def run_extract(cmd: list[str]) -> None:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_this_checkout())
+    return run_extract
 
 
 @pytest.fixture
-def kill_extract_midway():
-    """`kill_extract_midway(cmd, chunk_dir)`: start an extraction and kill -9 it after 3 chunks."""
-    return _kill_extract_midway
+def start_extract_midway():
+    """`start_extract_midway(cmd, chunk_dir, stderr=...)`: start `cmd` and return it, still running, once 3
+    chunks are on disk."""
+    def start_extract_midway(cmd: list[str], chunk_dir: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=_this_checkout(), text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if chunk_dir.is_dir() and len(os.listdir(chunk_dir)) >= 3:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "extraction finished before it could be killed: make the manifest longer"
+        return proc
+    return start_extract_midway
+
+
+@pytest.fixture
+def kill_extract_midway(start_extract_midway):
+    """`kill_extract_midway(cmd, chunk_dir)`: start an extraction and SIGKILL it once 3 chunks are on disk (a
+    real kill -9, mid-extraction)."""
+    def kill_extract_midway(cmd: list[str], chunk_dir: Path) -> None:
+        proc = start_extract_midway(cmd, chunk_dir)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return kill_extract_midway
+
+
+@pytest.fixture(scope="session")
+def with_nan_row():
+    """`with_nan_row(manifest, out_dir, samples)`: `manifest` plus a row "nan" whose header is fine and whose
+    samples hold a NaN: found while reading, not by the plan's header checks. Written as `out_dir`/withnan.tsv."""
+    def with_nan_row(manifest: Manifest, out: Path, samples: int) -> Manifest:
+        x = np.zeros(samples, np.float32)
+        x[100] = np.nan
+        sf.write(manifest.root / "nan.wav", x, 16000, subtype="FLOAT")
+        m = Manifest("withnan", manifest.root, [*manifest.utterances, Utterance("nan", "nan.wav", samples, 16000)])
+        write_manifest(m, out / "withnan.tsv")
+        return read_manifest(out / "withnan.tsv")
+    return with_nan_row
 
 
 # ---- a GPU where there is none: the seam of fusionpipe/cuda.py, and a counter of host syncs ----------------

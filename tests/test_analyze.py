@@ -105,6 +105,7 @@ def test_store_cka_compares_every_layer_at_aligned_frames(related_stores):
     assert 0 < pair["mean_best_match"] < 1 and pair["max"] == cross.max()
 
 
+@pytest.mark.slow
 def test_cka_csv_round_trips(related_stores, tmp_path):
     import matplotlib.image
 
@@ -141,6 +142,7 @@ def test_knockout_of_layers_a_single_layer_interface_ignores_changes_nothing(pit
     assert dev > 0.5 and knock[2] != 0  # the layer it reads is what it learned from
 
 
+@pytest.mark.slow
 def test_run_analysis_reads_weights_and_shares_per_seed_and_round_trips(pitch_stores, tmp_path, train_config):
     import matplotlib.image
 
@@ -166,6 +168,7 @@ def test_run_analysis_reads_weights_and_shares_per_seed_and_round_trips(pitch_st
     assert "weighted-sum-add" in describe_use(rows)
 
 
+@pytest.mark.slow
 def test_cli_analyze_stores_and_a_run(pitch_stores, tmp_path, train_config):
     from typer.testing import CliRunner
 

@@ -44,9 +44,9 @@ def test_models_lists_the_registry():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["extract", "--model", "wavlm-bass-plus"], "fusionpipe models"),
+    pytest.param(["extract", "--model", "wavlm-bass-plus"], "fusionpipe models", marks=pytest.mark.slow),
     (["extract", "--model", "toy-wavlm", "--manifest", "missing.tsv"], "missing.tsv does not exist"),
-    (["train", "--stores", "nowhere.zarr"], "not a fusionpipe feature store"),
+    pytest.param(["train", "--stores", "nowhere.zarr"], "not a fusionpipe feature store", marks=pytest.mark.slow),
 ])
 def test_user_errors_exit_1_with_a_message_and_no_traceback(args, message, tmp_path):
     p = subprocess.run([sys.executable, "-m", "fusionpipe", *args], cwd=tmp_path, capture_output=True, text=True)
@@ -62,6 +62,7 @@ def test_cache_option_takes_an_fsspec_url(speech_manifest):
     assert FeatureStore.open("memory://cli/speech/toy-wavlm.zarr").is_complete()
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_manifest_rows_of_one_extraction(speech_manifest, tmp_path, monkeypatch):
     from fusionpipe.manifest import Manifest, write_manifest
 

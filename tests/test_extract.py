@@ -34,6 +34,7 @@ def _plain_forward(upstream, wave):
         return torch.stack([*out.hidden_states[:-1], out.last_hidden_state], 2)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["toy-wavlm", "toy-hubert", "toy-whisper"])
 def test_cached_features_equal_single_utterance_forward(model, speech_manifest, tmp_path):
     """Batching, padding and the store never change an utterance's features (group norm, layer norm, Whisper)."""
@@ -70,6 +71,7 @@ def test_second_extract_is_a_noop_that_says_so(speech_manifest, tmp_path):
     assert again.already_complete and "already complete" in again.summary()
 
 
+@pytest.mark.slow
 def test_store_of_another_fingerprint_is_refused_unless_overwrite(speech_manifest, tmp_path):
     r = extract(speech_manifest, "toy-wavlm", tmp_path, progress=False, device="cpu")
     with pytest.raises(FusionpipeError, match="dtype.*--overwrite"):
@@ -174,7 +176,8 @@ def _nan(root):
 
 @pytest.mark.parametrize("make_bad,message", [
     (_missing, "does not exist"), (_corrupt, "cannot read"), (_empty, "empty|shorter than one frame"),
-    (_too_short, "shorter than one frame"), (_wrong_rate, "manifest says"), (_nan, "NaN"),
+    pytest.param(_too_short, "shorter than one frame", marks=pytest.mark.slow),
+    pytest.param(_wrong_rate, "manifest says", marks=pytest.mark.slow), (_nan, "NaN"),
 ])
 def test_bad_row_is_an_error_naming_it_or_a_recorded_skip(make_bad, message, speech_manifest, tmp_path):
     m = _one_bad(tmp_path, speech_manifest, make_bad)
@@ -203,6 +206,7 @@ def test_unknown_model_alias_is_a_clear_error(speech_manifest, tmp_path):
         extract(speech_manifest, "wavlm-bass-plus", tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_verify_reports_a_corrupted_chunk(speech_manifest, tmp_path):
     r = extract(speech_manifest, "toy-wavlm", tmp_path, progress=False, device="cpu", chunk_frames=32)
     assert check_store(FeatureStore.open(r.url)) == []
@@ -222,6 +226,7 @@ def test_an_all_zero_chunk_still_counts_as_done_after_reopening(tmp_path):
     assert FeatureStore.open(tmp_path / "z.zarr").is_complete()
 
 
+@pytest.mark.slow
 def test_stores_live_at_any_fsspec_url(speech_manifest):
     """memory:// stands for s3://, gs://...: same layout, resume and fingerprint rules through fsspec."""
     from fusionpipe.fuse.loader import make_loader

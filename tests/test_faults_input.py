@@ -120,6 +120,7 @@ def test_c_manifest_folder_refuses_files_that_share_an_id_before_writing(tmp_pat
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_c_manifest_folder_through_the_cli_exits_1_and_writes_nothing(tmp_path):
     for name in ("a b.flac", "a_b.flac", "c.wav"):
         _wav(tmp_path / "corpus" / name)

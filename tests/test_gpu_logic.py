@@ -255,7 +255,8 @@ def test_resuming_with_fewer_gpus_or_from_a_cpu_run_keeps_every_variant_its_own_
 
 # ---- the training step: no host syncs ---------------------------------------------------------------------
 @pytest.mark.parametrize("fusion, task", [("hconv", "classify"), ("weighted-sum", "classify"),
-                                          ("gumbel", "classify"), ("hconv", "asr"), ("single-layer", "multilingual")])
+                                          ("gumbel", "classify"), pytest.param("hconv", "asr", marks=pytest.mark.slow),
+                                          ("single-layer", "multilingual")])
 def test_a_training_step_on_a_device_waits_for_nothing(host_syncs, monkeypatch, fusion, task):
     """Crop, SpecAugment, the interface, the head, the loss, backward, clipping and the optimizer, on `meta`.
     torch's ctc_loss has no meta kernel: a stand-in of its shape checks that it gets the lengths on the host,
@@ -305,6 +306,7 @@ def test_the_device_is_resolved_through_the_seam(fake_cuda):
         resolve_device("cuda")
 
 
+@pytest.mark.slow
 def test_the_losses_are_read_back_together_not_every_step(pitch_stores, train_config, logged_losses, tmp_path,
                                                           monkeypatch):
     """The trainer's one host sync: READ_LOSSES_EVERY steps' losses at once (and at evaluations and the end);

@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
+from fusionpipe.cli import app
 from fusionpipe.train.heads import ClassifierHead
-from fusionpipe.train.interfaces import (INTERFACES, GumbelSelect, HConv, Interface, LastLayer, SingleLayer,
-                                   WeightedSum)
+from fusionpipe.train.interfaces import (INTERFACES, REGISTRY, GumbelSelect, HConv, Interface, LastLayer, SingleLayer,
+                                         WeightedSum, interface_option_problems)
 
 OPTS = {"single-layer": {"layer": 2}}
 
@@ -180,8 +182,25 @@ def test_padded_frames_do_not_change_valid_frames_and_come_out_zero(stacks, inte
 
 
 def test_unknown_interface_is_a_value_error_naming_the_valid_ones():
-    with pytest.raises(ValueError, match="hconv, weighted-sum, gumbel, last-layer, single-layer"):
+    with pytest.raises(ValueError, match=", ".join(INTERFACES)):
         Interface([8], 5, fusion="attention", merge="add")
+
+
+def test_the_train_help_names_every_interface():
+    """cli.py lists them itself (importing this module would cost every command torch's start-up)."""
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    assert [name for name in INTERFACES if name not in out] == []
+
+
+def test_an_option_is_checked_by_the_rule_in_the_table():
+    assert interface_option_problems("hconv", {"stride": 1})[0][0] == "stride"  # stride 1 never shrinks the layers
+    assert interface_option_problems("hconv", {"stride": 2}) == []
+    assert interface_option_problems("gumbel", {"project": True})[0][0] == "project"  # no merge front to project
+
+
+def test_a_required_option_left_out_is_named_with_the_interface_help():
+    assert interface_option_problems("single-layer", {}) == [
+        ("layer", f"interface single-layer needs the option layer ({REGISTRY['single-layer'].help})")]
 
 
 def test_unknown_merge_is_a_value_error():
@@ -200,6 +219,7 @@ def test_a_stack_of_the_wrong_shape_is_a_value_error(stacks):
         fusion([stacks[0], torch.randn(2, 4, 6, 8)], torch.tensor([6, 6]))
 
 
+@pytest.mark.slow
 def test_fusion_hconv_and_classifier_learn_to_separate_two_classes():
     torch.manual_seed(0)
 

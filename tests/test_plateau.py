@@ -61,6 +61,7 @@ def test_reference_hconv_on_outlier_channels_is_stuck_and_the_detector_says_so(o
     assert "--lr" in err and "standardize=true" in err and "output_norm=true" in err
 
 
+@pytest.mark.slow
 def test_default_hconv_on_the_same_features_learns_and_the_detector_stays_quiet(outlier_store, tmp_path, capsys):
     res = train(ctc_run(outlier_store, tmp_path / "default", 120), progress=False)["hconv-add"]
     assert res["dev"]["cer"] < 0.5 and res["dev"]["blank"] == 0.0
@@ -108,6 +109,7 @@ def test_standardize_and_output_norm_take_only_true_or_false(option, value):
         Interface([8], 5, fusion="hconv", **{option: value})
 
 
+@pytest.mark.slow
 def test_analyze_leaves_out_variants_that_ended_stuck_and_names_them(outlier_store, tmp_path):
     from typer.testing import CliRunner
 

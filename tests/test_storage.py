@@ -190,6 +190,7 @@ def test_kill_9_then_rerun_of_a_lossy_extraction_is_byte_identical(long_manifest
     assert describe(ref)["measured_error"] == describe(resumed)["measured_error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec", LOSSY)
 def test_verify_catches_a_flipped_bit_in_a_lossy_chunk(tmp_path, codec):
     s = lossy_store(tmp_path / "s.zarr", activations(), codec)

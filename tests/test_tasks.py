@@ -6,9 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from fusionpipe.train.tasks import (TASKS, CharVocab, accuracy, build_task, cer, cer_per_language, eer,
-                              greedy_ctc_decode, macro_f1, read_trials, task_from_dict, wer)
+from fusionpipe.cli import app
+from fusionpipe.train.tasks import (METRICS, TASKS, CharVocab, accuracy, build_task, cer, cer_per_language, eer,
+                                    greedy_ctc_decode, head_option_names, head_option_problems, is_metric,
+                                    lower_is_better, macro_f1, primary_metric, task_from_dict, wer)
+from fusionpipe.trials import format_trial, parse_trial, read_trials
 
 SMALL_SIZES = {
     "asr": {"proj": 8, "hidden": 8},
@@ -93,8 +97,14 @@ def test_eer_needs_both_kinds_of_trial():
 
 
 def test_unknown_task_is_a_value_error_naming_the_tasks():
-    with pytest.raises(ValueError, match="asr, classify, verify, multilingual"):
+    with pytest.raises(ValueError, match=", ".join(TASKS)):
         build_task("diarize", {})
+
+
+def test_the_train_help_names_every_task():
+    """cli.py lists them itself (importing the tasks would cost every command torch's start-up)."""
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    assert [name for name in TASKS if name not in out] == []
 
 
 def test_a_missing_manifest_column_is_named():
@@ -165,8 +175,51 @@ def test_verify_metrics_score_the_trials_by_cosine():
 
 
 def test_read_trials_takes_voxceleb_label_enroll_test_lines(tmp_path):
-    (tmp_path / "trials.txt").write_text("1 id1/a.wav id1/b.wav\n0 id1/a.wav id2/c.wav\n")
+    (tmp_path / "trials.txt").write_text("1 id1/a.wav id1/b.wav\n\n0 id1/a.wav id2/c.wav\n")
     assert read_trials(tmp_path / "trials.txt") == [("id1/a.wav", "id1/b.wav", 1), ("id1/a.wav", "id2/c.wav", 0)]
+
+
+def test_a_trial_line_reads_back_as_the_trial_it_was_written_from():
+    assert parse_trial(format_trial(("id1-a", "id2-b", 0))) == ("id1-a", "id2-b", 0)
+
+
+@pytest.mark.parametrize("line", ["2 a b", "1 a", "1 a b c", "yes a b"])
+def test_a_malformed_trial_line_is_named_with_its_file_and_line(tmp_path, line):
+    (tmp_path / "trials.txt").write_text(f"1 a b\n{line}\n")
+    with pytest.raises(ValueError, match=r"trials.txt:2: expected 'label enroll_id test_id'"):
+        read_trials(tmp_path / "trials.txt")
+
+
+TRAIN = {"text": ["AB BA", "B"], "label": ["x", "y"], "speaker": ["s1", "s2"], "language": ["eng", "deu"]}
+EVAL = {**TRAIN, "id": ["a", "b"]}
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_a_task_reports_the_metrics_it_declares_the_primary_first(name, feats):
+    """The tables the settings checks and the report read (METRICS, primary_metric, is_metric) are the
+    task's own declaration, and its metrics() reports each of them."""
+    x, lengths = feats
+    task = build_task(name, TRAIN, trials=[("a", "b", 0), ("a", "a", 1)])
+    head = task.build_head(6, **SMALL_SIZES[name])
+    reported = task.metrics(task.predict(head, x, lengths), EVAL)
+    assert set(METRICS[name]) <= set(reported) and primary_metric(name) == METRICS[name][0]
+    assert all(is_metric(name, m) for m in METRICS[name]) and not is_metric(name, "nope")
+
+
+def test_only_accuracy_and_f1_are_better_higher():
+    assert [m for m in ("wer", "cer", "cer/eng", "eer", "accuracy", "macro_f1") if not lower_is_better(m)] == \
+        ["accuracy", "macro_f1"]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_the_head_options_of_a_task_are_what_its_head_takes(name):
+    """Every option the settings checks let through builds (a name the head did not take would pass the
+    checks and fail later, after the data is read); any other name is refused up front."""
+    task = build_task(name, TRAIN)
+    for option in head_option_names(name):
+        value = 0.25 if option in ("dropout", "s", "m") else SMALL_SIZES[name].get(option, 2)
+        task.build_head(6, **{**SMALL_SIZES[name], option: value})
+    assert head_option_problems(name, {"nope": 2})[0][0] == "nope"
 
 
 @pytest.mark.parametrize("name", TASKS)

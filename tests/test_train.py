@@ -86,6 +86,7 @@ def test_a_checkpoint_of_the_interface_under_its_old_name_fusion_still_evaluates
     assert interface_params(RunDir(run), "hconv-concat") == params > 0
 
 
+@pytest.mark.slow
 def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path, train_config, logged_losses):
     kw = dict(steps=8, eval_every=4, specaugment=True, crop_seconds=[0.3, 0.5])  # random draws of every kind
     together = train(train_config(pitch_stores, tmp_path / "all", fusion=["hconv", "gumbel"], merge=["add", "concat"],
@@ -101,6 +102,7 @@ def test_variants_in_one_pass_equal_separate_runs(pitch_stores, tmp_path, train_
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_seeds_in_one_pass_equal_separate_runs_per_seed(pitch_stores, tmp_path, train_config, logged_losses):
     kw = dict(steps=6, eval_every=3, fusion=["gumbel"], merge=["add"], specaugment=True)  # init and draws differ
     together = train(train_config(pitch_stores, tmp_path / "all", seeds=[0, 1], **kw), progress=False)
@@ -178,6 +180,7 @@ def test_evaluate_a_finished_run_on_other_stores(pitch_stores, tmp_path, train_c
     assert metrics["hconv-concat"]["accuracy"] == best["accuracy"]
 
 
+@pytest.mark.slow
 def test_select_picks_the_best_checkpoint_by_the_named_metric(pitch_stores, tmp_path, train_config):
     train(train_config(pitch_stores, tmp_path / "run", steps=30, eval_every=5, select="macro_f1"), progress=False)
     with open(tmp_path / "run" / "hconv-concat" / "log.csv") as f:
@@ -204,6 +207,7 @@ def pitch_whole(pitch_stores, tmp_path_factory):
     return {"stores": stores, **{k: str(v.source) for k, v in split.items()}}
 
 
+@pytest.mark.slow
 def test_training_on_manifest_rows_of_a_larger_store_equals_training_on_their_own_stores(
         pitch_stores, pitch_whole, tmp_path, train_config, logged_losses):
     kw = dict(steps=12, eval_every=4, specaugment=True, fusion=["hconv", "weighted-sum"], merge=["add"])

@@ -16,7 +16,7 @@ Layout: the wav tree of the official zips, ``<speaker id>/<YouTube video id>/<NN
   other speaker is in ``voxceleb1-dev`` (1,211 speakers: SUPERB trains on it).
 - The official trial lines ``1 id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav``
   become ``1 id10270-x6uYqmx31kE-00001 id10270-8jEAjG6SegY-00008`` (label enroll test), the
-  format `fusionpipe.train.tasks.read_trials` reads.
+  format of `fusionpipe.trials`, which the verify task reads.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import soundfile as sf
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.manifest import Manifest, Utterance, read_text
+from fusionpipe.trials import Trial, format_trial, parse_trial
 
 OFFICIAL_TEST_SPEAKERS = {f"id{n}" for n in range(10270, 10310)}
 
@@ -42,8 +43,8 @@ def _wav_roots(root: Path) -> list[Path]:
     return [c for c in candidates if c.is_dir() and any(p.is_dir() and p.name.startswith("id") for p in c.iterdir())]
 
 
-def read_official_trials(path: str | Path) -> list[tuple[int, str, str]]:
-    """(label, enroll path, test path) of an official VoxCeleb trial list."""
+def read_official_trials(path: str | Path) -> list[Trial]:
+    """(enroll path, test path, label) of an official VoxCeleb trial list: our line format, over paths."""
     path = Path(path)
     if not path.is_file():
         raise FusionpipeError(f"trial list {path} does not exist (VoxCeleb1-O cleaned: veri_test2.txt)")
@@ -51,11 +52,10 @@ def read_official_trials(path: str | Path) -> list[tuple[int, str, str]]:
     for n, line in enumerate(read_text(path, "trial list").splitlines(), 1):
         if not line.strip():
             continue
-        parts = line.split()
-        if len(parts) != 3 or parts[0] not in ("0", "1"):
+        if (trial := parse_trial(line)) is None:
             raise FusionpipeError(f"{path}:{n}: expected '<0|1> idXXXXX/video/NNNNN.wav idYYYYY/video/NNNNN.wav', "
                                   f"got {line!r}")
-        out.append((int(parts[0]), parts[1], parts[2]))
+        out.append(trial)
     return out
 
 
@@ -70,7 +70,7 @@ def import_voxceleb(root: str | Path, trials: str | Path | None = None) -> dict[
                               "is this the unpacked VoxCeleb1 wav tree?")
     test_speakers = OFFICIAL_TEST_SPEAKERS
     if trials is not None:
-        test_speakers = {p.split("/")[0] for _, a, b in read_official_trials(trials) for p in (a, b)}
+        test_speakers = {p.split("/")[0] for a, b, _ in read_official_trials(trials) for p in (a, b)}
     rows: dict[str, list[Utterance]] = {"dev": [], "test": []}
     seen: dict[str, Path] = {}
     for wav_root in roots:
@@ -96,14 +96,14 @@ def write_trials(official: str | Path, out: str | Path, test: Manifest | None = 
     """Convert an official trial list to ours; with ``test``, check every utterance is in it."""
     known = {u.id for u in test} if test is not None else None
     lines = []
-    for n, (label, a, b) in enumerate(read_official_trials(official), 1):
+    for n, (a, b, label) in enumerate(read_official_trials(official), 1):
         ids = utterance_id(a), utterance_id(b)
         if known is not None:
             missing = [u for u in ids if u not in known]
             if missing:
                 raise FusionpipeError(f"{official}:{n}: {', '.join(missing)} not in manifest {test.name}; "
                                       "is the VoxCeleb1 test wav tree complete?")
-        lines.append(f"{label} {ids[0]} {ids[1]}")
+        lines.append(format_trial((*ids, label)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

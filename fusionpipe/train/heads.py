@@ -14,7 +14,8 @@ utterance-level one. Padding never leaks into valid outputs: masked
 pooling, a BiLSTM whose backward direction reads each sequence reversed within its length
 (`BiLSTM`, no packing), key padding masks, convolutions that only count fully valid windows.
 ``min_frames`` is the shortest input a head accepts; shorter ones raise ValueError, so a data
-loader can filter or crop first. Every size is an argument, so tests can shrink the heads.
+loader can filter or crop first. Every size is an argument, so tests can shrink the heads; what each
+may be is `option_rule`'s, checked before a head is built (`--head-option`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ from torch import nn
 
 from fusionpipe import cuda
 from fusionpipe.train.interfaces import frame_mask
+from fusionpipe.train.options import Rule, real, whole
+
+# what a head's keyword argument may be (options.py): a size, a whole number >= 1, unless named here; a stack
+# deeper than 256 layers is a typo (and would take minutes to build before it failed)
+_RULES = {"dropout": real(0, 1), "s": real(0, open_low=True), "m": real(0), "layers": whole(1, 256)}
+_SIZE = whole(1)
+
+
+def option_rule(name: str) -> Rule:
+    """The rule of the head keyword ``name`` (every head spells a size the same way, so one table serves all)."""
+    return _RULES.get(name, _SIZE)
 
 
 class HeadOutput(NamedTuple):

@@ -13,13 +13,16 @@ frames of each utterance. Every interface works frame by frame, so padded frames
 change valid ones; `Interface` returns zeros at padded frames.
 
 `Interface` = merge front (the paper's add / concat, trained) + ONE interface over the layer
-axis, chosen by name (``fusion``: one of `INTERFACES`) (`HConv`, `WeightedSum`, `LastLayer`, `SingleLayer`), or the GumD baseline
-(`GumbelSelect`), which does its own merging. Choices the paper leaves open are written
+axis, chosen by name (``fusion``: a key of `REGISTRY`, the one table of the interfaces, their options and
+help) (`HConv`, `WeightedSum`, `LastLayer`, `SingleLayer`), or the GumD baseline (`GumbelSelect`), which
+does its own merging. Choices the paper leaves open are written
 where they are made: add with unequal hidden sizes (`Merge`), HConv with fewer layers than
 the stride (`HConv`), the Gumbel details (`GumbelSelect`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,7 @@ from torch import nn
 
 from fusionpipe import cuda
 from fusionpipe.fuse.view import MERGES
-from fusionpipe.train.options import BOOL, real, value_problem, whole
+from fusionpipe.train.options import BOOL, Rule, real, value_problem, whole
 
 INTERFACES = ("hconv", "weighted-sum", "gumbel", "last-layer", "single-layer")
 
@@ -284,41 +287,62 @@ class GumbelSelect(nn.Module):
         return self.projection(merged)
 
 
-# options every interface takes
-COMMON_OPTIONS = {"standardize", "output_norm"}
-_OPTIONS = {
-    "hconv": {"kernel_size", "stride", "normalize"},
-    "weighted-sum": {"normalize"},
-    "gumbel": {"normalize", "tau_start", "tau_end"},
-    "last-layer": set(),
-    "single-layer": {"layer"},
+class InterfaceSpec(NamedTuple):
+    """A row of `REGISTRY`: what ``--fusion NAME`` builds, the options it takes besides `COMMON_OPTIONS`
+    (each with its rule, options.py), and what it is in a few words (errors name it). cli.py names the
+    interfaces itself, as importing this module would cost every command torch's start-up; a test holds
+    its list to this table."""
+
+    module: type[nn.Module]  # built as module(num_layers, D, **options), GumbelSelect as (dims, num_layers, merge, ...)
+    options: dict[str, Rule]
+    help: str
+    front: bool = True  # behind a merge front (`Merge`, which takes ``project``); GumbelSelect merges itself
+    required: tuple[str, ...] = ()
+
+
+# options every interface takes (docs/method.md)
+COMMON_OPTIONS = {"standardize": BOOL, "output_norm": BOOL}
+FRONT_OPTIONS = {"project": BOOL}
+REGISTRY: dict[str, InterfaceSpec] = {
+    # stride 1 would never shrink the layers (an endless loop)
+    "hconv": InterfaceSpec(HConv, {"kernel_size": whole(1, 64), "stride": whole(2, 64), "normalize": BOOL},
+                           "hierarchical convolution over the layers (the paper)"),
+    "weighted-sum": InterfaceSpec(WeightedSum, {"normalize": BOOL}, "softmax-weighted sum of the layers (SUPERB)"),
+    "gumbel": InterfaceSpec(GumbelSelect, {"normalize": BOOL, "tau_start": real(0, open_low=True),
+                                           "tau_end": real(0, open_low=True)},
+                            "per-dimension Gumbel-softmax choice of upstream (the GumD baseline)", front=False),
+    "last-layer": InterfaceSpec(LastLayer, {}, "the last layer"),
+    "single-layer": InterfaceSpec(SingleLayer, {"layer": whole(None, 4096)}, "one fixed layer, layer=k (-1: the last)",
+                                  required=("layer",)),
 }
+INTERFACES = tuple(REGISTRY)
+
+
+def interface_option_rules(fusion: str) -> dict[str, Rule]:
+    """The options (interface_options keys) the interface named ``fusion`` takes, with their rules."""
+    spec = REGISTRY[fusion]
+    return {**spec.options, **COMMON_OPTIONS, **(FRONT_OPTIONS if spec.front else {})}
 
 
 def interface_option_names(fusion: str) -> set[str]:
     """The options (interface_options keys) the interface named ``fusion`` takes."""
-    return _OPTIONS[fusion] | COMMON_OPTIONS | (set() if fusion == "gumbel" else {"project"})
-
-
-# what each option's value may be (options.py); stride 1 would never shrink the layers (an endless loop)
-_OPTION_VALUES = {"kernel_size": whole(1, 64), "stride": whole(2, 64), "normalize": BOOL, "project": BOOL,
-                  "tau_start": real(0, open_low=True), "tau_end": real(0, open_low=True), "layer": whole(None, 4096),
-                  "standardize": BOOL, "output_norm": BOOL}
+    return set(interface_option_rules(fusion))
 
 
 def interface_option_problems(fusion: str, options: dict) -> list[tuple[str, str]]:
     """(option, what is wrong) for every option the interface ``fusion`` cannot take: an unknown name, a
-    value outside its rule, single-layer without its ``layer``. Empty when all are fine. Whether ``layer``
-    lies inside the stores' layers is known only once they are open (`SingleLayer`)."""
-    allowed = interface_option_names(fusion)
+    value outside its rule, a required option missing (single-layer's ``layer``). Empty when all are fine.
+    Whether ``layer`` lies inside the stores' layers is known only once they are open (`SingleLayer`)."""
+    rules = interface_option_rules(fusion)
     out = []
     for name, value in options.items():
-        if name not in allowed:
-            out.append((name, f"unknown to interface {fusion}, which takes {', '.join(sorted(allowed)) or 'none'}"))
-        elif (why := value_problem(_OPTION_VALUES[name], value)) is not None:
+        if name not in rules:
+            out.append((name, f"unknown to interface {fusion}, which takes {', '.join(sorted(rules)) or 'none'}"))
+        elif (why := value_problem(rules[name], value)) is not None:
             out.append((name, f"{why} (interface {fusion})"))
-    if fusion == "single-layer" and "layer" not in options:
-        out.append(("layer", "interface single-layer needs layer=k (which layer to use; -1: the last)"))
+    for name in REGISTRY[fusion].required:
+        if name not in options:
+            out.append((name, f"interface {fusion} needs the option {name} ({REGISTRY[fusion].help})"))
     return out
 
 
@@ -326,12 +350,10 @@ class Interface(nn.Module):
     """Merge front + ONE interface: N stacks (B, L, T, D_i) + lengths (B,) -> (B, T, out_dim).
 
     ``dims``: hidden size D_i of each upstream, in the order of the stacks; ``num_layers``:
-    the common L after alignment; ``fusion``: which interface, one of `INTERFACES`; ``merge``:
-    "add" or "concat" (`Merge`). Options: ``project`` (concat projection, default True; not for
-    gumbel), ``normalize`` (hconv, weighted-sum, gumbel), ``kernel_size`` and ``stride``
-    (hconv), ``layer`` (single-layer, required), ``tau_start`` and ``tau_end`` (gumbel); every
-    interface: ``standardize`` and ``output_norm`` (both default True; docs/method.md).
-    Call `set_progress` every step; it only matters for gumbel.
+    the common L after alignment; ``fusion``: which interface, a key of `REGISTRY`; ``merge``:
+    "add" or "concat" (`Merge`). ``opts``: the options `REGISTRY` lists for ``fusion``; the front's
+    ``project`` defaults to True, and so do every interface's ``standardize`` and ``output_norm``
+    (docs/method.md). Call `set_progress` every step; it only matters for gumbel.
     """
 
     def __init__(self, dims: list[int], num_layers: int, fusion: str = "hconv", merge: str = "add", **opts):
@@ -349,14 +371,13 @@ class Interface(nn.Module):
         self.register_buffer("output_norm_on", torch.tensor(self.output_norm))  # saved with the model
         self.standardize = Standardize(self.dims, num_layers) if opts.pop("standardize", True) else None
         # the modules keep their names (front, interface): they are the keys of saved checkpoints
-        if fusion == "gumbel":
-            self.front = None
-            self.interface = GumbelSelect(self.dims, num_layers, merge, **opts)
-        else:
+        spec = REGISTRY[fusion]
+        if spec.front:
             self.front = Merge(self.dims, merge, project=opts.pop("project", True))
-            cls = {"hconv": HConv, "weighted-sum": WeightedSum, "last-layer": LastLayer,
-                   "single-layer": SingleLayer}[fusion]
-            self.interface = cls(num_layers, self.front.out_dim, **opts)
+            self.interface = spec.module(num_layers, self.front.out_dim, **opts)
+        else:
+            self.front = None
+            self.interface = spec.module(self.dims, num_layers, merge, **opts)
         self.out_dim = self.interface.out_dim
 
     def _load_from_state_dict(self, state_dict, prefix, *args):

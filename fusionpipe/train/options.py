@@ -1,5 +1,5 @@
-"""What a value of an interface or head option may be: the rules the option registries (interfaces.py
-`_OPTIONS`, tasks.py `HEADS`) attach to each option, checked before any data is read, from the command
+"""What a value of an interface or head option may be: the rules the option tables (interfaces.py
+`REGISTRY`, heads.py `option_rule`) attach to each option, checked before any data is read, from the command
 line, a config.json and a recipe alike (`TrainConfig.check_settings`, ablate/recipe.py).
 
     >>> value_problem(whole(1), -4)
@@ -14,7 +14,7 @@ import math
 from typing import NamedTuple
 
 # No layer of an interface or head is this wide; a larger value is a typo, and would be an allocator
-# traceback once built (the parameter count is checked against memory when a head is built, `tasks.check_head`).
+# traceback once built (the parameter count is checked against memory when a head is built, `tasks.base.check_head`).
 MAX_SIZE = 2**20
 
 

@@ -1,0 +1,101 @@
+"""What the CTC tasks (asr, multilingual) share: the character vocabulary, the loss, greedy decoding."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fusionpipe import cuda
+
+BLANK = "<blank>"
+SEPARATOR = "|"  # stands for the space between words
+
+
+@dataclass
+class CharVocab:
+    """Character vocabulary for CTC: ``tokens[0]`` is the blank, "|" the word separator.
+
+        >>> vocab = CharVocab.from_texts(["HELLO WORLD", "IT'S"])
+        >>> vocab.tokens[:4]
+        ['<blank>', "'", 'D', 'E']
+        >>> vocab.decode(vocab.encode("HELLO  IT'S"))
+        "HELLO IT'S"
+
+    Texts are used as they are (no case folding); runs of whitespace count as one space.
+    """
+
+    tokens: list[str]
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> CharVocab:
+        chars: set[str] = set()
+        for i, text in enumerate(texts):
+            if SEPARATOR in text:
+                raise ValueError(f"text {i} ({text[:40]!r}) contains {SEPARATOR!r}, the word separator")
+            chars.update(" ".join(text.split()).replace(" ", SEPARATOR))
+        return cls([BLANK] + sorted(chars))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str, unknown: str = "error") -> list[int]:
+        """Text -> ids (no blank). ``unknown``: "error" (ValueError) or "skip" for characters
+        missing from the vocabulary."""
+        index = {t: i for i, t in enumerate(self.tokens)}
+        ids = []
+        for ch in " ".join(text.split()).replace(" ", SEPARATOR):
+            if ch in index:
+                ids.append(index[ch])
+            elif unknown == "error":
+                raise ValueError(f"character {ch!r} of {text[:40]!r} is not in the vocabulary "
+                                 "(built from the training texts); use unknown='skip' to drop it")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; blanks are dropped, repeats are NOT collapsed (see greedy_ctc_decode)."""
+        text = "".join(self.tokens[i] for i in ids if i != 0).replace(SEPARATOR, " ")
+        return " ".join(text.split())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.tokens, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CharVocab:
+        tokens = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not tokens or tokens[0] != BLANK:
+            raise ValueError(f"{path}: not a vocabulary (a JSON list starting with {BLANK!r})")
+        return cls(tokens)
+
+
+def greedy_ctc_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocab: CharVocab) -> list[str]:
+    """(B, T, V) log-probs + (B,) valid lengths -> B texts: best token per frame, repeats
+    collapsed, blanks dropped."""
+    best = log_probs.argmax(-1).cpu()
+    return [vocab.decode(torch.unique_consecutive(best[b, : int(n)]).tolist())
+            for b, n in enumerate(lengths.cpu())]
+
+
+def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str],
+             vocab: CharVocab, reduction: str = "mean") -> torch.Tensor:
+    """CTC (blank 0, mean over the batch of per-utterance loss / target length, as s3prl;
+    ``reduction="none"``: those (B,) per-utterance terms, as torch's "mean" computes them).
+    Characters missing from the vocabulary are skipped: they cannot be predicted anyway.
+    zero_infinity: an utterance with more targets than frames gives 0, not inf."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"ctc_loss: reduction {reduction!r}; use 'mean' or 'none'")
+    ids = [vocab.encode(t, unknown="skip") for t in texts]
+    targets = cuda.upload(torch.tensor([i for seq in ids for i in seq], dtype=torch.long), log_probs.device)
+    target_lengths = torch.tensor([len(seq) for seq in ids], dtype=torch.long)
+    # both lengths as given (the trainer's are on the host): torch's CUDA ctc_loss reads them on the host, and
+    # would copy lengths on the device back, waiting for it; its "mean" (the division below, then the mean)
+    # would copy the target lengths up with a wait, hence reduction="none" here. Justified, not removable here:
+    # the CUDA kernel itself still copies lengths and offsets up with waits of its own (at::tensor and .cuda()
+    # in LossCTC.cu), a few syncs per CTC forward and backward that only torch can remove.
+    losses = F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=0, zero_infinity=True,
+                        reduction="none") / cuda.upload(target_lengths.clamp(min=1), log_probs.device)
+    return losses.mean() if reduction == "mean" else losses
