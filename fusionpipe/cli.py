@@ -142,8 +142,10 @@ def extract(
     if processes is not None and (cluster is not None or scheduler is not None):
         raise FusionpipeError("--processes is for one machine's extraction; a cluster's workers decode and write "
                               "in threads (drop --processes, or --cluster/--scheduler)")
+    from fusionpipe.extract import stage
+
+    stage.check_settings(dtype=dtype, codec=codec, max_seconds=max_seconds, processes=processes)
     if cluster is None and scheduler is None:
-        from fusionpipe.extract import stage
         from fusionpipe.extract.upstreams import load_upstream
 
         for name in models:

@@ -224,3 +224,48 @@ def test_a_full_disk_or_an_unwritable_out_in_a_run_is_named(pitch_stores, tmp_pa
     code, err = _fp(args + ["--out", str(tmp_path / "run")], capsys)
     assert code == 1 and "config.json: the disk is full" in err and "--resume" in err
     assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+# ---- flags and targets that turn on the user's own files -----------------------------------------------
+def test_fuse_write_onto_one_of_its_own_input_stores_is_refused_and_the_store_survives(
+        make_tsv, make_store, random_data, tmp_path, capsys):
+    from fusionpipe.store import FeatureStore
+
+    ids = ["a", "b", "c"]
+    m = make_tsv(tmp_path / "m.tsv", ids)
+    data = random_data(ids, [7, 5, 3], 2, 4, seed=0)
+    a = make_store(tmp_path / "a.zarr", data, m, name="up-a")
+    make_store(tmp_path / "b.zarr", random_data(ids, [7, 5, 3], 2, 4, seed=1), m, name="up-b")
+    before = a.read("a")
+    for target in (tmp_path / "a.zarr", tmp_path / "sub" / ".." / "a.zarr", tmp_path, tmp_path / "a.zarr" / "in"):
+        code, err = _fp(["fuse", "--stores", f"{tmp_path / 'a.zarr'},{tmp_path / 'b.zarr'}", "--merge", "concat",
+                         "--write", str(target), "--overwrite"], capsys)
+        assert code == 1 and "--write" in err and "one of the --stores" in err and "Traceback" not in err, err
+    np.testing.assert_array_equal(FeatureStore.open(tmp_path / "a.zarr").read("a"), before)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float64"])
+def test_extract_an_unsupported_dtype_is_refused_before_the_upstream_loads(dtype, speech_manifest, tmp_path,
+                                                                          monkeypatch, capsys):
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("the upstream was loaded before --dtype was checked")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_load)
+    code, err = _fp(["extract", "--model", "toy-wavlm", "--manifest", str(speech_manifest.source), "--cache",
+                     str(tmp_path / "cache"), "--dtype", dtype], capsys)
+    assert code == 1 and "--dtype" in err and "float16" in err and "Traceback" not in err, err
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.zarr"))
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--cluster", "local", "--workers", "0"], "--workers"),
+    (["--scheduler", "notaurl"], "--scheduler"),
+    (["--scheduler", "tcp://host:notaport"], "--scheduler"),
+])
+def test_extract_cluster_flags_that_cannot_work_are_refused_up_front(flags, words, speech_manifest, tmp_path,
+                                                                       capsys):
+    code, err = _fp(["extract", "--model", "toy-wavlm", "--manifest", str(speech_manifest.source), "--cache",
+                     str(tmp_path / "cache"), *flags], capsys)
+    assert code == 1 and words in err and "Traceback" not in err, err

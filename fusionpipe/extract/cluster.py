@@ -39,8 +39,8 @@ from fusionpipe.codecs import DEFAULT_CODEC
 from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
-from fusionpipe.extract.stage import (ExtractionPlan, Result, extract_batches, needed, open_store, progress_bar,
-                                     store_url)
+from fusionpipe.extract.stage import (ExtractionPlan, Result, check_settings, extract_batches, needed, open_store,
+                                     progress_bar, store_url)
 from fusionpipe.extract.upstreams import Upstream, load_upstream
 from fusionpipe.manifest import Manifest
 from fusionpipe.store import FeatureStore
@@ -92,6 +92,7 @@ def extract_on_cluster(manifest: Manifest, model: str, client, cache: str = "cac
     manifest's audio and the cache must be reachable from every worker (a shared filesystem or an
     object store). `threads`: torch CPU threads per worker (None: leave the worker's setting).
     """
+    check_settings(dtype=dtype, codec=codec, max_seconds=max_seconds)
     # planning needs the frame arithmetic and the fingerprint, not the accelerator
     upstream = load_upstream(model, device="cpu")
     url = url or store_url(cache, manifest.name, upstream.name)
@@ -259,6 +260,18 @@ def _upstream(model: str, device: str) -> Upstream:
 
 
 # ---- the cluster -----------------------------------------------------------------------------------
+def check_scheduler(address: str) -> None:
+    """Refuse a --scheduler that is not a Dask address (protocol://host:port) before trying to reach it."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        _, location = parse_address(address)
+        parse_host_port(location)
+    except ValueError as e:
+        raise FusionpipeError(f"--scheduler {address!r} is not a Dask scheduler address ({e}); give "
+                              "tcp://HOST:PORT, as `dask scheduler` prints it") from None
+
+
 @contextmanager
 def connect(cluster: str | None = None, workers: int | None = None, scheduler: str | None = None):
     """A dask.distributed Client: on a LocalCluster of `workers` processes, or on the scheduler at `scheduler`.
@@ -269,6 +282,7 @@ def connect(cluster: str | None = None, workers: int | None = None, scheduler: s
     if (cluster is None) == (scheduler is None):
         raise FusionpipeError("give exactly one of --cluster local (with --workers N) or --scheduler tcp://HOST:PORT")
     if scheduler is not None:
+        check_scheduler(scheduler)
         try:
             client = Client(scheduler, timeout="30s")
         except OSError as e:
@@ -280,10 +294,11 @@ def connect(cluster: str | None = None, workers: int | None = None, scheduler: s
     if cluster != "local":
         raise FusionpipeError(f"--cluster {cluster!r}: only 'local' is built in; for other clusters start a Dask "
                               "scheduler and workers and pass --scheduler")
+    if workers is not None and workers < 1:
+        raise FusionpipeError(f"--workers {workers}: give at least 1 worker process, or leave it out for one per GPU "
+                              "(or 1 on a CPU)")
     gpus = cuda.device_count()
     workers = workers or gpus or 1
-    if workers < 1:
-        raise FusionpipeError(f"--workers must be at least 1, got {workers}")
     # CPU: the cores shared out, one unit at a time. GPU: two units in flight per worker, so one
     # unit's decoding and writing overlap the other's forward passes (Upstream.forward is serialised)
     threads = None if gpus else max(1, usable_cores() // workers)

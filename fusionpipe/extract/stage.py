@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 from fusionpipe import audio
 from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
-from fusionpipe.codecs import DEFAULT_CODEC, expected_bytes
+from fusionpipe.codecs import CODECS, DEFAULT_CODEC, RECOMMENDED_LOSSY, expected_bytes
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import FINGERPRINT, FeatureStore, Layout, StoreInfo, store_order
+from fusionpipe.store import DTYPES, FINGERPRINT, FeatureStore, Layout, StoreInfo, store_order
 from fusionpipe.store_lock import lock
 from fusionpipe.extract import pipeline
 from fusionpipe.extract.cast import cast, unstorable
@@ -186,16 +186,31 @@ def extract(manifest: Manifest, model: str | Upstream, cache: str | Path = "cach
     threads of this process; None: pipeline.default_processes (0 on a CPU). A memory:// store lives in
     this process only, so it always takes the one-process path.
     """
+    check_settings(dtype=dtype, codec=codec, max_seconds=max_seconds, processes=processes)
     upstream = model if isinstance(model, Upstream) else load_upstream(model, device=device)
     url = url or store_url(cache, manifest.name, upstream.name)
     if processes is None or url.startswith("memory://"):
         processes = 0 if url.startswith("memory://") else default_processes(upstream.device.type)
-    if processes < 0:
-        raise FusionpipeError(f"--processes {processes}: give 0 (decode and write in threads of this process) or "
-                              "a number of helper processes")
     with lock(url, wait):
         return _extract(manifest, upstream, url, progress, processes, dtype=dtype, codec=codec,
                         max_seconds=max_seconds, skip_bad=skip_bad, overwrite=overwrite, chunk_frames=chunk_frames)
+
+
+def check_settings(*, dtype: str = DTYPE, codec: str = DEFAULT_CODEC, max_seconds: float = MAX_SECONDS,
+                   processes: int | None = None) -> None:
+    """Refuse extraction settings that cannot work, naming the flag, before an upstream loads (minutes for
+    a large checkpoint) or a cluster starts."""
+    if dtype not in DTYPES:
+        raise FusionpipeError(f"--dtype {dtype!r}: the stores hold {' or '.join(DTYPES)} (float16 halves the cache "
+                              f"and is the default; codecs such as {RECOMMENDED_LOSSY} store fewer bits)")
+    if codec not in CODECS:
+        raise FusionpipeError(f"--codec {codec!r} is not known; choose one of {', '.join(CODECS)}")
+    if not (isinstance(max_seconds, (int, float)) and math.isfinite(max_seconds) and max_seconds > 0):
+        raise FusionpipeError(f"--max-seconds {max_seconds}: give the padded audio seconds per batch, a positive "
+                              f"number (default {MAX_SECONDS:g})")
+    if processes is not None and processes < 0:
+        raise FusionpipeError(f"--processes {processes}: give 0 (decode and write in threads of this process) or "
+                              "a number of helper processes")
 
 
 def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, processes: int,
