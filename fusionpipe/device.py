@@ -56,3 +56,22 @@ def cgroup_cpus(root: Path) -> int | None:
         return max(1, math.ceil(int(quota) / int(period)))
     except (ValueError, ZeroDivisionError):
         return None
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device``: the GPU's free memory, or the host's available memory (Linux
+    MemAvailable, lowered to a container's cgroup memory limit less its usage). None when it cannot be told."""
+    if device.type == "cuda":
+        return cuda.free_memory(device)
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        limit, used = ((CGROUP / name).read_text().strip() for name in ("memory.max", "memory.current"))
+        if limit != "max":
+            free = min(free, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return free

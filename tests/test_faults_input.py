@@ -269,3 +269,64 @@ def test_extract_cluster_flags_that_cannot_work_are_refused_up_front(flags, word
     code, err = _fp(["extract", "--model", "toy-wavlm", "--manifest", str(speech_manifest.source), "--cache",
                      str(tmp_path / "cache"), *flags], capsys)
     assert code == 1 and words in err and "Traceback" not in err, err
+
+
+def test_a_two_hour_recording_is_refused_before_extraction_naming_the_row_and_the_fix(tmp_path, capsys):
+    """Nothing checked an utterance against memory: a 2-hour file reached the allocator midway (a traceback).
+    Its lower-bound estimate (eager attention over 360k frames) exceeds any machine's memory."""
+    root = tmp_path / "audio"
+    root.mkdir()
+    _wav(root / "short.wav")
+    silence = np.zeros(16000 * 60, np.int16)
+    with sf.SoundFile(root / "long.flac", "w", 16000, 1, subtype="PCM_16") as f:
+        for _ in range(120):
+            f.write(silence)
+    m = tmp_path / "m.tsv"
+    m.write_text(f"# root: {root}\n" + HEADER + "short\tshort.wav\t1600\t16000\tA\n"
+                 f"long\tlong.flac\t{16000 * 7200}\t16000\tB\n")
+    args = ["extract", "--model", "toy-wavlm", "--manifest", str(m), "--cache", str(tmp_path / "cache"),
+            "--device", "cpu"]
+    code, err = _fp(args, capsys)
+    assert code == 1 and "m.tsv" in err and "long" in err and "7,200 s of audio" in err and "GiB" in err, err
+    assert "cut the recording" in err and "--skip-bad" in err and "Traceback" not in err
+    assert not list((tmp_path / "cache").rglob("c/*"))  # no chunk written: refused before extraction
+    code, err = _fp(args + ["--skip-bad"], capsys)  # recorded as skipped, the rest extracted
+    assert code == 0, err
+    from fusionpipe.store import FeatureStore
+
+    store = FeatureStore.open(next((tmp_path / "cache").rglob("*.zarr")))
+    assert store.ids == ["short"] or "long" in store.skipped
+
+
+def test_the_memory_estimate_is_a_lower_bound_that_grows_with_the_recording():
+    from fusionpipe.extract.upstreams import load_upstream
+
+    for name in ("toy-wavlm", "toy-whisper"):
+        up = load_upstream(name, device="cpu")
+        second, minute = up.peak_bytes(16000), up.peak_bytes(16000 * 60)
+        assert 0 < second <= minute
+        (h,) = up.forward([np.zeros(16000 * 4, np.float32)])
+        assert up.peak_bytes(16000 * 4) >= h.numel() * h.element_size()  # at least the output it returns
+
+
+def test_running_out_of_memory_in_the_upstream_is_an_error_naming_the_batch_and_the_fix(monkeypatch):
+    """What the estimate does not foresee (an sdpa model's long file, a crowded GPU) still ends in a clear error."""
+    from fusionpipe.extract.upstreams import load_upstream
+
+    up = load_upstream("toy-hubert", device="cpu")
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 94000000000 bytes")
+
+    monkeypatch.setattr(up, "_run_ssl", no_memory)
+    with pytest.raises(FusionpipeError, match=r"ran out of memory on cpu .* 2 utterance\(s\), the longest 1 s.*"
+                                              r"--max-seconds"):
+        up.forward([np.zeros(16000, np.float32), np.zeros(8000, np.float32)])
+
+    def other(*a, **k):
+        raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(up, "_run_ssl", other)
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors are not dressed up as memory
+        up.forward([np.zeros(16000, np.float32)])

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from fusionpipe import audio
 from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
 from fusionpipe.codecs import CODECS, DEFAULT_CODEC, RECOMMENDED_LOSSY, expected_bytes
+from fusionpipe.device import free_bytes
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
 from fusionpipe.store import DTYPES, FINGERPRINT, FeatureStore, Layout, StoreInfo, store_order
@@ -72,15 +73,13 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
     good, frames, skipped = [], [], {}
     with ThreadPoolExecutor(IO_THREADS) as pool:  # header reads are I/O bound
         errors = list(pool.map(lambda r: _header_error(manifest, r), range(len(manifest))))
+    free = free_bytes(upstream.device)
     for row, err in enumerate(errors):
         n = 0
         if err is None:
-            n = upstream.num_frames(audio.target_num_samples(manifest[row]))
-            if n == 0:
-                err = audio.BadAudio(
-                    f"{manifest.where(row)}: {manifest[row].num_samples} samples is shorter than one frame "
-                    f"of {upstream.name}; remove the row"
-                )
+            samples = audio.target_num_samples(manifest[row])
+            n = upstream.num_frames(samples)
+            err = _length_error(manifest, row, upstream, samples, n, free)
         if err is not None:
             if not skip_bad:
                 raise FusionpipeError(f"{err} (or pass --skip-bad to record it and go on)")
@@ -107,6 +106,23 @@ def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: b
     if current:
         batches.append(current)
     return ExtractionPlan(rows, layout, batches, skipped)
+
+
+def _length_error(manifest: Manifest, row: int, upstream: Upstream, samples: int, frames: int,
+                  free: int | None) -> Exception | None:
+    """A row too short for one frame of the upstream, or too long to run through it in the memory there is
+    (a 2-hour recording): refused here, before extraction, not by the allocator midway."""
+    if frames == 0:
+        return audio.BadAudio(f"{manifest.where(row)}: {manifest[row].num_samples} samples is shorter than one "
+                              f"frame of {upstream.name}; remove the row")
+    need = upstream.peak_bytes(samples)
+    if free is not None and need > free:
+        return audio.BadAudio(
+            f"{manifest.where(row)}: {samples / audio.SAMPLE_RATE:,.0f} s of audio needs at least "
+            f"{need / 2**30:,.1f} GiB to run through {upstream.name} in one piece, more than the "
+            f"{free / 2**30:,.1f} GiB free on {upstream.device.type}; cut the recording into parts of a few "
+            "minutes (e.g. `sox IN OUT trim 0 300 : newfile : restart`) and list them as rows")
+    return None
 
 
 def _header_error(manifest: Manifest, row: int) -> Exception | None:

@@ -85,6 +85,27 @@ class Upstream:
         """Frames forward() returns for num_samples 16 kHz samples (0 when too short for the convs)."""
         return self.front_end.num_frames(num_samples)
 
+    def peak_bytes(self, num_samples: int) -> int:
+        """A lower bound on the memory one utterance of ``num_samples`` (16 kHz) takes to run alone: the first
+        conv layer's output and its norm (SSL), every hidden state and its stacked copy, and one layer's
+        attention scores and weights where the model materialises them (eager attention; Whisper's per window).
+
+        Only to refuse, before extraction starts, what cannot fit (a 2-hour recording), never to size batches:
+        the real peak is higher (`extract --max-seconds` sizes batches)."""
+        config, size = self.model.config, 2 if self.dtype == torch.float16 else 4
+        eager = getattr(config, "_attn_implementation", "eager") == "eager"
+        if self.family == "whisper":
+            windows = -(-num_samples // self.front_end.window_samples)
+            frames = self.num_frames(self.front_end.window_samples)
+            heads, conv = config.encoder_attention_heads, 0
+        else:
+            windows, frames = 1, self.num_frames(num_samples)
+            heads = config.num_attention_heads
+            conv = 2 * (num_samples // config.conv_stride[0]) * config.conv_dim[0] * size
+        hidden = 2 * frames * self.num_layers * self.hidden_size * size
+        attention = 2 * heads * frames * frames * size if eager else 0
+        return conv + windows * (hidden + attention)
+
     def forward(self, waves: list[np.ndarray], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """waves: mono 16 kHz 1-D float arrays of any lengths -> [(T_i, L, D)] on self.device.
 
@@ -103,9 +124,18 @@ class Upstream:
         if not inputs.owners:
             return [self._empty(dtype) for _ in inputs.frames]
         # one call at a time: batch independence swaps modules in for the call (cluster workers run 2 units)
-        with self._lock, torch.inference_mode(), \
-                torch.autocast(self.device.type, dtype=torch.float16, enabled=dtype == torch.float16):
-            return self._run_whisper(inputs, dtype) if self.family == "whisper" else self._run_ssl(inputs, dtype)
+        try:
+            with self._lock, torch.inference_mode(), \
+                    torch.autocast(self.device.type, dtype=torch.float16, enabled=dtype == torch.float16):
+                return self._run_whisper(inputs, dtype) if self.family == "whisper" else self._run_ssl(inputs, dtype)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+                raise
+            seconds = max(inputs.lengths) / SAMPLE_RATE if self.family != "whisper" else self.window_seconds
+            raise FusionpipeError(
+                f"{self.name} ran out of memory on {self.device.type} with a batch of {len(inputs.owners)} "
+                f"utterance(s), the longest {seconds:,.0f} s ({str(e).splitlines()[0][:120]}); lower --max-seconds, "
+                "or cut long recordings into parts of a few minutes; a rerun resumes") from None
 
     def _hidden_states(self, out, dtype: torch.dtype) -> torch.Tensor:  # L x (B, T, D) -> (B, T, L, D)
         # transformers 5 records the last block's output BEFORE the final layer norm of stable-layer-norm models
