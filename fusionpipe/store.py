@@ -281,6 +281,12 @@ class FeatureStore:
     def name(self) -> str:
         return Path(self.url.rstrip("/")).stem
 
+    @property
+    def upstream_name(self) -> str:
+        """The upstream the store holds, as reports and fused names spell it: its recorded name, else the
+        store's own (a store made by hand records none)."""
+        return self.info.upstream or self.name
+
     def __str__(self) -> str:
         return redact(self.url)
 

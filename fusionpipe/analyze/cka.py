@@ -112,7 +112,7 @@ def layer_similarity(stores: list, frames: int = FRAMES, seed: int = 0, estimato
 
 
 def _names(view: FusedView) -> list[str]:
-    names = [s.info.upstream or s.name for s in view.stores]
+    names = [s.upstream_name for s in view.stores]
     return [f"{n}#{k}" if names.count(n) > 1 else n for k, n in enumerate(names)]
 
 

@@ -64,7 +64,7 @@ def layer_use(run: str | Path, stores: list[str] | None = None, manifest: str | 
     if stuck and set(names) <= set(stuck):
         raise FusionpipeError(f"{run.path}: every variant ended on the CTC blank plateau ({', '.join(stuck)}); there "
                               "is no layer use to read. docs/method.md says what helps; train again")
-    upstream_names = [FeatureStore.open(s).info.upstream or Path(s).stem for s in cfg.stores]
+    upstream_names = [FeatureStore.open(s).upstream_name for s in cfg.stores]
     merged = upstream_set_name(upstream_names)
     if stores is None:
         stores, manifest = cfg.dev_stores, cfg.dev_manifest if manifest is None else manifest

@@ -86,7 +86,7 @@ def fingerprint(view, dtype: str, codec: str) -> dict:
     sources = [{"store": str(s), "upstream": s.info.upstream_fingerprint, "dtype": s.info.dtype,
                 "codec": s.info.codec, "total_frames": s.total_frames} for s in view.stores]
     fusion = {"merge": view.merge, "align_time": view.align_time, "align_layers": view.align_layers}
-    names = upstream_set_name(s.info.upstream or s.name for s in view.stores)
+    names = upstream_set_name(s.upstream_name for s in view.stores)
     digest = hashlib.sha256(json.dumps([sources, fusion, view.ids], sort_keys=True).encode()).hexdigest()
     first = view.stores[0].attrs
     return {

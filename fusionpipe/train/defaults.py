@@ -56,7 +56,7 @@ def upstream_names(stores: list[str]) -> str:
     """The stores' upstreams joined with "+", in their order: wavlm-base-plus+whisper-small."""
     from fusionpipe.store import FeatureStore
 
-    return upstream_set_name(FeatureStore.open(s).info.upstream for s in stores)
+    return upstream_set_name(FeatureStore.open(s).upstream_name for s in stores)
 
 
 def complete(cfg: TrainConfig) -> TrainConfig:
