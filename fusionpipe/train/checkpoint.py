@@ -1,20 +1,14 @@
-"""Stage 3: checkpoints written whole or not at all, read without running code; last.pt of every variant."""
+"""Stage 3: checkpoints written whole or not at all, read without running code."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from fusionpipe.atomic import atomic_write
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.train import ddp
-
-if TYPE_CHECKING:
-    from fusionpipe.train.rundir import RunDir
-    from fusionpipe.train.variant import Variant
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -40,33 +34,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict):
         raise FusionpipeError(f"{path} holds a {type(ckpt).__name__}, not a fusionpipe checkpoint")
     return ckpt
-
-
-def save_checkpoints(variants: list[Variant], step: int, position: tuple[int, int], logs, run: RunDir) -> None:
-    """last.pt: every variant's state at ``step``, in one file (a kill leaves all of them at one step).
-    Every rank takes part (the RNG states are gathered); rank 0 writes, after the logs reach the disk."""
-    rngs = {v.name: ddp.gather((v.rng, v.cuda_rng)) for v in variants}
-    if not ddp.is_main():
-        return
-    for log in logs:
-        log.sync()
-    run.save_last({"step": step, "position": list(position),
-                   "variants": {v.name: v.state(rngs[v.name]) for v in variants}})
-
-
-def restore_checkpoints(variants: list[Variant], state: dict, path) -> tuple[int, tuple[int, int]]:
-    """Every variant's state from last.pt (at ``path``); returns (step, data position)."""
-    saved = state.get("variants") or {}
-    if sorted(saved) != sorted(v.name for v in variants):
-        raise FusionpipeError(f"{path} holds the variants {', '.join(sorted(saved)) or 'none'}, this run "
-                              f"{', '.join(v.name for v in variants)}; give the run's --fusion and --merge")
-    try:
-        for v in variants:
-            v.restore(saved[v.name])
-        step, position = int(state["step"]), tuple(int(x) for x in state["position"])
-        if step < 0 or len(position) != 2 or min(position) < 0:  # an edited file: nothing trains from there
-            raise ValueError(f"step {step}, data position {position}")
-        return step, position
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise FusionpipeError(f"{path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
-                              "train it again into another --out") from None

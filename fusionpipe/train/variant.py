@@ -1,4 +1,4 @@
-"""Stage 3's variant: one (fusion, merge, seed) of a run, its model, optimizer and random stream.
+"""Stage 3's variant: one (fusion, merge, seed) of a run, its model, optimizer and random stream; last.pt of them all.
 
 Shared by training (`fusionpipe.train.loop`) and by everything that scores a finished run
 (`fusionpipe.train.evaluation`, the analysis): a variant is built the same way for both, from its seed.
@@ -213,3 +213,33 @@ def check_frames(lengths: torch.Tensor, head, rows) -> None:
         raise FusionpipeError(f"{type(head).__name__} needs at least {head.min_frames} frames per utterance; "
                               f"{', '.join(short[:5])} have fewer: leave them out of the manifest (in training, "
                               "or give a longer --crop-seconds minimum)")
+
+
+def save_checkpoints(variants: list[Variant], step: int, position: tuple[int, int], logs, run: RunDir) -> None:
+    """last.pt: every variant's state at ``step``, in one file (a kill leaves all of them at one step).
+    Every rank takes part (the RNG states are gathered); rank 0 writes, after the logs reach the disk."""
+    rngs = {v.name: ddp.gather((v.rng, v.cuda_rng)) for v in variants}
+    if not ddp.is_main():
+        return
+    for log in logs:
+        log.sync()
+    run.save_last({"step": step, "position": list(position),
+                   "variants": {v.name: v.state(rngs[v.name]) for v in variants}})
+
+
+def restore_checkpoints(variants: list[Variant], state: dict, path) -> tuple[int, tuple[int, int]]:
+    """Every variant's state from last.pt (at ``path``); returns (step, data position)."""
+    saved = state.get("variants") or {}
+    if sorted(saved) != sorted(v.name for v in variants):
+        raise FusionpipeError(f"{path} holds the variants {', '.join(sorted(saved)) or 'none'}, this run "
+                              f"{', '.join(v.name for v in variants)}; give the run's --fusion and --merge")
+    try:
+        for v in variants:
+            v.restore(saved[v.name])
+        step, position = int(state["step"]), tuple(int(x) for x in state["position"])
+        if step < 0 or len(position) != 2 or min(position) < 0:  # an edited file: nothing trains from there
+            raise ValueError(f"step {step}, data position {position}")
+        return step, position
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise FusionpipeError(f"{path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
+                              "train it again into another --out") from None
