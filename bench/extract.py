@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusionpipe import audio  # noqa: E402
 from fusionpipe.extract import pipeline  # noqa: E402
-from fusionpipe.extract.stage import compute_dtype, extract, extract_batches, open_store, plan  # noqa: E402
+from fusionpipe.extract.batching import plan  # noqa: E402
+from fusionpipe.extract.stage import compute_dtype, extract, extract_batches, open_store  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests  # noqa: E402
 from fusionpipe.codecs import CODECS, checksum  # noqa: E402
 from fusionpipe.store import FeatureStore  # noqa: E402

@@ -366,7 +366,6 @@ def evaluate(
     With --stores and --manifest: on the manifest's rows of those stores (e.g. one fold's test set of a
     corpus extracted whole); with --stores alone: on all their utterances.
     """
-    from fusionpipe.atomic import write_json
     from fusionpipe.extract.stage import store_url
     from fusionpipe.manifest import bundled_manifests, read_manifest
     from fusionpipe.store import FeatureStore

@@ -15,7 +15,8 @@ from fusionpipe.cli import app
 from fusionpipe.extract.cluster import connect, extract_on_cluster, work_units
 from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.stage import extract, plan
+from fusionpipe.extract.batching import plan
+from fusionpipe.extract.stage import extract
 from fusionpipe.chunks import chunk_span
 from fusionpipe.store import FeatureStore
 from fusionpipe.integrity import check_store

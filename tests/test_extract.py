@@ -11,7 +11,8 @@ from transformers import AutoFeatureExtractor, AutoModel
 
 from fusionpipe.chunks import starts
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.extract.stage import extract, plan
+from fusionpipe.extract.batching import plan
+from fusionpipe.extract.stage import extract
 from fusionpipe.extract.upstreams import load_upstream
 from fusionpipe.integrity import check_store
 from fusionpipe.manifest import Manifest, Utterance, read_manifest, write_manifest

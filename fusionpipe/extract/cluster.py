@@ -39,8 +39,9 @@ from fusionpipe.codecs import DEFAULT_CODEC
 from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
-from fusionpipe.extract.stage import (ExtractionPlan, Result, check_settings, extract_batches, needed, open_store,
-                                     progress_bar, store_url)
+from fusionpipe.extract.batching import ExtractionPlan
+from fusionpipe.extract.stage import (Result, check_settings, extract_batches, needed, open_store, progress_bar,
+                                     store_url)
 from fusionpipe.extract.upstreams import Upstream, load_upstream
 from fusionpipe.manifest import Manifest
 from fusionpipe.store import FeatureStore

@@ -47,7 +47,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from multiprocessing.shared_memory import SharedMemory
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -56,14 +55,12 @@ from fusionpipe import audio, cuda, shm
 from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span, starts
 from fusionpipe.device import usable_cores
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.extract.batching import ExtractionPlan
 from fusionpipe.extract.cast import cast, unstorable
 from fusionpipe.extract.front_end import FrontEnd
 from fusionpipe.extract.upstreams import Upstream
 from fusionpipe.manifest import Manifest
 from fusionpipe.store import FeatureStore, list_ids
-
-if TYPE_CHECKING:  # stage imports this module
-    from fusionpipe.extract.stage import ExtractionPlan
 
 DEPTH = 2  # batches in flight at each end: the one being read (written) and the next
 MAX_PROCESSES = 16

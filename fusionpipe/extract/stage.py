@@ -31,18 +31,17 @@ from tqdm import tqdm
 from fusionpipe import audio
 from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
 from fusionpipe.codecs import CODECS, DEFAULT_CODEC, RECOMMENDED_LOSSY, expected_bytes
-from fusionpipe.device import free_bytes
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import DTYPES, FINGERPRINT, FeatureStore, Layout, StoreInfo, store_order
+from fusionpipe.store import DTYPES, FINGERPRINT, FeatureStore, Layout, StoreInfo
 from fusionpipe.store_lock import lock
 from fusionpipe.extract import pipeline
 from fusionpipe.extract.cast import cast, unstorable
-from fusionpipe.extract.defaults import DTYPE, MAX_SECONDS
+from fusionpipe.extract.batching import ExtractionPlan, plan
+from fusionpipe.extract.defaults import DTYPE, IO_THREADS, MAX_SECONDS
 from fusionpipe.extract.pipeline import default_processes
 from fusionpipe.extract.upstreams import Upstream, load_upstream
 
-IO_THREADS = min(8, max(2, os.cpu_count() or 2))     # audio decoding
 WRITE_THREADS = min(4, max(1, (os.cpu_count() or 2) // 2))  # chunk compression + writes
 PREFETCH = 2  # batches decoded ahead of the upstream
 
@@ -52,85 +51,6 @@ def store_url(cache: str | Path, manifest_name: str, model: str) -> str:
     p = Path(model)
     leaf = p.name if p.is_dir() else model.replace("/", "--")
     return f"{str(cache).rstrip('/')}/{manifest_name}/{leaf}.zarr"
-
-
-@dataclass
-class ExtractionPlan:
-    """Store order and batches of one (manifest, upstream) pair."""
-
-    rows: list[int]           # manifest rows in store order (longest first)
-    layout: Layout
-    batches: list[list[int]]  # positions in store order
-    skipped: dict[str, str]   # id -> reason, for rows left out before extraction
-
-
-def plan(manifest: Manifest, upstream: Upstream, max_seconds: float, skip_bad: bool = False) -> ExtractionPlan:
-    """Check every row's header, count its frames, sort longest first, cut batches under the budget.
-
-    The budget counts padded audio: a batch of b utterances costs b x (longest), Whisper
-    utterances cost whole windows (30 s for the real models).
-    """
-    good, frames, skipped = [], [], {}
-    with ThreadPoolExecutor(IO_THREADS) as pool:  # header reads are I/O bound
-        errors = list(pool.map(lambda r: _header_error(manifest, r), range(len(manifest))))
-    free = free_bytes(upstream.device)
-    for row, err in enumerate(errors):
-        n = 0
-        if err is None:
-            samples = audio.target_num_samples(manifest[row])
-            n = upstream.num_frames(samples)
-            err = _length_error(manifest, row, upstream, samples, n, free)
-        if err is not None:
-            if not skip_bad:
-                raise FusionpipeError(f"{err} (or pass --skip-bad to record it and go on)")
-            skipped[manifest[row].id] = str(err)
-            continue
-        good.append(row)
-        frames.append(n)
-    order = store_order([manifest[r].id for r in good], frames)
-    rows = [good[i] for i in order]
-    layout = Layout([manifest[r].id for r in rows], np.array([frames[i] for i in order], dtype=np.int64))
-
-    def cost(row: int) -> float:
-        seconds = audio.target_num_samples(manifest[row]) / audio.SAMPLE_RATE
-        window = upstream.window_seconds
-        return math.ceil(seconds / window) * window if window else seconds
-
-    batches, current = [], []
-    for pos, row in enumerate(rows):
-        longest = cost(rows[current[0]]) if current else cost(row)  # sorted: the first is the longest
-        if current and (len(current) + 1) * longest > max_seconds:
-            batches.append(current)
-            current = []
-        current.append(pos)
-    if current:
-        batches.append(current)
-    return ExtractionPlan(rows, layout, batches, skipped)
-
-
-def _length_error(manifest: Manifest, row: int, upstream: Upstream, samples: int, frames: int,
-                  free: int | None) -> Exception | None:
-    """A row too short for one frame of the upstream, or too long to run through it in the memory there is
-    (a 2-hour recording): refused here, before extraction, not by the allocator midway."""
-    if frames == 0:
-        return audio.BadAudio(f"{manifest.where(row)}: {manifest[row].num_samples} samples is shorter than one "
-                              f"frame of {upstream.name}; remove the row")
-    need = upstream.peak_bytes(samples)
-    if free is not None and need > free:
-        return audio.BadAudio(
-            f"{manifest.where(row)}: {samples / audio.SAMPLE_RATE:,.0f} s of audio needs at least "
-            f"{need / 2**30:,.1f} GiB to run through {upstream.name} in one piece, more than the "
-            f"{free / 2**30:,.1f} GiB free on {upstream.device.type}; cut the recording into parts of a few "
-            "minutes (e.g. `sox IN OUT trim 0 300 : newfile : restart`) and list them as rows")
-    return None
-
-
-def _header_error(manifest: Manifest, row: int) -> Exception | None:
-    try:
-        audio.check_header(manifest, row)
-    except audio.BadAudio as e:
-        return e
-    return None
 
 
 def compute_dtype(dtype: str, device_type: str) -> str:
