@@ -15,7 +15,7 @@ Paths, in order:
   compact                       a lossy store's batches cross as codes and expand on the device to the
                                 float32 loader's numbers; a run trains through them with finite losses
   syncs                         training steps under torch.cuda.set_sync_debug_mode: classify none, and
-                                the count CTC costs (inside torch's ctc_loss, tasks.py says why)
+                                the count CTC costs (inside torch's ctc_loss, train/tasks/ctc.py says why)
   resume                        a run stopped and resumed equals the straight run (to GPU rounding); a
                                 CPU checkpoint resumes on the GPU
   torchrun                      2 ranks with nccl (2 GPUs)
