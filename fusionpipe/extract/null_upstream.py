@@ -46,6 +46,10 @@ class NullUpstream(Upstream):
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.scale, self._lock, self._pool, self._next = scale, threading.Lock(), {}, 0
 
+    def peak_bytes(self, num_samples: int) -> int:
+        """No model runs: only the output it returns."""
+        return self.num_frames(num_samples) * self.num_layers * self.hidden_size * 4
+
     def run(self, inputs: Inputs, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         dtype = dtype or self.dtype
         need = max(inputs.frames, default=0) + self.SPREAD
