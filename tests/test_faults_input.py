@@ -271,6 +271,7 @@ def test_extract_cluster_flags_that_cannot_work_are_refused_up_front(flags, word
     assert code == 1 and words in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_a_two_hour_recording_is_refused_before_extraction_naming_the_row_and_the_fix(tmp_path, capsys):
     """Nothing checked an utterance against memory: a 2-hour file reached the allocator midway (a traceback).
     Its lower-bound estimate (eager attention over 360k frames) exceeds any machine's memory."""

@@ -315,6 +315,7 @@ def test_resume_of_a_run_with_per_variant_checkpoints_is_refused(pitch_stores, f
 
 
 # ---- a run directory is not tied to its path ---------------------------------------------------------
+@pytest.mark.slow
 def test_a_moved_run_directory_resumes_and_evaluates(pitch_stores, tmp_path, cfg):
     """`out` is where the run is, not a setting: a copied or moved run resumes (it was refused with
     out: 'runs/a' -> 'runs/b') and its loss curve continues as if it had never moved."""

@@ -48,6 +48,7 @@ def ctc_run(store, out, steps, **kw) -> TrainConfig:
                        steps=steps, eval_every=10, lr=1e-2, max_frames=600, head_options=TINY_CTC, device="cpu", **kw)
 
 
+@pytest.mark.slow
 def test_reference_hconv_on_outlier_channels_is_stuck_and_the_detector_says_so(outlier_store, tmp_path, capsys):
     res = train(ctc_run(outlier_store, tmp_path / "ref", 60,
                         interface_options={"standardize": False, "output_norm": False}),

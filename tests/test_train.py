@@ -20,6 +20,7 @@ def _last(run, variant):
     return torch.load(run / "last.pt", weights_only=True)["variants"][variant]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_accuracy_beats_chance(pitch_stores, tmp_path, train_config, logged_losses):
     results = train(train_config(pitch_stores, tmp_path / "run", steps=60), progress=False)
     res = results["hconv-concat"]
@@ -152,6 +153,7 @@ def test_random_crops_are_windows_of_each_utterance_within_the_bounds():
         crop_frames([8, 2], 50.0)
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_same_next_step_loss(pitch_stores, tmp_path, train_config, logged_losses):
     kw = dict(eval_every=3, specaugment=True, fusion=["weighted-sum"], merge=["add"])
     train(train_config(pitch_stores, tmp_path / "straight", steps=9, **kw), progress=False)
