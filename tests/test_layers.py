@@ -175,3 +175,23 @@ def test_only_main_imports_the_cli():
 def test_no_module_imports_another_modules_private_name():
     found = package_violations("private")
     assert not found, "private names used across modules; make them public or move them:\n" + "\n".join(found)
+
+
+# The run directory has one owner: its files are named in train/rundir.py and nowhere else in the package,
+# so that a reader elsewhere (the report, the analysis, the CLI) cannot bypass its legacy mapping or checks.
+RUN_FILES = {"task.json", "last.pt", "best.pt", "results.json", "test.json", "log.csv"}
+RUN_OWNER = PACKAGE / "train" / "rundir.py"
+
+
+def run_file_names(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, file name) of every string constant in the tree that names a run directory's file."""
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in RUN_FILES]
+
+
+def test_only_the_run_directory_module_names_a_run_directorys_files():
+    assert {name for _, name in run_file_names(ast.parse(RUN_OWNER.read_text()))} == RUN_FILES  # not vacuous
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}: names {name}"
+             for path in sorted(PACKAGE.rglob("*.py")) if path != RUN_OWNER
+             for line, name in run_file_names(ast.parse(path.read_text()))]
+    assert not found, "read and write run files through train/rundir.py (RunDir):\n" + "\n".join(found)
