@@ -99,7 +99,8 @@ def seeds_table(task: str, s: dict[str, str], seeds: list[int], steps: int, eval
     for fusion in fusions:
         names = [f"{fusion}-add@s{seed}" for seed in seeds]
         values = [test[n][metric] for n in names]
-        row = f"| {fusion} | {statistics.mean(values):.3f} +- {statistics.stdev(values):.3f} | " \
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")  # one seed has no spread
+        row = f"| {fusion} | {statistics.mean(values):.3f} +- {spread:.3f} | " \
               f"{', '.join(f'{v:.3f}' for v in values)} |"
         if task == "asr":
             left[fusion] = [next((st for st, cer in dev_curve(out, n, "cer") if cer < LEFT), None) for n in names]
