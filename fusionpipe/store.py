@@ -73,6 +73,14 @@ def index_hash(ids, lengths) -> str:
     return hashlib.sha256(json.dumps([[str(i) for i in ids], [int(n) for n in lengths]]).encode()).hexdigest()
 
 
+def local_path(url: str | Path) -> Path | None:
+    """The filesystem path of a local store URL (a plain path or file://); None for object and memory stores."""
+    url = str(url)
+    if "://" in url and not url.startswith("file://"):
+        return None
+    return Path(url.removeprefix("file://"))
+
+
 def need_backend(url: str) -> None:
     """Refuse a URL whose fsspec filesystem is not installed (s3:// without s3fs, http:// without aiohttp),
     naming the package, before zarr's double ImportError traceback."""

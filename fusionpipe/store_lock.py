@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fusionpipe.errors import FusionpipeError, redact
+from fusionpipe.store import local_path
 
 
 @contextmanager
@@ -24,10 +25,11 @@ def lock(url: str | Path, wait: bool = False):
     (s3://, ...) have no such lock: there, do not start two extractions of one store.
     """
     url = str(url)
-    if "://" in url and not url.startswith("file://"):
+    store = local_path(url)
+    if store is None:
         yield
         return
-    path = Path(url.removeprefix("file://").rstrip("/") + ".lock")
+    path = Path(f"{store}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

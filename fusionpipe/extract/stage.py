@@ -33,7 +33,7 @@ from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
 from fusionpipe.codecs import CODECS, DEFAULT_CODEC, RECOMMENDED_LOSSY, expected_bytes
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import DTYPES, FINGERPRINT, FeatureStore, Layout, StoreInfo
+from fusionpipe.store import DTYPES, FINGERPRINT, FeatureStore, Layout, StoreInfo, local_path
 from fusionpipe.store_lock import lock
 from fusionpipe.extract import pipeline
 from fusionpipe.extract.cast import cast, unstorable
@@ -178,9 +178,10 @@ def _extract(manifest: Manifest, upstream: Upstream, url: str, progress: bool, p
 def check_disk(url: str, need: float, codec: str) -> None:
     """Refuse, before the model runs, a local store whose chunks still to write (about ``need`` bytes, from
     the codec's measured ratio, `expected_bytes`) cannot fit on its filesystem. Object stores: not checked."""
-    if "://" in url and not url.startswith("file://"):
+    path = local_path(url)
+    if path is None:
         return
-    path = Path(url.removeprefix("file://")).absolute()
+    path = path.absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if need > free:

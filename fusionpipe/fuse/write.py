@@ -16,7 +16,7 @@ from fusionpipe.fuse import runs
 from fusionpipe.names import upstream_set_name
 from fusionpipe.chunks import ChunkAssembler
 from fusionpipe.codecs import DEFAULT_CODEC
-from fusionpipe.store import FeatureStore, Layout, store_order
+from fusionpipe.store import FeatureStore, Layout, local_path, store_order
 
 
 def write_view(view, url: str | Path, codec: str = DEFAULT_CODEC, dtype: str | None = None,
@@ -66,12 +66,8 @@ def _refuse_own_sources(view, url: str | Path) -> None:
 
 def _place(url: str | Path) -> str:
     """A store's location, comparable: a local path made absolute with its links and '..' resolved."""
-    url = str(url)
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    if "://" in url:
-        return url.rstrip("/")
-    return os.path.realpath(url)
+    path = local_path(url)
+    return str(url).rstrip("/") if path is None else os.path.realpath(path)
 
 
 def _flush(store: FeatureStore, c: int, chunk: np.ndarray, dtype: str, url) -> None:
