@@ -55,7 +55,7 @@ from zarr.core.sync import sync
 
 from fusionpipe import __version__
 from fusionpipe.chunks import CHUNK_BYTES, MAX_CHUNK_BYTES, chunk_span, default_chunk_frames, starts
-from fusionpipe.codecs import CODECS, DEFAULT_CODEC, LOSSY, compressors, serializer
+from fusionpipe.codecs import CODECS, DEFAULT_CODEC, LOSSY, RECOMMENDED_LOSSY, compressors, serializer
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest, read_manifest
 from fusionpipe.quantize import Codes, parse
@@ -71,6 +71,16 @@ FINGERPRINT = ("model_id", "revision", "num_layers", "hidden_size")
 def index_hash(ids, lengths) -> str:
     """sha256 of the index (ids and frame counts; offsets follow from them), fixed at creation."""
     return hashlib.sha256(json.dumps([[str(i) for i in ids], [int(n) for n in lengths]]).encode()).hexdigest()
+
+
+def check_format(dtype: str, codec: str) -> None:
+    """Refuse a storage dtype or codec no store can hold, naming the flag (`extract` and `fuse --write` take
+    both); `extract` calls it before its upstream loads, FeatureStore.create for every other writer."""
+    if dtype not in DTYPES:
+        raise FusionpipeError(f"--dtype {dtype!r}: the stores hold {' or '.join(DTYPES)} (float16 halves the cache "
+                              f"and is the default; codecs such as {RECOMMENDED_LOSSY} store fewer bits)")
+    if codec not in CODECS:
+        raise FusionpipeError(f"--codec {codec!r} is not known; choose one of {', '.join(CODECS)}")
 
 
 def local_path(url: str | Path) -> Path | None:
@@ -194,10 +204,7 @@ class FeatureStore:
     def create(cls, url: str | Path, layout: Layout, *, num_layers: int, hidden_size: int,
                dtype: str = "float16", codec: str = DEFAULT_CODEC, chunk_frames: int | None = None,
                attrs: dict | None = None, overwrite: bool = False) -> FeatureStore:
-        if dtype not in DTYPES:
-            raise FusionpipeError(f"dtype {dtype!r} is not supported; choose one of {DTYPES}")
-        if codec not in CODECS:
-            raise FusionpipeError(f"codec {codec!r} is not known; choose one of {sorted(CODECS)}")
+        check_format(dtype, codec)
         frame_bytes = num_layers * hidden_size * np.dtype(dtype).itemsize
         if chunk_frames is not None and (not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool)
                                          or not 1 <= chunk_frames <= MAX_CHUNK_BYTES // frame_bytes):

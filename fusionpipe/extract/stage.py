@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 from fusionpipe import audio
 from fusionpipe.chunks import ChunkAssembler, Edge, chunk_span
-from fusionpipe.codecs import CODECS, DEFAULT_CODEC, RECOMMENDED_LOSSY, expected_bytes
+from fusionpipe.codecs import DEFAULT_CODEC, expected_bytes
 from fusionpipe.errors import FusionpipeError, redact
 from fusionpipe.manifest import Manifest
-from fusionpipe.store import DTYPES, FINGERPRINT, FeatureStore, Layout, StoreInfo, local_path
+from fusionpipe.store import FINGERPRINT, FeatureStore, Layout, StoreInfo, check_format, local_path
 from fusionpipe.store_lock import lock
 from fusionpipe.extract import pipeline
 from fusionpipe.extract.cast import cast, unstorable
@@ -136,11 +136,7 @@ def check_settings(*, dtype: str = DTYPE, codec: str = DEFAULT_CODEC, max_second
                    processes: int | None = None) -> None:
     """Refuse extraction settings that cannot work, naming the flag, before an upstream loads (minutes for
     a large checkpoint) or a cluster starts."""
-    if dtype not in DTYPES:
-        raise FusionpipeError(f"--dtype {dtype!r}: the stores hold {' or '.join(DTYPES)} (float16 halves the cache "
-                              f"and is the default; codecs such as {RECOMMENDED_LOSSY} store fewer bits)")
-    if codec not in CODECS:
-        raise FusionpipeError(f"--codec {codec!r} is not known; choose one of {', '.join(CODECS)}")
+    check_format(dtype, codec)
     if not (isinstance(max_seconds, (int, float)) and math.isfinite(max_seconds) and max_seconds > 0):
         raise FusionpipeError(f"--max-seconds {max_seconds}: give the padded audio seconds per batch, a positive "
                               f"number (default {MAX_SECONDS:g})")
