@@ -50,7 +50,8 @@ from fusionpipe.manifest import bundled_manifests, read_manifest, write_manifest
 from fusionpipe.store import FeatureStore  # noqa: E402
 from fusionpipe.train.config import TrainConfig  # noqa: E402
 from fusionpipe.train.interfaces import Interface  # noqa: E402
-from fusionpipe.train.loop import Variant, VariantModel, train, train_step  # noqa: E402
+from fusionpipe.train.loop import Variant, train, train_step  # noqa: E402
+from fusionpipe.train.variant import VariantModel  # noqa: E402
 from fusionpipe.train.tasks import batch_targets, build_task  # noqa: E402
 from fusionpipe.integrity import check_store  # noqa: E402
 

@@ -46,7 +46,9 @@ from fusionpipe.manifest import bundled_manifests  # noqa: E402
 from fusionpipe.train.config import TrainConfig  # noqa: E402
 from fusionpipe.train.defaults import DEMO  # noqa: E402
 from fusionpipe.train.interfaces import Interface  # noqa: E402
-from fusionpipe.train.loop import STATISTICS_FRAMES, VariantModel, evaluate, train  # noqa: E402
+from fusionpipe.train.evaluation import evaluate  # noqa: E402
+from fusionpipe.train.loop import STATISTICS_FRAMES, train  # noqa: E402
+from fusionpipe.train.variant import VariantModel  # noqa: E402
 from fusionpipe.train.tasks import batch_targets, build_task  # noqa: E402
 
 LEFT = 0.9  # a seed has left the CTC blank plateau at its first dev evaluation with CER below this

@@ -188,7 +188,8 @@ def downstream(stores: dict[str, dict[str, FeatureStore]], seeds: list[int], ste
     """stores: representation -> {"demo-train": store, "demo-dev": ..., "demo-test": ...}."""
     from fusionpipe.train.config import TrainConfig, variant_name
     from fusionpipe.train.defaults import DEMO
-    from fusionpipe.train.loop import evaluate, train
+    from fusionpipe.train.evaluation import evaluate
+    from fusionpipe.train.loop import train
 
     fusions = ["hconv", "weighted-sum"]
     print(f"\n## Downstream: real Whisper-base features, seeds {seeds}, scored on demo-test\n", flush=True)

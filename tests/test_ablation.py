@@ -225,14 +225,15 @@ def tiny_recipe(tmp_path, make_manifest):
 def test_two_variant_recipe_runs_end_to_end_and_reruns_incrementally(tiny_recipe, tmp_path, monkeypatch):
     import matplotlib.image
 
+    from fusionpipe.train import evaluation
     from fusionpipe.train import loop as stage3
 
     recipe = load_recipe(tiny_recipe)
     calls = []
     real_train = stage3.train
     monkeypatch.setattr(stage3, "train", lambda cfg, **kw: calls.append(cfg) or real_train(cfg, **kw))
-    devices, real_evaluate = [], stage3.evaluate
-    monkeypatch.setattr(stage3, "evaluate", lambda *a, **kw: devices.append(kw["device"]) or real_evaluate(*a, **kw))
+    devices, real_evaluate = [], evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: devices.append(kw["device"]) or real_evaluate(*a, **kw))
     run_recipe(recipe, progress=False, echo=lambda s: None)
     assert len(calls) == 1 and sorted(calls[0].fusion) == ["hconv", "weighted-sum"]  # both variants, one pass
     assert devices == [calls[0].device]  # the test set is scored where the run trained
@@ -365,16 +366,16 @@ def _folds_recipe(tmp_path, corpus) -> Path:
 @pytest.mark.slow
 def test_folds_with_extract_from_extract_each_upstream_once_and_run_every_fold(tmp_path, monkeypatch, make_manifest):
     from fusionpipe.extract import stage as stage1
-    from fusionpipe.train import loop as stage3
+    from fusionpipe.train import evaluation
 
     recipe = load_recipe(_folds_recipe(tmp_path, _folds_corpus(tmp_path, make_manifest)))
     plan = plan_recipe(recipe)
     assert plan.problems == []
     assert [(e.manifest, e.upstream) for e in plan.extractions] == [("corpus", "toy-wavlm"), ("corpus", "toy-whisper")]
     extracted, evaluated = [], []
-    real_extract, real_evaluate = stage1.extract, stage3.evaluate
+    real_extract, real_evaluate = stage1.extract, evaluation.evaluate
     monkeypatch.setattr(stage1, "extract", lambda m, up, *a, **kw: extracted.append(m.name) or real_extract(m, up, *a, **kw))
-    monkeypatch.setattr(stage3, "evaluate", lambda *a, **kw: evaluated.append(kw["manifest"]) or real_evaluate(*a, **kw))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: evaluated.append(kw["manifest"]) or real_evaluate(*a, **kw))
     run_recipe(recipe, progress=False, echo=lambda s: None)
 
     assert extracted == ["corpus", "corpus"]  # one extraction per upstream, not one per fold and split

@@ -22,7 +22,8 @@ from fusionpipe.extract.pipeline import default_processes, pin, unpin
 from fusionpipe.fuse.align import align_into
 from fusionpipe.train.augment import random_crop
 from fusionpipe.train.interfaces import Interface
-from fusionpipe.train.loop import Variant, VariantModel, check_frames, resumed_device_rng, train_step
+from fusionpipe.train.loop import Variant, check_frames, train_step
+from fusionpipe.train.variant import VariantModel, resumed_device_rng
 from fusionpipe.train.tasks import build_task
 
 META = torch.device("meta")

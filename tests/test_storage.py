@@ -237,7 +237,7 @@ def test_training_on_codes_expanded_by_the_trainer_equals_training_on_the_loader
     """The GPU path end to end, on the CPU: with `expands_on` forced, the trainer and its dev evaluation get
     CompactStacks and expand them themselves; the losses and dev metrics are the float32 path's, exactly."""
     from fusionpipe.fuse import view
-    from fusionpipe.train import loop
+    from fusionpipe.train import evaluation, loop
 
     lossy = {split: [extract(FeatureStore.open(u).recorded_manifest(), model, tmp_path / "cache", device="cpu",
                              progress=False, codec="int8-std08").url
@@ -255,7 +255,7 @@ def test_training_on_codes_expanded_by_the_trainer_equals_training_on_the_loader
         assert logged_losses(tmp_path / "codes", variant) == logged_losses(tmp_path / "tensors", variant)
         dev = [json.loads((tmp_path / run / variant / "results.json").read_text())["dev"] for run in ("codes", "tensors")]
         assert untimed(dev[0]) == untimed(dev[1])
-    scores = [loop.evaluate(tmp_path / run, lossy["dev"]) for run in ("codes", "tensors")]
+    scores = [evaluation.evaluate(tmp_path / run, lossy["dev"]) for run in ("codes", "tensors")]
     assert {k: untimed(m) for k, m in scores[0].items()} == {k: untimed(m) for k, m in scores[1].items()}
 
 

@@ -390,15 +390,15 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, progress: bool = True,
             echo(result.summary())
         del loaded
 
-    from fusionpipe.train import loop as stage3
+    from fusionpipe.train import evaluation, loop
 
     for x in plan.runs:
         if x.status in ("train", "resume"):
             echo(f"train {x.label}: {len(x.variants)} variant(s) in one pass -> {x.out}")
-            stage3.train(stage3.TrainConfig(**x.config), resume=x.status == "resume", progress=progress)
+            loop.train(TrainConfig(**x.config), resume=x.status == "resume", progress=progress)
         if x.status != "done" and x.test_stores:
-            metrics = stage3.evaluate(x.out, x.test_stores, trials=x.test_trials, manifest=x.test_manifest,
-                                      device=stage3.TrainConfig(**x.config).device)  # the run's device, not auto
+            metrics = evaluation.evaluate(x.out, x.test_stores, trials=x.test_trials, manifest=x.test_manifest,
+                                          device=TrainConfig(**x.config).device)  # the run's device, not auto
             RunDir(x.out).write_test(metrics)
     paths = write_report(plan)
     echo("wrote " + ", ".join(str(p) for p in paths))

@@ -58,13 +58,12 @@ from fusionpipe.train import ddp
 from fusionpipe.train.augment import crop_frames, random_crop
 from fusionpipe.train.config import RESUMABLE, TrainConfig, config_changes, flag, trial_list
 from fusionpipe.train.defaults import complete
-from fusionpipe.train.evaluation import evaluate, evaluate_variants  # noqa: F401  (evaluate: ablate calls it here)
+from fusionpipe.train.evaluation import evaluate_variants
 from fusionpipe.train.log import Log
 from fusionpipe.train.rundir import RunDir
 from fusionpipe.train.tasks import batch_targets, build_task, lower_is_better, primary_metric
 from fusionpipe.train.variant import (Variant, build_variants, check_frames, expands_on, restore_checkpoints,
                                       save_checkpoints)
-from fusionpipe.train.variant import VariantModel, resumed_device_rng  # noqa: F401  (re-exported: bench/, tests)
 
 # Standardize's statistics come from this many training frames at most (about 1 h of audio at 50 Hz, drawn
 # from the whole corpus): plenty for a mean and a std per channel, and the cost stays flat in the corpus size
