@@ -28,7 +28,8 @@ from fusionpipe.extract.stage import extract  # noqa: E402
 from fusionpipe.train.interfaces import Interface  # noqa: E402
 from fusionpipe.manifest import Manifest, bundled_manifests, write_manifest, read_manifest  # noqa: E402
 from fusionpipe.train.tasks import batch_targets, build_task  # noqa: E402
-from fusionpipe.train.config import TrainConfig, variant_name  # noqa: E402
+from fusionpipe.train.config import TrainConfig  # noqa: E402
+from fusionpipe.train.rundir import variant_name  # noqa: E402
 from fusionpipe.train.loop import train  # noqa: E402
 from fusionpipe.train.variant import VariantModel  # noqa: E402
 from fusionpipe.extract.toys import make_local_model  # noqa: E402
