@@ -13,7 +13,6 @@ line (or pass ``root=``). A relative root is relative to the manifest file's dir
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -24,7 +23,13 @@ from fusionpipe.atomic import atomic_write
 from fusionpipe.errors import FusionpipeError
 
 REQUIRED = ("id", "path", "num_samples", "sample_rate")
-OPTIONAL = ("speaker", "text", "label", "language", "split")
+# the first five predate the rest: a row hashes them always and the later ones only when set (`content_hash`),
+# so adding a column never changes the hash of a manifest without it, nor invalidates its caches
+FIRST_OPTIONAL = ("speaker", "text", "label", "language", "split")
+# phonemes: the phone tokens said, separated by spaces (phoneme recognition; a lexicon's or espeak-ng's);
+# turns: who speaks when, "start,end,speaker" in seconds from the start of the audio, turns separated by
+# ";" (diarization; read from RTTM by the importers)
+OPTIONAL = FIRST_OPTIONAL + ("phonemes", "turns")
 COLUMNS = REQUIRED + OPTIONAL
 ROOT_PREFIX = "# root:"
 
@@ -46,6 +51,8 @@ class Utterance:
     label: str | None = None
     language: str | None = None
     split: str | None = None
+    phonemes: str | None = None
+    turns: str | None = None
 
     @property
     def duration(self) -> float:
@@ -119,7 +126,11 @@ def check_subset(part: Manifest, whole: dict[str, Utterance | None], whole_name:
 
 
 def _cells(u: Utterance) -> list[str]:
-    return ["" if v is None else str(v) for v in dataclasses.astuple(u)]
+    """The row as hashed: the required and first optional columns always, a later column as name=value
+    only when set."""
+    first = ["" if getattr(u, c) is None else str(getattr(u, c)) for c in REQUIRED + FIRST_OPTIONAL]
+    later = [f"{c}={getattr(u, c)}" for c in OPTIONAL[len(FIRST_OPTIONAL):] if getattr(u, c) is not None]
+    return first + later
 
 
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")

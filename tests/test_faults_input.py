@@ -3,7 +3,9 @@
 Each ends in a FusionpipeError that names the file (and the line or both rows) and the fix; through the CLI,
 "error: ..." and exit status 1, never a traceback."""
 
+import dataclasses
 import errno
+import hashlib
 import os
 import subprocess
 import sys
@@ -100,6 +102,16 @@ def test_b_a_utf8_bom_is_accepted_and_keeps_the_content_hash(tmp_path, root_line
     assert bom.root.name == ("audio" if root_line else "bom")
     # the store fingerprint records content_hash: a BOM (or CRLF) copy opens the same caches
     assert bom.content_hash() == plain.content_hash()
+
+
+def test_b_columns_added_later_leave_the_hash_of_a_manifest_without_them_as_it_was(tmp_path):
+    """The store fingerprint records content_hash: a new optional column must not invalidate old caches."""
+    row = Utterance("u1", "u1.wav", 1600, 16000, speaker="s", text="A B")
+    old = hashlib.sha256(("\t".join(["u1", "u1.wav", "1600", "16000", "s", "A B", "", "", ""]) + "\n").encode())
+    assert Manifest("m", tmp_path, [row]).content_hash() == old.hexdigest()
+    with_phones = Manifest("m", tmp_path, [dataclasses.replace(row, phonemes="EY1 B IY1")])
+    with_turns = Manifest("m", tmp_path, [dataclasses.replace(row, turns="0.0,0.1,s")])
+    assert len({with_phones.content_hash(), with_turns.content_hash(), old.hexdigest()}) == 3
 
 
 # ---- c. duplicate ids ------------------------------------------------------------------------------------------
