@@ -19,6 +19,7 @@ SMALL_SIZES = {
     "multilingual": {"proj": 20, "d_model": 16, "heads": 2, "ffn": 32, "layers": 1},
     "classify": {"proj": 8},
     "verify": {"embed_dim": 12, "proj": 10, "tdnn": 10, "last": 14},
+    "phoneme": {"proj": 8, "hidden": 8},
 }
 
 
@@ -190,7 +191,8 @@ def test_a_malformed_trial_line_is_named_with_its_file_and_line(tmp_path, line):
         read_trials(tmp_path / "trials.txt")
 
 
-TRAIN = {"text": ["AB BA", "B"], "label": ["x", "y"], "speaker": ["s1", "s2"], "language": ["eng", "deu"]}
+TRAIN = {"text": ["AB BA", "B"], "label": ["x", "y"], "speaker": ["s1", "s2"], "language": ["eng", "deu"],
+         "phonemes": ["AE1 B", "B IY1"]}
 EVAL = {**TRAIN, "id": ["a", "b"]}
 
 
@@ -224,6 +226,6 @@ def test_the_head_options_of_a_task_are_what_its_head_takes(name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_a_task_is_rebuilt_from_its_dict(name):
-    train = {"text": ["AB BA"], "label": ["x", "y"], "speaker": ["s1", "s2"]}
+    train = {"text": ["AB BA"], "label": ["x", "y"], "speaker": ["s1", "s2"], "phonemes": ["AE1 B"]}
     task = build_task(name, train)
     assert task_from_dict(json.loads(json.dumps(task.to_dict()))) == task

@@ -1,8 +1,9 @@
-"""What the CTC tasks (asr, multilingual) share: the character vocabulary, the loss, greedy decoding."""
+"""What the CTC tasks (asr, multilingual, phoneme) share: the token vocabulary, the loss, greedy decoding."""
 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,68 @@ SEPARATOR = "|"  # stands for the space between words
 
 
 @dataclass
-class CharVocab:
-    """Character vocabulary for CTC: ``tokens[0]`` is the blank, "|" the word separator.
+class TokenVocab(ABC):
+    """A CTC vocabulary: ``tokens[0]`` is the blank, the rest sorted. What a token is (a character, a
+    phone) is the subclass's `split` and `join`; everything else is shared."""
+
+    tokens: list[str]
+
+    @staticmethod
+    @abstractmethod
+    def split(text: str) -> list[str]:
+        """A text -> its tokens."""
+
+    @staticmethod
+    @abstractmethod
+    def join(tokens: Sequence[str]) -> str:
+        """Tokens -> the text they spell (split's inverse, whitespace normalised)."""
+
+    @classmethod
+    def check(cls, i: int, text: str) -> None:
+        """Refuse a training text the vocabulary cannot represent (ValueError naming text ``i``)."""
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]):
+        units: set[str] = set()
+        for i, text in enumerate(texts):
+            cls.check(i, text)
+            units.update(cls.split(text))
+        return cls([BLANK] + sorted(units))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str, unknown: str = "error") -> list[int]:
+        """Text -> ids (no blank). ``unknown``: "error" (ValueError) or "skip" for tokens
+        missing from the vocabulary."""
+        index = {t: i for i, t in enumerate(self.tokens)}
+        ids = []
+        for token in self.split(text):
+            if token in index:
+                ids.append(index[token])
+            elif unknown == "error":
+                raise ValueError(f"token {token!r} of {text[:40]!r} is not in the vocabulary "
+                                 "(built from the training texts); use unknown='skip' to drop it")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; blanks are dropped, repeats are NOT collapsed (see greedy_ctc_decode)."""
+        return self.join([self.tokens[i] for i in ids if i != 0])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.tokens, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path):
+        tokens = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not tokens or tokens[0] != BLANK:
+            raise ValueError(f"{path}: not a vocabulary (a JSON list starting with {BLANK!r})")
+        return cls(tokens)
+
+
+@dataclass
+class CharVocab(TokenVocab):
+    """Character vocabulary: every character a token, "|" the word separator.
 
         >>> vocab = CharVocab.from_texts(["HELLO WORLD", "IT'S"])
         >>> vocab.tokens[:4]
@@ -29,51 +90,48 @@ class CharVocab:
     Texts are used as they are (no case folding); runs of whitespace count as one space.
     """
 
-    tokens: list[str]
+    @staticmethod
+    def split(text: str) -> list[str]:
+        return list(" ".join(text.split()).replace(" ", SEPARATOR))
+
+    @staticmethod
+    def join(tokens: Sequence[str]) -> str:
+        return " ".join("".join(tokens).replace(SEPARATOR, " ").split())
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str]) -> CharVocab:
-        chars: set[str] = set()
-        for i, text in enumerate(texts):
-            if SEPARATOR in text:
-                raise ValueError(f"text {i} ({text[:40]!r}) contains {SEPARATOR!r}, the word separator")
-            chars.update(" ".join(text.split()).replace(" ", SEPARATOR))
-        return cls([BLANK] + sorted(chars))
+    def check(cls, i: int, text: str) -> None:
+        if SEPARATOR in text:
+            raise ValueError(f"text {i} ({text[:40]!r}) contains {SEPARATOR!r}, the word separator")
 
-    def __len__(self) -> int:
-        return len(self.tokens)
 
-    def encode(self, text: str, unknown: str = "error") -> list[int]:
-        """Text -> ids (no blank). ``unknown``: "error" (ValueError) or "skip" for characters
-        missing from the vocabulary."""
-        index = {t: i for i, t in enumerate(self.tokens)}
-        ids = []
-        for ch in " ".join(text.split()).replace(" ", SEPARATOR):
-            if ch in index:
-                ids.append(index[ch])
-            elif unknown == "error":
-                raise ValueError(f"character {ch!r} of {text[:40]!r} is not in the vocabulary "
-                                 "(built from the training texts); use unknown='skip' to drop it")
-        return ids
+@dataclass
+class PhoneVocab(TokenVocab):
+    """Phone vocabulary: the tokens of a phone string, separated by whitespace (the manifest's
+    ``phonemes`` column); no word separator, as SUPERB PR has none.
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Ids -> text; blanks are dropped, repeats are NOT collapsed (see greedy_ctc_decode)."""
-        text = "".join(self.tokens[i] for i in ids if i != 0).replace(SEPARATOR, " ")
-        return " ".join(text.split())
+        >>> vocab = PhoneVocab.from_texts(["HH AH0 L OW1", "W ER1 L D"])
+        >>> vocab.tokens[:4]
+        ['<blank>', 'AH0', 'D', 'ER1']
+        >>> vocab.decode(vocab.encode("L  OW1"))
+        'L OW1'
+    """
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.tokens, ensure_ascii=False), encoding="utf-8")
+    @staticmethod
+    def split(text: str) -> list[str]:
+        return text.split()
+
+    @staticmethod
+    def join(tokens: Sequence[str]) -> str:
+        return " ".join(tokens)
 
     @classmethod
-    def load(cls, path: str | Path) -> CharVocab:
-        tokens = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not tokens or tokens[0] != BLANK:
-            raise ValueError(f"{path}: not a vocabulary (a JSON list starting with {BLANK!r})")
-        return cls(tokens)
+    def check(cls, i: int, text: str) -> None:
+        if BLANK in text.split():
+            raise ValueError(f"phone string {i} ({text[:40]!r}) contains {BLANK!r}, the CTC blank")
 
 
-def greedy_ctc_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocab: CharVocab) -> list[str]:
-    """(B, T, V) log-probs + (B,) valid lengths -> B texts: best token per frame, repeats
+def greedy_ctc_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocab: TokenVocab) -> list[str]:
+    """(B, T, V) log-probs + (B,) valid lengths -> B texts (token strings): best token per frame, repeats
     collapsed, blanks dropped."""
     best = log_probs.argmax(-1).cpu()
     return [vocab.decode(torch.unique_consecutive(best[b, : int(n)]).tolist())
@@ -81,10 +139,10 @@ def greedy_ctc_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocab: Cha
 
 
 def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str],
-             vocab: CharVocab, reduction: str = "mean") -> torch.Tensor:
+             vocab: TokenVocab, reduction: str = "mean") -> torch.Tensor:
     """CTC (blank 0, mean over the batch of per-utterance loss / target length, as s3prl;
     ``reduction="none"``: those (B,) per-utterance terms, as torch's "mean" computes them).
-    Characters missing from the vocabulary are skipped: they cannot be predicted anyway.
+    Tokens missing from the vocabulary are skipped: they cannot be predicted anyway.
     zero_infinity: an utterance with more targets than frames gives 0, not inf."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"ctc_loss: reduction {reduction!r}; use 'mean' or 'none'")

@@ -17,6 +17,12 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     return float(jiwer.wer(list(refs), list(hyps)))
 
 
+def per(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Phone error rate over the whole set, as a fraction: jiwer's WER over phone strings (tokens separated
+    by spaces), so a phone counts as a word does. SUPERB PR's per is the same edit distance over phones."""
+    return wer(refs, hyps)
+
+
 def blank_share(hyps: Sequence[str]) -> float:
     """Share of CTC outputs decoded to nothing (every frame blank): 1.0 is the blank plateau."""
     return sum(not h for h in hyps) / max(len(hyps), 1)

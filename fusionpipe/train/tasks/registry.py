@@ -12,6 +12,7 @@ from fusionpipe.train.tasks.asr import AsrTask
 from fusionpipe.train.tasks.base import Task
 from fusionpipe.train.tasks.classify import ClassifyTask
 from fusionpipe.train.tasks.multilingual import MultilingualTask
+from fusionpipe.train.tasks.phoneme import PhonemeTask
 from fusionpipe.train.tasks.verify import VerifyTask
 from fusionpipe.trials import Trial
 
@@ -20,6 +21,7 @@ REGISTRY: dict[str, type[Task]] = {task.name: task for task in (
     ClassifyTask,
     VerifyTask,
     MultilingualTask,
+    PhonemeTask,
 )}
 
 TASKS = tuple(REGISTRY)
