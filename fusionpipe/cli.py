@@ -41,12 +41,15 @@ def _manifests(paths: Optional[List[Path]]):
 # ---- manifests ------------------------------------------------------------------------------
 @manifest_app.command("librispeech")
 def manifest_librispeech(root: Path, split: str = typer.Option(..., help="e.g. train-clean-100"),
-                         out: Path = typer.Option(Path("manifests"), help="directory for the TSV")):
-    """LibriSpeech tree -> manifests/librispeech-<split>.tsv (speaker, text)."""
+                         out: Path = typer.Option(Path("manifests"), help="directory for the TSV"),
+                         lexicon: Optional[List[Path]] = typer.Option(
+                             None, help="pronunciation lexicon (librispeech-lexicon.txt format; repeatable, the first "
+                                        "pronunciation wins): also write the phonemes column")):
+    """LibriSpeech tree -> manifests/librispeech-<split>.tsv (speaker, text; phonemes with --lexicon)."""
     from fusionpipe.manifest import write_manifest
     from fusionpipe.corpora.librispeech import import_librispeech
 
-    m = import_librispeech(root, split)
+    m = import_librispeech(root, split, lexicon or ())
     typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
 
 
