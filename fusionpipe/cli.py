@@ -53,6 +53,17 @@ def manifest_librispeech(root: Path, split: str = typer.Option(..., help="e.g. t
     typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
 
 
+@manifest_app.command("speechcommands")
+def manifest_speechcommands(root: Path, out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
+    """Speech Commands v0.01 -> speechcommands-{train,dev,test}.tsv (SUPERB KS's 12 labels, speaker, split by
+    the official lists); the _silence_ clips are cut into <out>/speechcommands-silence/."""
+    from fusionpipe.manifest import write_manifest
+    from fusionpipe.corpora.speechcommands import import_speechcommands
+
+    for m in import_speechcommands(root, out / "speechcommands-silence").values():
+        typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
+
+
 @manifest_app.command("folder")
 def manifest_folder(root: Path, name: Optional[str] = typer.Option(None, help="manifest name (default: folder name)"),
                     out: Path = typer.Option(Path("manifests"), help="directory for the TSV")):
