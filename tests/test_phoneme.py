@@ -1,5 +1,8 @@
 """Phoneme recognition (SUPERB PR): the phone vocabulary, PER, the phoneme task, LibriSpeech's lexicon."""
 
+import dataclasses
+import json
+
 import jiwer
 import numpy as np
 import pytest
@@ -95,3 +98,69 @@ def test_words_missing_from_the_lexicon_are_counted_and_named_with_their_transcr
     assert "WORLD (" in message and "84-121.trans.txt line 1)" in message
     assert "A (" in message and "84-121.trans.txt line 2)" in message
     assert not (tmp_path / "manifests").exists()
+
+
+@pytest.fixture
+def phoneme_manifests(tmp_path):
+    """English rows of the bundled demo corpus (18 train, 6 dev) with a phonemes column made by `read_lexicon`
+    from a lexicon written here: each word's letters as its phones (the corpus's own espeak-ng phones are
+    another engineer's)."""
+    from fusionpipe.manifest import Manifest, bundled_manifests, write_manifest
+
+    demo = {m.name: m for m in bundled_manifests()}
+    words = sorted({w for m in demo.values() for u in m for w in u.text.split()})
+    (tmp_path / "lexicon.txt").write_text("".join(f"{w} {' '.join(c for c in w if c.isalpha())}\n" for w in words))
+    lexicon = read_lexicon([tmp_path / "lexicon.txt"])
+    paths = {}
+    for split, n in (("train", 18), ("dev", 6)):
+        rows = [u for u in demo[f"demo-{split}"] if u.language == "en"][:n]
+        rows = [dataclasses.replace(u, phonemes=" ".join(lexicon[w] for w in u.text.split())) for u in rows]
+        paths[split] = write_manifest(Manifest(f"phones-{split}", demo[f"demo-{split}"].root, rows),
+                                      tmp_path / f"phones-{split}.tsv")
+    return paths
+
+
+PITCH_PHONES = {"low": "L OW1", "high": "HH AY1"}
+
+
+def test_the_phoneme_task_trains_on_manifest_rows_with_phonemes_and_reports_per(pitch_stores, tmp_path, train_config):
+    from fusionpipe.manifest import Manifest, write_manifest
+    from fusionpipe.store import FeatureStore
+    from fusionpipe.train.evaluation import evaluate
+    from fusionpipe.train.loop import train
+
+    rows = {}
+    for split in ("train", "dev"):
+        m = read_manifest(FeatureStore.open(pitch_stores[split][0]).attrs["manifest"]["path"])
+        phones = [dataclasses.replace(u, phonemes=PITCH_PHONES[u.label]) for u in m]
+        rows[split] = str(write_manifest(Manifest(f"phones-{split}", m.root, phones), tmp_path / f"phones-{split}.tsv"))
+    cfg = train_config(pitch_stores, tmp_path / "run", task="phoneme", steps=4, eval_every=2, manifest=rows["train"],
+                       dev_manifest=rows["dev"], head_options={"proj": 8, "hidden": 8})
+    dev = train(cfg, progress=False)["hconv-concat"]["dev"]
+    assert 0 <= dev["per"] and 0 <= dev["blank"] <= 1
+    assert evaluate(tmp_path / "run", pitch_stores["dev"], device="cpu", manifest=rows["dev"])["hconv-concat"]["per"] \
+        == dev["per"]
+
+
+@pytest.mark.slow
+def test_the_phoneme_task_trains_evaluates_and_is_analyzed_through_the_cli(phoneme_manifests, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def ok(args):
+        result = runner.invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    for split in ("train", "dev"):
+        ok(["extract", "--model", "toy-wavlm", "--manifest", str(phoneme_manifests[split]), "--cache", "cache"])
+    out = ok(["train", "--stores", "cache/phones-train/toy-wavlm.zarr", "--dev-stores",
+              "cache/phones-dev/toy-wavlm.zarr", "--task", "phoneme", "--fusion", "weighted-sum", "--merge", "add",
+              "--steps", "4", "--eval-every", "2", "--head-option", "proj=8", "--head-option", "hidden=8",
+              "--device", "cpu", "--out", "run"])
+    assert '"per"' in out
+    assert json.loads((tmp_path / "run" / "task.json").read_text())["phones"][:3] == ["<blank>", "A", "B"]
+    out = ok(["evaluate", "run", "--manifest", str(phoneme_manifests["dev"]), "--device", "cpu"])
+    assert "on phones-dev: per=" in out
+    ok(["analyze", "run", "--device", "cpu"])
+    assert (tmp_path / "run" / "analysis" / "layer-use.csv").is_file()

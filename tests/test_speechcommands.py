@@ -1,5 +1,7 @@
 """Keyword spotting (SUPERB KS): the Speech Commands v0.01 importer, its 12 labels, splits and silence clips."""
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -115,3 +117,25 @@ def test_the_cli_writes_three_manifests_and_the_clips_beside_them(speechcommands
     silence = [u for s in ("train", "dev", "test") for u in read_manifest(out / f"speechcommands-{s}.tsv")
                if u.label == "_silence_"]
     assert len(silence) == 5 and all(u.path.startswith(str(out / "speechcommands-silence")) for u in silence)
+
+
+@pytest.mark.slow
+def test_a_keyword_spotting_run_trains_with_classify_on_the_imported_manifests(speechcommands, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def ok(args):
+        result = runner.invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    ok(["manifest", "speechcommands", str(speechcommands), "--out", "manifests"])
+    for split in ("train", "dev"):
+        ok(["extract", "--model", "toy-wavlm", "--manifest", f"manifests/speechcommands-{split}.tsv", "--cache", "cache"])
+    out = ok(["train", "--stores", "cache/speechcommands-train/toy-wavlm.zarr", "--dev-stores",
+              "cache/speechcommands-dev/toy-wavlm.zarr", "--task", "classify", "--fusion", "weighted-sum", "--merge",
+              "add", "--steps", "4", "--eval-every", "2", "--head-option", "proj=8", "--device", "cpu", "--out", "run"])
+    assert '"accuracy"' in out
+    classes = json.loads((tmp_path / "run" / "task.json").read_text())["classes"]
+    train = read_manifest("manifests/speechcommands-train.tsv")
+    assert classes == sorted({u.label for u in train}) and "_unknown_" in classes
