@@ -2,11 +2,15 @@
 
 import dataclasses
 import json
+import tempfile
+from pathlib import Path
 
 import jiwer
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from fusionpipe.cli import app
@@ -29,6 +33,35 @@ def test_phone_vocab_encodes_tokens_not_characters_and_decodes_with_single_space
 def test_phone_vocab_refuses_the_blank_as_a_phone():
     with pytest.raises(ValueError, match="phone string 1"):
         PhoneVocab.from_texts(["A B", "A <blank>"])
+
+
+PHONE = st.text(st.characters(blacklist_categories=("Z", "C")), min_size=1, max_size=4).filter(lambda p: p != "<blank>")
+
+
+@settings(max_examples=200, deadline=None)
+@given(strings=st.lists(st.lists(PHONE, max_size=6), min_size=1, max_size=4))
+def test_phone_strings_round_trip_through_the_vocabulary(strings):
+    texts = [" ".join(phones) for phones in strings]
+    vocab = PhoneVocab.from_texts(texts)
+    assert [vocab.decode(vocab.encode(t)) for t in texts] == texts
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.tuples(st.sampled_from(["A", "B", "C'S"]), st.lists(PHONE, max_size=3),
+                                st.sampled_from([" ", "\t", "  "])), max_size=6))
+def test_a_lexicon_is_read_to_each_words_first_pronunciation_or_refused_by_line(lines):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lexicon.txt"
+        path.write_text("".join(sep.join([word, *phones]) + "\n" for word, phones, sep in lines))
+        bad = [n for n, (_, phones, _) in enumerate(lines, 1) if not phones]
+        if bad:
+            with pytest.raises(FusionpipeError, match=f"line {bad[0]}:"):
+                read_lexicon([path])
+            return
+        first = {}
+        for word, phones, _ in lines:
+            first.setdefault(word, " ".join(phones))
+        assert read_lexicon([path]) == first
 
 
 def test_per_equals_jiwers_wer_over_the_phone_strings():

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from fusionpipe.cli import app
@@ -84,6 +86,22 @@ def test_the_split_rule_of_the_silence_clips_is_the_corpus_readmes_hash():
     assert split_of("0a7c2a8d_nohash_0") == split_of("0a7c2a8d_nohash_1")
     shares = [split_of(f"silence-noise-{k:03d}") for k in range(2000)]
     assert 0.07 < shares.count("dev") / 2000 < 0.13 and 0.07 < shares.count("test") / 2000 < 0.13
+
+
+@settings(max_examples=200, deadline=None)
+@given(speaker=st.text(min_size=1, max_size=12).filter(lambda s: "_nohash_" not in s), take=st.integers(0, 99))
+def test_a_speakers_files_always_share_the_split_the_hash_of_their_prefix_gives(speaker, take):
+    assert split_of(f"{speaker}_nohash_{take}") == split_of(speaker) in ("train", "dev", "test")
+
+
+def test_a_tree_without_word_folders_is_refused(speechcommands, tmp_path):
+    for word in WORDS:
+        for wav in (speechcommands / word).iterdir():
+            wav.unlink()
+    (speechcommands / "validation_list.txt").write_text("")
+    (speechcommands / "testing_list.txt").write_text("")
+    with pytest.raises(FusionpipeError, match="no <word>/\\*.wav under"):
+        import_speechcommands(speechcommands, tmp_path / "silence")
 
 
 @pytest.mark.parametrize("missing", ["validation_list.txt", "testing_list.txt"])

@@ -125,6 +125,10 @@ def import_speechcommands(root: str | Path, silence_dir: str | Path) -> dict[str
     if not (root / NOISE_DIR).is_dir():
         raise FusionpipeError(f"{root / NOISE_DIR} is missing: the _silence_ class is cut from it; pass the whole "
                               f"unpacked v0.01 archive ({DOWNLOAD})")
-    rows = _word_rows(root, listed) + cut_silence(root / NOISE_DIR, Path(silence_dir))
+    words = _word_rows(root, listed)
+    if not words:
+        raise FusionpipeError(f"no <word>/*.wav under {root}: pass the unpacked Speech Commands v0.01 folder "
+                              f"({DOWNLOAD})")
+    rows = words + cut_silence(root / NOISE_DIR, Path(silence_dir))
     return {f"speechcommands-{s}": Manifest(f"speechcommands-{s}", root, [u for u in rows if u.split == s])
             for s in SPLITS}
