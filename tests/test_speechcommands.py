@@ -137,7 +137,6 @@ def test_the_cli_writes_three_manifests_and_the_clips_beside_them(speechcommands
     assert len(silence) == 5 and all(u.path.startswith(str(out / "speechcommands-silence")) for u in silence)
 
 
-@pytest.mark.slow
 def test_a_keyword_spotting_run_trains_with_classify_on_the_imported_manifests(speechcommands, tmp_path, train_config):
     from fusionpipe.extract.stage import extract
     from fusionpipe.manifest import write_manifest
