@@ -1,7 +1,7 @@
 """Speech Commands v1.0 -> manifests for keyword spotting (SUPERB KS), trained with the classify task.
 
-    >>> manifests = import_speechcommands("/data/speech_commands_v0.01", silence_dir="manifests/speechcommands-silence")  # doctest: +SKIP
-    >>> [m.name for m in manifests.values()]                                                                       # doctest: +SKIP
+    >>> ms = import_speechcommands("/data/speech_commands_v0.01", "manifests/speechcommands-silence")  # doctest: +SKIP
+    >>> [m.name for m in ms.values()]                                                                # doctest: +SKIP
     ['speechcommands-train', 'speechcommands-dev', 'speechcommands-test']
 
 Layout: the unpacked speech_commands_v0.01.tar.gz, one folder per word (``yes/0a7c2a8d_nohash_0.wav``),
