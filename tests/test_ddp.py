@@ -24,7 +24,8 @@ SMALL_SIZES = {  # dropout 0: the per-rank random draws are the one thing DDP ca
     "phoneme": {"proj": 8, "hidden": 8, "dropout": 0.0},
 }
 TARGETS = {"text": ["AB", "BA B", "Z", "B", "ABBA"], "label": ["x", "y", "x", "x", "y"],
-           "speaker": ["s1", "s2", "s1", "s2", "s2"], "phonemes": ["AE1 B", "B AA1 B", "Z", "B", "AE1 B B AA1"]}  # "Z": no target ("unknown" characters are skipped)
+           "speaker": ["s1", "s2", "s1", "s2", "s2"],  # "Z": no target ("unknown" characters are skipped)
+           "phonemes": ["AE1 B", "B AA1 B", "Z", "B", "AE1 B B AA1"]}
 
 
 @pytest.mark.parametrize("n, world, parts, weights", [
