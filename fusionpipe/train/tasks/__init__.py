@@ -11,7 +11,8 @@
     base          the protocol every task follows (`Task`), and the head checks
     registry      which tasks there are; the metric, head and option tables derived from them
     asr, multilingual, classify, verify, phoneme    one task each
-    ctc           what the CTC tasks share: token vocabulary (characters, phones), loss, greedy decoding
+    ctc           what the CTC tasks share: token vocabulary (characters, phones), loss, greedy decoding,
+                  CtcTask (head, loss and predictions of asr and phoneme)
     metrics       WER, CER, PER, accuracy, macro F1, EER over a whole eval set
 
 The trainer uses the same calls for every task: ``build_task(name, train, trials=())``,

@@ -1,4 +1,5 @@
-"""What the CTC tasks (asr, multilingual, phoneme) share: the token vocabulary, the loss, greedy decoding."""
+"""What the CTC tasks (asr, multilingual, phoneme) share: the token vocabulary, the loss, greedy decoding, and
+`CtcTask`, the head, loss and predictions of a task that reads one column of token strings."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fusionpipe import cuda
+from fusionpipe.train.heads import CTCHead
+from fusionpipe.train.tasks.base import Task, column
 
 BLANK = "<blank>"
 SEPARATOR = "|"  # stands for the space between words
@@ -157,3 +161,22 @@ def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str
     losses = F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=0, zero_infinity=True,
                         reduction="none") / cuda.upload(target_lengths.clamp(min=1), log_probs.device)
     return losses.mean() if reduction == "mean" else losses
+
+
+class CtcTask(Task):
+    """A task that reads the token strings of its first manifest column with CTC and the BiLSTM head: asr
+    the characters of ``text``, phoneme the phones of ``phonemes``. The subclass holds the vocabulary
+    (``vocab``), says how it is built and kept, and which metrics it reports."""
+
+    heads = (CTCHead,)
+
+    def build_head(self, in_dim: int, **sizes) -> nn.Module:
+        return CTCHead(in_dim, len(self.vocab), **sizes)
+
+    def loss(self, head, feats, lengths, targets, reduction: str = "mean") -> torch.Tensor:
+        log_probs, out_lengths = head(feats, lengths)
+        return ctc_loss(log_probs, out_lengths, column(targets, self.columns[0], self.name), self.vocab, reduction)
+
+    def predict(self, head, feats, lengths) -> list[str]:
+        log_probs, out_lengths = head(feats, lengths)
+        return greedy_ctc_decode(log_probs, out_lengths, self.vocab)

@@ -11,18 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
-from fusionpipe.train.heads import CTCHead
-from fusionpipe.train.tasks.base import Task, column
-from fusionpipe.train.tasks.ctc import PhoneVocab, ctc_loss, greedy_ctc_decode
+from fusionpipe.train.tasks.base import column
+from fusionpipe.train.tasks.ctc import CtcTask, PhoneVocab
 from fusionpipe.train.tasks.metrics import blank_share, per
 from fusionpipe.trials import Trial
 
 
 @dataclass
-class PhonemeTask(Task):
+class PhonemeTask(CtcTask):
     """Phone CTC; predict -> one phone string (tokens separated by spaces) per utterance. The head is asr's
     (docs/decisions.md says why not SUPERB PR's linear one). Metrics also include blank, the share of outputs
     decoded to nothing, which the plateau detector reads as it does for asr."""
@@ -31,7 +27,6 @@ class PhonemeTask(Task):
     name = "phoneme"
     columns = ("phonemes",)
     metric_names = ("per",)
-    heads = (CTCHead,)
 
     @classmethod
     def from_train(cls, train: Mapping[str, Sequence], trials: Sequence[Trial] = ()) -> PhonemeTask:
@@ -43,17 +38,6 @@ class PhonemeTask(Task):
 
     def to_dict(self) -> dict:
         return {"task": self.name, "phones": self.vocab.tokens}
-
-    def build_head(self, in_dim: int, **sizes) -> nn.Module:
-        return CTCHead(in_dim, len(self.vocab), **sizes)
-
-    def loss(self, head, feats, lengths, targets, reduction: str = "mean") -> torch.Tensor:
-        log_probs, out_lengths = head(feats, lengths)
-        return ctc_loss(log_probs, out_lengths, column(targets, "phonemes", self.name), self.vocab, reduction)
-
-    def predict(self, head, feats, lengths) -> list[str]:
-        log_probs, out_lengths = head(feats, lengths)
-        return greedy_ctc_decode(log_probs, out_lengths, self.vocab)
 
     def metrics(self, preds: Sequence[str], targets) -> dict[str, float]:
         return {"per": per(column(targets, "phonemes", self.name), preds), "blank": blank_share(preds)}
