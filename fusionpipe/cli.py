@@ -292,7 +292,7 @@ def train(
     manifest: Optional[Path] = typer.Option(None, help="train on these rows of the stores, with its labels (default: "
                                             "all, as extracted): e.g. one fold of a corpus extracted whole"),
     dev_manifest: Optional[Path] = typer.Option(None, help="evaluate on these rows of the dev stores"),
-    task: Optional[str] = typer.Option(None, help="asr, classify, verify, multilingual (default: from the manifest)"),
+    task: Optional[str] = typer.Option(None, help="asr, classify, verify, multilingual, diarize (default: from the manifest)"),
     fusion: List[str] = typer.Option(["hconv"], help="interfaces: hconv, weighted-sum, gumbel, last-layer, single-layer"),
     merge: List[str] = typer.Option(["concat"], help="add, concat (lists: every fusion x merge trains in one pass)"),
     out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<task>-<upstreams>)"),
@@ -386,9 +386,9 @@ def evaluate(
                                   "or name stores that hold its utterances (an extraction of the whole corpus) "
                                   "with --stores")
     rows = manifest if stores else None  # else the stores are the manifest's own: all their rows
-    results = evaluation.evaluate(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows,
-                                  skip_missing=skip_missing)
     label = Path(rows).stem if rows else Path(eval_stores[0]).parent.name
+    results = evaluation.evaluate(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows,
+                                  skip_missing=skip_missing, label=label)
     run_dir.write_eval(label, results)
     for name, metrics in results.items():
         typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
