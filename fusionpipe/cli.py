@@ -99,6 +99,21 @@ def manifest_mlsuperb(root: Path, duration: str = typer.Option("1h", help="train
         typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
 
 
+@manifest_app.command("librimix")
+def manifest_librimix(root: Path,
+                      rttm: Optional[List[Path]] = typer.Option(None, help="RTTM file over the mixture wavs under "
+                                                                "ROOT (repeat for more); one manifest each"),
+                      metadata: Optional[List[Path]] = typer.Option(None, help="LibriMix metadata CSV, e.g. "
+                                                                    "metadata/mixture_train_mix_both.csv (repeat)"),
+                      out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
+    """Libri2Mix-style mixtures -> librimix-<file stem>.tsv per RTTM or metadata CSV (turns: who speaks when)."""
+    from fusionpipe.manifest import write_manifest
+    from fusionpipe.corpora.librimix import import_librimix
+
+    for m in import_librimix(root, rttm or [], metadata or []):
+        typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} mixtures, {m.duration / 3600:.2f} h")
+
+
 # ---- stage 1 --------------------------------------------------------------------------------
 @app.command()
 def models():
