@@ -122,6 +122,20 @@ def test_labels_land_on_the_frames_of_the_fused_view(tmp_path, make_store, align
     assert int(m0[:, 0].sum()) == round(0.4 * rate)
 
 
+def test_evaluate_writes_each_variants_predicted_turns_as_rttm(tmp_path, make_store):
+    turns = _random_turns(4, 2)
+    stores, _ = _stores(tmp_path, make_store, [50], turns, features=_activity_features(turns))
+    run = tmp_path / "run"
+    train(_config(stores, tmp_path, fusion=["weighted-sum", "hconv"], steps=1, eval_every=1), progress=False)
+    scores = evaluate(run, stores, device="cpu", label="mix")
+    for name in ("weighted-sum-add", "hconv-add"):
+        predicted = read_rttm(run / f"eval-mix-{name}.rttm", recordings=turns)
+        reference = {u: parse_turns(cell) for u, cell in turns.items()}
+        hypotheses = [predicted.get(u, []) for u in reference]
+        assert scores[name]["der"] == pytest.approx(diarization_error(list(reference.values()), hypotheses)["der"],
+                                                    abs=2e-3)  # the RTTM keeps milliseconds
+
+
 def test_a_run_is_evaluated_only_on_its_frame_grid(tmp_path, make_store):
     stores, _ = _stores(tmp_path, make_store, [50, 25])
     run = tmp_path / "run"
@@ -233,10 +247,11 @@ def mixtures(tmp_path_factory):
 
 @pytest.mark.slow
 def test_diarize_trains_evaluates_writes_rttm_and_is_analyzed_through_the_cli(mixtures, tmp_path):
+    """No --task: a manifest with turns trains diarize by default."""
     root, stores = mixtures
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", "--stores", ",".join(stores["train"]), "--dev-stores",
-                                 ",".join(stores["dev"]), "--task", "diarize", "--fusion", "weighted-sum,hconv",
+                                 ",".join(stores["dev"]), "--fusion", "weighted-sum,hconv",
                                  "--merge", "concat", "--steps", "6", "--eval-every", "3", "--head-option",
                                  "hidden=16", "--out", str(run), "--device", "cpu"])
     assert result.exit_code == 0, result.output
