@@ -16,8 +16,8 @@ Two ways to say who speaks when, one manifest per file given:
   sources are saved under that same ID (``s1/<ID>.wav``), so source k's speaker is the first field of the
   ID's k-th part (1089, then 121); its turns are where the source is active: 10 ms frames within `FLOOR_DB` of the source's loudest one,
   pauses shorter than `MIN_PAUSE` bridged. The mixtures sum sources that all start at 0, so these turns
-  are where each speaker's own signal has speech; SUPERB SD took its references from the sources the same way
-  (its preparation turns the sources into RTTM). Paths in the CSV may be absolute (as LibriMix writes them) or
+  are where each speaker's own signal has speech (an energy threshold is enough on clean read speech; SUPERB
+  SD's own RTTM files import as they are with ``rttm``). Paths in the CSV may be absolute (as LibriMix writes them) or
   relative to ``root``; a path found nowhere is named with its file and line.
 """
 
