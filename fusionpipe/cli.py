@@ -307,7 +307,8 @@ def train(
     manifest: Optional[Path] = typer.Option(None, help="train on these rows of the stores, with its labels (default: "
                                             "all, as extracted): e.g. one fold of a corpus extracted whole"),
     dev_manifest: Optional[Path] = typer.Option(None, help="evaluate on these rows of the dev stores"),
-    task: Optional[str] = typer.Option(None, help="asr, classify, verify, multilingual, diarize (default: from the manifest)"),
+    task: Optional[str] = typer.Option(None, help="asr, classify, verify, multilingual, diarize "
+                                       "(default: from the manifest)"),
     fusion: List[str] = typer.Option(["hconv"], help="interfaces: hconv, weighted-sum, gumbel, last-layer, single-layer"),
     merge: List[str] = typer.Option(["concat"], help="add, concat (lists: every fusion x merge trains in one pass)"),
     out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<task>-<upstreams>)"),

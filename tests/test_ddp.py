@@ -25,7 +25,8 @@ SMALL_SIZES = {  # dropout 0: the per-rank random draws are the one thing DDP ca
 }
 TARGETS = {"text": ["AB", "BA B", "Z", "B", "ABBA"], "label": ["x", "y", "x", "x", "y"],
            "speaker": ["s1", "s2", "s1", "s2", "s2"], "id": ["u0", "u1", "u2", "u3", "u4"],
-           "turns": ["0.0,0.3,a;0.2,0.4,b", "0.1,0.2,a", "", "0.0,0.5,b", "0.3,0.4,a;0.0,0.1,c"]}  # "Z": no target ("unknown" characters are skipped)
+           "turns": ["0.0,0.3,a;0.2,0.4,b", "0.1,0.2,a", "", "0.0,0.5,b", "0.3,0.4,a;0.0,0.1,c"]}
+# "Z": no target ("unknown" characters are skipped); "": nobody speaks
 
 
 @pytest.mark.parametrize("n, world, parts, weights", [

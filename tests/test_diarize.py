@@ -204,7 +204,8 @@ def test_diarize_learns_who_speaks_when_from_the_features(tmp_path, make_store):
     """On stores whose features carry each speaker's activity, a short run reaches a low dev DER (a head
     that learned nothing scores about 1)."""
     train_turns, dev_turns = _random_turns(16, 0), _random_turns(6, 1)
-    train_stores, _ = _stores(tmp_path / "train", make_store, [50], train_turns, features=_activity_features(train_turns))
+    train_stores, _ = _stores(tmp_path / "train", make_store, [50], train_turns,
+                              features=_activity_features(train_turns))
     dev_stores, _ = _stores(tmp_path / "dev", make_store, [50], dev_turns, features=_activity_features(dev_turns, 1))
     cfg = _config(train_stores, tmp_path, dev_stores=dev_stores, steps=60, eval_every=60, lr=1e-2,
                   head_options={"hidden": 16})

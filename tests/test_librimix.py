@@ -87,7 +87,8 @@ def test_an_rttm_recording_with_no_wav_under_root_is_named_with_file_and_line(li
 
 
 @pytest.mark.parametrize("edit, problem", [
-    (lambda rows: [["mixture_ID", "source_1_path"], *[[r[0], r[2]] for r in rows[1:]]], r"line 1: no column mixture_path"),
+    (lambda rows: [["mixture_ID", "source_1_path"], *[[r[0], r[2]] for r in rows[1:]]],
+     r"line 1: no column mixture_path"),
     (lambda rows: [rows[0], [rows[1][0], rows[1][1], "/nowhere/s1.wav", *rows[1][3:]]],
      r"line 2: source_1_path /nowhere/s1.wav does not exist"),
     (lambda rows: [rows[0], ["mixA", *rows[1][1:]]], r"line 2: mixture_ID 'mixA' does not name 2 LibriSpeech"),

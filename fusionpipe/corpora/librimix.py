@@ -14,11 +14,12 @@ Two ways to say who speaks when, one manifest per file given:
   length``). A mixture's ID joins its sources' LibriSpeech utterances with ``_`` in source order
   (``1089-134686-0000_121-121726-0001``; ``original_mixture_ID`` where LibriMix hashed a long one), and the
   sources are saved under that same ID (``s1/<ID>.wav``), so source k's speaker is the first field of the
-  ID's k-th part (1089, then 121); its turns are where the source is active: 10 ms frames within `FLOOR_DB` of the source's loudest one,
-  pauses shorter than `MIN_PAUSE` bridged. The mixtures sum sources that all start at 0, so these turns
-  are where each speaker's own signal has speech (an energy threshold is enough on clean read speech; SUPERB
-  SD's own RTTM files import as they are with ``rttm``). Paths in the CSV may be absolute (as LibriMix writes them) or
-  relative to ``root``; a path found nowhere is named with its file and line.
+  ID's k-th part (1089, then 121). Its turns are where the source is active: 10 ms frames within `FLOOR_DB`
+  of the source's loudest one, pauses shorter than `MIN_PAUSE` bridged. The mixtures sum sources that all
+  start at 0, so these turns are where each speaker's own signal has speech (an energy threshold is enough
+  on clean read speech; SUPERB SD's own RTTM files import as they are with ``rttm``). Paths in the CSV may
+  be absolute (as LibriMix writes them) or relative to ``root``; a path found nowhere is named with its file
+  and line.
 """
 
 from __future__ import annotations
