@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from hypothesis import given, strategies as st
 from typer.testing import CliRunner
 
 from fusionpipe.cli import app
@@ -81,6 +82,21 @@ def test_frame_activity_back_to_turns():
     assert labels[:, 2].sum() == 0  # a third slot no one takes
     assert segments(labels > 0, 50.0) == [Turn(0.0, 0.5, "speaker0"), Turn(0.3, 0.9, "speaker1"),
                                           Turn(1.2, 1.5, "speaker0")]
+
+
+@given(st.lists(st.lists(st.booleans(), min_size=12, max_size=12), min_size=1, max_size=3),
+       st.sampled_from([12.5, 25.0, 50.0]))
+def test_turns_on_the_frame_grid_become_exactly_their_frames_and_back(activity, rate):
+    """Any per-frame activity of up to 3 speakers, written as turns on the grid, labels exactly those
+    frames (each speaker in some slot: which one the loss leaves open), and `segments` gives as many turns
+    back."""
+    active = np.array(activity, dtype=bool).T  # (T, speakers)
+    turns = segments(active, rate)  # named speaker<k> after column k
+    speaking = [tuple(active[:, k]) for k in range(active.shape[1]) if active[:, k].any()]
+    labels = frame_labels(turns, len(active), rate, 3).astype(bool)
+    assert sorted(tuple(labels[:, k]) for k in range(len(speaking))) == sorted(speaking)
+    assert not labels[:, len(speaking):].any()
+    assert len(segments(labels, rate)) == len(turns)
 
 
 # ---- labels on the fused view's frame grid -------------------------------------------------------------
