@@ -113,6 +113,21 @@ def manifest_mlsuperb(root: Path, duration: str = typer.Option("1h", help="train
         typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} utterances, {m.duration / 3600:.2f} h")
 
 
+@manifest_app.command("librimix")
+def manifest_librimix(root: Path,
+                      rttm: Optional[List[Path]] = typer.Option(None, help="RTTM file over the mixture wavs under "
+                                                                "ROOT (repeat for more); one manifest each"),
+                      metadata: Optional[List[Path]] = typer.Option(None, help="LibriMix metadata CSV, e.g. "
+                                                                    "metadata/mixture_train_mix_both.csv (repeat)"),
+                      out: Path = typer.Option(Path("manifests"), help="directory for the TSVs")):
+    """Libri2Mix-style mixtures -> librimix-<file stem>.tsv per RTTM or metadata CSV (turns: who speaks when)."""
+    from fusionpipe.manifest import write_manifest
+    from fusionpipe.corpora.librimix import import_librimix
+
+    for m in import_librimix(root, rttm or [], metadata or []):
+        typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} mixtures, {m.duration / 3600:.2f} h")
+
+
 # ---- stage 1 --------------------------------------------------------------------------------
 @app.command()
 def models():
@@ -306,8 +321,8 @@ def train(
     manifest: Optional[Path] = typer.Option(None, help="train on these rows of the stores, with its labels (default: "
                                             "all, as extracted): e.g. one fold of a corpus extracted whole"),
     dev_manifest: Optional[Path] = typer.Option(None, help="evaluate on these rows of the dev stores"),
-    task: Optional[str] = typer.Option(None, help="asr, classify, verify, multilingual, phoneme (default: from the "
-                                       "manifest)"),
+    task: Optional[str] = typer.Option(None, help="asr, classify, verify, multilingual, phoneme, diarize "
+                                       "(default: from the manifest)"),
     fusion: List[str] = typer.Option(["hconv"], help="interfaces: hconv, weighted-sum, gumbel, last-layer, single-layer"),
     merge: List[str] = typer.Option(["concat"], help="add, concat (lists: every fusion x merge trains in one pass)"),
     out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<task>-<upstreams>)"),
@@ -401,9 +416,9 @@ def evaluate(
                                   "or name stores that hold its utterances (an extraction of the whole corpus) "
                                   "with --stores")
     rows = manifest if stores else None  # else the stores are the manifest's own: all their rows
-    results = evaluation.evaluate(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows,
-                                  skip_missing=skip_missing)
     label = Path(rows).stem if rows else Path(eval_stores[0]).parent.name
+    results = evaluation.evaluate(run, eval_stores, trials=trials or cfg.trials, device=device, manifest=rows,
+                                  skip_missing=skip_missing, label=label)
     run_dir.write_eval(label, results)
     for name, metrics in results.items():
         typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

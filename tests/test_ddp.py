@@ -22,10 +22,13 @@ SMALL_SIZES = {  # dropout 0: the per-rank random draws are the one thing DDP ca
     "classify": {"proj": 8},
     "verify": {"embed_dim": 12, "proj": 10, "tdnn": 10, "last": 14},
     "phoneme": {"proj": 8, "hidden": 8, "dropout": 0.0},
+    "diarize": {"hidden": 8},
 }
 TARGETS = {"text": ["AB", "BA B", "Z", "B", "ABBA"], "label": ["x", "y", "x", "x", "y"],
-           "speaker": ["s1", "s2", "s1", "s2", "s2"],  # "Z": no target ("unknown" characters are skipped)
-           "phonemes": ["AE1 B", "B AA1 B", "Z", "B", "AE1 B B AA1"]}
+           "speaker": ["s1", "s2", "s1", "s2", "s2"], "id": ["u0", "u1", "u2", "u3", "u4"],
+           "phonemes": ["AE1 B", "B AA1 B", "Z", "B", "AE1 B B AA1"],
+           "turns": ["0.0,0.3,a;0.2,0.4,b", "0.1,0.2,a", "", "0.0,0.5,b", "0.3,0.4,a;0.0,0.1,c"]}
+# "Z": no target ("unknown" characters are skipped); "": nobody speaks
 
 
 @pytest.mark.parametrize("n, world, parts, weights", [
@@ -60,7 +63,7 @@ def test_weighted_part_losses_give_the_gradient_of_the_global_batch(name):
     """What each rank's loss must be: per-utterance losses, weighted, summed over ranks = the batch's mean loss."""
     torch.manual_seed(0)
     x, lengths = torch.randn(5, 24, 6), torch.tensor([24, 20, 17, 24, 15])
-    task = build_task(name, TARGETS)
+    task = build_task(name, TARGETS, frame_rate=50.0)
     head = task.build_head(6, **SMALL_SIZES[name])
 
     def grads(loss):

@@ -20,7 +20,9 @@ SMALL_SIZES = {
     "classify": {"proj": 8},
     "verify": {"embed_dim": 12, "proj": 10, "tdnn": 10, "last": 14},
     "phoneme": {"proj": 8, "hidden": 8},
+    "diarize": {"hidden": 8},
 }
+TURNS = ["0.00,0.20,s1;0.10,0.30,s2", "0.05,0.25,s3"]  # diarize's column; 50 frames per second below
 
 
 @pytest.fixture
@@ -99,7 +101,7 @@ def test_eer_needs_both_kinds_of_trial():
 
 def test_unknown_task_is_a_value_error_naming_the_tasks():
     with pytest.raises(ValueError, match=", ".join(TASKS)):
-        build_task("diarize", {})
+        build_task("nope", {})
 
 
 def test_the_train_help_names_every_task():
@@ -192,8 +194,8 @@ def test_a_malformed_trial_line_is_named_with_its_file_and_line(tmp_path, line):
 
 
 TRAIN = {"text": ["AB BA", "B"], "label": ["x", "y"], "speaker": ["s1", "s2"], "language": ["eng", "deu"],
-         "phonemes": ["AE1 B", "B IY1"]}
-EVAL = {**TRAIN, "id": ["a", "b"]}
+         "phonemes": ["AE1 B", "B IY1"], "id": ["a", "b"], "turns": TURNS}
+EVAL = TRAIN
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -201,7 +203,7 @@ def test_a_task_reports_the_metrics_it_declares_the_primary_first(name, feats):
     """The tables the settings checks and the report read (METRICS, primary_metric, is_metric) are the
     task's own declaration, and its metrics() reports each of them."""
     x, lengths = feats
-    task = build_task(name, TRAIN, trials=[("a", "b", 0), ("a", "a", 1)])
+    task = build_task(name, TRAIN, trials=[("a", "b", 0), ("a", "a", 1)], frame_rate=50.0)
     head = task.build_head(6, **SMALL_SIZES[name])
     reported = task.metrics(task.predict(head, x, lengths), EVAL)
     assert set(METRICS[name]) <= set(reported) and primary_metric(name) == METRICS[name][0]
@@ -217,7 +219,7 @@ def test_only_accuracy_and_f1_are_better_higher():
 def test_the_head_options_of_a_task_are_what_its_head_takes(name):
     """Every option the settings checks let through builds (a name the head did not take would pass the
     checks and fail later, after the data is read); any other name is refused up front."""
-    task = build_task(name, TRAIN)
+    task = build_task(name, TRAIN, frame_rate=50.0)
     for option in head_option_names(name):
         value = 0.25 if option in ("dropout", "s", "m") else SMALL_SIZES[name].get(option, 2)
         task.build_head(6, **{**SMALL_SIZES[name], option: value})
@@ -226,6 +228,7 @@ def test_the_head_options_of_a_task_are_what_its_head_takes(name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_a_task_is_rebuilt_from_its_dict(name):
-    train = {"text": ["AB BA"], "label": ["x", "y"], "speaker": ["s1", "s2"], "phonemes": ["AE1 B"]}
-    task = build_task(name, train)
+    train = {"text": ["AB BA"], "label": ["x", "y"], "speaker": ["s1", "s2"], "phonemes": ["AE1 B"], "id": ["a"],
+             "turns": TURNS[:1]}
+    task = build_task(name, train, frame_rate=50.0)
     assert task_from_dict(json.loads(json.dumps(task.to_dict()))) == task

@@ -14,7 +14,7 @@ from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME
 from fusionpipe.store import FINGERPRINT
 from fusionpipe.train.augment import crop_frames
 from fusionpipe.train.interfaces import INTERFACES, MERGES, interface_option_problems
-from fusionpipe.train.tasks import METRICS, TASKS, head_option_problems, is_metric, read_trials
+from fusionpipe.train.tasks import METRICS, REGISTRY, TASKS, head_option_problems, is_metric, read_trials
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # config fields that may differ between a run and its rerun without changing results (where it runs)
@@ -124,6 +124,9 @@ class TrainConfig:
                                                               for x in self.crop_seconds):
                 refuse("crop_seconds", "give MIN,MAX in seconds, e.g. 2,8")
             crop_frames(self.crop_seconds, 1.0)
+            if REGISTRY[self.task].frame_level:
+                refuse("crop_seconds", f"task {self.task} labels every frame of a whole recording, and a random crop "
+                                       "would move the frames under their labels; drop --crop-seconds")
         if self.select is not None and not is_metric(self.task, self.select):
             per_language = " or cer/<language>" if self.task == "multilingual" else ""
             refuse("select", f"not a dev metric of task {self.task}; choose one of "

@@ -21,11 +21,13 @@ DEMO = {"steps": 1500, "eval_every": 500, "lr": 2e-3, "max_frames": 4000,
 
 
 def default_task(manifest) -> str:
-    """The task a manifest supports by default: asr if it has texts, else classify, else verify."""
-    for column, task in (("text", "asr"), ("label", "classify"), ("speaker", "verify")):
+    """The task a manifest supports by default: diarize if it has turns (mixtures), else asr if it has texts,
+    else phoneme if it has phone strings, else classify, else verify."""
+    for column, task in (("turns", "diarize"), ("text", "asr"), ("phonemes", "phoneme"), ("label", "classify"),
+                         ("speaker", "verify")):
         if all(getattr(u, column) for u in manifest):
             return task
-    raise FusionpipeError(f"manifest {manifest.name} has no text, label or speaker column to train on")
+    raise FusionpipeError(f"manifest {manifest.name} has no turns, text, phonemes, label or speaker column to train on")
 
 
 def demo_stores(cache: str | Path = "cache") -> tuple[list[str], list[str]]:

@@ -81,11 +81,18 @@ def scored(task, name: str, preds: list, targets: dict) -> dict:
 
 def evaluate_variants(variants: list[Variant], task, loader, device: torch.device) -> dict[str, dict]:
     """Dev/test metrics of every variant, reading each batch once, with each variant's inference seconds."""
+    return scored_predictions(variants, task, loader, device)[0]
+
+
+def scored_predictions(variants: list[Variant], task, loader, device: torch.device
+                       ) -> tuple[dict[str, dict], dict[str, list], list[str]]:
+    """`evaluate_variants`' metrics, with each variant's predictions and the utterance ids they are of."""
     for v in variants:
         v.model.eval()
     preds, targets, seconds = predictions(loader, device, {v.name: predictor(v, task) for v in variants})
-    return {v.name: {**scored(task, v.name, preds[v.name], targets), "inference_seconds": seconds[v.name]}
-            for v in variants}
+    metrics = {v.name: {**scored(task, v.name, preds[v.name], targets), "inference_seconds": seconds[v.name]}
+               for v in variants}
+    return metrics, preds, targets["id"]
 
 
 # ---- a finished run -------------------------------------------------------------------------------
@@ -101,6 +108,10 @@ def eval_loader(cfg: TrainConfig, stores: list[str], manifest, device: torch.dev
 def trained_variants(run: RunDir, cfg: TrainConfig, task, view, device: torch.device,
                      names: list[str]) -> list[Variant]:
     """The variants ``names`` of a finished run, each with the parameters of its best.pt, in eval mode."""
+    if task.frame_level and abs(task.frame_rate - view.frame_rate) > 1e-9:
+        raise FusionpipeError(f"{run.path}: its {task.name} labels lie on frames of {task.frame_rate:g} per second and "
+                              f"these stores fuse to {view.frame_rate:g}; give stores of the run's upstreams (and its "
+                              "--align-time)")
     lacking = [n for n in names if not run.best_path(n).is_file()]
     if lacking:
         raise FusionpipeError(f"{run.path}: variant(s) {', '.join(lacking)} have no best.pt yet; finish the run "
@@ -114,10 +125,11 @@ def trained_variants(run: RunDir, cfg: TrainConfig, task, view, device: torch.de
 
 def evaluate(run: str | Path, stores: list[str], trials: str | None = None, device: str = "auto",
              variant: str | None = None, manifest: str | Path | None = None,
-             skip_missing: bool = False) -> dict[str, dict]:
+             skip_missing: bool = False, label: str | None = None) -> dict[str, dict]:
     """Metrics of a finished run's best checkpoints on the utterances cached in `stores`
     (only the rows of ``manifest``, with its labels, when given; ``skip_missing``: without the
-    utterances skipped or unfinished in some store)."""
+    utterances skipped or unfinished in some store). ``label``: also keep what a diarize run predicted
+    there, as one RTTM file per variant beside the eval JSON (`RunDir.write_rttm`)."""
     run = RunDir(run)
     run.require()
     cfg = run.config()
@@ -132,4 +144,8 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     loader = eval_loader(cfg, stores, manifest, on, skip_missing)
     chosen = [n for n in names if variant in (None, n)]
     variants = trained_variants(run, cfg, task, loader.dataset.view, on, chosen)
-    return evaluate_variants(variants, task, loader, on)
+    metrics, preds, ids = scored_predictions(variants, task, loader, on)
+    if label is not None and task.name == "diarize" and ddp.is_main():
+        for name, turns in preds.items():
+            run.write_rttm(label, name, dict(zip(ids, turns)))
+    return metrics

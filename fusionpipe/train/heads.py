@@ -33,7 +33,8 @@ from fusionpipe.train.options import Rule, real, whole
 
 # what a head's keyword argument may be (options.py): a size, a whole number >= 1, unless named here; a stack
 # deeper than 256 layers is a typo (and would take minutes to build before it failed)
-_RULES = {"dropout": real(0, 1), "s": real(0, open_low=True), "m": real(0), "layers": whole(1, 256)}
+_RULES = {"dropout": real(0, 1), "s": real(0, open_low=True), "m": real(0), "layers": whole(1, 256),
+          "speakers": whole(1, 64)}
 _SIZE = whole(1)
 
 
@@ -138,6 +139,25 @@ class ClassifierHead(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> HeadOutput:
         _check_min_frames(self, lengths)
         return HeadOutput(self.out(masked_mean(self.proj(x), lengths)), None)
+
+
+class DiarizationHead(nn.Module):
+    """SUPERB speaker diarization (s3prl's diarization Model with SUPERB SD's config): a forward LSTM
+    (layers, hidden; 1 x 512), Linear -> per-frame speaker activity logits (B, T, speakers), one column per
+    speaker slot. Which slot is which speaker is left open: the loss is permutation-invariant
+    (`tasks.diarize.pit_bce`). A forward LSTM never reads the padding after a valid frame, so valid outputs
+    do not depend on the batch. Returns (logits, lengths)."""
+
+    min_frames = 1
+
+    def __init__(self, in_dim: int, speakers: int = 2, hidden: int = 512, layers: int = 1):
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, batch_first=True)
+        self.out = nn.Linear(hidden, speakers)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> HeadOutput:
+        _check_min_frames(self, lengths)
+        return HeadOutput(self.out(self.lstm(x)[0]), lengths)  # (B, T, speakers)
 
 
 class XVectorHead(nn.Module):

@@ -152,7 +152,7 @@ def start(cfg: TrainConfig, run: RunDir, device: torch.device, resume: bool, pro
     else:
         rows = [loader.dataset.rows[i] for i in range(len(loader.dataset))]
         try:
-            task = build_task(cfg.task, batch_targets(rows), trials)
+            task = build_task(cfg.task, batch_targets(rows), trials, frame_rate=view.frame_rate)
         except ValueError as e:
             raise FusionpipeError(f"task {cfg.task} on {cfg.manifest or view.describe()['manifest']}: {e}") from None
     variants = build_variants(cfg, task, view.dims, view.num_layers, run, device)

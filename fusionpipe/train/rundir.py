@@ -12,6 +12,7 @@ Layout::
                                      parameters, optimizer and RNG state (--resume continues exactly)
     <run>/test.json                  {variant: metrics} on a recipe's test stores (`fusionpipe ablate`)
     <run>/eval-<label>.json          {variant: metrics} of `fusionpipe evaluate` on <label>
+    <run>/eval-<label>-<variant>.rttm  a diarize run's predicted turns there (`fusionpipe.rttm`)
     <run>/<variant>/best.pt          parameters at the best dev metric, with those metrics
     <run>/<variant>/log.csv          step, loss, dev metrics
     <run>/<variant>/results.json
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from fusionpipe.atomic import write_json
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.rttm import write_rttm
 from fusionpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from fusionpipe.train.config import TrainConfig
 
@@ -166,6 +168,10 @@ class RunDir:
         path = self.path / f"eval-{label}.json"
         write_json(path, metrics)
         return path
+
+    def write_rttm(self, label: str, variant: str, turns: dict) -> Path:
+        """eval-<label>-<variant>.rttm: a diarize variant's predicted turns on <label>, recording id -> turns."""
+        return write_rttm(self.path / f"eval-{label}-{variant}.rttm", turns)
 
     # ---- its variants -------------------------------------------------------------------------------
     def variant(self, name: str) -> Path:

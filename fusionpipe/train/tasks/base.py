@@ -12,6 +12,10 @@ its head options).
 ``preds``). The protocol is per utterance, not per label: a frame-level task (diarization) keeps a
 sequence of frame labels per utterance in its column, its head returns frame-level outputs with their
 lengths (`HeadOutput`), and ``predict`` gives one sequence per utterance as the CTC tasks do.
+
+A task whose labels lie on the frames (``frame_level``: diarize) must know the fused view's frame rate (stage
+2's time alignment decides it): `build_task` passes it to its ``from_train`` as ``frame_rate=``, its
+``to_dict`` keeps it, and a finished run is evaluated only on views of that rate (`evaluation.trained_variants`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Task(ABC):
     metric_names: ClassVar[tuple[str, ...]]
     higher_is_better: ClassVar[frozenset[str]] = frozenset()
     heads: ClassVar[tuple[type[nn.Module], ...]]
+    frame_level: ClassVar[bool] = False  # labels on the view's frames: from_train takes frame_rate=
 
     @classmethod
     @abstractmethod

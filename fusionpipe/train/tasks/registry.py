@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from fusionpipe.train.tasks.asr import AsrTask
 from fusionpipe.train.tasks.base import Task
 from fusionpipe.train.tasks.classify import ClassifyTask
+from fusionpipe.train.tasks.diarize import DiarizeTask
 from fusionpipe.train.tasks.multilingual import MultilingualTask
 from fusionpipe.train.tasks.phoneme import PhonemeTask
 from fusionpipe.train.tasks.verify import VerifyTask
@@ -22,6 +23,7 @@ REGISTRY: dict[str, type[Task]] = {task.name: task for task in (
     VerifyTask,
     MultilingualTask,
     PhonemeTask,
+    DiarizeTask,
 )}
 
 TASKS = tuple(REGISTRY)
@@ -39,10 +41,12 @@ def task_class(name: str, where: str = "") -> type[Task]:
     return REGISTRY[name]
 
 
-def build_task(name: str, train: Mapping[str, Sequence], trials: Sequence[Trial] = ()) -> Task:
+def build_task(name: str, train: Mapping[str, Sequence], trials: Sequence[Trial] = (),
+               frame_rate: float | None = None) -> Task:
     """The task ``name`` with its labels from the train manifest's columns (``train``: column -> values);
-    ``trials`` only for verify."""
-    return task_class(name).from_train(train, trials)
+    ``trials`` only for verify; ``frame_rate`` (the fused view's) only for a frame-level task."""
+    cls = task_class(name)
+    return cls.from_train(train, trials, frame_rate=frame_rate) if cls.frame_level else cls.from_train(train, trials)
 
 
 def task_from_dict(state: Mapping, trials: Sequence[Trial] = ()) -> Task:
