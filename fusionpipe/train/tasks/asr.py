@@ -53,6 +53,9 @@ class AsrTask(Task):
         log_probs, out_lengths = head(feats, lengths)
         return greedy_ctc_decode(log_probs, out_lengths, self.vocab)
 
+    def outputs(self, head, feats, lengths) -> list[dict]:
+        return [{"transcript": text} for text in self.predict(head, feats, lengths)]
+
     def metrics(self, preds: Sequence[str], targets) -> dict[str, float]:
         refs = column(targets, "text", self.name)
         return {"wer": wer(refs, preds), "cer": cer(refs, preds), "blank": blank_share(preds)}
