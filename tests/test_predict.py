@@ -3,6 +3,7 @@ from the cache, stream their inputs, and refuse bad input before writing anythin
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from fusionpipe.store import FeatureStore
 from fusionpipe.train.evaluation import eval_loader, evaluate, predictions, predictor, trained_variants
 from fusionpipe.train.loop import train
 from fusionpipe.train.rundir import RunDir
-from fusionpipe.trials import read_trials
+from fusionpipe.train.tasks.metrics import eer
 
 CPU = torch.device("cpu")
 
@@ -177,6 +178,17 @@ def test_a_run_without_checkpoints_is_refused(classify_run, dev_files, tmp_path)
     assert "hconv-concat have no best.pt" in message
 
 
+def test_a_user_error_on_the_command_line_exits_1_without_a_traceback(classify_run, dev_files, monkeypatch, capsys):
+    from fusionpipe.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fusionpipe", "predict", str(classify_run), str(dev_files[0]),
+                                      "--variant", "gumbel-add", "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "no variant gumbel-add" in err and "Traceback" not in err
+
+
 def recorded_copy(pitch_stores, tmp_path, **upstream):
     """The run's first upstream as recorded by a copy of its store whose attributes say ``upstream``."""
     url = shutil.copytree(pitch_stores["train"][0], tmp_path / "store.zarr")
@@ -220,12 +232,15 @@ TASKS = {"asr": {"head_options": {"proj": 16, "hidden": 16, "layers": 1}}, "clas
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
-    """The first 30 s of the bundled train and test manifests, written as manifests of their own."""
+    """The first 30 s of the bundled train manifest and three utterances of each of the first three test
+    speakers (so that trials have targets and non-targets), written as manifests of their own."""
     root = tmp_path_factory.mktemp("bundled")
     train_m, _, test_m = bundled_manifests()
-    return {split: read_manifest(write_manifest(m.first(30, f"b{split}"), root / f"b{split}.tsv",
-                                                root=str(m.root)))
-            for split, m in (("train", train_m), ("test", test_m))}
+    speakers = list(dict.fromkeys(u.speaker for u in test_m))[:3]
+    test_rows = [u for s in speakers for u in [u for u in test_m if u.speaker == s][:3]]
+    return {split: read_manifest(write_manifest(m, root / f"b{split}.tsv", root=str(m.root)))
+            for split, m in (("train", train_m.first(30, "btrain")),
+                             ("test", Manifest("btest", test_m.root, test_rows)))}
 
 
 @pytest.mark.slow
@@ -235,10 +250,9 @@ def test_every_task_predicts_from_audio_what_evaluate_computes_from_the_cache(bu
     stores = {split: [extract(m, up, tmp_path / "cache", device="cpu", dtype=dtype, codec=codec,
                               progress=False).url for up in ("toy-wavlm", "toy-whisper")]
               for split, m in bundled.items()}
-    test_ids = {u.id for u in bundled["test"]}
-    trials = [t for t in read_trials(bundled["test"].root.parent / "trials.txt")
-              if t[0] in test_ids and t[1] in test_ids]
-    (tmp_path / "trials.txt").write_text("".join(f"{label} {a} {b}\n" for a, b, label in trials))
+    test = list(bundled["test"])
+    (tmp_path / "trials.txt").write_text("".join(f"{int(a.speaker == b.speaker)} {a.id} {b.id}\n"
+                                                 for i, a in enumerate(test) for b in test[i + 1:]))
     report = {}
     for task, kw in TASKS.items():
         run = tmp_path / task
@@ -249,9 +263,16 @@ def test_every_task_predicts_from_audio_what_evaluate_computes_from_the_cache(bu
         cached = from_cache(run, stores["test"], variant)
         audio = from_audio(run, bundled["test"].source, tmp_path, variant=variant)
         report[task] = differences(cached, audio)
+        if task == "verify":  # the trial scores of --trials rank as evaluate's
+            scored = predict(run, manifest=bundled["test"].source, trials=tmp_path / "trials.txt",
+                             scores=tmp_path / "scores.tsv", variant=variant, device="cpu", progress=False).scores
+            evaluated = evaluate(run, stores["test"], trials=str(tmp_path / "trials.txt"), device="cpu",
+                                 variant=variant)[variant]["eer"]
+            report["eer"] = abs(eer([s for *_, s in scored], [label for _, _, label, _ in scored]) - evaluated)
+            assert len((tmp_path / "scores.tsv").read_text().splitlines()) == len(scored) + 1
     assert bool(fusionpipe.load(run, device="cpu").lossy) == (codec == "int8-std08")
     print(f"\n{codec} {dtype}: predict from audio against evaluate from the cache: {report}")
     if codec in ("zstd",):  # lossless: on the CPU both compute in float32 and store the same cast
-        assert all(r == {"decoded": [], "max_abs": 0.0} for r in report.values()), report
+        assert all(r in ({"decoded": [], "max_abs": 0.0}, 0.0) for r in report.values()), report
     else:  # lossy: the difference is measured and reported (printed above), never zero for every task
-        assert any(r["max_abs"] > 0 for r in report.values()), report
+        assert any(r["max_abs"] > 0 for r in report.values() if isinstance(r, dict)), report
