@@ -36,7 +36,7 @@ from fusionpipe.extract.toys import toy_dir
 from fusionpipe.extract.upstreams import Upstream, load_upstream
 from fusionpipe.fuse.align import align_into, common_frames
 from fusionpipe.train.config import TrainConfig
-from fusionpipe.train.evaluation import trained_variants
+from fusionpipe.train.evaluation import finished_run, trained_variants
 from fusionpipe.train.rundir import RunDir, variant_names
 from fusionpipe.train.tasks import lower_is_better, primary_metric
 from fusionpipe.train.variant import check_frames
@@ -228,12 +228,7 @@ def load(run: str | Path, variant: str | None = None, device: str = "auto") -> T
     """The run's ``variant`` (default: its best by the run's selection metric) as a `TrainedModel` on
     ``device``. Everything cheap is checked before any upstream loads: the run, the variant, its best.pt,
     the stores that recorded the upstreams."""
-    run = RunDir(run)
-    run.require()
-    cfg = run.config()
-    names = variant_names(cfg)
-    if variant is not None and variant not in names:
-        raise FusionpipeError(f"{run.path} has no variant {variant}; it has {', '.join(names)}")
+    run, cfg, _ = finished_run(run, variant)
     name = variant or best_variant(run, cfg)
     recorded = recorded_upstreams(cfg)
     task = run.task()
