@@ -21,7 +21,9 @@ from fusionpipe.extract.stage import extract
 from fusionpipe.manifest import Manifest, Utterance, bundled_manifests, read_manifest, write_manifest
 from fusionpipe.predict import predict
 from fusionpipe.predict.model import best_variant, load_recorded, recorded_upstreams
+from fusionpipe.predict.output import RowWriter
 from fusionpipe.predict.run import blocks
+from fusionpipe.rttm import Turn, read_rttm
 from fusionpipe.store import FeatureStore
 from fusionpipe.train.evaluation import eval_loader, evaluate, predictions, predictor, trained_variants
 from fusionpipe.train.loop import train
@@ -211,8 +213,20 @@ def test_other_weights_than_the_stores_are_refused_naming_the_upstream(pitch_sto
 
 
 def test_an_unknown_out_format_is_refused_before_the_model_loads(classify_run, dev_files, tmp_path):
-    with pytest.raises(FusionpipeError, match=r"--out .*p\.csv: name a \.tsv, \.json, \.jsonl file"):
+    with pytest.raises(FusionpipeError, match=r"--out .*p\.csv: name a \.tsv, \.json, \.jsonl, \.rttm file"):
         predict(classify_run, dev_files, out=tmp_path / "p.csv", progress=False)
+
+
+def test_turns_are_written_as_rttm_and_other_outputs_are_refused_whole(tmp_path):
+    out = tmp_path / "p.rttm"
+    with RowWriter(out) as w:
+        w.write({"id": "mix1", "path": "mix1.wav", "turns": "0.80,2.10,s2;0.00,1.25,s1"})
+        w.write({"id": "mix2", "path": "mix2.wav", "turns": ""})
+    assert read_rttm(out) == {"mix1": [Turn(0.0, 1.25, "s1"), Turn(0.8, 2.1, "s2")]}
+    with pytest.raises(FusionpipeError, match=r"p\.rttm: RTTM holds who speaks when, .* writes label"):
+        with RowWriter(out) as w:
+            w.write({"id": "u1", "path": "u1.wav", "label": "sad"})
+    assert read_rttm(out)["mix1"] and [p.name for p in tmp_path.iterdir()] == ["p.rttm"]
 
 
 @settings(max_examples=60, deadline=None)

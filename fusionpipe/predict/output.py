@@ -1,4 +1,5 @@
-"""`fusionpipe predict`'s output: one row per input (its id, its audio, the task's outputs), TSV or JSON.
+"""`fusionpipe predict`'s output: one row per input (its id, its audio, the task's outputs), TSV or JSON;
+RTTM for a task whose outputs have ``turns`` (the manifest's column: ``start,end,speaker;...``).
 
 A file is whole or absent: rows stream into a temporary file beside it (memory flat in the number of
 inputs), renamed over ``--out`` only when every input has its row; an error or a kill midway leaves
@@ -17,9 +18,10 @@ from pathlib import Path
 
 from fusionpipe.atomic import TEMP_SUFFIX, check_writable, fsync_dir
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.rttm import format_rttm_line, parse_turns
 
 FORMATS = {".tsv": "one row per input, tab-separated; lists and dicts as JSON", ".json": "a JSON list of rows",
-           ".jsonl": "one JSON object per line"}
+           ".jsonl": "one JSON object per line", ".rttm": "who speaks when (a diarization run's turns)"}
 
 
 def check_out(out: Path) -> None:
@@ -63,6 +65,13 @@ class RowWriter:
                 self.file.write("\t".join(self.columns) + "\n")
             self.file.write("\t".join(cell(row[c]).replace("\t", " ").replace("\n", " ") for c in self.columns)
                             + "\n")
+        elif self.format == ".rttm":
+            if "turns" not in row:
+                raise FusionpipeError(f"--out {self.path}: RTTM holds who speaks when, and this run's task writes "
+                                      f"{', '.join(k for k in row if k not in ('id', 'path'))}; name a .tsv, "
+                                      ".json or .jsonl file")
+            self.file.write("".join(format_rttm_line(row["id"], t) + "\n"
+                                    for t in parse_turns(row["turns"], f"{row['id']} turns")))
         elif self.format == ".json":
             self.file.write(("\n" if self.columns is None else ",\n") + json.dumps(row))
             self.columns = list(row)
