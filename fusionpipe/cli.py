@@ -400,8 +400,9 @@ def predict(
     audio: Optional[List[Path]] = typer.Argument(None, help="audio files (any rate, mono or down-mixed)"),
     manifest: Optional[Path] = typer.Option(None, help="the inputs as a manifest, instead of AUDIO files"),
     variant: Optional[str] = typer.Option(None, help="default: the run's best by its selection metric"),
-    out: Optional[Path] = typer.Option(None, help="one row per input: .tsv, .json or .jsonl, written whole or not "
-                                       "at all (default: TSV on standard output)"),
+    out: Optional[Path] = typer.Option(None, help="one row per input: .tsv, .json or .jsonl (.rttm: a "
+                                       "diarization run's turns), written whole or not at all (default: TSV on "
+                                       "standard output)"),
     trials: Optional[Path] = typer.Option(None, help="verify: score these pairs of inputs (label enroll test)"),
     scores: Optional[Path] = typer.Option(None, help="verify with --trials: the scores as TSV (default: printed)"),
     max_seconds: float = typer.Option(extract_defaults.MAX_SECONDS, help="padded audio seconds per upstream "

@@ -76,7 +76,9 @@ class Task(ABC):
     def outputs(self, head, feats, lengths) -> list[dict]:
         """What `fusionpipe predict` writes for each utterance of a batch: one dict of JSON values, its keys the
         output's columns. A task says here what its prediction means to a user (a transcript, a label with its
-        probabilities, an embedding); by default, `predict`'s value as it is."""
+        probabilities, an embedding); by default, `predict`'s value as it is. Named as the manifest's columns
+        where one fits: a phoneme task's ``phonemes`` (phones separated by spaces), a diarization task's ``turns``
+        (`rttm.format_turns`), which ``--out X.rttm`` writes as RTTM."""
         return [{"prediction": p} for p in self.predict(head, feats, lengths)]
 
     @classmethod
