@@ -206,6 +206,12 @@ def test_weights_that_cannot_be_found_name_the_upstream_and_where_it_looked(pitc
         load_recorded(rec, "cpu")
 
 
+def test_an_alias_is_looked_for_in_the_hub_cache_under_its_hub_id(pitch_stores, tmp_path):
+    rec = recorded_copy(pitch_stores, tmp_path, name="wavlm-base-plus", model_id="microsoft/wavlm-base-plus")
+    assert rec.source == "wavlm-base-plus" and rec.searched().startswith("the hub cache ")
+    assert rec.searched().split(" for ")[1].startswith("microsoft/wavlm-base-plus")
+
+
 def test_other_weights_than_the_stores_are_refused_naming_the_upstream(pitch_stores, tmp_path):
     rec = recorded_copy(pitch_stores, tmp_path, revision="0" * 64)
     with pytest.raises(FusionpipeError, match=r"upstream toy-wavlm: the weights at .* not those .*\(000000000000\)"):

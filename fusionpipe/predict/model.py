@@ -64,11 +64,12 @@ class RecordedUpstream:
 
     def searched(self) -> str:
         """Where loading looked, for the error when it finds nothing."""
-        if self.name in UPSTREAMS and UPSTREAMS[self.name].hf_id.startswith("toy:"):
+        where = UPSTREAMS[self.name].hf_id if self.name in UPSTREAMS else self.model_id
+        if where.startswith("toy:"):
             return str(toy_dir(UPSTREAMS[self.name]))
-        if not HUB_ID.fullmatch(self.source) or Path(self.source).is_absolute():
-            return f"the directory {self.source}"
-        return f"the hub cache {huggingface_hub.constants.HF_HUB_CACHE} for {self.source}" + \
+        if not HUB_ID.fullmatch(where) or Path(where).is_absolute():
+            return f"the directory {where}"
+        return f"the hub cache {huggingface_hub.constants.HF_HUB_CACHE} for {where}" + \
             (" (HF_HUB_OFFLINE is set: the hub itself was not asked)" if huggingface_hub.constants.HF_HUB_OFFLINE
              else " and the hub")
 
