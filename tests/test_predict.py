@@ -16,7 +16,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 import fusionpipe
+from fusionpipe import audio
 from fusionpipe.errors import FusionpipeError
+from fusionpipe.extract.batching import plan
+from fusionpipe.extract.defaults import MAX_SECONDS
 from fusionpipe.extract.stage import extract
 from fusionpipe.manifest import Manifest, Utterance, bundled_manifests, read_manifest, write_manifest
 from fusionpipe.predict import predict
@@ -93,6 +96,25 @@ def test_predict_from_audio_equals_evaluate_from_the_cache_bit_for_bit(classify_
     metrics = evaluate(classify_run, pitch_stores["dev"], device="cpu", variant="hconv-concat")["hconv-concat"]
     labels = [audio[u.id]["label"] for u in dev]
     assert metrics["accuracy"] == np.mean([p == u.label for p, u in zip(labels, dev)])
+
+
+def test_the_module_encodes_audio_into_the_cached_features(classify_run, pitch_stores):
+    """Beneath every output: in stage 1's batches (its plan) each upstream's features are its store's bytes;
+    in other batches they agree to the storage dtype's rounding (BLAS kernels differ by batch shape)."""
+    dev = manifest_of(pitch_stores["dev"][0])
+    model = fusionpipe.load(classify_run, variant="hconv-concat", device="cpu")
+    waves = [audio.load(dev, i) for i in range(len(dev))]
+    for k, url in enumerate(pitch_stores["dev"]):
+        store = FeatureStore.open(url)
+        p = plan(dev, model.upstreams[k], MAX_SECONDS)
+        for batch in p.batches:
+            rows = [p.rows[i] for i in batch]
+            for r, f in zip(rows, model.encode(k, [waves[r] for r in rows])):
+                assert np.array_equal(f.numpy(), store.read(dev[r].id)), dev[r].id
+        for u, wave in zip(dev, waves):
+            (f,) = model.encode(k, [wave])
+            np.testing.assert_allclose(f.float().numpy(), store.read(u.id).astype(np.float32), rtol=2 ** -9,
+                                       atol=2 ** -14)
 
 
 def test_predict_in_small_blocks_gives_the_same_labels(classify_run, pitch_stores, tmp_path):

@@ -9,9 +9,11 @@ The features are the cache's, computed again with the cache's own code: each ups
 recorded loads through stage 1's `load_upstream` (its weights hash checked against the store's) and runs its
 batch-independent forward, Whisper's windows included, in the precision stage 1 computes in; the result is
 cast to the store's dtype (`extract.cast`), aligned by stage 2's `align_into` into zero-padded stacks as
-`FusedView.read_stacks` builds them, and the variant's interface and head run as `evaluate` runs them. So a
-batch gives what `evaluate` gives for the same batch from a float32 or float16 store; a lossy store's
-quantization (int8 codes) is the one step left out, and `lossy` names the stores that had it.
+`FusedView.read_stacks` builds them, and the variant's interface and head run as `evaluate` runs them. So
+stage 1's batches give the store's bytes, and the same batches give what `evaluate` gives from a float32 or
+float16 store; other batches agree to the storage dtype's rounding (the forward is batch-independent in
+what it computes, not in which BLAS kernel a batch shape picks). A lossy store's quantization (int8 codes)
+is the one step left out, and `lossy` names the stores that had it.
 """
 
 from __future__ import annotations
