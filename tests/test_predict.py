@@ -118,8 +118,8 @@ def test_the_module_encodes_audio_into_the_cached_features(classify_run, pitch_s
 
 
 def test_predict_in_small_blocks_gives_the_same_labels(classify_run, pitch_stores, tmp_path):
-    """Streaming: blocks of 2 s of audio, so other batches than the cache's; the numbers agree to float32
-    rounding, the labels exactly."""
+    """Streaming: blocks of 2 s of audio, so other batches than the cache's; the numbers agree to the
+    features' rounding, the labels exactly."""
     dev = manifest_of(pitch_stores["dev"][0])
     whole = from_audio(classify_run, dev.source, tmp_path, variant="hconv-concat")
     streamed = from_audio(classify_run, dev.source, tmp_path, variant="hconv-concat", block_seconds=2.0)
