@@ -32,6 +32,7 @@ demo: venv
 	$(FP) fuse --stores cache/demo-train/toy-wavlm.zarr,cache/demo-train/toy-whisper.zarr --merge concat --describe
 	$(FP) train --fusion hconv --merge concat --out runs/demo --resume
 	$(FP) evaluate runs/demo
+	$(FP) predict runs/demo fusionpipe/corpus/audio/en-m6-neutral-0001.flac
 
 # A recipe's grid: extract what is missing, train every variant, write results/<name>/.
 ablation: venv

@@ -6,3 +6,18 @@ the fusion interface and the task head on top.
 """
 
 __version__ = "0.1.0"
+
+
+def load(run, variant: str | None = None, device: str = "auto"):
+    """A trained run as one torch module: 16 kHz waveforms in, the task's output out.
+
+        >>> import fusionpipe, torch
+        >>> model = fusionpipe.load("runs/demo")              # doctest: +SKIP
+        >>> model([torch.randn(16000)])                       # doctest: +SKIP
+
+    ``variant``: default, the run's best by its selection metric. `fusionpipe.predict.model` says how the
+    module repeats the cache's numbers. Imported here lazily: ``import fusionpipe`` stays cheap.
+    """
+    from fusionpipe.predict import model
+
+    return model.load(run, variant, device)

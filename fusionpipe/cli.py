@@ -424,6 +424,32 @@ def evaluate(
         typer.echo(f"{run} {name} on {label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 
+@app.command()
+def predict(
+    run: Path,
+    audio: Optional[List[Path]] = typer.Argument(None, help="audio files (any rate, mono or down-mixed)"),
+    manifest: Optional[Path] = typer.Option(None, help="the inputs as a manifest, instead of AUDIO files"),
+    variant: Optional[str] = typer.Option(None, help="default: the run's best by its selection metric"),
+    out: Optional[Path] = typer.Option(None, help="one row per input: .tsv, .json or .jsonl (.rttm: a "
+                                       "diarization run's turns), written whole or not at all (default: TSV on "
+                                       "standard output)"),
+    trials: Optional[Path] = typer.Option(None, help="verify: score these pairs of inputs (label enroll test)"),
+    scores: Optional[Path] = typer.Option(None, help="verify with --trials: the scores as TSV (default: printed)"),
+    max_seconds: float = typer.Option(extract_defaults.MAX_SECONDS, help="padded audio seconds per upstream "
+                                      "batch, as extract"),
+    device: str = typer.Option("auto"),
+):
+    """A trained run on raw audio: its upstreams, alignment, interface and head; no store needed."""
+    from fusionpipe.predict import predict as run_predict
+
+    result = run_predict(run, audio or [], manifest, variant=variant, out=out, trials=trials, scores=scores,
+                         device=device, max_seconds=max_seconds)
+    if trials and scores is None:
+        for a, b, label, score in result.scores:
+            typer.echo(f"{a}\t{b}\t{label}\t{score!r}")
+    _say(result.summary())
+
+
 # ---- analysis ---------------------------------------------------------------------------------
 @app.command()
 def analyze(

@@ -88,6 +88,11 @@ def _lerp(f: torch.Tensor, dim: int, n: int, out: torch.Tensor | None = None) ->
     return g
 
 
+def common_frames(frames: np.ndarray, align_time: str) -> np.ndarray:
+    """(N stores, B utterances) frame counts -> (B,) the frames every store is aligned to (the time rule above)."""
+    return frames.max(0) if align_time == "max" else frames.min(0)
+
+
 def align_into(x: np.ndarray | torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """One utterance of one store, (T_i, L_i, D) in the storage dtype -> out (L, T, D) float32 (= or +=).
 

@@ -35,7 +35,7 @@ import torch
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse import lazy
-from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME, align_into
+from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME, align_into, common_frames
 from fusionpipe.fuse.compact import CompactStack
 from fusionpipe.fuse.memory import BATCHES
 from fusionpipe.fuse.runs import neighbour_runs
@@ -183,8 +183,7 @@ class FusedView:
             raise FusionpipeError(f"utterance {e.args[0]!r} is not in every store of {list(spec.stores)}") from None
         self.store_offsets = [s.offsets[p] for s, p in zip(stores, pos)]
         self.store_frames = np.stack([s.lengths[p] for s, p in zip(stores, pos)]).reshape(len(stores), len(self.ids))
-        self.lengths: np.ndarray = (self.store_frames.max(0) if self.align_time == "max"
-                                    else self.store_frames.min(0))
+        self.lengths: np.ndarray = common_frames(self.store_frames, self.align_time)
         self.num_layers = max(s.num_layers for s in stores)
         self.dims = [s.hidden_size for s in stores]
 

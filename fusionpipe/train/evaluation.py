@@ -123,6 +123,18 @@ def trained_variants(run: RunDir, cfg: TrainConfig, task, view, device: torch.de
     return variants
 
 
+def finished_run(run: str | Path, variant: str | None = None) -> tuple[RunDir, TrainConfig, list[str]]:
+    """A run directory, its config and its variant names, refusing what is not a run and a ``variant``
+    it does not have (naming those it has): what `evaluate` and `fusionpipe predict` check first."""
+    run = RunDir(run)
+    run.require()
+    cfg = run.config()
+    names = variant_names(cfg)
+    if variant is not None and variant not in names:
+        raise FusionpipeError(f"{run.path} has no variant {variant}; it has {', '.join(names)}")
+    return run, cfg, names
+
+
 def evaluate(run: str | Path, stores: list[str], trials: str | None = None, device: str = "auto",
              variant: str | None = None, manifest: str | Path | None = None,
              skip_missing: bool = False, label: str | None = None) -> dict[str, dict]:
@@ -130,12 +142,7 @@ def evaluate(run: str | Path, stores: list[str], trials: str | None = None, devi
     (only the rows of ``manifest``, with its labels, when given; ``skip_missing``: without the
     utterances skipped or unfinished in some store). ``label``: also keep what a diarize run predicted
     there, as one RTTM file per variant beside the eval JSON (`RunDir.write_rttm`)."""
-    run = RunDir(run)
-    run.require()
-    cfg = run.config()
-    names = variant_names(cfg)
-    if variant is not None and variant not in names:
-        raise FusionpipeError(f"{run.path} has no variant {variant}; it has {', '.join(names)}")
+    run, cfg, names = finished_run(run, variant)
     task = run.task(trial_list(trials) if trials else ())
     if task.name == "verify" and not trials:
         raise FusionpipeError("--trials: a verify run is scored on a trial list over the evaluated utterances; "

@@ -25,6 +25,7 @@ class AsrTask(CtcTask):
     name = "asr"
     columns = ("text",)
     metric_names = ("wer", "cer")
+    output = "transcript"
 
     @classmethod
     def from_train(cls, train: Mapping[str, Sequence], trials: Sequence[Trial] = ()) -> AsrTask:

@@ -78,6 +78,14 @@ class Task(ABC):
     def metrics(self, preds: Sequence, targets) -> dict[str, float]:
         """Metric name -> value over a whole eval set."""
 
+    def outputs(self, head, feats, lengths) -> list[dict]:
+        """What `fusionpipe predict` writes for each utterance of a batch: one dict of JSON values, its keys the
+        output's columns. A task says here what its prediction means to a user (a transcript, a label with its
+        probabilities, an embedding); by default, `predict`'s value as it is. Named as the manifest's columns
+        where one fits: phoneme's ``phonemes`` (phones separated by spaces), diarize's ``turns``
+        (`rttm.format_turns`), which ``--out X.rttm`` writes as RTTM."""
+        return [{"prediction": p} for p in self.predict(head, feats, lengths)]
+
     @classmethod
     def is_metric(cls, metric: str) -> bool:
         """Whether `metrics` reports ``metric`` (a task with metrics per group says so here)."""

@@ -56,6 +56,13 @@ class ClassifyTask(Task):
         logits, _ = head(feats, lengths)
         return [self.classes[i] for i in logits.argmax(-1).tolist()]
 
+    def outputs(self, head, feats, lengths) -> list[dict]:
+        """The label and every class's probability (softmax of the logits `predict` takes the argmax of)."""
+        logits, _ = head(feats, lengths)
+        best, probabilities = logits.argmax(-1).tolist(), logits.float().softmax(-1).tolist()
+        return [{"label": self.classes[i], "probabilities": dict(zip(self.classes, p))}
+                for i, p in zip(best, probabilities)]
+
     def metrics(self, preds: Sequence[str], targets) -> dict[str, float]:
         refs = column(targets, "label", self.name)
         return {"accuracy": accuracy(refs, preds), "macro_f1": macro_f1(refs, preds)}

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -166,9 +167,11 @@ def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str
 class CtcTask(Task):
     """A task that reads the token strings of its first manifest column with CTC and the BiLSTM head: asr
     the characters of ``text``, phoneme the phones of ``phonemes``. The subclass holds the vocabulary
-    (``vocab``), says how it is built and kept, and which metrics it reports."""
+    (``vocab``), says how it is built and kept, which metrics it reports and what `fusionpipe predict` calls
+    its decoded strings (``output``)."""
 
     heads = (CTCHead,)
+    output: ClassVar[str]  # the column name of its decoded strings in predict's rows
 
     def build_head(self, in_dim: int, **sizes) -> nn.Module:
         return CTCHead(in_dim, len(self.vocab), **sizes)
@@ -180,3 +183,6 @@ class CtcTask(Task):
     def predict(self, head, feats, lengths) -> list[str]:
         log_probs, out_lengths = head(feats, lengths)
         return greedy_ctc_decode(log_probs, out_lengths, self.vocab)
+
+    def outputs(self, head, feats, lengths) -> list[dict]:
+        return [{self.output: text} for text in self.predict(head, feats, lengths)]

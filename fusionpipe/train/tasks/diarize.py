@@ -27,7 +27,7 @@ from scipy.optimize import linear_sum_assignment
 
 from fusionpipe import cuda
 from fusionpipe.errors import FusionpipeError
-from fusionpipe.rttm import Turn, parse_turns
+from fusionpipe.rttm import Turn, format_turns, parse_turns
 from fusionpipe.train.heads import DiarizationHead
 from fusionpipe.train.interfaces import frame_mask
 from fusionpipe.train.tasks.base import Task, column
@@ -177,6 +177,10 @@ class DiarizeTask(Task):
         logits, out_lengths = head(feats, lengths)
         active = (logits > 0).cpu().numpy()  # activity probability above 0.5
         return [segments(active[b, :n], self.frame_rate) for b, n in enumerate(out_lengths.tolist())]
+
+    def outputs(self, head, feats, lengths) -> list[dict]:
+        """Who speaks when, as the manifest's ``turns`` cell (``--out X.rttm`` writes it as RTTM)."""
+        return [{"turns": format_turns(turns)} for turns in self.predict(head, feats, lengths)]
 
     def metrics(self, preds: Sequence[Sequence[Turn]], targets) -> dict[str, float]:
         return diarization_error(self.parsed(targets), preds)

@@ -27,6 +27,7 @@ class PhonemeTask(CtcTask):
     name = "phoneme"
     columns = ("phonemes",)
     metric_names = ("per",)
+    output = "phonemes"
 
     @classmethod
     def from_train(cls, train: Mapping[str, Sequence], trials: Sequence[Trial] = ()) -> PhonemeTask:

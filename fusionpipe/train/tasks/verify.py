@@ -57,7 +57,15 @@ class VerifyTask(Task):
         missing = sorted({u for a, b, _ in self.trials for u in (a, b)} - set(embedding))
         if missing:
             raise ValueError(f"verify: {len(missing)} trial utterances have no embedding, e.g. {missing[:3]}")
-        scores = [float(np.dot(embedding[a], embedding[b])
-                        / (np.linalg.norm(embedding[a]) * np.linalg.norm(embedding[b]) + 1e-12))
-                  for a, b, _ in self.trials]
-        return {"eer": eer(scores, [label for _, _, label in self.trials])}
+        return {"eer": eer(trial_scores(embedding, self.trials), [label for _, _, label in self.trials])}
+
+    def outputs(self, head, feats, lengths) -> list[dict]:
+        return [{"embedding": e.tolist()} for e in self.predict(head, feats, lengths)]
+
+
+def trial_scores(embedding: Mapping[str, np.ndarray], trials: Sequence[Trial]) -> list[float]:
+    """The cosine score of each trial pair (every id of ``trials`` has its embedding): what eer ranks, and
+    what `fusionpipe predict --trials` writes."""
+    return [float(np.dot(embedding[a], embedding[b])
+                  / (np.linalg.norm(embedding[a]) * np.linalg.norm(embedding[b]) + 1e-12))
+            for a, b, _ in trials]
