@@ -462,7 +462,7 @@ def test_the_cross_task_table_says_per_task_whether_the_papers_ordering_holds(tm
             "weighted-sum-concat 35.00 ± 1.00 |") in asr_row  # lower is better: smallest first
     assert f"| {fused} 20.00 ± 1.00, toy-whisper 21.50 ± 1.00, toy-wavlm 40.00 ± 2.00 |" in asr_row
     assert "| holds | toy-wavlm: holds; toy-whisper: within the seed spread |" in asr_row
-    assert ("- **asr**: HConv over the weighted sum holds (20.00 ± 1.00 vs 30.00 ± 1.00); the fused set over "
+    assert ("- **asr**: HConv over the weighted sum (add) holds (20.00 ± 1.00 vs 30.00 ± 1.00); the fused set over "
             "toy-wavlm holds (20.00 ± 1.00 vs 40.00 ± 2.00); the fused set over toy-whisper within the seed spread "
             "(20.00 ± 1.00 vs 21.50 ± 1.00).") in md
     er_row = next(line for line in md.splitlines() if line.startswith("| er (accuracy"))
@@ -472,8 +472,8 @@ def test_the_cross_task_table_says_per_task_whether_the_papers_ordering_holds(tm
     one_seed = _cross_task_rows({("asr", fused, "hconv-add"): (20.0, None), ("asr", fused, "weighted-sum-add"): (19.0, None),
                                  ("er", fused, "hconv-add"): (50.0, None)})
     md = "\n".join(cross_task(recipe, one_seed))
-    assert "HConv over the weighted sum reversed (20.00 vs 19.00, one seed: no spread to judge by)" in md
-    assert "the fused set over toy-wavlm was not run" in md and "HConv over the weighted sum was not run" in md
+    assert "HConv over the weighted sum (add) reversed (20.00 vs 19.00, one seed: no spread to judge by)" in md
+    assert "the fused set over toy-wavlm was not run" in md and "HConv over the weighted sum (add) was not run" in md
     only_asr = [r for r in rows if r["task"] == "asr"]
     assert cross_task(recipe, only_asr) == []  # one task: its own table says it all
 
