@@ -476,6 +476,11 @@ def test_the_cross_task_table_says_per_task_whether_the_papers_ordering_holds(tm
     assert "the fused set over toy-wavlm was not run" in md and "HConv over the weighted sum (add) was not run" in md
     only_asr = [r for r in rows if r["task"] == "asr"]
     assert cross_task(recipe, only_asr) == []  # one task: its own table says it all
+    singles = load_recipe(_write(tmp_path, _recipe(
+        tasks={"asr": {"metric": "cer"}, "er": {"task": "classify"}},
+        grid={"upstream_sets": [["toy-wavlm"], ["toy-whisper"]], "fusion": ["weighted-sum", "hconv"],
+              "merge": ["add"]}), "singles.yaml"))
+    assert "| within the seed spread | no fused set in the grid |" in "\n".join(cross_task(singles, rows))
 
 
 def test_bundled_corpus_names_resolve_from_any_directory(tmp_path, monkeypatch):

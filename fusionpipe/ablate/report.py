@@ -270,9 +270,11 @@ def cross_task(recipe: Recipe, rows: list[dict]) -> list[str]:
         over = [(upstream_set_name(s), _verdict(_find(by_set, upstream_set_name(fused), "upstreams"),
                                                 _find(by_set, upstream_set_name(s), "upstreams"), lower))
                 for s in singles]
+        sets = "; ".join(f"{name}: {v[0]}" for name, v in over) or (
+            "no single upstream in the grid" if len(fused) > 1 else "no fused set in the grid")
         lines.append(f"| {spec.name} ({metric}, {'lower' if lower else 'higher'} is better) | "
                      f"{_ranking(on_fused, 'variant', lower)} | {_ranking(by_set, 'upstreams', lower)} | {hconv[0]} | "
-                     + ("; ".join(f"{name}: {v[0]}" for name, v in over) or "no single upstream in the grid") + " |")
+                     f"{sets} |")
         said = [f"HConv over the weighted sum ({merge}) {hconv[1]}"]
         said += [f"the fused set over {name} {v[1]}" for name, v in over]
         sentences.append(f"- **{spec.name}**: " + "; ".join(said) + ".")
