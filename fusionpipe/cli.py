@@ -128,6 +128,26 @@ def manifest_librimix(root: Path,
         typer.echo(f"{write_manifest(m, out / f'{m.name}.tsv')}: {len(m)} mixtures, {m.duration / 3600:.2f} h")
 
 
+@manifest_app.command("mix")
+def manifest_mix(manifest: Path, count: int = typer.Option(100, help="mixtures to make"),
+                 overlap: float = typer.Option(0.25, help="overlapped share of each mixture, 0 <= R < 1"),
+                 seed: int = typer.Option(0, help="the same seed makes the same mixtures"),
+                 out: Path = typer.Option(Path("manifests"), help="directory for the TSV, the RTTM and <name>/ audio"),
+                 name: Optional[str] = typer.Option(None, help="manifest name (default: <manifest>-mix)")):
+    """Two-speaker mixtures (speaker-labelled MANIFEST) -> <name>.tsv (turns), <name>.rttm and <name>/*.flac."""
+    from fusionpipe.corpora.mix import check_overlap, mix_manifest, overlap_ratio
+    from fusionpipe.manifest import read_manifest, write_manifest
+    from fusionpipe.rttm import parse_turns, write_rttm
+
+    check_overlap(overlap)
+    source = read_manifest(manifest)
+    name = name or f"{source.name}-mix"
+    m = mix_manifest(source, count, overlap, seed, out / name, name)
+    typer.echo(f"{write_manifest(m, out / f'{name}.tsv', root=name)}: {len(m)} mixtures, {m.duration / 3600:.2f} h, "
+               f"overlap {sum(overlap_ratio(u.turns) for u in m) / len(m):.3f}")
+    typer.echo(f"{write_rttm(out / f'{name}.rttm', {u.id: parse_turns(u.turns) for u in m})}: reference turns")
+
+
 # ---- stage 1 --------------------------------------------------------------------------------
 @app.command()
 def models():

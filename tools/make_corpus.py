@@ -5,15 +5,20 @@ The corpus is synthesised with espeak-ng from sentences of tiny per-language
 grammars.  espeak-ng voice *variants* (``+m1``, ``+f2`` ...) act as speakers,
 four prosody settings (rate / pitch / amplitude) act as an emotion-like
 ``label`` (neutral, happy, angry, sad), and four languages (en, de, es, fr)
-give material for multilingual ASR and language id.
+give material for multilingual ASR and language id. espeak-ng also says which
+phones it spoke (the ``phonemes`` column, for phoneme recognition); the English
+voices say SUPERB's keywords (keyword spotting); and the package's mixture
+simulator mixes pairs of each split's utterances (diarization).
 
 Output (all paths relative to the repository root)::
 
     fusionpipe/corpus/audio/<utt_id>.flac     16 kHz mono PCM_16 FLAC
     fusionpipe/corpus/trials.txt              speaker-verification trials
     fusionpipe/corpus/demo-{train,dev,test}.tsv   manifests, "# root: audio"
+    fusionpipe/corpus/keywords/, keywords-{train,dev,test}.tsv   1 s keyword clips, 12 classes
+    fusionpipe/corpus/mix/, mix-{train,dev,test}.tsv, .rttm      two-speaker mixtures
     fusionpipe/corpus/README.md               statistics and provenance
-    manifests/demo-{train,dev,test}.tsv       same rows, root ../fusionpipe/corpus/audio
+    manifests/{demo,keywords,mix}-*           same rows, roots ../fusionpipe/corpus/<folder>
 
 Splits: the test split consists only of speakers whose espeak variant is
 never used by a train/dev speaker (in any language); train and dev share
@@ -51,6 +56,8 @@ import soxr
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "fusionpipe" / "corpus"
 AUDIO = CORPUS / "audio"
+KEYWORD_AUDIO = CORPUS / "keywords"
+MIX_AUDIO = CORPUS / "mix"
 MANIFESTS = REPO / "manifests"
 
 SR = 16000
@@ -59,6 +66,24 @@ PAD = 0.10  # seconds of silence kept at each end after trimming
 MIN_RMS = 0.005
 SPLITS = ("train", "dev", "test")
 COLUMNS = ("id", "path", "num_samples", "sample_rate", "speaker", "text", "label", "language", "split")
+DEMO_COLUMNS = COLUMNS + ("phonemes",)
+
+# --------------------------------------------------------------------------------------
+# Keyword spotting (SUPERB KS on Speech Commands v1.0): the ten words are classes of their
+# own, every other word is `_unknown_`, and 1 s of background noise is `_silence_`.
+# --------------------------------------------------------------------------------------
+KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+OTHER_WORDS = ("bed", "bird", "cat", "house")  # Speech Commands words that SUPERB counts as _unknown_
+UNKNOWN, SILENCE = "_unknown_", "_silence_"
+KEYWORD_TAKES = {"train": 2, "dev": 1, "test": 2}  # per voice and word; each take in another speaking style
+NOISE_DBFS = (-60.0, -45.0)  # RMS of the _silence_ clips (white or brown noise), drawn per clip
+
+# --------------------------------------------------------------------------------------
+# Two-speaker mixtures for diarization, made by `fusionpipe manifest mix`'s simulator from
+# each split of the demo corpus (so a split's mixtures hold only that split's speakers).
+# --------------------------------------------------------------------------------------
+MIXTURES = {"train": 24, "dev": 8, "test": 8}
+MIX_OVERLAP = 0.25
 
 # --------------------------------------------------------------------------------------
 # Speaking styles -> emotion-like labels.  (lo, hi) ranges for espeak-ng -s (words per
@@ -265,6 +290,7 @@ class Utt:
     label: str
     split: str
     text: str
+    phonemes: str = ""
     num_samples: int = 0
     rms: float = 0.0
     peak: float = 0.0
@@ -290,6 +316,22 @@ def synthesize(voice: str, rate: int, pitch: int, amp: int, text: str, tmp: Path
     pad = int(PAD * SR)
     y = y[max(0, loud[0] - pad): loud[-1] + pad + 1]
     return np.clip(y, -1.0, 32767 / 32768)
+
+
+def phonemize(voice: str, rate: int, pitch: int, amp: int, text: str) -> str:
+    """The phones espeak-ng says for ``text`` with the voice and settings of the audio: its phoneme
+    mnemonics (``-x``), one token per phone (``--sep=" "``), stress marks, pauses (``_:``, ``_|``) and
+    word boundaries dropped (SUPERB's phoneme recognition scores phones, not stress or word boundaries)."""
+    cmd = ["espeak-ng", "-q", "-x", "--sep= ", "-v", voice, "-s", str(rate), "-p", str(pitch), "-a", str(amp), text]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    phones: list[str] = []
+    for token in out.split():
+        token = token.lstrip("',%=")
+        if token == ";" and phones:  # a modifier that --sep splits off: espeak's `i;`, `n;` are one phone
+            phones[-1] += token
+        elif token and not token.startswith("_"):
+            phones.append(token)
+    return " ".join(phones)
 
 
 def build_plan(seed: int, en_per_style: int, other_per_style: int) -> list[tuple[Utt, str]]:
@@ -328,17 +370,109 @@ def make_trials(utts: list[Utt], seed: int, n_each: int) -> list[tuple[int, str,
     return [(t, a, b) if rng.random() < 0.5 else (t, b, a) for t, a, b in trials]
 
 
-def write_manifest(path: Path, root: str, utts: list[Utt]) -> None:
-    lines = [f"# root: {root}", "\t".join(COLUMNS)]
+def write_manifest(path: Path, root: str, utts: list[Utt], columns: tuple[str, ...] = DEMO_COLUMNS) -> None:
+    lines = [f"# root: {root}", "\t".join(columns)]
     for u in utts:
         assert "\t" not in u.text and "\n" not in u.text
-        lines.append("\t".join([u.id, f"{u.id}.flac", str(u.num_samples), str(SR), u.speaker, u.text,
-                                u.label, u.language, u.split]))
+        cells = {"id": u.id, "path": f"{u.id}.flac", "num_samples": str(u.num_samples), "sample_rate": str(SR),
+                 "speaker": u.speaker, "text": u.text, "label": u.label, "language": u.language, "split": u.split,
+                 "phonemes": u.phonemes}
+        lines.append("\t".join(cells[c] for c in columns))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def write_readme(utts: list[Utt], trials, seed: int, args: argparse.Namespace, version: str) -> None:
-    def table(key) -> str:
+def write_both(name: str, folder: str, utts: list[Utt], columns: tuple[str, ...]) -> None:
+    """<name>.tsv here (root: the folder beside it) and in manifests/ (root: ../fusionpipe/corpus/<folder>)."""
+    write_manifest(CORPUS / f"{name}.tsv", folder, utts, columns)
+    write_manifest(MANIFESTS / f"{name}.tsv", f"../fusionpipe/corpus/{folder}", utts, columns)
+
+
+# --------------------------------------------------------------------------------------
+# Keyword clips and mixtures (each with its own seeded RNG: the demo utterances' draws,
+# and so their audio, are the same with or without them)
+# --------------------------------------------------------------------------------------
+
+
+def keyword_speakers() -> dict[str, list[str]]:
+    """split -> the English voices saying keywords in it, as the demo corpus splits its speakers: the
+    test-only voices in test, the others in train and dev."""
+    groups = SPEAKERS["en"]
+    return {"train": groups["trainable"], "dev": groups["trainable"], "test": groups["test"]}
+
+
+def make_keywords(seed: int, tmp: Path) -> list[Utt]:
+    """Every English voice says every word, KEYWORD_TAKES[split] times per split, in distinct speaking
+    styles; each take is placed at a random offset in a 1 s clip (Speech Commands' clip length).
+    `_silence_` clips, as many per split as one keyword has, are 1 s of low noise (SUPERB cuts them from
+    the corpus's background-noise recordings)."""
+    rng = random.Random(seed + 2)
+    KEYWORD_AUDIO.mkdir(parents=True, exist_ok=True)
+    for old in KEYWORD_AUDIO.glob("*.flac"):
+        old.unlink()
+    utts = []
+    for split, voices in keyword_speakers().items():
+        for var in voices:
+            for word in KEYWORDS + OTHER_WORDS:
+                styles = rng.sample(sorted(STYLES), KEYWORD_TAKES[split])
+                for style in styles:
+                    rate, pitch, amp = (rng.randint(*STYLES[style][k]) for k in ("rate", "pitch", "amp"))
+                    speech = synthesize(f"{ESPEAK_VOICE['en']}+{var}", rate, pitch, amp, word, tmp)
+                    if not 0 < len(speech) <= SR:
+                        raise RuntimeError(f"{word!r} by en-{var} ({style}) is {len(speech) / SR:.2f} s, not within 1 s")
+                    clip = np.zeros(SR, dtype=np.float32)
+                    start = rng.randint(0, SR - len(speech))
+                    clip[start:start + len(speech)] = speech
+                    label = word if word in KEYWORDS else UNKNOWN
+                    uid = f"kw-en-{var}-{word}-{split}-{style}"
+                    utts.append(_clip(uid, clip, f"en-{var}", word.upper(), label, split))
+        per_keyword = len(voices) * KEYWORD_TAKES[split]
+        for i in range(1, per_keyword + 1):
+            utts.append(_clip(f"kw-silence-{split}-{i:03d}", noise(rng), "", "", SILENCE, split))
+    return utts
+
+
+def noise(rng: random.Random) -> np.ndarray:
+    """1 s of white or brown noise at a low level: the `_silence_` class."""
+    gen = np.random.default_rng(rng.getrandbits(32))
+    x = gen.standard_normal(SR)
+    if rng.random() < 0.5:  # brown: integrated white noise, its drift removed
+        x = np.cumsum(x)
+        x -= np.convolve(x, np.ones(401) / 401, mode="same")
+    x *= 10 ** (rng.uniform(*NOISE_DBFS) / 20) / np.sqrt(np.mean(x ** 2))
+    return x.astype(np.float32)
+
+
+def _clip(uid: str, clip: np.ndarray, speaker: str, text: str, label: str, split: str) -> Utt:
+    sf.write(KEYWORD_AUDIO / f"{uid}.flac", clip, SR, subtype="PCM_16", format="FLAC", compression_level=1.0)
+    return Utt(uid, speaker, "en", label, split, text, num_samples=len(clip))
+
+
+def make_mixtures(seed: int) -> dict[str, int]:
+    """mix-{split}.tsv / .rttm: MIXTURES[split] two-speaker mixtures of that split's demo utterances, made by
+    the package's simulator (`fusionpipe manifest mix`); returns split -> seconds of audio."""
+    from fusionpipe.corpora.mix import mix_manifest
+    from fusionpipe.manifest import read_manifest, write_manifest as write_rows
+    from fusionpipe.rttm import parse_turns, write_rttm
+
+    MIX_AUDIO.mkdir(parents=True, exist_ok=True)
+    for old in MIX_AUDIO.glob("*.flac"):
+        old.unlink()
+    seconds = {}
+    for k, split in enumerate(SPLITS):
+        demo = read_manifest(CORPUS / f"demo-{split}.tsv")
+        m = mix_manifest(demo, MIXTURES[split], MIX_OVERLAP, seed + 10 + k, MIX_AUDIO, f"mix-{split}")
+        write_rows(m, CORPUS / f"mix-{split}.tsv", root="mix")
+        write_rows(m, MANIFESTS / f"mix-{split}.tsv", root="../fusionpipe/corpus/mix")
+        turns = {u.id: parse_turns(u.turns) for u in m}
+        write_rttm(CORPUS / f"mix-{split}.rttm", turns)
+        write_rttm(MANIFESTS / f"mix-{split}.rttm", turns)
+        seconds[split] = m.duration
+    return seconds
+
+
+def write_readme(utts: list[Utt], keywords: list[Utt], mix_seconds: dict[str, float], trials, seed: int,
+                 args: argparse.Namespace, version: str) -> None:
+    def table(key, utts=utts) -> str:
         rows = sorted({key(u) for u in utts})
         out = ["| " + " | ".join(["", *SPLITS, "total"]) + " |", "|" + "---|" * (len(SPLITS) + 2)]
         for r in rows:
@@ -353,6 +487,8 @@ def write_readme(utts: list[Utt], trials, seed: int, args: argparse.Namespace, v
         secs[u.split] += u.num_samples / SR
     total_s = sum(secs.values())
     size = sum((AUDIO / f"{u.id}.flac").stat().st_size for u in utts)
+    keyword_size = sum(p.stat().st_size for p in KEYWORD_AUDIO.glob("*.flac"))
+    mix_size = sum(p.stat().st_size for p in MIX_AUDIO.glob("*.flac"))
     durs = np.array([u.num_samples / SR for u in utts])
     style_rows = "\n".join(
         f"| {s} | {p['rate'][0]}-{p['rate'][1]} | {p['pitch'][0]}-{p['pitch'][1]} | {p['amp'][0]}-{p['amp'][1]} |"
@@ -389,7 +525,23 @@ changing rate, pitch and loudness, not acted emotions.
   Utterance ids are `<language>-<variant>-<label>-<NNNN>`, e.g. `en-m1-neutral-0001`.
 - `demo-train.tsv`, `demo-dev.tsv`, `demo-test.tsv`: manifests (`# root: audio`);
   the same rows are in `manifests/demo-*.tsv` of the repository with root
-  `../fusionpipe/corpus/audio`.  Columns: `{" ".join(COLUMNS)}`.
+  `../fusionpipe/corpus/audio`.  Columns: `{" ".join(DEMO_COLUMNS)}`.
+  `phonemes` is what espeak-ng said, as it says it (`espeak-ng -q -x --sep=" "` with the
+  utterance's voice, rate, pitch and amplitude): its phoneme mnemonics, one token per phone,
+  separated by single spaces, stress marks, pauses and word boundaries dropped (phoneme recognition).
+- `keywords/<id>.flac` and `keywords-{{train,dev,test}}.tsv` (root `keywords`; copies in
+  `manifests/`): {len(keywords)} 1 s clips for keyword spotting as SUPERB defines it on Speech
+  Commands v1.0: `label` is one of 12 classes, the ten words {", ".join(KEYWORDS)}, `_unknown_`
+  for the other words ({", ".join(OTHER_WORDS)}) and `_silence_` (1 s of white or brown noise at
+  {NOISE_DBFS[0]:.0f} to {NOISE_DBFS[1]:.0f} dBFS). Every English voice says every word, in
+  speaking styles drawn per take, at a random offset in the clip; the test split's voices are the
+  demo corpus's test-only ones. {keyword_size / 1e6:.2f} MB.
+- `mix/<id>.flac`, `mix-{{train,dev,test}}.tsv` (root `mix`; copies in `manifests/`) and
+  `mix-{{train,dev,test}}.rttm`: two-speaker mixtures for diarization, made with
+  `fusionpipe manifest mix` from each split's demo utterances (so a split's mixtures hold only its
+  speakers), overlap ratio {MIX_OVERLAP} (overlapped time / mixture time), sources trimmed to their
+  speech and levelled at -33 to -25 dBFS. The `turns` column and the RTTM say who speaks when.
+  """ + ", ".join(f"{s} {MIXTURES[s]} ({mix_seconds[s]:.1f} s)" for s in SPLITS) + f"""; {mix_size / 1e6:.2f} MB.
 - `trials.txt`: {len(trials)} speaker-verification trials in VoxCeleb format
   (`<1 same speaker|0 different> <utt_id_a> <utt_id_b>`), {n_same} target and
   {len(trials) - n_same} non-target, over the English test-only speakers.
@@ -403,6 +555,10 @@ Seconds of audio per split: """ + ", ".join(f"{s} {secs[s]:.1f} s" for s in SPLI
 ### Utterances per label (speaking style)
 
 {table(lambda u: u.label)}
+
+### Keyword clips per class
+
+{table(lambda u: u.label, keywords)}
 
 ### Utterances per speaker
 
@@ -442,8 +598,9 @@ espeak-ng version):
 {cmd}    # from the repository root
 ```
 
-It rewrites `audio/`, `trials.txt`, the manifests here and in `manifests/`, and
-this README.
+It rewrites `audio/`, `keywords/`, `mix/`, `trials.txt`, the manifests (and RTTM files) here and in
+`manifests/`, and this README. The keyword clips and the mixtures have random number generators of their
+own, so the demo utterances are the same with them or without them.
 
 ## License
 
@@ -497,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"could not synthesise {u.id} within {MIN_DUR}-{MAX_DUR} s")
             used.add((u.language, text))
             u.text = text
+            u.phonemes = phonemize(voice, rate, pitch, amp, text.lower())
             u.rms = float(np.sqrt(np.mean(y.astype(np.float64) ** 2)))
             u.peak = float(np.abs(y).max())
             if u.rms < MIN_RMS:
@@ -510,13 +668,15 @@ def main(argv: list[str] | None = None) -> int:
             if (k + 1) % 100 == 0:
                 print(f"  {k + 1}/{len(plan)} utterances, {time.time() - t0:.0f} s", flush=True)
 
+        keywords = make_keywords(args.seed, tmp)
+
     for split in SPLITS:
-        rows = [u for u in utts if u.split == split]
-        write_manifest(MANIFESTS / f"demo-{split}.tsv", "../fusionpipe/corpus/audio", rows)
-        write_manifest(CORPUS / f"demo-{split}.tsv", "audio", rows)
+        write_both(f"demo-{split}", "audio", [u for u in utts if u.split == split], DEMO_COLUMNS)
+        write_both(f"keywords-{split}", "keywords", [u for u in keywords if u.split == split], COLUMNS)
+    mix_seconds = make_mixtures(args.seed)
     trials = make_trials(utts, args.seed, args.trials_per_class)
     (CORPUS / "trials.txt").write_text("".join(f"{t} {a} {b}\n" for t, a, b in trials), encoding="ascii")
-    write_readme(utts, trials, args.seed, args, version)
+    write_readme(utts, keywords, mix_seconds, trials, args.seed, args, version)
 
     size = sum(p.stat().st_size for p in AUDIO.glob("*.flac"))
     secs = sum(u.num_samples for u in utts) / SR
@@ -525,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len({u.speaker for u in utts})} speakers, {secs:.1f} s, {size / 1e6:.2f} MB FLAC, "
           f"{len(trials)} trials, {redrawn} redrawn, {time.time() - t0:.1f} s")
     print(f"min rms {min(u.rms for u in utts):.4f}, max peak {max(u.peak for u in utts):.3f}")
+    print(f"{len(keywords)} keyword clips, mixtures: " + ", ".join(f"{s} {mix_seconds[s]:.1f} s" for s in SPLITS)
+          + f"; corpus {sum(p.stat().st_size for p in CORPUS.rglob('*') if p.is_file()) / 1e6:.2f} MB")
     return 0
 
 

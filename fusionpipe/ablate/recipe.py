@@ -34,7 +34,7 @@ The recipe (every key is checked; an unknown, missing or mistyped one is an erro
     paper:                            # optional: task -> upstream set -> variant -> value in %
       asr: {"wavlm-base-plus+whisper-small": {weighted-sum-add: 4.77, hconv-add: 4.93}}
 
-- Manifests: a bundled name (demo-train, demo-dev, demo-test: the corpus inside the package),
+- Manifests: a bundled name (demo-*, keywords-*, mix-* train/dev/test: the corpus inside the package),
   a path to a TSV, or a bare name looked up as <manifest_dir>/<name>.tsv (what `fusionpipe
   manifest ...` writes). Every task needs `train` and at least one of `dev` and `test`; a
   task's own `manifests` replace the recipe's. Trial lists (verify): `trials: {dev:, test:}`,
@@ -433,8 +433,9 @@ def _manifest_refs(c: _Checker, value, where: str, folds: bool) -> dict[str, str
 
 
 def manifest_path(recipe: Recipe, ref: str) -> Path:
-    """A manifest reference -> its TSV: bundled name, path, or <manifest_dir>/<name>.tsv."""
-    if ref in BUNDLED:
+    """A manifest reference -> its TSV: a name of the bundled corpus (demo-*, keywords-*, mix-*: so a recipe on
+    it runs from any directory), a path, or <manifest_dir>/<name>.tsv."""
+    if ref in BUNDLED or (_NAME.fullmatch(ref) and not ref.endswith(".tsv") and (CORPUS / f"{ref}.tsv").is_file()):
         return CORPUS / f"{ref}.tsv"
     if ref.endswith(".tsv") or "/" in ref or os.sep in ref:
         return Path(ref)

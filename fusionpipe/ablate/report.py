@@ -3,7 +3,10 @@
 One row per task x upstream set x variant, folds averaged, each task's metric on its test set
 (dev where a task has none) beside the paper's value when the recipe gives one, with trainable
 and interface parameters, train seconds per epoch and inference seconds (the HConv overhead
-question). `ablation.run_recipe` writes it after the runs; the runs on disk are its only input.
+question). A recipe with several tasks also gets the cross-task check: per task, the interfaces and
+the upstream sets ranked, and whether the paper's ordering (HConv over the weighted sum, the fused set
+over each single upstream) holds there. `ablation.run_recipe` writes it after the runs; the runs on
+disk are its only input.
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
                     single |= trained_elsewhere
                     cells.append("—" if trained_elsewhere else "")
                     continue
-                cell = _fmt(r["ours"]) + (f" ± {_fmt(r['ours_std'])}" if r["ours_std"] is not None else "")
+                cell = _pm(r)
                 if r["paper"] is not None:
                     cell += f" ({_fmt(r['paper'])})"
                 if r["stuck"]:
@@ -204,6 +207,7 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
                 lines += ["", f"![{p.stem}]({p.name})"]
         lines.append("")
 
+    lines += cross_task(recipe, rows)
     if layers:
         lines += ["## What the layers say", "",
                   "Per upstream set: which layers each variant uses (left: the dev metric's change when one merged "
@@ -235,6 +239,83 @@ def _write_md(recipe: Recipe, rows: list[dict], plots: list[Path], path: Path,
     lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def cross_task(recipe: Recipe, rows: list[dict]) -> list[str]:
+    """The paper's next check, one row and one sentence per task: does what the paper found on ASR, SV, ER
+    and ML-SUPERB (HConv beats the weighted sum; fusing upstreams beats each alone) hold on this task?
+    Only for a recipe with results on more than one task: with one, the task's own table says it all."""
+    tasks = [spec for spec in recipe.tasks.values() if any(r["task"] == spec.name for r in rows)]
+    if len(tasks) < 2:
+        return []
+    fused = max(recipe.upstream_sets, key=len)
+    singles = [s for s in recipe.upstream_sets if len(s) == 1] if len(fused) > 1 else []
+    same, merge = _reference_variant(recipe), recipe.merge[0]
+    lines = ["## Across tasks: does the paper's ordering hold?", "",
+             f"Per task, its metric in % (mean ± std over seeds). Interfaces are ranked on the fused set "
+             f"{upstream_set_name(fused)}, upstream sets with one interface for all ({same}: single upstreams "
+             f"train only the first merge). The paper's ordering: HConv over the weighted sum (both under {merge}), "
+             f"and the fused set over each single upstream. A difference counts when the two `mean ± std` ranges "
+             f"do not overlap; otherwise it is within the seed spread.", "",
+             f"| task | interfaces, best first | upstream sets, best first | HConv over weighted sum ({merge}) | "
+             "fused over each single |", "|---|---|---|---|---|"]
+    sentences = []
+    for spec in tasks:
+        metric, lower = _primary(spec)
+        task_rows = [r for r in rows if r["task"] == spec.name and r["ours"] is not None]
+        on_fused = [r for r in task_rows if r["upstreams"] == upstream_set_name(fused)]
+        by_set = [r for r in task_rows if r["variant"] == same]
+        hconv = _verdict(_find(on_fused, variant_name("hconv", merge)),
+                         _find(on_fused, variant_name("weighted-sum", merge)), lower)
+        over = [(upstream_set_name(s), _verdict(_find(by_set, upstream_set_name(fused), "upstreams"),
+                                                _find(by_set, upstream_set_name(s), "upstreams"), lower))
+                for s in singles]
+        sets = "; ".join(f"{name}: {v[0]}" for name, v in over) or (
+            "no single upstream in the grid" if len(fused) > 1 else "no fused set in the grid")
+        lines.append(f"| {spec.name} ({metric}, {'lower' if lower else 'higher'} is better) | "
+                     f"{_ranking(on_fused, 'variant', lower)} | {_ranking(by_set, 'upstreams', lower)} | {hconv[0]} | "
+                     f"{sets} |")
+        said = [f"HConv over the weighted sum ({merge}) {hconv[1]}"]
+        said += [f"the fused set over {name} {v[1]}" for name, v in over]
+        sentences.append(f"- **{spec.name}**: " + "; ".join(said) + ".")
+    return lines + [""] + sentences + [""]
+
+
+VERDICTS = ("holds", "reversed", "within the seed spread")
+
+
+def _verdict(claimed: dict | None, other: dict | None, lower: bool) -> tuple[str, str]:
+    """Whether ``claimed`` (what the paper found better) beats ``other``: (verdict, the verdict with its
+    numbers). With one seed there is no spread, and the verdict says so."""
+    if claimed is None or other is None:
+        return "not run", "was not run (a variant or upstream set missing)"
+    a, b = claimed["ours"], other["ours"]
+    spread = None if claimed["ours_std"] is None or other["ours_std"] is None else claimed["ours_std"] + other["ours_std"]
+    better = a < b if lower else a > b
+    if spread is not None and abs(a - b) <= spread:
+        verdict = VERDICTS[2]
+    else:
+        verdict = VERDICTS[0] if better else VERDICTS[1]
+    numbers = f"{_pm(claimed)} vs {_pm(other)}" + ("" if spread is not None else ", one seed: no spread to judge by")
+    return verdict, f"{verdict} ({numbers})"
+
+
+def _reference_variant(recipe: Recipe) -> str:
+    """The variant every upstream set trains, to compare sets by: HConv (the paper's) under the first merge."""
+    return variant_name("hconv" if "hconv" in recipe.fusion else recipe.fusion[0], recipe.merge[0])
+
+
+def _find(rows: list[dict], value: str, key: str = "variant") -> dict | None:
+    return next((r for r in rows if r[key] == value), None)
+
+
+def _ranking(rows: list[dict], key: str, lower: bool) -> str:
+    ranked = sorted(rows, key=lambda r: r["ours"] if lower else -r["ours"])
+    return ", ".join(f"{r[key]} {_pm(r)}" for r in ranked) or "—"
+
+
+def _pm(row: dict) -> str:
+    return _fmt(row["ours"]) + (f" ± {_fmt(row['ours_std'])}" if row["ours_std"] is not None else "")
 
 
 def _seed_list(spec: TaskSpec) -> str:
