@@ -21,12 +21,12 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.extract.batching import plan
 from fusionpipe.extract.defaults import MAX_SECONDS
 from fusionpipe.extract.stage import extract
-from fusionpipe.manifest import Manifest, Utterance, bundled_manifests, read_manifest, write_manifest
+from fusionpipe.manifest import CORPUS, Manifest, Utterance, bundled_manifests, read_manifest, write_manifest
 from fusionpipe.predict import predict
 from fusionpipe.predict.model import best_variant, load_recorded, recorded_upstreams
 from fusionpipe.predict.output import RowWriter
 from fusionpipe.predict.run import blocks
-from fusionpipe.rttm import Turn, read_rttm
+from fusionpipe.rttm import Turn, format_turns, read_rttm
 from fusionpipe.store import FeatureStore
 from fusionpipe.train.evaluation import eval_loader, evaluate, predictions, predictor, trained_variants
 from fusionpipe.train.loop import train
@@ -53,7 +53,10 @@ def from_cache(run, stores, variant: str) -> dict[str, dict]:
     decoded = dict(zip(targets["id"], preds[variant]))
     for u, o in out.items():
         p = decoded[u]
-        assert (np.array_equal(p, o["embedding"]) if "embedding" in o else p == next(iter(o.values()))), u
+        if "embedding" in o:
+            assert np.array_equal(p, o["embedding"]), u
+        else:
+            assert (format_turns(p) if "turns" in o else p) == next(iter(o.values())), u
     return out
 
 
@@ -67,7 +70,8 @@ def differences(cached: dict, audio: dict) -> dict:
     """How far the outputs from audio are from the cache's: decoded outputs that differ, and the largest
     difference of a number (probability, embedding value)."""
     assert cached.keys() == audio.keys()
-    decoded = [u for u in cached if any(cached[u][k] != audio[u][k] for k in ("label", "transcript") if k in cached[u])]
+    decoded = [u for u in cached if any(cached[u][k] != audio[u][k]
+                                        for k in ("label", "transcript", "phonemes", "turns") if k in cached[u])]
     numbers = [np.abs(np.subtract(cached[u][k] if k == "embedding" else list(cached[u][k].values()),
                                   audio[u][k] if k == "embedding" else list(audio[u][k].values()))).max()
                for u in cached for k in ("embedding", "probabilities") if k in cached[u]]
@@ -268,6 +272,7 @@ def test_blocks_cover_every_input_once_in_order_within_the_budget(durations, sec
 
 # ---- every task on the bundled corpus, per store format ---------------------------------------------------------
 TASKS = {"asr": {"head_options": {"proj": 16, "hidden": 16, "layers": 1}}, "classify": {},
+         "phoneme": {"head_options": {"proj": 16, "hidden": 16, "layers": 1}},
          "verify": {"head_options": {"proj": 16, "embed_dim": 16, "tdnn": 16, "last": 32}},
          "multilingual": {"head_options": {"proj": 16, "d_model": 16, "layers": 1, "heads": 2, "ffn": 32}}}
 
@@ -318,3 +323,23 @@ def test_every_task_predicts_from_audio_what_evaluate_computes_from_the_cache(bu
         assert all(r in ({"decoded": [], "max_abs": 0.0}, 0.0) for r in report.values()), report
     else:  # lossy: the difference is measured and reported (printed above), never zero for every task
         assert any(r["max_abs"] > 0 for r in report.values() if isinstance(r, dict)), report
+
+
+def test_diarize_predicts_from_audio_the_turns_evaluate_computes_and_writes_them_as_rttm(tmp_path, train_config):
+    """The bundled two-speaker mixtures: the turns from audio are the cache's, bit for bit, and --out X.rttm
+    holds them."""
+    mixtures = read_manifest(CORPUS / "mix-test.tsv")
+    stores = [extract(mixtures, up, tmp_path / "cache", device="cpu", progress=False).url
+              for up in ("toy-wavlm", "toy-whisper")]
+    run = tmp_path / "sd"
+    train(train_config({"train": stores, "dev": stores}, run, task="diarize", steps=6, eval_every=3,
+                       head_options={"hidden": 8}), progress=False)
+    variant = best_variant(RunDir(run), RunDir(run).config())
+    cached = from_cache(run, stores, variant)
+    audio = from_audio(run, mixtures.source, tmp_path, variant=variant)
+    assert differences(cached, audio) == {"decoded": [], "max_abs": 0.0}
+    predict(run, manifest=mixtures.source, out=tmp_path / "sd.rttm", device="cpu", progress=False, variant=variant)
+    written = read_rttm(tmp_path / "sd.rttm", [u.id for u in mixtures])
+    assert written, "the run predicts some speech"
+    assert {u: format_turns(turns) for u, turns in written.items()} == {u: o["turns"] for u, o in audio.items()
+                                                                        if o["turns"]}

@@ -93,6 +93,12 @@ def common_frames(frames: np.ndarray, align_time: str) -> np.ndarray:
     return frames.max(0) if align_time == "max" else frames.min(0)
 
 
+def common_frame_rate(rates: list[float], align_time: str) -> float:
+    """The stores' frame rates -> the fused view's (the same time rule: the fastest under max, the slowest
+    under min)."""
+    return max(rates) if align_time == "max" else min(rates)
+
+
 def align_into(x: np.ndarray | torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """One utterance of one store, (T_i, L_i, D) in the storage dtype -> out (L, T, D) float32 (= or +=).
 

@@ -35,7 +35,7 @@ import torch
 
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.fuse import lazy
-from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME, align_into, common_frames
+from fusionpipe.fuse.align import ALIGN_LAYERS, ALIGN_TIME, align_into, common_frame_rate, common_frames
 from fusionpipe.fuse.compact import CompactStack
 from fusionpipe.fuse.memory import BATCHES
 from fusionpipe.fuse.runs import neighbour_runs
@@ -209,8 +209,7 @@ class FusedView:
 
     @property
     def frame_rate(self) -> float:
-        rates = [s.frame_rate for s in self.stores]
-        return max(rates) if self.align_time == "max" else min(rates)
+        return common_frame_rate([s.frame_rate for s in self.stores], self.align_time)
 
     def reading_order(self) -> np.ndarray:
         """View indices sorted by position in the first store: neighbours there are one contiguous read."""

@@ -36,7 +36,7 @@ from fusionpipe.extract.registry import HUB_ID, UPSTREAMS
 from fusionpipe.extract.stage import compute_dtype
 from fusionpipe.extract.toys import toy_dir
 from fusionpipe.extract.upstreams import Upstream, load_upstream
-from fusionpipe.fuse.align import align_into, common_frames
+from fusionpipe.fuse.align import align_into, common_frame_rate, common_frames
 from fusionpipe.train.config import TrainConfig
 from fusionpipe.train.evaluation import finished_run, trained_variants
 from fusionpipe.train.rundir import RunDir, variant_names
@@ -55,6 +55,7 @@ class RecordedUpstream:
     revision: str | None
     num_layers: int
     hidden_size: int
+    frame_rate: float
     dtype: str
     codec: str
 
@@ -90,7 +91,7 @@ def recorded_upstreams(cfg: TrainConfig) -> list[RecordedUpstream]:
             raise FusionpipeError(f"the run's store {url} records no upstream (a fused or hand-made store): predict "
                                   "runs upstreams on audio, so train on stores that `fusionpipe extract` wrote")
         out.append(RecordedUpstream(url, info.upstream, info.model_id, info.revision, store.num_layers,
-                                    store.hidden_size, info.dtype, info.codec))
+                                    store.hidden_size, store.frame_rate, info.dtype, info.codec))
     return out
 
 
@@ -236,7 +237,8 @@ def load(run: str | Path, variant: str | None = None, device: str = "auto") -> T
     recorded = recorded_upstreams(cfg)
     task = run.task()
     on = resolve_device(device)
-    shape = SimpleNamespace(dims=[r.hidden_size for r in recorded], num_layers=max(r.num_layers for r in recorded))
+    shape = SimpleNamespace(dims=[r.hidden_size for r in recorded], num_layers=max(r.num_layers for r in recorded),
+                            frame_rate=common_frame_rate([r.frame_rate for r in recorded], cfg.align_time))
     (trained,) = trained_variants(run, cfg, task, shape, on, [name])
     upstreams = [load_recorded(r, on) for r in recorded]
     return TrainedModel(upstreams, recorded, trained.model, task, cfg, name).to(on)
