@@ -461,13 +461,14 @@ def test_the_cross_task_table_says_per_task_whether_the_papers_ordering_holds(tm
     assert ("| hconv-add 20.00 ± 1.00, hconv-concat 25.00 ± 1.00, weighted-sum-add 30.00 ± 1.00, "
             "weighted-sum-concat 35.00 ± 1.00 |") in asr_row  # lower is better: smallest first
     assert f"| {fused} 20.00 ± 1.00, toy-whisper 21.50 ± 1.00, toy-wavlm 40.00 ± 2.00 |" in asr_row
-    assert "| holds | toy-wavlm: holds; toy-whisper: within the seed spread |" in asr_row
-    assert ("- **asr**: HConv over the weighted sum (add) holds (20.00 ± 1.00 vs 30.00 ± 1.00); the fused set over "
+    assert "| add: holds; concat: holds | toy-wavlm: holds; toy-whisper: within the seed spread |" in asr_row
+    assert ("- **asr**: HConv over the weighted sum (add) holds (20.00 ± 1.00 vs 30.00 ± 1.00); HConv over the "
+            "weighted sum (concat) holds (25.00 ± 1.00 vs 35.00 ± 1.00); the fused set over "
             "toy-wavlm holds (20.00 ± 1.00 vs 40.00 ± 2.00); the fused set over toy-whisper within the seed spread "
             "(20.00 ± 1.00 vs 21.50 ± 1.00).") in md
     er_row = next(line for line in md.splitlines() if line.startswith("| er (accuracy"))
     assert "| weighted-sum-add 60.00 ± 2.00, hconv-add 50.00 ± 1.00 |" in er_row  # higher is better: largest first
-    assert "| reversed | toy-wavlm: holds; toy-whisper: reversed |" in er_row
+    assert "| add: reversed; concat: not run | toy-wavlm: holds; toy-whisper: reversed |" in er_row
 
     one_seed = _cross_task_rows({("asr", fused, "hconv-add"): (20.0, None), ("asr", fused, "weighted-sum-add"): (19.0, None),
                                  ("er", fused, "hconv-add"): (50.0, None)})
@@ -480,7 +481,7 @@ def test_the_cross_task_table_says_per_task_whether_the_papers_ordering_holds(tm
         tasks={"asr": {"metric": "cer"}, "er": {"task": "classify"}},
         grid={"upstream_sets": [["toy-wavlm"], ["toy-whisper"]], "fusion": ["weighted-sum", "hconv"],
               "merge": ["add"]}), "singles.yaml"))
-    assert "| within the seed spread | no fused set in the grid |" in "\n".join(cross_task(singles, rows))
+    assert "| add: within the seed spread | no fused set in the grid |" in "\n".join(cross_task(singles, rows))
 
 
 def test_bundled_corpus_names_resolve_from_any_directory(tmp_path, monkeypatch):
