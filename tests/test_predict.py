@@ -2,8 +2,10 @@
 from the cache, stream their inputs, and refuse bad input before writing anything."""
 
 import json
+import os
 import shutil
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -226,6 +228,16 @@ def recorded_copy(pitch_stores, tmp_path, **upstream):
     return rec
 
 
+def test_a_store_gone_from_here_says_where_a_relative_one_was_named_from(tmp_path, monkeypatch):
+    """A run trained in another directory named its stores relative to it: the error says to run from there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FusionpipeError, match=r"cache/x\.zarr is gone: .* relative to the directory it was trained in"):
+        recorded_upstreams(SimpleNamespace(stores=["cache/x.zarr"]))
+    with pytest.raises(FusionpipeError, match=r"is gone: .*; extract it again") as absolute:
+        recorded_upstreams(SimpleNamespace(stores=[str(tmp_path / "x.zarr")]))
+    assert "relative" not in str(absolute.value)
+
+
 def test_weights_that_cannot_be_found_name_the_upstream_and_where_it_looked(pitch_stores, tmp_path):
     rec = recorded_copy(pitch_stores, tmp_path, name="my-wavlm", model_id=str(tmp_path / "gone" / "my-wavlm"))
     with pytest.raises(FusionpipeError, match=r"upstream my-wavlm .* Looked in the directory .*gone/my-wavlm"):
@@ -247,6 +259,22 @@ def test_other_weights_than_the_stores_are_refused_naming_the_upstream(pitch_sto
 def test_an_unknown_out_format_is_refused_before_the_model_loads(classify_run, dev_files, tmp_path):
     with pytest.raises(FusionpipeError, match=r"--out .*p\.csv: name a \.tsv, \.json, \.jsonl, \.rttm file"):
         predict(classify_run, dev_files, out=tmp_path / "p.csv", progress=False)
+
+
+def test_a_killed_predicts_temporary_is_removed_by_the_next_and_a_running_ones_is_kept(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f".out.tsv.{dead.pid}.00ff00ff.tmp"
+    running = tmp_path / f".out.tsv.{os.getpid()}.00ff00ff.tmp"
+    other = tmp_path / f".other.tsv.{dead.pid}.00ff00ff.tmp"
+    for f in (killed, running, other):
+        f.write_text("half")
+    with RowWriter(tmp_path / "out.tsv") as w:
+        w.write({"id": "u1", "label": "x"})
+    assert not killed.exists() and running.exists() and other.exists()
+    assert (tmp_path / "out.tsv").read_text() == "id\tlabel\nu1\tx\n"
 
 
 def test_turns_are_written_as_rttm_and_other_outputs_are_refused_whole(tmp_path):

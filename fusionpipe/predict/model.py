@@ -82,9 +82,13 @@ def recorded_upstreams(cfg: TrainConfig) -> list[RecordedUpstream]:
     out = []
     for url in cfg.stores:
         if not FeatureStore.exists(url):
+            relative = "://" not in url and not Path(url).is_absolute()
             raise FusionpipeError(f"the run's store {url} is gone: predict reads there which upstream made each "
-                                  "feature and its weights hash; extract it again (`fusionpipe extract`, the same "
-                                  "--model and --manifest) or restore it")
+                                  "feature and its weights hash; " + (
+                                      f"the run named it relative to the directory it was trained in, so run "
+                                      f"predict from there (here is {Path.cwd()}), or " if relative else "") +
+                                  "extract it again (`fusionpipe extract`, the same --model and --manifest) or "
+                                  "restore it")
         store = FeatureStore.open(url)
         info = store.info
         if not info.model_id:

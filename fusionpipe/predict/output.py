@@ -37,6 +37,26 @@ def cell(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def remove_dead_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``path`` that a killed predict left (their process is gone); those of a
+    predict still writing to the same name are kept."""
+    for tmp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not alive(int(pid)) and tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
 class RowWriter:
     """Rows to ``path`` (whole or absent), or to standard output as TSV when ``path`` is None.
 
@@ -52,6 +72,7 @@ class RowWriter:
 
     def __enter__(self) -> RowWriter:
         if self.path is not None:
+            remove_dead_temporaries(self.path)
             self.tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
             self.file = open(self.tmp, "w", encoding="utf-8")
             if self.format == ".json":
