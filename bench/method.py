@@ -51,7 +51,8 @@ from fusionpipe.train.loop import STATISTICS_FRAMES, train  # noqa: E402
 from fusionpipe.train.variant import VariantModel  # noqa: E402
 from fusionpipe.train.tasks import batch_targets, build_task  # noqa: E402
 
-LEFT = 0.9  # a seed has left the CTC blank plateau at its first dev evaluation with CER below this
+LEFT = 0.9  # a seed has left the CTC blank plateau at its first dev evaluation with CER (PER) below this
+METRIC = {"asr": "cer", "phoneme": "per", "classify": "accuracy"}  # what each task is judged by here
 
 
 def stores(model: str, work: Path) -> dict[str, str]:
@@ -77,17 +78,17 @@ def paper_asr() -> dict:
 
 def seeds_table(task: str, s: dict[str, str], seeds: list[int], steps: int, eval_every: int, fusions: list[str],
                 options: dict, work: Path, paper: bool = False, device: str = "cpu") -> None:
-    metric = "cer" if task == "asr" else "accuracy"
-    head = DEMO["head_options"] if task == "asr" else {"proj": DEMO["head_options"]["proj"]}
+    metric, ctc = METRIC[task], task in ("asr", "phoneme")
+    head = DEMO["head_options"] if ctc else {"proj": DEMO["head_options"]["proj"]}
     lr = DEMO["lr"]
     if paper:
         head, lr = paper_asr()["head_options"], paper_asr()["lr"]
     tag = _tag(options).replace(", ", "-") + ("-paper" if paper else "")
-    out = work / (f"run-{task}-{tag}-{len(seeds)}seeds-{steps}" + ("-cer" if task == "asr" else ""))
+    out = work / (f"run-{task}-{tag}-{len(seeds)}seeds-{steps}" + (f"-{metric}" if ctc else ""))
     cfg = TrainConfig(stores=[s["demo-train"]], dev_stores=[s["demo-dev"]], task=task, fusion=fusions, merge=["add"],
                       out=str(out), steps=steps, eval_every=eval_every, lr=lr, max_frames=2000,
                       head_options=head, interface_options=options, seeds=seeds, device=device,
-                      select="cer" if task == "asr" else None)  # WER ties near 1 on this corpus (stages/ablation.yaml)
+                      select=metric if ctc else None)  # WER ties near 1 on this corpus (stages/ablation.yaml)
     t0 = time.perf_counter()
     results = train(cfg, resume=(out / "config.json").exists(), progress=False)
     seconds = time.perf_counter() - t0
@@ -95,8 +96,8 @@ def seeds_table(task: str, s: dict[str, str], seeds: list[int], steps: int, eval
     print(f"\n### {task}: {len(fusions)} interfaces x {len(seeds)} seeds in one pass, {steps} steps "
           f"({seconds / 60:.0f} min on {device}), lr {lr}, head {head}, interface options {tag}; test {metric}\n")
     print(f"| interface | mean +- sd | per seed ({', '.join(map(str, seeds))}) |" +
-          (" leaves the plateau at step (per seed) | stuck (detector) |" if task == "asr" else ""))
-    print("|---|---|---|" + ("---|---|" if task == "asr" else ""))
+          (" leaves the plateau at step (per seed) | stuck (detector) |" if ctc else ""))
+    print("|---|---|---|" + ("---|---|" if ctc else ""))
     left = {}
     for fusion in fusions:
         names = [f"{fusion}-add@s{seed}" for seed in seeds]
@@ -104,12 +105,12 @@ def seeds_table(task: str, s: dict[str, str], seeds: list[int], steps: int, eval
         spread = statistics.stdev(values) if len(values) > 1 else float("nan")  # one seed has no spread
         row = f"| {fusion} | {statistics.mean(values):.3f} +- {spread:.3f} | " \
               f"{', '.join(f'{v:.3f}' for v in values)} |"
-        if task == "asr":
-            left[fusion] = [next((st for st, cer in dev_curve(out, n, "cer") if cer < LEFT), None) for n in names]
+        if ctc:
+            left[fusion] = [next((st for st, err in dev_curve(out, n, metric) if err < LEFT), None) for n in names]
             stuck = [str(seed) for seed, n in zip(seeds, names) if results[n].get("plateau", {}).get("stuck")]
             row += f" {', '.join('never' if x is None else str(x) for x in left[fusion])} | {', '.join(stuck) or 'none'} |"
         print(row)
-    if task == "asr" and "weighted-sum" in left and all(x is not None for x in left["weighted-sum"]):
+    if ctc and "weighted-sum" in left and all(x is not None for x in left["weighted-sum"]):
         ws = statistics.median(left["weighted-sum"])
         for fusion, steps_left in left.items():
             late = [seed for seed, x in zip(seeds, steps_left) if x is None or x > 1.5 * ws]
@@ -191,7 +192,7 @@ def main() -> None:
     ap.add_argument("--model", help="real Whisper-base directory (shared/tools/real_whisper_base.py)")
     ap.add_argument("--work", default="/tmp/fp-bench-method")
     ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--tasks", default="asr,classify")
+    ap.add_argument("--tasks", default="asr,classify", help="asr, phoneme, classify (comma-separated)")
     ap.add_argument("--fusions", default="hconv,weighted-sum,gumbel")
     ap.add_argument("--asr-steps", type=int, default=600)
     ap.add_argument("--classify-steps", type=int, default=300)
@@ -214,7 +215,7 @@ def main() -> None:
         return
     options = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.interface_option)}
     for task in args.tasks.split(","):
-        steps = args.asr_steps if task == "asr" else args.classify_steps
+        steps = args.asr_steps if task in ("asr", "phoneme") else args.classify_steps
         seeds_table(task, s, list(range(args.seeds)), steps, args.eval_every, args.fusions.split(","), options, work,
                     paper=args.paper and task == "asr", device=args.device)
 
