@@ -72,7 +72,7 @@ def test_der_on_hand_built_recordings():
     assert got == pytest.approx({"der": 3 / 11, "miss": 1 / 11, "false_alarm": 1 / 11, "confusion": 1 / 11})
     assert all(type(v) is float for v in got.values())  # a checkpoint (weights_only) keeps plain floats only
     assert diarization_error(refs[:1], refs[:1])["der"] == 0
-    with pytest.raises(ValueError, match="no reference speech"):
+    with pytest.raises(FusionpipeError, match="no reference speech"):
         diarization_error([[]], [[Turn(0, 1, "x")]])
 
 

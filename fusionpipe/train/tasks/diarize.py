@@ -100,7 +100,8 @@ def diarization_error(references: Sequence[Sequence[Turn]], hypotheses: Sequence
             metric(*annotations, uem=Timeline([Segment(0.0, end)]))
     total = float(metric["total"])  # pyannote's components are numpy floats; checkpoints keep plain ones
     if total <= 0:
-        raise ValueError("no reference speech to score a DER on (every turns cell is empty)")
+        raise FusionpipeError("no reference speech to score a DER on: every `turns` cell of the evaluated "
+                              "recordings is empty; evaluate on mixtures where someone speaks (fill their turns)")
     parts = {"miss": float(metric["missed detection"]) / total, "false_alarm": float(metric["false alarm"]) / total,
              "confusion": float(metric["confusion"]) / total}
     return {"der": sum(parts.values()), **parts}
