@@ -17,6 +17,7 @@ from fusionpipe.errors import FusionpipeError
 from fusionpipe.manifest import Manifest, Utterance
 
 SAMPLE_RATE = 16000
+SPEECH_FLOOR_DB = -40.0  # a 10 ms frame this far below the loudest of its recording is silence (`loud_frames`)
 
 
 class BadAudio(FusionpipeError):
@@ -78,3 +79,15 @@ def load(manifest: Manifest, row: int, sample_rate: int = SAMPLE_RATE) -> np.nda
         n = target_num_samples(utt, sample_rate)
         wave = np.pad(wave[:n], (0, max(0, n - len(wave))))
     return np.ascontiguousarray(wave)
+
+
+def loud_frames(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+    """Where one clean source speaks: (frames,) booleans over its 10 ms frames, true within SPEECH_FLOOR_DB of
+    the loudest (and above -100 dBFS RMS, so digital silence is never speech), and the frame hop in samples.
+    The mixture simulator trims its sources by it, the LibriMix importer makes their turns of it."""
+    hop = max(1, round(sample_rate / 100))
+    n = len(wave) // hop
+    if n == 0:
+        return np.zeros(0, bool), hop
+    rms = np.sqrt(np.mean(np.asarray(wave[:n * hop], np.float64).reshape(n, hop) ** 2, axis=1))
+    return rms > max(rms.max() * 10 ** (SPEECH_FLOOR_DB / 20), 1e-5), hop

@@ -14,7 +14,7 @@ Two ways to say who speaks when, one manifest per file given:
   length``). A mixture's ID joins its sources' LibriSpeech utterances with ``_`` in source order
   (``1089-134686-0000_121-121726-0001``; ``original_mixture_ID`` where LibriMix hashed a long one), and the
   sources are saved under that same ID (``s1/<ID>.wav``), so source k's speaker is the first field of the
-  ID's k-th part (1089, then 121). Its turns are where the source is active: 10 ms frames within `FLOOR_DB`
+  ID's k-th part (1089, then 121). Its turns are where the source is active: 10 ms frames within `audio.SPEECH_FLOOR_DB`
   of the source's loudest one, pauses shorter than `MIN_PAUSE` bridged. The mixtures sum sources that all
   start at 0, so these turns are where each speaker's own signal has speech (an energy threshold is enough
   on clean read speech; SUPERB SD's own RTTM files import as they are with ``rttm``). Paths in the CSV may
@@ -30,12 +30,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from fusionpipe.audio import loud_frames
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.manifest import Manifest, Utterance
 from fusionpipe.rttm import Turn, check_overlaps, format_turns, read_rttm
 
-FRAME_SECONDS = 0.01
-FLOOR_DB = -40.0     # quieter than the source's loudest 10 ms by more than this: no speech
 MIN_PAUSE = 0.25     # seconds: shorter pauses stay inside one turn (as a listener would hear them)
 REQUIRED_COLUMNS = ("mixture_ID", "mixture_path", "source_1_path")
 
@@ -130,21 +129,15 @@ def _row(root: Path, recording: str, wav: Path, turns: list[Turn]) -> Utterance:
 
 
 def active_turns(path: Path, speaker: str) -> list[Turn]:
-    """The turns of ``speaker`` in a source file: runs of 10 ms frames within FLOOR_DB of its loudest frame,
-    pauses shorter than MIN_PAUSE bridged. Reads one source at a time (a LibriSpeech utterance)."""
+    """The turns of ``speaker`` in a source file: runs of its loud 10 ms frames (`audio.loud_frames`), pauses
+    shorter than MIN_PAUSE bridged. Reads one source at a time (a LibriSpeech utterance)."""
     audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    x = audio.mean(axis=1)
-    hop = max(1, round(FRAME_SECONDS * rate))
-    frames = len(x) // hop
-    if frames == 0:
-        return []
-    energy = (x[:frames * hop].reshape(frames, hop) ** 2).mean(axis=1)
-    loud = energy > energy.max() * 10 ** (FLOOR_DB / 10) if energy.max() > 0 else np.zeros(frames, bool)
+    loud, hop = loud_frames(audio.mean(axis=1), rate)
     edges = np.diff(np.concatenate([[0], loud.astype(np.int8), [0]]))
     runs = list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
     merged: list[list[int]] = []
     for start, end in runs:
-        if merged and (start - merged[-1][1]) * FRAME_SECONDS < MIN_PAUSE:
+        if merged and (start - merged[-1][1]) * hop / rate < MIN_PAUSE:
             merged[-1][1] = end
         else:
             merged.append([start, end])

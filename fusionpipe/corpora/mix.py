@@ -28,13 +28,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from fusionpipe.audio import SAMPLE_RATE, load
+from fusionpipe.audio import SAMPLE_RATE, load, loud_frames
 from fusionpipe.errors import FusionpipeError
 from fusionpipe.manifest import Manifest, Utterance
 from fusionpipe.rttm import Turn, format_turns, parse_turns
 
-FRAME = SAMPLE_RATE // 100        # 10 ms frames for the energy trim
-SILENCE_DB = -40.0                # a frame this far below the loudest frame of its utterance is silence
 LEVEL_DBFS = (-33.0, -25.0)       # each source's RMS over its speech, drawn uniformly (LibriMix's range)
 PEAK = 0.99                       # the mixture is scaled down when it would go beyond this
 ATTEMPTS = 200                    # pairs drawn per mixture before the overlap is called impossible
@@ -50,15 +48,12 @@ def check_overlap(overlap: float) -> float:
 
 
 def speech_span(wave: np.ndarray) -> tuple[int, int]:
-    """(first, last + 1) sample of the frames within SILENCE_DB of the loudest 10 ms frame; (0, 0) for silence."""
-    n = len(wave) // FRAME
-    if n == 0:
+    """(first, last + 1) sample of the source's speech (`audio.loud_frames`); (0, 0) for silence."""
+    loud, hop = loud_frames(wave)
+    frames = np.flatnonzero(loud)
+    if frames.size == 0:
         return 0, 0
-    rms = np.sqrt(np.mean(wave[:n * FRAME].astype(np.float64).reshape(n, FRAME) ** 2, axis=1))
-    loud = np.flatnonzero(rms > max(rms.max() * 10 ** (SILENCE_DB / 20), 1e-5))
-    if loud.size == 0:
-        return 0, 0
-    return int(loud[0] * FRAME), int((loud[-1] + 1) * FRAME)
+    return int(frames[0] * hop), int((frames[-1] + 1) * hop)
 
 
 def start_of_second(a: int, b: int, overlap: float) -> int | None:
