@@ -277,6 +277,22 @@ def test_a_killed_predicts_temporary_is_removed_by_the_next_and_a_running_ones_i
     assert (tmp_path / "out.tsv").read_text() == "id\tlabel\nu1\tx\n"
 
 
+def test_a_full_disk_under_out_is_named_and_leaves_the_old_file(tmp_path):
+    import errno
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+
+    def full(_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(FusionpipeError, match=r"--out .*out.jsonl: the disk is full .* the file is as it was"):
+        with RowWriter(out) as w:
+            w.file.write = full
+            w.write({"id": "u1", "label": "x"})
+    assert out.read_text() == "old\n" and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_turns_are_written_as_rttm_and_other_outputs_are_refused_whole(tmp_path):
     out = tmp_path / "p.rttm"
     with RowWriter(out) as w:

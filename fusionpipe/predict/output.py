@@ -10,6 +10,7 @@ inputs), renamed over ``--out`` only when every input has its row; an error or a
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -105,15 +106,26 @@ class RowWriter:
         if self.tmp is None:
             return
         try:
-            if kind is None:
-                if self.format == ".json":
-                    self.file.write("\n]\n")
-                self.file.flush()
-                os.fsync(self.file.fileno())
-            self.file.close()
-            if kind is None:
-                os.replace(self.tmp, self.path)
-                fsync_dir(self.path.parent)
-        finally:
-            with contextlib.suppress(OSError):
-                self.tmp.unlink()
+            try:
+                if kind is None:
+                    if self.format == ".json":
+                        self.file.write("\n]\n")
+                    self.file.flush()
+                    os.fsync(self.file.fileno())
+                self.file.close()
+                if kind is None:
+                    os.replace(self.tmp, self.path)
+                    fsync_dir(self.path.parent)
+            finally:
+                with contextlib.suppress(OSError):
+                    self.tmp.unlink()
+        except OSError as e:
+            self._refuse_full_disk(e)
+            raise
+        if isinstance(error, OSError):
+            self._refuse_full_disk(error)
+
+    def _refuse_full_disk(self, e: OSError) -> None:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FusionpipeError(f"--out {self.path}: the disk is full ({e.strerror}); the file is as it was. Free "
+                                  "some space (or choose another --out) and rerun") from None
