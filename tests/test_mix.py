@@ -73,6 +73,21 @@ def test_the_seed_decides_the_mixtures(sources, tmp_path):
     assert a.utterances != c.utterances
 
 
+def test_a_full_disk_names_the_mixture_and_leaves_no_part_file(sources, tmp_path, monkeypatch):
+    import errno
+
+    from fusionpipe.corpora import mix
+
+    def full(path, *args, **kw):
+        open(path, "wb").write(b"fLaC")  # a torn start, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mix.sf, "write", full)
+    with pytest.raises(FusionpipeError, match=r"cannot write mixture .*mx-0001\.flac .*free some space"):
+        mix_manifest(sources, count=2, overlap=0.25, seed=7, audio_dir=tmp_path / "a", name="mx")
+    assert not list((tmp_path / "a").iterdir())
+
+
 def test_speech_span_cuts_silence_only():
     wave = np.zeros(SR, dtype=np.float32)
     wave[4000:12000] = 0.2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,8 +163,15 @@ def _place(first: Source, second: Source, start: int) -> tuple[np.ndarray, list[
 def _write_flac(path: Path, wave: np.ndarray) -> Path:
     """16-bit FLAC, whole or absent (written beside, then renamed)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    sf.write(tmp, wave, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
-    os.replace(tmp, path)
+    try:
+        sf.write(tmp, wave, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
+        os.replace(tmp, path)
+    except (OSError, sf.LibsndfileError) as e:  # libsndfile says only "System error" on a full disk
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise FusionpipeError(f"cannot write mixture {path} ({e}; {free:,} bytes free there): free some space or "
+                              "choose another --out and rerun; the manifest and RTTM are written only after every "
+                              "mixture, so nothing half-made is left to use") from None
     return path
 
 
